@@ -1,0 +1,1 @@
+"""SymPy derivations, one module per result of the paper, with mpmath references."""

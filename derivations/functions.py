@@ -1,0 +1,66 @@
+"""Symbolic special functions shared by the derivations.
+
+``Phi`` (standard normal CDF) and ``phi`` (standard normal PDF) are SymPy ``Function``
+classes so that the printers in ``nmgen.printers`` can map them to numerically careful
+library calls (``scipy.special.ndtr``, ``torch.special.ndtr``) instead of the textbook
+``(1 + erf(x/sqrt(2)))/2``, which loses all relative accuracy for x << 0.
+``BVN`` is the bivariate standard normal CDF Φ2(h, k; ρ) = P(Z1 < h, Z2 < k); it is
+printed as a call to the generated ``bivariate_normal_cdf``.
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+
+
+class Phi(sp.Function):
+    """Standard normal CDF Φ(x) = (1 + erf(x/√2))/2."""
+
+    nargs = 1
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        return phi(self.args[0])
+
+    def _eval_rewrite_as_erf(self, x, **kwargs):
+        return (1 + sp.erf(x / sp.sqrt(2))) / 2
+
+    def _eval_rewrite_as_erfc(self, x, **kwargs):
+        return sp.erfc(-x / sp.sqrt(2)) / 2
+
+    def _eval_evalf(self, prec):
+        return ((1 + sp.erf(self.args[0] / sp.sqrt(2))) / 2)._eval_evalf(prec)
+
+
+class phi(sp.Function):
+    """Standard normal PDF φ(x) = exp(−x²/2)/√(2π)."""
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, x):
+        if x.could_extract_minus_sign():  # φ is even: one canonical form helps CSE
+            return cls(-x)
+        return None
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        x = self.args[0]
+        return -x * phi(x)
+
+    def _eval_rewrite_as_exp(self, x, **kwargs):
+        return sp.exp(-(x**2) / 2) / sp.sqrt(2 * sp.pi)
+
+    def _eval_evalf(self, prec):
+        return (sp.exp(-self.args[0] ** 2 / 2) / sp.sqrt(2 * sp.pi))._eval_evalf(prec)
+
+
+class BVN(sp.Function):
+    """Bivariate standard normal CDF Φ2(h, k; ρ) (evaluated numerically only)."""
+
+    nargs = 3
+
+
+def to_elementary(expr: sp.Expr) -> sp.Expr:
+    """Rewrite Φ and φ in terms of erf and exp (for symbolic proofs)."""
+    return expr.replace(Phi, lambda x: (1 + sp.erf(x / sp.sqrt(2))) / 2).replace(
+        phi, lambda x: sp.exp(-(x**2) / 2) / sp.sqrt(2 * sp.pi)
+    )

@@ -1,0 +1,82 @@
+"""Kernel specifications: what a derivation hands to the generator.
+
+A kernel is a piecewise expression given as an ordered list of ``Case``s. The first case
+whose ``condition`` holds gives the value. Each case is evaluated on *masked* inputs: where
+its condition is false, every argument named in ``safe`` is replaced by the given safe value
+before the expression is evaluated, so an untaken branch never produces NaN/Inf in values
+or in autograd gradients (a plain ``where`` would propagate NaN gradients from the untaken
+branch). The last case must have ``condition=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+
+@dataclass(frozen=True)
+class Case:
+    """One branch of a piecewise kernel.
+
+    Args:
+        expr: value (or tuple of values for a multi-output kernel) of this branch.
+        condition: SymPy boolean in the kernel's arguments; ``sp.true`` for the last case.
+        safe: argument -> value used where ``condition`` is false (keeps the branch finite).
+        note: one line saying what the branch is (printed as a comment).
+    """
+
+    expr: sp.Expr | tuple[sp.Expr, ...]
+    condition: sp.Basic = sp.true
+    safe: dict[sp.Symbol, float] = field(default_factory=dict)
+    note: str = ""
+
+    @property
+    def outputs(self) -> tuple[sp.Expr, ...]:
+        return self.expr if isinstance(self.expr, tuple) else (self.expr,)
+
+
+@dataclass(frozen=True)
+class ArgSpec:
+    """A kernel argument: symbol plus its domain check in the generated code.
+
+    ``kind`` is one of "real" (finite), "nonneg" (finite, >= 0, e.g. sigma),
+    "corr" (finite, in [-1, 1], e.g. rho).
+    """
+
+    symbol: sp.Symbol
+    kind: str = "real"
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """A registered kernel: name, arguments, piecewise definition and documentation.
+
+    ``source`` names the derivation module (e.g. "derivations/theorem1.py").
+    ``equation`` says which result of the paper it implements.
+    ``reference`` is the mpmath oracle (from the definition) taking the kernel's arguments
+    and returning an mpf (or a tuple for multi-output kernels); ``scale`` maps the arguments
+    to the error scale of DESIGN.md; ``grid`` names the verification grid in nmgen.verify.
+    ``public=False`` kernels get a leading underscore-free name but are not re-exported.
+    """
+
+    name: str
+    args: tuple[ArgSpec, ...]
+    cases: tuple[Case, ...]
+    doc: str
+    source: str
+    equation: str
+    output_names: tuple[str, ...] = ("out",)
+    reference: Callable | None = None
+    scale: Callable | None = None
+    grid: str = ""
+    public: bool = True
+
+    @property
+    def symbols(self) -> tuple[sp.Symbol, ...]:
+        return tuple(a.symbol for a in self.args)
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.cases[0].outputs)

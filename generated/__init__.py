@@ -1,0 +1,1 @@
+"""Generated kernels (see nmgen). Never edited by hand: run `nmgen generate`."""

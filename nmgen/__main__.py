@@ -1,0 +1,5 @@
+import sys
+
+from nmgen.cli import main
+
+sys.exit(main())

@@ -1,0 +1,223 @@
+"""Generate ``generated/numpy_kernels.py`` and ``generated/torch_kernels.py`` from the specs.
+
+Pipeline per kernel case: stable rewrites (``sympy.codegen.rewriting.optimize`` with
+log1p/expm1), multi-output ``sympy.cse``, numeric folding, then one printer per backend.
+The file skeleton (header, imports, argument preparation, masked piecewise evaluation) is
+built here; the math is printed only by ``nmgen.printers``. Output is byte-identical across
+runs: no timestamps, no absolute paths; the header carries a hash of the expressions.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import sympy as sp
+from sympy.codegen.rewriting import expm1_opt, log1p_opt, optimize
+
+from nmgen import registry
+from nmgen.derivations.spec import Case, KernelSpec
+from nmgen.printers import NumpyKernelPrinter, TorchKernelPrinter, fold_numbers
+
+ROOT = Path(__file__).resolve().parent.parent
+GENERATED_DIR = ROOT / "generated"
+FIX_COMMAND = "nmgen generate"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    filename: str
+    printer: type
+    where: str
+    full_like: str
+    imports: tuple[str, ...]
+    description: str
+
+
+BACKENDS = (
+    Backend(
+        "numpy",
+        "numpy_kernels.py",
+        NumpyKernelPrinter,
+        "numpy.where",
+        "numpy.full_like",
+        (
+            "import numpy",
+            "import scipy.special",
+            "",
+            "from nmgen.runtime.numpy_support import prepare as _prepare",
+        ),
+        "NumPy/SciPy kernels: elementwise, broadcasting, float32 and float64.",
+    ),
+    Backend(
+        "torch",
+        "torch_kernels.py",
+        TorchKernelPrinter,
+        "torch.where",
+        "torch.full_like",
+        ("import torch", "", "from nmgen.runtime.torch_support import prepare as _prepare"),
+        "PyTorch kernels: elementwise, broadcasting, float32 and float64, any device, "
+        "differentiable by autograd (untaken branches are evaluated on masked inputs, so "
+        "their gradients are never NaN).",
+    ),
+)
+
+
+def _rewrite(expr: sp.Expr) -> sp.Expr:
+    return optimize(expr, [log1p_opt, expm1_opt]) if isinstance(expr, sp.Expr) else expr
+
+
+def expressions_hash(specs: list[KernelSpec]) -> str:
+    """sha256 over the srepr of every case (expressions, conditions, safe values)."""
+    h = hashlib.sha256()
+    for k in specs:
+        h.update(k.name.encode())
+        for c in k.cases:
+            h.update(sp.srepr(c.outputs).encode())
+            h.update(sp.srepr(c.condition).encode())
+            h.update(repr(sorted((str(s), v) for s, v in c.safe.items())).encode())
+    return h.hexdigest()[:16]
+
+
+def _docstring(k: KernelSpec, backend: Backend) -> list[str]:
+    arg_doc = {
+        "real": "real, finite",
+        "nonneg": "standard deviation, >= 0",
+        "corr": "correlation, in [-1, 1]",
+    }
+    kind = "ndarray" if backend.name == "numpy" else "Tensor"
+    lines = [f'    """{k.doc}', "", f"    Implements {k.equation} ({k.source}).", "", "    Args:"]
+    lines += [f"        {a.symbol.name}: {kind}, {arg_doc[a.kind]}." for a in k.args]
+    lines += ["", "    Returns:"]
+    if k.n_outputs == 1:
+        lines.append(f"        {kind} of the broadcast shape and the arguments' float dtype.")
+    else:
+        lines.append(f"        tuple ({', '.join(k.output_names)}) of {kind}s, broadcast shape.")
+    lines += ["", "    Cases (first match wins):"]
+    lines += [f"        {i}. {c.note}" for i, c in enumerate(k.cases)]
+    lines.append('    """')
+    return lines
+
+
+def _case_code(k: KernelSpec, i: int, case: Case, backend: Backend, pr) -> tuple[list, list]:
+    lines = [f"    # case {i}: {case.note}"]
+    cond = None
+    subs = {}
+    if case.condition is not sp.true:
+        cond = f"_c{i}"
+        lines.append(f"    {cond} = {pr.doprint(case.condition)}")
+        for sym, val in case.safe.items():
+            masked = sp.Symbol(f"{sym.name}_{i}")
+            subs[sym] = masked
+            lines.append(f"    {masked.name} = {backend.where}({cond}, {sym.name}, {float(val)!r})")
+    outs = [sp.sympify(o).xreplace(subs) for o in case.outputs]
+    outs = [_rewrite(o) for o in outs]
+    repl, reduced = sp.cse(outs, symbols=sp.numbered_symbols(f"_t{i}_"), order="canonical")
+    for s, e in repl:
+        lines.append(f"    {s.name} = {pr.doprint(fold_numbers(e))}")
+    values = []
+    ref = k.args[0].symbol.name
+    for j, e in enumerate(reduced):
+        e = fold_numbers(e)
+        name = f"_v{i}_{j}"
+        if e.is_number:
+            lines.append(f"    {name} = {backend.full_like}({ref}, {float(e)!r})")
+        else:
+            lines.append(f"    {name} = {pr.doprint(e)}")
+        values.append(name)
+    return lines, [(cond, v) for v in values]
+
+
+def render_kernel(k: KernelSpec, backend: Backend) -> str:
+    """Source of one kernel function for ``backend``."""
+    pr = backend.printer()
+    argnames = [a.symbol.name for a in k.args]
+    lines = [f"def {k.name}({', '.join(argnames)}):"]
+    lines += _docstring(k, backend)
+    names = ", ".join(f'"{n}"' for n in argnames)
+    kinds = ", ".join(f'"{a.kind}"' for a in k.args)
+    lines.append(
+        f"    {', '.join(argnames)} = _prepare(\n        \"{k.name}\", ({', '.join(argnames)}), "
+        f"({names}), ({kinds})\n    )"
+    )
+    per_case = []
+    for i, case in enumerate(k.cases):
+        code, vals = _case_code(k, i, case, backend, pr)
+        lines += code
+        per_case.append(vals)
+    results = []
+    for j in range(k.n_outputs):
+        expr = per_case[-1][j][1]
+        for vals in reversed(per_case[:-1]):
+            cond, v = vals[j]
+            expr = f"{backend.where}({cond}, {v}, {expr})"
+        results.append(expr)
+    lines.append(f"    return {', '.join(results)}")
+    return "\n".join(lines) + "\n"
+
+
+def render_module(backend: Backend, specs: list[KernelSpec] | None = None) -> str:
+    """Full source of the generated module for ``backend``."""
+    specs = registry.kernel_specs() if specs is None else specs
+    sources = sorted({k.source for k in specs})
+    header = [
+        f"# Generated by nmgen from {', '.join(sources)}.",
+        "# DO NOT EDIT BY HAND: change the derivation or the printer, then run `"
+        + FIX_COMMAND
+        + "`.",
+        f"# sympy {sp.__version__}; expressions sha256 {expressions_hash(specs)}.",
+        f'"""{backend.description}"""',
+        "",
+        "from __future__ import annotations",
+        "",
+        *backend.imports,
+        "",
+        "__all__ = [" + ", ".join(f'"{k.name}"' for k in specs) + "]",
+        "",
+    ]
+    body = ["\n\n" + render_kernel(k, backend) for k in specs]
+    return "\n".join(header) + "".join(body)
+
+
+def write(out_dir: Path = GENERATED_DIR) -> list[Path]:
+    """Write every backend module into ``out_dir``; returns the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    specs = registry.kernel_specs()
+    paths = []
+    for b in BACKENDS:
+        p = out_dir / b.filename
+        p.write_text(render_module(b, specs), encoding="utf-8")
+        paths.append(p)
+    init = out_dir / "__init__.py"
+    if not init.exists():
+        init.write_text('"""Generated kernels (see nmgen). Never edited by hand."""\n')
+    return paths
+
+
+def check(out_dir: Path = GENERATED_DIR) -> tuple[bool, str]:
+    """Regenerate into a temp dir and compare with ``out_dir``.
+
+    Returns (ok, report); the report holds a unified diff and the command that fixes it.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = write(Path(tmp))
+        diffs = []
+        for f in fresh:
+            target = out_dir / f.name
+            new = f.read_text(encoding="utf-8")
+            old = target.read_text(encoding="utf-8") if target.exists() else ""
+            if new != old:
+                diffs += difflib.unified_diff(
+                    old.splitlines(keepends=True),
+                    new.splitlines(keepends=True),
+                    fromfile=f"generated/{f.name} (on disk)",
+                    tofile=f"generated/{f.name} (regenerated)",
+                )
+    if not diffs:
+        return True, f"generated/ is up to date ({len(fresh)} files)."
+    text = "".join(diffs)
+    return False, f"{text}\ngenerated/ is stale or hand-edited. Fix: run `{FIX_COMMAND}`."

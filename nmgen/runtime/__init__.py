@@ -1,0 +1,1 @@
+"""Hand-written, sympy-free support code that the generated kernels import."""

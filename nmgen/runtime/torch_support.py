@@ -1,0 +1,65 @@
+"""Argument preparation for the generated PyTorch kernels (no sympy, no mpmath)."""
+
+from __future__ import annotations
+
+import torch
+
+_FLOATS = (torch.float32, torch.float64)
+
+
+def prepare(name: str, values: tuple, names: tuple[str, ...], kinds: tuple[str, ...]):
+    """Convert, type-check, broadcast and domain-check kernel arguments.
+
+    Args:
+        name: kernel name (for error messages).
+        values: tensors or Python numbers; numbers take the tensors' dtype and device
+            (float64 on CPU when no argument is a tensor).
+        names: argument names; kinds: "real" | "nonneg" | "corr" per argument.
+
+    Returns:
+        tuple of tensors with one dtype (the promoted float dtype of the tensor arguments),
+        one device and one broadcast shape; autograd history is kept.
+
+    Raises:
+        TypeError: a tensor that is not float32/float64.
+        ValueError: NaN/Inf, negative std, |corr| > 1, mixed devices, non-broadcastable shapes.
+    """
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    for n, v in zip(names, values, strict=True):
+        if isinstance(v, torch.Tensor) and v.dtype not in _FLOATS:
+            raise TypeError(f"{name}: argument {n!r} has dtype {v.dtype}; use float32 or float64")
+    if tensors:
+        dtype = tensors[0].dtype
+        for t in tensors[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+        devices = {t.device for t in tensors}
+        if len(devices) > 1:
+            raise ValueError(f"{name}: arguments are on different devices: {sorted(map(str, devices))}")
+        device = tensors[0].device
+    else:
+        dtype, device = torch.float64, torch.device("cpu")
+    out = [
+        v.to(dtype) if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=dtype, device=device)
+        for v in values
+    ]
+    try:
+        out = torch.broadcast_tensors(*out)
+    except RuntimeError:
+        shapes = ", ".join(f"{n}{tuple(t.shape)}" for n, t in zip(names, out, strict=True))
+        raise ValueError(f"{name}: argument shapes do not broadcast: {shapes}") from None
+    for n, t, kind in zip(names, out, kinds, strict=True):
+        d = t.detach()
+        if not bool(torch.isfinite(d).all()):
+            what = "NaN" if bool(torch.isnan(d).any()) else "an infinite value"
+            raise ValueError(f"{name}: argument {n!r} contains {what}")
+        if kind == "nonneg" and bool((d < 0).any()):
+            raise ValueError(
+                f"{name}: argument {n!r} is a standard deviation and must be >= 0; "
+                f"got minimum {d.min().item()}"
+            )
+        if kind == "corr" and bool((d.abs() > 1).any()):
+            raise ValueError(
+                f"{name}: argument {n!r} is a correlation and must lie in [-1, 1]; "
+                f"got max |{n}| = {d.abs().max().item()}"
+            )
+    return tuple(out)

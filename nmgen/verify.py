@@ -1,0 +1,166 @@
+"""Verify every generated kernel, both backends, float64 and float32, against mpmath.
+
+References come from the derivations' oracles (quadrature of the definition, see
+``derivations/reference.py``). A point passes when |kernel − reference| ≤ tol × scale,
+with scale from DESIGN.md ((|μ|+σ) for one variable, (|μ1|+σ1)(|μ2|+σ2) for a pair; the
+square of the one-variable scale for second moments) and tol = 1e-14 (float64) or 1e-5
+(float32). Grids spread values over μ/σ ∈ [−10, 10], σ ∈ [1e-3, 1e3], include σ = 0,
+ρ ∈ {0, ±0.3, ±1/√2, ±0.9, ±(1 − 1e-6), ±(1 − 1e-8), ±1} and each formula's branch switch.
+Float32 runs use the float32-rounded points and references computed at those points.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from nmgen import registry
+from nmgen.derivations.reference import to_float
+from nmgen.derivations.spec import KernelSpec
+
+TOL = {"float64": 1e-14, "float32": 1e-5}
+
+_RHO_EDGES = (
+    -1.0, -(1 - 1e-8), -(1 - 1e-6), -0.9, -1 / math.sqrt(2), -0.3, 0.0,
+    0.3, 1 / math.sqrt(2), 0.9, 1 - 1e-6, 1 - 1e-8, 1.0,
+)
+
+
+def _grid_single(quick: bool) -> list[tuple]:
+    sigmas = (1e-3, 1.0, 1e3) if quick else (1e-3, 0.1, 1.0, 31.4, 1e3)
+    hs = (-10, -3, -0.25, 0, 1e-6, 1, 7.5, 10) if quick else (
+        -10, -7.5, -5, -3, -1, -0.25, 0, 1e-6, 0.25, 1, 3, 5, 7.5, 10)
+    pts = [(h * s, s) for s in sigmas for h in hs]
+    return pts + [(-2.5, 0.0), (0.0, 0.0), (1.5, 0.0)]
+
+
+def _grid_pair_zero_mean(quick: bool) -> list[tuple]:
+    pairs = ((1.0, 1.0), (1e-3, 1e3), (37.0, 0.2)) if quick else (
+        (1.0, 1.0), (1e-3, 1e-3), (1e3, 1e3), (1e-3, 1e3), (1e3, 1e-3), (37.0, 0.2), (0.5, 2.0))
+    pts = [(a, b, r) for a, b in pairs for r in _RHO_EDGES]
+    return pts + [(0.0, 1.0, 0.5), (2.0, 0.0, -1.0), (0.0, 0.0, 0.0)]
+
+
+GRIDS: dict[str, Callable[[bool], list[tuple]]] = {
+    "single": _grid_single,
+    "pair_zero_mean": _grid_pair_zero_mean,
+}
+
+
+@dataclass
+class Row:
+    kernel: str
+    backend: str
+    dtype: str
+    points: int
+    max_abs_err: float
+    max_err_over_scale: float
+    max_rel_err: float
+    worst_point: str
+    tol: float
+    nonfinite: int
+    passed: bool
+
+
+def _as_tuple(v) -> tuple:
+    return v if isinstance(v, tuple) else (v,)
+
+
+class _References:
+    """Cache of oracle values per (kernel reference, point)."""
+
+    def __init__(self) -> None:
+        self._cache: dict = {}
+
+    def get(self, k: KernelSpec, pt: tuple) -> tuple[float, ...]:
+        key = (k.reference, pt)
+        if key not in self._cache:
+            self._cache[key] = tuple(to_float(v) for v in _as_tuple(k.reference(*pt)))
+        return self._cache[key]
+
+
+def _evaluate(k: KernelSpec, backend: str, dtype: str, pts: np.ndarray) -> list[np.ndarray]:
+    cols = [pts[:, i] for i in range(pts.shape[1])]
+    if backend == "numpy":
+        from nmgen.generated import numpy_kernels as mod
+
+        out = getattr(mod, k.name)(*[c.astype(dtype) for c in cols])
+        return [np.asarray(o, dtype=np.float64) for o in _as_tuple(out)]
+    import torch
+
+    from nmgen.generated import torch_kernels as mod
+
+    tdt = {"float64": torch.float64, "float32": torch.float32}[dtype]
+    out = getattr(mod, k.name)(*[torch.tensor(c, dtype=tdt) for c in cols])
+    return [o.detach().double().numpy() for o in _as_tuple(out)]
+
+
+def verify_kernel(k: KernelSpec, refs: _References, quick: bool) -> list[Row]:
+    """Rows (one per backend and dtype) for kernel ``k``."""
+    base = GRIDS[k.grid](quick)
+    rows = []
+    for dtype in ("float64", "float32"):
+        pts = np.array(base, dtype=np.float64)
+        if dtype == "float32":
+            pts = pts.astype(np.float32).astype(np.float64)
+        tuples = [tuple(float(v) for v in p) for p in pts]
+        ref = np.array([refs.get(k, t) for t in tuples])  # (points, outputs)
+        scale = np.array([_as_tuple(k.scale(*t)) for t in tuples], dtype=np.float64)
+        scale = np.broadcast_to(scale, ref.shape)
+        for backend in ("numpy", "torch"):
+            got = np.stack(_evaluate(k, backend, dtype, pts), axis=1)
+            err = np.abs(got - ref)
+            nonfinite = int((~np.isfinite(got)).sum())
+            err = np.where(np.isfinite(got), err, np.inf)
+            ratio = err / np.maximum(scale, 1e-300)
+            rel = err / np.maximum(np.abs(ref), 1e-300)
+            i, j = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
+            args = ", ".join(f"{a.symbol.name}={v:.9g}" for a, v in zip(k.args, pts[i], strict=True))
+            tol = TOL[dtype]
+            rows.append(
+                Row(
+                    k.name, backend, dtype, len(tuples), float(err.max()), float(ratio.max()),
+                    float(np.where(np.abs(ref) > 0, rel, 0).max()),
+                    f"{k.output_names[j] if k.n_outputs > 1 else ''}({args})".lstrip(),
+                    tol, nonfinite, bool(ratio.max() <= tol and nonfinite == 0),
+                )
+            )
+    return rows
+
+
+def run(quick: bool = False, kernels: list[str] | None = None, progress: bool = True) -> list[Row]:
+    """Verify the registered kernels; returns all rows."""
+    specs = [k for k in registry.kernel_specs() if k.reference is not None]
+    if kernels:
+        specs = [k for k in specs if k.name in kernels]
+    refs = _References()
+    rows: list[Row] = []
+    for k in specs:
+        t = time.perf_counter()
+        rows += verify_kernel(k, refs, quick)
+        if progress:
+            print(f"  verified {k.name} in {time.perf_counter() - t:.1f} s", flush=True)
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    """A markdown table of the rows."""
+    head = ("| kernel | backend | dtype | points | max abs err | max err/scale | max rel err "
+            "| worst point | tol (× scale) | result |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        lines.append(
+            f"| {r.kernel} | {r.backend} | {r.dtype} | {r.points} | {r.max_abs_err:.2e} | "
+            f"{r.max_err_over_scale:.2e} | {r.max_rel_err:.2e} | {r.worst_point} | {r.tol:.0e} | "
+            f"{'PASS' if r.passed else 'FAIL'}{'' if not r.nonfinite else f' ({r.nonfinite} NaN/Inf)'} |"
+        )
+    return "\n".join(lines)
+
+
+def to_json(rows: list[Row]) -> str:
+    return json.dumps([asdict(r) for r in rows], indent=2)

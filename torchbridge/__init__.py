@@ -1,0 +1,1 @@
+"""PyTorch side of network-moments, built only on the generated kernels."""

@@ -1,0 +1,1 @@
+"""Gaussian adversarial attacks (Eqs. 7-10 of the paper)."""

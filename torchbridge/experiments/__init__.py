@@ -1,0 +1,1 @@
+"""Experiments of the paper behind the `nm` CLI."""

@@ -1,0 +1,319 @@
+"""Two-stage linearization of a piecewise-linear ``nn.Sequential`` (paper, Section 3.3).
+
+A deep PL-DNN ``R(x) = R_{l+1}(ReLU_l(R_{l-1}(x)))`` is cut at its l-th ReLU and replaced by
+the (Affine, ReLU, Affine) network ``g(x) = B relu(A x + c1) + c2`` where
+
+* ``A = dR_{l-1}/dx (x0)`` and ``c1 = R_{l-1}(x0) - A x0``    (first-order Taylor at x0),
+* ``B = dR_{l+1}/dy (y0)`` and ``c2 = R_{l+1}(y0) - B y0``    with ``y0 = ReLU(R_{l-1}(x0))``.
+
+All vectors are the flattened per-sample tensors. Because every supported layer is piecewise
+linear, each Jacobian is exact (masks of ReLU / max-pool frozen at the linearization point) and
+is obtained with a single batched pass: ``torch.func.vmap`` over forward-mode JVPs of the
+identity columns when the sub-network's input is smaller than its output, or over reverse-mode
+VJPs of the identity rows otherwise. The identity is processed in chunks bounded by the largest
+intermediate activation so memory stays moderate.
+
+Measured on the trained LeNet (float32, 2 shared CPU cores, median of 3): about 1.0 s for each
+of relu_index 0 (A 25088x784, B 10x25088), 1 (A 12544x784) and 2 (A 1024x784), versus 41 s
+for ``torch.autograd.functional.jacobian`` (row-by-row reverse mode) on A alone at index 2.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from torchbridge.network import AffineReLUAffine
+
+__all__ = [
+    "SUPPORTED_LAYERS",
+    "flatten_sequential",
+    "relu_layers",
+    "split_at_relu",
+    "two_stage_linearize",
+]
+
+#: Layer types accepted inside the Sequential (all piecewise linear in eval mode).
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.ReLU,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.Dropout,
+    nn.Identity,
+    nn.ZeroPad2d,
+)
+
+# Elements per chunk of the largest intermediate activation (2**25 ~ 256 MiB in float64).
+_CHUNK_ELEMENTS = 2**25
+
+
+def flatten_sequential(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Leaves of a (possibly nested) ``nn.Sequential`` as ``(path, module)`` pairs.
+
+    ``path`` is the dotted child index, e.g. ``"3.1"`` for the second child of a nested
+    Sequential at index 3. Raises ``TypeError`` if ``model`` is not an ``nn.Sequential`` or a
+    leaf is not one of :data:`SUPPORTED_LAYERS` (naming the layer and its path).
+    """
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(
+            "two-stage linearization needs an nn.Sequential of piecewise-linear layers, got "
+            f"{type(model).__name__}"
+        )
+    leaves: list[tuple[str, nn.Module]] = []
+
+    def visit(seq: nn.Sequential, prefix: str) -> None:
+        for name, child in seq.named_children():
+            path = f"{prefix}{name}"
+            if isinstance(child, nn.Sequential):
+                visit(child, path + ".")
+                continue
+            if type(child) not in SUPPORTED_LAYERS:
+                raise TypeError(
+                    f"unsupported layer {type(child).__name__} at index/path '{path}': only "
+                    "piecewise-linear layers (Linear, Conv, ReLU, Max/AvgPool, Flatten, "
+                    "BatchNorm (eval), Dropout (eval), Identity, nested Sequential) are allowed"
+                )
+            if isinstance(child, (nn.MaxPool1d, nn.MaxPool2d)) and child.return_indices:
+                raise TypeError(
+                    f"unsupported layer {type(child).__name__} at index/path '{path}': "
+                    "return_indices=True is not allowed"
+                )
+            leaves.append((path, child))
+
+    visit(model, "")
+    return leaves
+
+
+def _check_eval(model: nn.Sequential, leaves: list[tuple[str, nn.Module]]) -> None:
+    """Require eval mode everywhere; name a BatchNorm/Dropout in training mode first."""
+    mode_dependent = (nn.BatchNorm1d, nn.BatchNorm2d, nn.Dropout)
+    ordered = [pl for pl in leaves if isinstance(pl[1], mode_dependent)] + leaves
+    for path, layer in ordered:
+        if layer.training:
+            raise ValueError(
+                f"model must be in eval mode (call model.eval()): layer "
+                f"{type(layer).__name__} at index/path '{path}' is in training mode"
+            )
+    for name, module in model.named_modules():
+        if module.training:
+            where = f"submodule '{name}'" if name else "the model"
+            raise ValueError(
+                f"model must be in eval mode (call model.eval()): {where} "
+                f"({type(module).__name__}) is in training mode"
+            )
+
+
+def relu_layers(model: nn.Sequential) -> list[tuple[str, nn.ReLU]]:
+    """The ``nn.ReLU`` leaves of ``model`` in order, as ``(path, module)`` pairs."""
+    return [(p, m) for p, m in flatten_sequential(model) if isinstance(m, nn.ReLU)]
+
+
+def _resolve_relu_index(leaves: list[tuple[str, nn.Module]], relu_index: int) -> int:
+    positions = [i for i, (_, m) in enumerate(leaves) if isinstance(m, nn.ReLU)]
+    if not positions:
+        raise ValueError("model has no nn.ReLU layer to linearize around")
+    if isinstance(relu_index, bool) or not isinstance(relu_index, int):
+        raise TypeError(f"relu_index must be an int, got {type(relu_index).__name__}")
+    k = len(positions)
+    if not -k <= relu_index < k:
+        paths = ", ".join(leaves[i][0] for i in positions)
+        raise ValueError(
+            f"relu_index {relu_index} out of range: model has {k} ReLU layer(s) "
+            f"(at paths {paths}); valid indices are {-k}..{k - 1}"
+        )
+    return positions[relu_index]
+
+
+def split_at_relu(
+    model: nn.Sequential, relu_index: int = -1
+) -> tuple[nn.Sequential, nn.Sequential]:
+    """Split ``model`` around its ``relu_index``-th ReLU into ``(R_{l-1}, R_{l+1})``.
+
+    Nested Sequentials are flattened; the returned Sequentials share the layer objects with
+    ``model`` (no copies). Either part may be empty (the identity).
+    """
+    leaves = flatten_sequential(model)
+    pos = _resolve_relu_index(leaves, relu_index)
+    before = nn.Sequential(*[m for _, m in leaves[:pos]])
+    after = nn.Sequential(*[m for _, m in leaves[pos + 1 :]])
+    return before, after
+
+
+def _model_dtype_device(model: nn.Module, x0: torch.Tensor) -> tuple[torch.dtype, torch.device]:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype, t.device
+    dtype = x0.dtype if x0.is_floating_point() else torch.get_default_dtype()
+    return dtype, x0.device
+
+
+def _per_sample_ndim(leaves: list[tuple[str, nn.Module]]) -> int | None:
+    """Per-sample input rank implied by the first shape-sensitive layer (None: ambiguous)."""
+    for _, m in leaves:
+        if isinstance(
+            m,
+            (
+                nn.Conv2d,
+                nn.MaxPool2d,
+                nn.AvgPool2d,
+                nn.BatchNorm2d,
+                nn.AdaptiveAvgPool2d,
+                nn.ZeroPad2d,
+            ),
+        ):
+            return 3
+        if isinstance(m, (nn.Conv1d, nn.MaxPool1d, nn.AvgPool1d)):
+            return 2
+        if isinstance(m, (nn.Linear, nn.BatchNorm1d)):
+            return 1
+        if isinstance(m, (nn.Flatten, nn.Unflatten)):
+            return None
+    return None
+
+
+def _sample_shape(x0: torch.Tensor, leaves: list[tuple[str, nn.Module]]) -> tuple[int, ...]:
+    """Per-sample shape of ``x0`` (dropping a leading batch dimension of size 1 if present)."""
+    if x0.ndim == 0:
+        raise ValueError("x0 must have at least one dimension")
+    k = _per_sample_ndim(leaves)
+    if k is None:
+        batched = x0.ndim >= 2 and x0.shape[0] == 1
+    elif x0.ndim == k + 1:
+        if x0.shape[0] != 1:
+            raise ValueError(
+                f"x0 has shape {tuple(x0.shape)}: a batch dimension is allowed only with size 1 "
+                "(linearize one input at a time)"
+            )
+        batched = True
+    elif x0.ndim == k:
+        batched = False
+    else:
+        raise ValueError(
+            f"x0 has shape {tuple(x0.shape)} but the first layer expects a per-sample tensor with "
+            f"{k} dimension(s) (optionally with a leading batch dimension of size 1)"
+        )
+    return tuple(x0.shape[1:]) if batched else tuple(x0.shape)
+
+
+def _flat_fn(seq: nn.Sequential, shape: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def fn(v: torch.Tensor) -> torch.Tensor:
+        return seq(v.reshape(1, *shape)).reshape(-1)
+
+    return fn
+
+
+def _max_activation(seq: nn.Sequential, x: torch.Tensor) -> int:
+    largest = x.numel()
+    with torch.no_grad():
+        for layer in seq:
+            x = layer(x)
+            largest = max(largest, x.numel())
+    return largest
+
+
+def _identity_chunk(start: int, stop: int, size: int, like: torch.Tensor) -> torch.Tensor:
+    eye = torch.zeros(stop - start, size, dtype=like.dtype, device=like.device)
+    idx = torch.arange(stop - start, device=like.device)
+    eye[idx, idx + start] = 1
+    return eye
+
+
+def _jacobian(
+    seq: nn.Sequential, x: torch.Tensor, in_shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jacobian ``(k, m)`` and value ``(k,)`` of the flattened ``seq`` at the flat point ``x``."""
+    fn = _flat_fn(seq, in_shape)
+    with torch.no_grad():
+        value = fn(x)
+    m, k = x.numel(), value.numel()
+    chunk = max(1, _CHUNK_ELEMENTS // _max_activation(seq, x.reshape(1, *in_shape)))
+    pieces = []
+    if m <= k:  # forward mode: one JVP per input coordinate, batched with vmap
+
+        def jvp_col(v: torch.Tensor) -> torch.Tensor:
+            return torch.func.jvp(fn, (x,), (v,))[1]
+
+        batched = torch.func.vmap(jvp_col)
+        with warnings.catch_warnings():
+            # torch's first forward-AD call scripts decompositions with the deprecated
+            # torch.jit.script (torch-internal DeprecationWarning, not actionable here).
+            warnings.filterwarnings(
+                "ignore", message=".*torch.jit.script", category=DeprecationWarning
+            )
+            for start in range(0, m, chunk):
+                stop = min(m, start + chunk)
+                pieces.append(batched(_identity_chunk(start, stop, m, x)).detach())
+        jac = torch.cat(pieces, dim=0).T.contiguous()
+    else:  # reverse mode: one VJP per output coordinate, batched with vmap
+        _, vjp_fn = torch.func.vjp(fn, x)
+
+        def vjp_row(u: torch.Tensor) -> torch.Tensor:
+            return vjp_fn(u)[0]
+
+        batched = torch.func.vmap(vjp_row)
+        for start in range(0, k, chunk):
+            stop = min(k, start + chunk)
+            pieces.append(batched(_identity_chunk(start, stop, k, value)).detach())
+        jac = torch.cat(pieces, dim=0)
+    return jac, value.detach()
+
+
+def two_stage_linearize(
+    model: nn.Sequential, x0: torch.Tensor, relu_index: int = -1
+) -> AffineReLUAffine:
+    """Two-stage linearization of ``model`` around ``x0`` at its ``relu_index``-th ReLU.
+
+    Args:
+        model: ``nn.Sequential`` (nested Sequentials allowed) of supported piecewise-linear
+            layers, in eval mode.
+        x0: one model input, either without batch dimension (e.g. ``(1, 28, 28)`` for a
+            conv net, ``(n,)`` for an MLP) or with a leading batch dimension of size 1
+            (``(1, 1, 28, 28)``, ``(1, n)``). Which one is meant is decided by the rank the
+            first shape-sensitive layer expects (Conv2d/pool2d/BatchNorm2d: 3, Conv1d: 2,
+            Linear/BatchNorm1d: 1); if the model starts with Flatten, a leading dimension of
+            size 1 is taken as the batch dimension (the flattened input is the same either way).
+        relu_index: index into :func:`relu_layers` (negative counts from the end). The
+            default -1 (last ReLU) is the paper's choice: l = 3 for LeNet, l = 7 for AlexNet.
+
+    Returns:
+        ``AffineReLUAffine(A, c1, B, c2)`` with ``A`` (q, n), ``c1`` (q,), ``B`` (d, q),
+        ``c2`` (d,) in the model's floating dtype and device; ``n`` = numel of one input,
+        ``q`` = numel of the ReLU's input, ``d`` = numel of one output. Its ``forward`` takes
+        inputs flattened to ``(batch, n)``, and it reproduces ``model`` exactly at ``x0``.
+    """
+    leaves = flatten_sequential(model)
+    _check_eval(model, leaves)
+    pos = _resolve_relu_index(leaves, relu_index)
+    if not isinstance(x0, torch.Tensor):
+        raise TypeError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
+    shape = _sample_shape(x0, leaves)
+    dtype, device = _model_dtype_device(model, x0)
+    x = x0.detach().to(dtype=dtype, device=device).reshape(-1)
+    if not torch.isfinite(x).all():
+        raise ValueError("x0 contains NaN or infinite values")
+
+    before = nn.Sequential(*[m for _, m in leaves[:pos]])
+    after = nn.Sequential(*[m for _, m in leaves[pos + 1 :]])
+
+    A, pre = _jacobian(before, x, shape)
+    with torch.no_grad():
+        pre_shape = tuple(before(x.reshape(1, *shape)).shape[1:])
+        c1 = pre - A @ x
+        y0 = torch.relu(pre)
+    B, out = _jacobian(after, y0, pre_shape)
+    with torch.no_grad():
+        c2 = out - B @ y0
+    return AffineReLUAffine(A, c1, B, c2)
