@@ -54,9 +54,21 @@ class phi(sp.Function):
 
 
 class BVN(sp.Function):
-    """Bivariate standard normal CDF Φ2(h, k; ρ) (evaluated numerically only)."""
+    """Bivariate standard normal CDF Φ2(h, k; ρ) (printed as a call; differentiable symbolically).
+
+    ∂Φ2/∂h = φ(h)Φ((k − ρh)/√(1−ρ²)), ∂Φ2/∂k likewise, ∂Φ2/∂ρ = φ2(h, k; ρ) (Plackett).
+    """
 
     nargs = 3
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        h, k, r = self.args
+        s = sp.sqrt(1 - r**2)
+        if argindex == 1:
+            return phi(h) * Phi((k - r * h) / s)
+        if argindex == 2:
+            return phi(k) * Phi((h - r * k) / s)
+        return sp.exp(-(h**2 - 2 * r * h * k + k**2) / (2 * s**2)) / (2 * sp.pi * s)
 
 
 def to_elementary(expr: sp.Expr) -> sp.Expr:

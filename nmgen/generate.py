@@ -19,6 +19,7 @@ import sympy as sp
 from sympy.codegen.rewriting import expm1_opt, log1p_opt, optimize
 
 from nmgen import registry
+from nmgen.derivations.functions import BVN
 from nmgen.derivations.spec import Case, KernelSpec
 from nmgen.printers import NumpyKernelPrinter, TorchKernelPrinter, fold_numbers
 
@@ -86,6 +87,7 @@ def expressions_hash(specs: list[KernelSpec]) -> str:
 def _docstring(k: KernelSpec, backend: Backend) -> list[str]:
     arg_doc = {
         "real": "real, finite",
+        "extreal": "real, ±inf allowed",
         "nonneg": "standard deviation, >= 0",
         "corr": "correlation, in [-1, 1]",
     }
@@ -160,6 +162,42 @@ def render_kernel(k: KernelSpec, backend: Backend) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _uses(specs: list[KernelSpec], func: type) -> bool:
+    return any(
+        sp.sympify(o).has(func) for k in specs for c in k.cases for o in c.outputs
+    )
+
+
+def _bvn_prelude(backend: Backend) -> list[str]:
+    """Imports (and, for torch, the printed Gauss–Legendre constants) behind ``_bvn``."""
+    if backend.name == "numpy":
+        return ["from nmgen.runtime.bvn_numpy import bvn_cdf as _bvn", ""]
+    from nmgen.derivations.bvn import GENZ_RULE_SIZES, gauss_legendre
+
+    lines = [
+        "from nmgen.runtime.bvn_torch import bvn_cdf as _bvn_cdf",
+        "",
+        "# Gauss-Legendre rules on [-1, 1] (nodes, weights), computed by",
+        "# derivations/bvn.py:gauss_legendre with mpmath at 40 digits.",
+        "_GL_RULES = {",
+    ]
+    for n in GENZ_RULE_SIZES:
+        x, w = gauss_legendre(n)
+        lines.append(f"    {n}: (")
+        lines.append("        (" + ", ".join(repr(float(v)) for v in x) + "),")
+        lines.append("        (" + ", ".join(repr(float(v)) for v in w) + "),")
+        lines.append("    ),")
+    lines += [
+        "}",
+        "",
+        "",
+        "def _bvn(h, k, rho):",
+        "    return _bvn_cdf(h, k, rho, rules=_GL_RULES)",
+        "",
+    ]
+    return lines
+
+
 def render_module(backend: Backend, specs: list[KernelSpec] | None = None) -> str:
     """Full source of the generated module for ``backend``."""
     specs = registry.kernel_specs() if specs is None else specs
@@ -175,6 +213,7 @@ def render_module(backend: Backend, specs: list[KernelSpec] | None = None) -> st
         "from __future__ import annotations",
         "",
         *backend.imports,
+        *(_bvn_prelude(backend) if _uses(specs, BVN) else []),
         "",
         "__all__ = [" + ", ".join(f'"{k.name}"' for k in specs) + "]",
         "",

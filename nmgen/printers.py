@@ -17,7 +17,7 @@ from nmgen.derivations.functions import BVN, Phi, phi
 
 def _fold(expr: sp.Basic) -> sp.Basic:
     """Replace numeric subtrees by Floats (rational exponents of Pow are kept exact)."""
-    if isinstance(expr, sp.logic.boolalg.BooleanAtom) or expr.is_Atom and not expr.is_number:
+    if isinstance(expr, sp.logic.boolalg.BooleanAtom) or (expr.is_Atom and not expr.is_number):
         return expr
     if getattr(expr, "is_number", False) and not expr.is_Integer:
         if expr.is_Rational and expr.q == 1:
@@ -125,6 +125,10 @@ class NumpyKernelPrinter(_KernelPrinterMixin, SciPyPrinter):
 
     def _print_sign(self, expr):
         return f"numpy.sign({self._print(expr.args[0])})"
+
+    def _print_Min(self, expr):
+        a, b = expr.args
+        return f"numpy.minimum({self._print(a)}, {self._print(b)})"
 
 
 class TorchKernelPrinter(_KernelPrinterMixin, TorchPrinter):

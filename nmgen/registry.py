@@ -13,6 +13,7 @@ DERIVATION_MODULES = (
     "nmgen.derivations.lemma2",
     "nmgen.derivations.lemma3",
     "nmgen.derivations.theorem2",
+    "nmgen.derivations.exact_cross_moment",
 )
 
 

@@ -13,7 +13,7 @@ def prepare(name: str, values: tuple, names: tuple[str, ...], kinds: tuple[str, 
     Args:
         name: kernel name (for error messages).
         values: the raw arguments (array_like).
-        names: argument names; kinds: "real" | "nonneg" | "corr" per argument.
+        names: argument names; kinds: "real" | "extreal" (±inf allowed) | "nonneg" | "corr" per argument.
 
     Returns:
         tuple of ndarrays of one common float dtype (float32 only if every floating input is
@@ -30,8 +30,7 @@ def prepare(name: str, values: tuple, names: tuple[str, ...], kinds: tuple[str, 
     for n, v in zip(names, values, strict=True):
         a = np.asarray(v)
         if a.dtype.kind in "biu":
-            a = a.astype(np.float64) if a.ndim else a.astype(np.float64)
-            arrays.append((a, False))
+            arrays.append((a.astype(np.float64), False))
             continue
         if a.dtype.type not in _FLOATS:
             raise TypeError(f"{name}: argument {n!r} has dtype {a.dtype}; use float32 or float64")
@@ -46,7 +45,9 @@ def prepare(name: str, values: tuple, names: tuple[str, ...], kinds: tuple[str, 
         shapes = ", ".join(f"{n}{tuple(np.shape(a))}" for n, a in zip(names, cast, strict=True))
         raise ValueError(f"{name}: argument shapes do not broadcast: {shapes}") from None
     for n, a, kind in zip(names, out, kinds, strict=True):
-        if not np.all(np.isfinite(a)):
+        if kind == "extreal" and np.any(np.isnan(a)):
+            raise ValueError(f"{name}: argument {n!r} contains NaN")
+        if kind != "extreal" and not np.all(np.isfinite(a)):
             what = "NaN" if np.any(np.isnan(a)) else "an infinite value"
             raise ValueError(f"{name}: argument {n!r} contains {what}")
         if kind == "nonneg" and np.any(a < 0):

@@ -14,7 +14,7 @@ def prepare(name: str, values: tuple, names: tuple[str, ...], kinds: tuple[str, 
         name: kernel name (for error messages).
         values: tensors or Python numbers; numbers take the tensors' dtype and device
             (float64 on CPU when no argument is a tensor).
-        names: argument names; kinds: "real" | "nonneg" | "corr" per argument.
+        names: argument names; kinds: "real" | "extreal" (±inf allowed) | "nonneg" | "corr" per argument.
 
     Returns:
         tuple of tensors with one dtype (the promoted float dtype of the tensor arguments),
@@ -34,7 +34,8 @@ def prepare(name: str, values: tuple, names: tuple[str, ...], kinds: tuple[str, 
             dtype = torch.promote_types(dtype, t.dtype)
         devices = {t.device for t in tensors}
         if len(devices) > 1:
-            raise ValueError(f"{name}: arguments are on different devices: {sorted(map(str, devices))}")
+            found = sorted(map(str, devices))
+            raise ValueError(f"{name}: arguments are on different devices: {found}")
         device = tensors[0].device
     else:
         dtype, device = torch.float64, torch.device("cpu")
@@ -49,7 +50,9 @@ def prepare(name: str, values: tuple, names: tuple[str, ...], kinds: tuple[str, 
         raise ValueError(f"{name}: argument shapes do not broadcast: {shapes}") from None
     for n, t, kind in zip(names, out, kinds, strict=True):
         d = t.detach()
-        if not bool(torch.isfinite(d).all()):
+        if kind == "extreal" and bool(torch.isnan(d).any()):
+            raise ValueError(f"{name}: argument {n!r} contains NaN")
+        if kind != "extreal" and not bool(torch.isfinite(d).all()):
             what = "NaN" if bool(torch.isnan(d).any()) else "an infinite value"
             raise ValueError(f"{name}: argument {n!r} contains {what}")
         if kind == "nonneg" and bool((d < 0).any()):

@@ -1,0 +1,108 @@
+"""Result of a Gaussian adversarial attack, with Monte Carlo verification on the real network."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from torchbridge.attacks.expected import total_variation
+
+__all__ = ["ZERO_THRESHOLD", "AttackResult"]
+
+#: |mu| at or below this (1e-3 on the 0..255 scale, in [0, 1] units) counts as zero.
+ZERO_THRESHOLD = 1e-3 / 255
+
+
+@dataclass
+class AttackResult:
+    """Solution of one attack problem (Eqs. 7-10).
+
+    ``mu`` is image-shaped (input units), ``sigma2`` the isotropic noise variance. ``margin`` is
+    the expected margin at the solution under the linearization: ``max_{k!=j} E_k - E_j`` for
+    targeted attacks (negative = fooled in expectation), ``E_i - max_{k!=i} E_k`` for
+    non-targeted ones. ``success`` = SLSQP converged *and* the attack constraint holds;
+    ``converged`` is SLSQP's own flag; ``status``/``message`` are SLSQP's. When SLSQP does not
+    converge the best evaluated point (feasible with the lowest objective, else the least
+    infeasible) is returned.
+    """
+
+    kind: str
+    mu: torch.Tensor
+    sigma2: float
+    status: int
+    message: str
+    converged: bool
+    success: bool
+    margin: float
+    objective: float
+    iterations: int
+    nfev: int
+    njev: int
+    wall_time: float
+    expected_logits: torch.Tensor
+    source: int
+    target: int | None
+    image: torch.Tensor = field(repr=False)
+    network: nn.Module = field(repr=False)
+    network_is_linearization: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def sigma(self) -> float:
+        return self.sigma2**0.5
+
+    def sparsity(self) -> float:
+        """Fraction of entries of ``mu`` with |mu| <= 1e-3/255 (zero on the 255 scale)."""
+        return float((self.mu.abs() <= ZERO_THRESHOLD).double().mean())
+
+    def tv(self) -> float:
+        """Exact isotropic total variation of ``mu`` (input units)."""
+        m = self.mu.double()
+        return float(total_variation(m.reshape(-1, *m.shape[-2:]) if m.ndim >= 2 else m[None]))
+
+    def predict(self, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+        """Classes predicted by ``network`` for a batch of image-shaped inputs."""
+        p = next(iter(self.network.buffers()), None) if self.network_is_linearization else None
+        if p is None:
+            p = next(iter(self.network.parameters()))
+        out = []
+        with torch.no_grad():
+            for s in range(0, x.shape[0], batch_size):
+                xb = x[s : s + batch_size].to(p.dtype)
+                if self.network_is_linearization:
+                    xb = xb.reshape(xb.shape[0], -1)
+                out.append(self.network(xb).argmax(dim=1))
+        return torch.cat(out)
+
+    def samples(self, samples: int = 1000, seed: int = 0) -> torch.Tensor:
+        """``samples`` noisy images ``image + x``, ``x ~ N(mu, sigma2 I)`` (float64)."""
+        g = torch.Generator().manual_seed(seed)
+        shape = (samples, *self.image.shape)
+        noise = torch.randn(shape, generator=g, dtype=torch.float64) * self.sigma
+        return self.image.double() + self.mu.double() + noise
+
+    def verify(self, samples: int = 1000, seed: int = 0) -> dict:
+        """Monte Carlo check on the real network (the linearization only if no network was given).
+
+        Returns ``fooling_rate`` (fraction predicted as ``target``, or not as ``source`` when
+        non-targeted), ``sparsity``, ``tv``, ``l1``, ``mean_prediction`` (class of image + mu),
+        ``counts`` (predicted class histogram), ``samples`` and ``network``.
+        """
+        if samples < 1:
+            raise ValueError(f"samples must be >= 1, got {samples}")
+        pred = self.predict(self.samples(samples, seed))
+        hit = pred == self.target if self.target is not None else pred != self.source
+        mean_pred = int(self.predict((self.image.double() + self.mu.double())[None])[0])
+        counts = torch.bincount(pred, minlength=int(self.expected_logits.numel()))
+        return {
+            "fooling_rate": float(hit.double().mean()),
+            "sparsity": self.sparsity(),
+            "tv": self.tv(),
+            "l1": float(self.mu.abs().sum()),
+            "mean_prediction": mean_pred,
+            "counts": counts.tolist(),
+            "samples": samples,
+            "network": "linearization" if self.network_is_linearization else "model",
+        }

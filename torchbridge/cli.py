@@ -1,0 +1,52 @@
+"""`nm`: the paper's experiments and benchmarks.
+
+Each experiment module registers its own subcommands through ``add_parser(subparsers)`` and
+its benchmarks through ``add_bench_parser(bench_subparsers)``; every command writes
+``results/<name>.json``, a markdown table and PNG figures (``--out`` to change the folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: Modules that contribute subcommands, in help order.
+COMMAND_MODULES = (
+    "torchbridge.experiments.demo",
+    "torchbridge.experiments.fig2",
+    "torchbridge.experiments.tightness",
+    "torchbridge.experiments.attack_figures",
+)
+#: Modules that contribute `nm bench ...` subcommands.
+BENCH_MODULES = (
+    "torchbridge.experiments.bench_kernels",
+    "torchbridge.experiments.bench_moments",
+    "torchbridge.experiments.bench_attacks",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nm",
+        description="Network Moments: exact output moments of (Affine, ReLU, Affine) networks "
+        "under Gaussian input, two-stage linearization of deeper networks, and Gaussian "
+        "adversarial attacks. Run `nm demo` for a tour; `nm COMMAND --help` for details.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(sub)
+    bench = sub.add_parser("bench", help="benchmarks (side-by-side timings and ratios)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    for name in BENCH_MODULES:
+        importlib.import_module(name).add_bench_parser(bench_sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

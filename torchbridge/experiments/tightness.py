@@ -1,0 +1,691 @@
+"""Tightness of the network moments on LeNet (paper, Section 4.2, Tables 1-4) and per layer.
+
+Subcommands (each writes ``<out>/<name>.json``, ``<out>/<name>.md`` and ``<out>/<name>.png``):
+
+* ``nm table1``: ℓ2 distance between LeNet and its two-stage linearization, for every ReLU
+  index l. For a test image M and a noise level σ the network is linearized at the noisy point
+  x0 = M + σ ε0; it is then compared with LeNet at ``--points`` other noisy inputs
+  x_k = M + σ ε_k (ε ~ N(0, I), seeded). Reported: mean ± std over images and points of
+  ‖R(x_k) − g(x_k)‖₂ (logits) and of the relative ‖R(x_k) − g(x_k)‖₂ / ‖R(x_k)‖₂.
+* ``nm table2``: input x ~ N(M, Σ), M a test image, Σ a random SPD matrix with
+  trace(Σ) = σ²·784 (:func:`random_spd_cov`); linearize at M around the last ReLU (l = 3 of
+  the paper, ``relu_index=-1``). E_r(x, y) = 2|x − y|/(|x| + |y|) of the analytic mean
+  (Theorem 1), the old variance (Theorem 2, method ``zero_mean``), the new variance (Lemma 4
+  truncated to 5 terms, method ``series``) and our exact variance (method ``exact``), each
+  against Monte Carlo with ``--samples`` forward passes of the real LeNet; mean ± std over all
+  images and the 10 outputs. The MC self-noise is E_r between two MC runs with other seeds.
+* ``nm table3``: histograms of the LeNet output variances (MC, Theorem 2, exact; one panel per σ).
+* ``nm table4``: linearization points from k-means (``sklearn.cluster.KMeans``, seeded) fitted
+  on all test images; each evaluated image uses the linearization at its nearest (own) cluster
+  centre; baseline ``k*``: the member farthest from its centre is the linearization point.
+* ``nm layers``: the Table 2 metrics at every ReLU index plus the cost of the analytic moments
+  (linearization included) against Monte Carlo.
+
+The analytic moments are computed in float64 from the float32 linearization; the Monte Carlo
+forward passes are float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from torchbridge.data import mnist
+from torchbridge.experiments.common import (
+    add_common_args,
+    markdown_table,
+    relative_difference,
+    save_figure,
+    write_json,
+    write_markdown,
+)
+from torchbridge.linearize import relu_layers, two_stage_linearize
+from torchbridge.models import trained_lenet
+from torchbridge.montecarlo import monte_carlo_moments
+from torchbridge.network import AffineReLUAffine
+
+SIGMAS = (0.001, 0.01, 0.05, 0.1)
+METHODS = ("zero_mean", "series", "exact")
+#: Kernel each method needs in ``nmgen.generated.torch_kernels``.
+KERNELS = {
+    "zero_mean": "relu_cross_moment_zero_mean",
+    "series": "relu_cross_moment_series",
+    "exact": "relu_cross_moment",
+}
+#: Column titles of the metrics (keys of :func:`summarize`).
+TITLES = {
+    "mean": "E[E_error] mean (Thm 1)",
+    "zero_mean": "E[var_error] old (Thm 2)",
+    "series": "E[var_error new] (Lemma 4, 5 terms)",
+    "exact": "E[var_error exact] (ours)",
+    "mc_mean": "MC self-noise mean",
+    "mc_var": "MC self-noise var",
+}
+#: Above this hidden width the O(p³) Cholesky PSD check of Σ̄ is skipped.
+PSD_CHECK_MAX = 4096
+DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64}
+
+
+def available_methods(requested: Sequence[str] = METHODS) -> tuple[list[str], list[str]]:
+    """Split ``requested`` into (methods whose kernel is generated, methods skipped)."""
+    from nmgen.generated import torch_kernels
+
+    ok = [m for m in requested if hasattr(torch_kernels, KERNELS[m])]
+    return ok, [m for m in requested if m not in ok]
+
+
+def random_spd_cov(
+    n: int, sigma: float, seed: int, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """Random SPD (n, n) matrix with trace σ²·n: Σ = Q diag(λ) Qᵀ.
+
+    Q is Haar-orthogonal (QR of an N(0, 1) matrix, column signs fixed by diag(R)) and
+    λ_i ~ U(0.1, 1) rescaled to sum σ²·n (condition number ≤ 10), all drawn from a
+    ``torch.Generator`` seeded with ``seed``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))
+    lam = 0.1 + 0.9 * torch.rand(n, generator=gen, dtype=torch.float64)
+    lam = lam * (sigma**2 * n / lam.sum())
+    cov = (q * lam) @ q.T
+    return ((cov + cov.T) / 2).to(dtype)
+
+
+def as_dtype(g: AffineReLUAffine, dtype: torch.dtype | None = torch.float64) -> AffineReLUAffine:
+    """A copy of ``g`` in ``dtype``; None: float64 if q <= PSD_CHECK_MAX else float32."""
+    if dtype is None:
+        dtype = torch.float64 if g.hidden_features <= PSD_CHECK_MAX else torch.float32
+    return AffineReLUAffine(g.A.to(dtype), g.c1.to(dtype), g.B.to(dtype), g.c2.to(dtype))
+
+
+def analytic_moments(
+    g: AffineReLUAffine,
+    mean: torch.Tensor,
+    cov: torch.Tensor | float,
+    methods: Sequence[str],
+    terms: int = 5,
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, float]]:
+    """Theorem 1 mean and the variance of every method in ``g``'s dtype, with timings (s).
+
+    ``mean`` is flattened to (n,). The Cholesky PSD check is skipped for q > PSD_CHECK_MAX.
+    """
+    mean = torch.as_tensor(mean).reshape(-1).to(g.A)
+    cov = torch.as_tensor(cov).to(g.A)
+    check = g.hidden_features <= PSD_CHECK_MAX
+    out_mean, var, secs = None, {}, {}
+    for m in methods:
+        t = time.perf_counter()
+        mu, v = g.moments(mean, cov, method=m, terms=terms, check_psd=check)
+        secs[m] = time.perf_counter() - t
+        out_mean = mu if out_mean is None else out_mean
+        var[m] = v.cpu().numpy()
+    assert out_mean is not None, "no method given"
+    return out_mean.cpu().numpy(), var, secs
+
+
+def mc_moments(
+    model: nn.Module, x: torch.Tensor, cov: torch.Tensor | float, samples: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Monte Carlo mean and variance of ``model`` (float32 forward passes) at N(x, cov)."""
+    mu, var = monte_carlo_moments(model, x, cov, samples=samples, seed=seed, batch_size=1000)
+    return mu.double().cpu().numpy(), var.double().cpu().numpy()
+
+
+def er(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """E_r of the paper, elementwise (numpy wrapper of ``relative_difference``)."""
+    return relative_difference(torch.as_tensor(x), torch.as_tensor(y)).numpy()
+
+
+def record_errors(rec: dict) -> dict[str, np.ndarray]:
+    """E_r arrays (d,) of one (image, σ) record holding analytic and MC moments."""
+    errs = {"mean": er(rec["mean"], rec["mc_mean"])}
+    for m, v in rec["var"].items():
+        errs[m] = er(v, rec["mc_var"])
+    if "mc2_mean" in rec:
+        errs["mc_mean"] = er(rec["mc2_mean"], rec["mc_mean"])
+        errs["mc_var"] = er(rec["mc2_var"], rec["mc_var"])
+    return errs
+
+
+def summarize(records: Sequence[dict]) -> dict[str, tuple[float, float]]:
+    """Mean and std of E_r over all records (images) and outputs, per metric."""
+    errs = [record_errors(r) for r in records]
+    keys = [k for k in TITLES if errs and k in errs[0]]
+    return {
+        k: (float(np.mean(np.concatenate([e[k] for e in errs]))),
+            float(np.std(np.concatenate([e[k] for e in errs]))))
+        for k in keys
+    }
+
+
+def pm(v: tuple[float, float]) -> str:
+    """'mean ± std' with 3 decimals."""
+    return f"{v[0]:.3f} ± {v[1]:.3f}"
+
+
+def seed_for(seed: int, image: int, sigma_index: int = 0) -> int:
+    """Deterministic, distinct seed per (run seed, image index, σ index)."""
+    return seed * 1_000_003 + 7919 * image + 131 * sigma_index
+
+
+def _tolist(rec: dict) -> dict:
+    out = {}
+    for k, v in rec.items():
+        if isinstance(v, dict):
+            out[k] = _tolist(v)
+        elif isinstance(v, np.ndarray):
+            out[k] = v.tolist()
+        else:
+            out[k] = v
+    return out
+
+
+def _setup(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(args.seed)
+    model = trained_lenet().to(args.device).eval()
+    _, _, test_x, test_y = mnist()
+    return model, test_x.to(args.device), test_y
+
+
+def _methods(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    methods, skipped = available_methods(args.methods)
+    for m in skipped:
+        print(f"note: method {m!r} skipped: kernel {KERNELS[m]} is not generated yet")
+    if not methods:
+        raise SystemExit("no moment method available")
+    return methods, skipped
+
+
+def tightness_records(
+    model: nn.Module,
+    images: torch.Tensor,
+    sigmas: Sequence[float],
+    methods: Sequence[str],
+    *,
+    samples: int = 10_000,
+    seed: int = 0,
+    relu_index: int = -1,
+    mc_noise: bool = True,
+    terms: int = 5,
+    dtype: torch.dtype | None = torch.float64,
+    desc: str = "tightness",
+) -> list[dict]:
+    """One record per (image, σ): analytic (linearized at the image) and MC moments.
+
+    Σ = :func:`random_spd_cov` (seed per image; the same pattern scaled for every σ).
+    Each record has keys image, sigma, mean, var{method}, mc_mean, mc_var (and mc2_* for the
+    self-noise when ``mc_noise``), and timings ``t_lin``, ``t_moments{method}``, ``t_mc``.
+    The analytic moments are computed in ``dtype`` (see :func:`as_dtype`).
+    """
+    from tqdm.auto import tqdm
+
+    n = images[0].numel()
+    records = []
+    bar = tqdm(total=len(images) * len(sigmas), desc=desc)
+    for i, x in enumerate(images):
+        t = time.perf_counter()
+        g = as_dtype(two_stage_linearize(model, x, relu_index), dtype)
+        t_lin = time.perf_counter() - t
+        base = random_spd_cov(n, 1.0, seed_for(seed, i))
+        for s_idx, sigma in enumerate(sigmas):
+            cov = base * sigma**2
+            mean, var, secs = analytic_moments(g, x, cov.to(x.device), methods, terms)
+            mc_seed = seed_for(seed, i, s_idx) + 1
+            t = time.perf_counter()
+            mc_mean, mc_var = mc_moments(model, x, cov.to(x.device), samples, mc_seed)
+            rec = {
+                "image": i, "sigma": sigma, "mean": mean, "var": var,
+                "mc_mean": mc_mean, "mc_var": mc_var, "t_lin": t_lin,
+                "t_moments": secs, "t_mc": time.perf_counter() - t,
+            }
+            if mc_noise:
+                rec["mc2_mean"], rec["mc2_var"] = mc_moments(
+                    model, x, cov.to(x.device), samples, mc_seed + 500_009
+                )
+            records.append(rec)
+            bar.update(1)
+    bar.close()
+    return records
+
+
+def tightness_rows(
+    records: Sequence[dict], sigmas: Sequence[float], keys: Sequence[str]
+) -> tuple[list[list], dict[str, dict]]:
+    """Markdown rows (σ, metric ± std ...) and a JSON summary per σ."""
+    rows, summary = [], {}
+    for sigma in sigmas:
+        s = summarize([r for r in records if r["sigma"] == sigma])
+        summary[str(sigma)] = s
+        rows.append([f"{sigma:g}"] + [pm(s[k]) if k in s else "n/a" for k in keys])
+    return rows, summary
+
+
+def _er_figure(summary: dict[str, dict], keys: Sequence[str], title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    sig = list(summary)
+    width = 0.8 / max(1, len(keys))
+    for j, k in enumerate(keys):
+        vals = [summary[s].get(k, (np.nan, 0.0)) for s in sig]
+        ax.bar(np.arange(len(sig)) + j * width, [v[0] for v in vals], width,
+               yerr=[v[1] for v in vals], capsize=2, label=TITLES[k])
+    ax.set_xticks(np.arange(len(sig)) + 0.4 - width / 2, [f"σ={s}" for s in sig])
+    ax.set_ylabel("absolute relative difference E_r")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The `nm` command line that reproduces ``args`` (every option spelled out)."""
+    bench = getattr(args, "bench", None)
+    parts = ["nm"] + (["bench", bench] if bench else [getattr(args, "command", "?")])
+    for key, val in sorted(vars(args).items()):
+        if key in ("command", "bench", "func") or val is None or val is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if val is True:
+            parts.append(flag)
+        elif isinstance(val, (list, tuple)):
+            parts += [flag, ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in val)]
+        else:
+            parts += [flag, str(val)]
+    return " ".join(parts)
+
+
+_command = command_line
+
+
+# --------------------------------------------------------------------------- table 1
+def run_table1(args: argparse.Namespace) -> dict:
+    """ℓ2 gap between LeNet and its two-stage linearization for every ReLU index (Table 1)."""
+    from tqdm.auto import tqdm
+
+    model, test_x, _ = _setup(args)
+    relus = list(range(len(relu_layers(model)))) if args.relus is None else args.relus
+    images = test_x[: args.images]
+    gen = torch.Generator().manual_seed(args.seed)
+    res: dict[int, dict[float, dict[str, list[float]]]] = {
+        r: {s: {"l2": [], "rel": []} for s in args.sigmas} for r in relus
+    }
+    q = {}
+    bar = tqdm(total=len(images) * len(args.sigmas) * len(relus), desc="table1")
+    for x in images:
+        for sigma in args.sigmas:
+            eps = torch.randn(args.points + 1, *x.shape, generator=gen).to(x)
+            x0, xs = x + sigma * eps[0], x + sigma * eps[1:]
+            with torch.no_grad():
+                ref = model(xs)
+            for r in relus:
+                g = two_stage_linearize(model, x0, r)
+                q[r] = g.hidden_features
+                with torch.no_grad():
+                    diff = (ref - g(xs.reshape(len(xs), -1))).norm(dim=1)
+                res[r][sigma]["l2"] += diff.tolist()
+                res[r][sigma]["rel"] += (diff / ref.norm(dim=1)).tolist()
+                bar.update(1)
+    bar.close()
+    headers = ["l (paper)", "relu_index", "q"] + [f"σ={s:g}" for s in args.sigmas]
+    rows, rel_rows, summary = [], [], {}
+    for r in relus:
+        stats = {s: {k: (float(np.mean(v)), float(np.std(v))) for k, v in res[r][s].items()}
+                 for s in args.sigmas}
+        summary[str(r)] = {"q": q[r], **{str(s): stats[s] for s in args.sigmas}}
+        rows.append([r + 1, r, q[r]] + [pm(stats[s]["l2"]) for s in args.sigmas])
+        rel_rows.append([r + 1, r, q[r]] + [pm(stats[s]["rel"]) for s in args.sigmas])
+    md = (
+        f"# Table 1: two-stage linearization error of LeNet\n\nCommand: `{_command(args)}`\n\n"
+        f"Linearized at x0 = M + σ ε0 for {len(images)} test images M; compared at "
+        f"{args.points} other inputs x_k = M + σ ε_k. ‖R(x_k) − g(x_k)‖₂ of the 10 logits, "
+        "mean ± std over images and points:\n\n"
+        + markdown_table(headers, rows)
+        + "\n\nRelative ‖R(x_k) − g(x_k)‖₂ / ‖R(x_k)‖₂:\n\n"
+        + markdown_table(headers, rel_rows)
+    )
+    out = {"command": _command(args), "images": len(images), "points": args.points,
+           "sigmas": list(args.sigmas), "results": summary}
+    _finish(args, "table1", out, md)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in relus:
+        ax.errorbar(args.sigmas, [summary[str(r)][str(s)]["l2"][0] for s in args.sigmas],
+                    yerr=[summary[str(r)][str(s)]["l2"][1] for s in args.sigmas],
+                    marker="o", capsize=3, label=f"l = {r + 1} (q = {q[r]})")
+    ax.set_xscale("log")
+    ax.set_xlabel("input noise σ")
+    ax.set_ylabel("‖LeNet − linearized‖₂")
+    ax.set_title("Table 1: linearization error per ReLU layer")
+    ax.legend()
+    save_figure(fig, args.out, "table1")
+    return out
+
+
+# --------------------------------------------------------------------------- table 2
+def run_table2(args: argparse.Namespace) -> dict:
+    """Tightness of mean / old / new / exact variance on LeNet at l = 3 (Table 2)."""
+    model, test_x, _ = _setup(args)
+    methods, skipped = _methods(args)
+    images = test_x[: args.images]
+    recs = tightness_records(model, images, args.sigmas, methods, samples=args.samples,
+                             seed=args.seed, relu_index=args.relu_index, desc="table2")
+    keys = ["mean"] + [m for m in METHODS if m in methods] + ["mc_mean", "mc_var"]
+    rows, summary = tightness_rows(recs, args.sigmas, keys)
+    md = (
+        f"# Table 2: tightness on LeNet (relu_index {args.relu_index})\n\n"
+        f"Command: `{_command(args)}`\n\n{len(images)} test images, Σ random SPD with trace "
+        f"σ²·784, Monte Carlo {args.samples} samples; E_r mean ± std over images and the 10 "
+        "outputs.\n\n" + markdown_table(["σ"] + [TITLES[k] for k in keys], rows)
+        + (f"\n\nSkipped methods (kernel missing): {', '.join(skipped)}" if skipped else "")
+    )
+    out = {"command": _command(args), "images": len(images), "samples": args.samples,
+           "relu_index": args.relu_index, "methods": methods, "skipped": skipped,
+           "summary": summary, "records": [_tolist(r) for r in recs]}
+    _finish(args, "table2", out, md)
+    save_figure(_er_figure(summary, keys, "Table 2: E_r vs Monte Carlo"), args.out, "table2")
+    return out
+
+
+# --------------------------------------------------------------------------- table 3
+def run_table3(args: argparse.Namespace) -> dict:
+    """Histograms of LeNet output variances: MC vs Theorem 2 vs exact (Table 3)."""
+    import json
+
+    if args.reuse is not None:
+        data = json.loads(Path(args.reuse).read_text())
+        recs = [
+            {**r, "mean": np.array(r["mean"]), "mc_mean": np.array(r["mc_mean"]),
+             "mc_var": np.array(r["mc_var"]), "var": {k: np.array(v) for k, v in r["var"].items()}}
+            for r in data["records"]
+        ]
+        sigmas = sorted({r["sigma"] for r in recs})
+        methods = [m for m in METHODS if m in recs[0]["var"]]
+        n_images = data["images"]
+    else:
+        model, test_x, _ = _setup(args)
+        methods, _ = _methods(args)
+        sigmas = args.sigmas
+        n_images = args.images
+        recs = tightness_records(model, test_x[: args.images], sigmas, methods,
+                                 samples=args.samples, seed=args.seed, mc_noise=False,
+                                 desc="table3")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sigmas), figsize=(4 * len(sigmas), 3.5), squeeze=False)
+    summary = {}
+    for ax, sigma in zip(axes[0], sigmas, strict=True):
+        rs = [r for r in recs if r["sigma"] == sigma]
+        mc = np.concatenate([r["mc_var"] for r in rs])
+        series = {"Monte Carlo": mc}
+        s = summarize(rs)
+        for m, label in (("zero_mean", "Thm 2 (old)"), ("series", "Lemma 4, 5 terms"),
+                         ("exact", "exact (ours)")):
+            if m in methods:
+                series[f"{label}, E_r={s[m][0]:.3f}"] = np.concatenate([r["var"][m] for r in rs])
+        logs = {k: np.log10(np.maximum(v, 1e-30)) for k, v in series.items()}
+        lo = min(v.min() for v in logs.values())
+        hi = max(v.max() for v in logs.values())
+        bins = np.linspace(lo, hi + 1e-9, 30)
+        for k, v in logs.items():
+            ax.hist(v, bins=bins, histtype="step", linewidth=1.5, label=k)
+        ax.set_title(f"σ = {sigma:g}")
+        ax.set_xlabel("log10 output variance")
+        ax.legend(fontsize=6)
+        summary[str(sigma)] = {k: v for k, v in s.items()}
+    axes[0][0].set_ylabel("count (images × outputs)")
+    save_figure(fig, args.out, "table3")
+    keys = ["mean"] + [m for m in METHODS if m in methods]
+    rows, _ = tightness_rows(recs, sigmas, keys)
+    md = (
+        f"# Table 3: LeNet output-variance histograms\n\nCommand: `{_command(args)}`\n\n"
+        f"{n_images} images; histograms in table3.png. E_r (legend values):\n\n"
+        + markdown_table(["σ"] + [TITLES[k] for k in keys], rows)
+    )
+    out = {"command": _command(args), "images": n_images, "summary": summary,
+           "variances": {str(s): {"mc": np.concatenate(
+               [r["mc_var"] for r in recs if r["sigma"] == s]).tolist(),
+               **{m: np.concatenate([r["var"][m] for r in recs if r["sigma"] == s]).tolist()
+                  for m in methods}} for s in sigmas}}
+    _finish(args, "table3", out, md)
+    return out
+
+
+# --------------------------------------------------------------------------- table 4
+def kmeans_points(
+    data: np.ndarray, k: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(centres (k, n), labels (N,), farthest member index per cluster (k,)) of k-means."""
+    from sklearn.cluster import KMeans
+
+    km = KMeans(n_clusters=k, n_init=1, random_state=seed).fit(data)
+    centres, labels = km.cluster_centers_, km.labels_
+    far = np.zeros(k, dtype=np.int64)
+    dist = np.linalg.norm(data - centres[labels], axis=1)
+    for c in range(k):
+        members = np.flatnonzero(labels == c)
+        far[c] = members[np.argmax(dist[members])] if members.size else -1
+    return centres, labels, far
+
+
+def run_table4(args: argparse.Namespace) -> dict:
+    """Tightness with linearization at k-means centres and at the farthest member (Table 4)."""
+    from tqdm.auto import tqdm
+
+    model, test_x, _ = _setup(args)
+    methods, skipped = _methods(args)
+    pool = test_x[: args.pool]
+    flat = pool.reshape(len(pool), -1).double().cpu().numpy()
+    n_eval = min(args.images, len(pool))
+    shape = pool.shape[1:]
+    configs: list[tuple[str, int, np.ndarray]] = []  # (label, k, lin point per eval image)
+    for k in tqdm(args.ks, desc="k-means"):
+        k = min(k, len(pool))
+        centres, labels, far = kmeans_points(flat, k, args.seed)
+        configs.append((str(k), k, centres[labels[:n_eval]]))
+        if k in args.farthest:
+            configs.append((f"{k}*", k, flat[far[labels[:n_eval]]]))
+    n = flat.shape[1]
+    # Monte Carlo of the real LeNet depends only on (image, σ): computed once, reused.
+    mc = {}
+    for i in tqdm(range(n_eval), desc="table4 MC"):
+        base = random_spd_cov(n, 1.0, seed_for(args.seed, i))
+        for s_idx, sigma in enumerate(args.sigmas):
+            cov = (base * sigma**2).to(pool.device)
+            mc[i, sigma] = (cov, *mc_moments(model, pool[i], cov, args.samples,
+                                             seed_for(args.seed, i, s_idx) + 1))
+    recs: dict[str, list[dict]] = {c[0]: [] for c in configs}
+    bar = tqdm(total=len(configs) * n_eval, desc="table4 analytic")
+    for label, _, points in configs:
+        for i in range(n_eval):
+            x0 = torch.as_tensor(points[i], dtype=pool.dtype, device=pool.device).reshape(shape)
+            g = as_dtype(two_stage_linearize(model, x0, args.relu_index))
+            for sigma in args.sigmas:
+                cov, mc_mean, mc_var = mc[i, sigma]
+                mean, var, _ = analytic_moments(g, pool[i], cov, methods)
+                recs[label].append({"image": i, "sigma": sigma, "mean": mean, "var": var,
+                                    "mc_mean": mc_mean, "mc_var": mc_var})
+            bar.update(1)
+    bar.close()
+    keys = ["mean"] + [m for m in METHODS if m in methods]
+    rows, summary = [], {}
+    for sigma in args.sigmas:
+        summary[str(sigma)] = {}
+        for label, _, _ in configs:
+            s = summarize([r for r in recs[label] if r["sigma"] == sigma])
+            summary[str(sigma)][label] = s
+            rows.append([f"{sigma:g}", label] + [pm(s[k]) for k in keys])
+    md = (
+        f"# Table 4: tightness vs number of linearization points k\n\n"
+        f"Command: `{_command(args)}`\n\nk-means (n_init=1, seed {args.seed}) on {len(pool)} "
+        f"test images; evaluated on the first {n_eval}; each uses the linearization at its "
+        "cluster centre; `k*` = farthest member of the cluster as linearization point "
+        f"(baseline). Monte Carlo {args.samples} samples.\n\n"
+        + markdown_table(["σ", "k"] + [TITLES[k] for k in keys], rows)
+        + (f"\n\nSkipped methods (kernel missing): {', '.join(skipped)}" if skipped else "")
+    )
+    out = {"command": _command(args), "pool": len(pool), "images": n_eval,
+           "samples": args.samples, "ks": [c[0] for c in configs], "methods": methods,
+           "summary": summary}
+    _finish(args, "table4", out, md)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
+    plain = [c[0] for c in configs if not c[0].endswith("*")]
+    for ax, key in zip(axes[0], keys, strict=True):
+        for sigma in args.sigmas:
+            ax.plot([int(c) for c in plain], [summary[str(sigma)][c][key][0] for c in plain],
+                    marker="o", label=f"σ={sigma:g}")
+        ax.set_xscale("log")
+        ax.set_xlabel("k (linearization points)")
+        ax.set_title(TITLES[key], fontsize=9)
+        ax.legend(fontsize=7)
+    save_figure(fig, args.out, "table4")
+    return out
+
+
+# --------------------------------------------------------------------------- layers
+def run_layers(args: argparse.Namespace) -> dict:
+    """Table 2 metrics and analytic-vs-MC cost at every ReLU index of LeNet."""
+    model, test_x, _ = _setup(args)
+    methods, skipped = _methods(args)
+    relus = list(range(len(relu_layers(model)))) if args.relus is None else args.relus
+    images = test_x[: args.images]
+    keys = ["mean"] + [m for m in METHODS if m in methods]
+    rows, cost_rows, summary = [], [], {}
+    for r in relus:
+        recs = tightness_records(model, images, args.sigmas, methods, samples=args.samples,
+                                 seed=args.seed, relu_index=r, mc_noise=False,
+                                 dtype=DTYPES[args.dtype], desc=f"layers relu {r}")
+        g = two_stage_linearize(model, images[0], r)
+        t_lin = float(np.median([x["t_lin"] for x in recs]))
+        t_mc = float(np.median([x["t_mc"] for x in recs]))
+        cost = {}
+        for m in methods:
+            t_m = float(np.median([x["t_moments"][m] for x in recs]))
+            cost[m] = {"t_moments": t_m, "t_analytic": t_lin + t_m,
+                       "ratio_mc_over_analytic": t_mc / (t_lin + t_m)}
+            cost_rows.append([r + 1, r, g.hidden_features, m, t_lin, t_m, t_mc,
+                              t_mc / (t_lin + t_m)])
+        part, s = tightness_rows(recs, args.sigmas, keys)
+        rows += [[r + 1, r, g.hidden_features, *row] for row in part]
+        summary[str(r)] = {"q": g.hidden_features, "errors": s, "t_lin": t_lin,
+                           "t_mc": t_mc, "cost": cost}
+    md = (
+        f"# Tightness and cost at every ReLU layer of LeNet\n\nCommand: `{_command(args)}`\n\n"
+        f"{len(images)} test images, Σ random SPD (trace σ²·784), Monte Carlo {args.samples} "
+        "samples.\n\n"
+        + markdown_table(["l (paper)", "relu_index", "q", "σ"] + [TITLES[k] for k in keys], rows)
+        + "\n\nCost per image and σ (median seconds; analytic = linearization + moments in "
+        f"{args.dtype} (auto: float64 for q <= {PSD_CHECK_MAX}, else float32)):\n\n"
+        + markdown_table(["l (paper)", "relu_index", "q", "method", "linearize s", "moments s",
+                          "MC s", "MC / analytic"], cost_rows)
+        + (f"\n\nSkipped methods (kernel missing): {', '.join(skipped)}" if skipped else "")
+    )
+    out = {"command": _command(args), "images": len(images), "samples": args.samples,
+           "methods": methods, "results": summary}
+    _finish(args, "layers", out, md)
+    fig = _er_figure({f"l={int(r) + 1}": v["errors"][str(args.sigmas[0])]
+                      for r, v in summary.items()}, keys,
+                     f"E_r per linearization layer (σ={args.sigmas[0]:g})")
+    save_figure(fig, args.out, "layers")
+    return out
+
+
+def _finish(args: argparse.Namespace, name: str, obj: dict, md: str) -> None:
+    p = write_json(args.out, name, obj)
+    write_markdown(args.out, name, md)
+    print(md)
+    print(f"\nwrote {p} and {Path(args.out) / (name + '.md')}")
+
+
+# --------------------------------------------------------------------------- CLI
+def _floats(s: str) -> list[float]:
+    return [float(v) for v in s.split(",") if v]
+
+
+def _ints(s: str) -> list[int]:
+    return [int(v) for v in s.split(",") if v]
+
+
+def _methods_arg(s: str) -> list[str]:
+    ms = [v for v in s.split(",") if v]
+    bad = [m for m in ms if m not in METHODS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; choose from {METHODS}")
+    return ms
+
+
+def add_parser(subparsers) -> None:
+    """Register table1, table2, table3, table4 and layers."""
+
+    def common(p: argparse.ArgumentParser, images: int, sigmas: Sequence[float]) -> None:
+        add_common_args(p)
+        p.add_argument("--images", type=int, default=images,
+                       help=f"test images (default {images}; paper: all)")
+        p.add_argument("--sigmas", type=_floats, default=list(sigmas),
+                       help="comma-separated noise levels σ")
+
+    def moment_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--samples", type=int, default=10_000,
+                       help="Monte Carlo samples (default 10000, as the paper)")
+        p.add_argument("--methods", type=_methods_arg, default=list(METHODS),
+                       help="comma-separated variance methods (zero_mean,series,exact)")
+
+    p = subparsers.add_parser("table1", help="Table 1: linearization error per ReLU layer")
+    common(p, 8, SIGMAS)
+    p.add_argument("--points", type=int, default=20, help="noisy inputs compared per image")
+    p.add_argument("--relus", type=_ints, default=None, help="ReLU indices (default all)")
+    p.set_defaults(func=run_table1)
+
+    p = subparsers.add_parser("table2", help="Table 2: tightness of mean and variances")
+    common(p, 4, SIGMAS)
+    moment_args(p)
+    p.add_argument("--relu-index", type=int, default=-1, help="linearization ReLU (default -1)")
+    p.set_defaults(func=run_table2)
+
+    p = subparsers.add_parser("table3", help="Table 3: output-variance histograms")
+    common(p, 6, SIGMAS)
+    moment_args(p)
+    p.add_argument("--reuse", type=Path, default=None,
+                   help="build the histograms from a table2.json instead of recomputing")
+    p.set_defaults(func=run_table3)
+
+    p = subparsers.add_parser("table4", help="Table 4: k-means linearization points")
+    common(p, 4, (0.05, 0.1))
+    moment_args(p)
+    p.add_argument("--pool", type=int, default=1000, help="test images clustered (default 1000)")
+    p.add_argument("--ks", type=_ints, default=[25, 50, 100, 250, 1000],
+                   help="numbers of clusters k")
+    p.add_argument("--farthest", type=_ints, default=[25, 50],
+                   help="k values that also get the farthest-member baseline")
+    p.add_argument("--relu-index", type=int, default=-1, help="linearization ReLU (default -1)")
+    p.set_defaults(func=run_table4)
+
+    p = subparsers.add_parser("layers", help="Table 2 metrics and cost at every ReLU layer")
+    common(p, 1, (0.05,))
+    moment_args(p)
+    p.add_argument("--relus", type=_ints, default=None,
+                   help="ReLU indices (default all: 0, 1, 2)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="auto",
+                   help="analytic dtype (auto: float64 for q <= 4096, else float32)")
+    p.set_defaults(func=run_layers)
