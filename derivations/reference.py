@@ -31,9 +31,15 @@ class ReferenceError(ArithmeticError):
     """Raised when a quadrature's own error estimate is too large to trust the reference."""
 
 
-def _quad(f: Callable, points: list, tol_digits: int) -> mp.mpf:
+def _quad(f: Callable, points: list, tol_digits: int, factor=1, floor=0) -> mp.mpf:
+    """factor·∫f, rejected unless its error estimate is ≤ 10^−tol_digits·max(|value|, floor).
+
+    ``floor`` is the problem's scale (DESIGN.md): an error of 1e-32 × scale is far below
+    every tolerance, so a 1e-60 value need not be relatively exact to 30 digits.
+    """
     val, err = mp.quad(f, points, error=True, maxdegree=10)
-    if err > mp.mpf(10) ** (-tol_digits) * max(abs(val), mp.mpf(10) ** (-300)):
+    val, err = factor * val, factor * err
+    if err > mp.mpf(10) ** (-tol_digits) * max(abs(val), floor, mp.mpf(10) ** (-300)):
         raise ReferenceError(f"quadrature error estimate {mp.nstr(err, 3)} for value {val}")
     return val
 
@@ -50,7 +56,8 @@ def positive_part_expectation(g: Callable, mu, sigma, dps: int = DPS) -> mp.mpf:
             def integrand(u):
                 return g(sigma * u) * mp.exp(-t0 * u - u * u / 2)
 
-            val = mp.npdf(t0) * _quad(integrand, [0, mp.inf], dps + 2)
+            floor = (abs(mu) + sigma) ** 2  # 1e-32 × scale² is plenty
+            val = _quad(integrand, [0, mp.inf], dps + 2, factor=mp.npdf(t0), floor=floor)
         else:  # the kink lies left of the bulk: integrate φ directly from the kink
             def integrand(t):
                 return g(mu + sigma * t) * mp.npdf(t)
@@ -130,7 +137,8 @@ def relu_cross_moment_ref(
         def integrand(u):
             return g(s2 * u) * mp.exp(-t0 * u - u * u / 2)
 
-        val = mp.npdf(t0) * _quad(integrand, pts, dps + 2)
+        floor = (abs(mu1) + s1) * (abs(mu2) + s2)  # 1e-32 × scale is plenty
+        val = _quad(integrand, pts, dps + 2, factor=mp.npdf(t0), floor=floor)
     return +val
 
 

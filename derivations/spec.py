@@ -25,12 +25,16 @@ class Case:
         condition: SymPy boolean in the kernel's arguments; ``sp.true`` for the last case.
         safe: argument -> value used where ``condition`` is false (keeps the branch finite).
         note: one line saying what the branch is (printed as a comment).
+        lets: optional straight-line program ``((symbol, expr), ...)`` evaluated in order
+            before ``expr`` (which may use the symbols): recurrences stay O(n) instead of
+            expanding into O(n²) expressions.
     """
 
     expr: sp.Expr | tuple[sp.Expr, ...]
     condition: sp.Basic = sp.true
     safe: dict[sp.Symbol, float] = field(default_factory=dict)
     note: str = ""
+    lets: tuple[tuple[sp.Symbol, sp.Expr], ...] = ()
 
     @property
     def outputs(self) -> tuple[sp.Expr, ...]:
@@ -80,3 +84,20 @@ class KernelSpec:
     @property
     def n_outputs(self) -> int:
         return len(self.cases[0].outputs)
+
+
+@dataclass(frozen=True)
+class Dispatcher:
+    """A public kernel that picks one of several generated variants by an integer argument.
+
+    E.g. ``relu_cross_moment_series(..., terms)`` calls the kernel generated for that number
+    of terms; any other value raises ``ValueError`` listing the supported ones.
+    """
+
+    name: str
+    args: tuple[ArgSpec, ...]
+    int_arg: str
+    variants: dict[int, str]
+    doc: str
+    source: str
+    equation: str

@@ -20,7 +20,7 @@ from sympy.codegen.rewriting import expm1_opt, log1p_opt, optimize
 
 from nmgen import registry
 from nmgen.derivations.functions import BVN
-from nmgen.derivations.spec import Case, KernelSpec
+from nmgen.derivations.spec import Case, Dispatcher, KernelSpec
 from nmgen.printers import NumpyKernelPrinter, TorchKernelPrinter, fold_numbers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,6 +81,7 @@ def expressions_hash(specs: list[KernelSpec]) -> str:
             h.update(sp.srepr(c.outputs).encode())
             h.update(sp.srepr(c.condition).encode())
             h.update(repr(sorted((str(s), v) for s, v in c.safe.items())).encode())
+            h.update(sp.srepr(c.lets).encode())
     return h.hexdigest()[:16]
 
 
@@ -105,17 +106,29 @@ def _docstring(k: KernelSpec, backend: Backend) -> list[str]:
     return lines
 
 
-def _case_code(k: KernelSpec, i: int, case: Case, backend: Backend, pr) -> tuple[list, list]:
+def _case_code(
+    k: KernelSpec, i: int, case: Case, backend: Backend, pr, claim: str | None = None
+) -> tuple[list, list]:
+    """Code of case ``i``; its inputs are masked outside ``claim & condition``.
+
+    ``claim`` names the mask of elements no earlier case took: an element whose own condition
+    holds but that an earlier case claimed must be masked too, or NaNs of this branch would
+    leak into the gradients through ``where``.
+    """
     lines = [f"    # case {i}: {case.note}"]
     cond = None
     subs = {}
     if case.condition is not sp.true:
         cond = f"_c{i}"
-        lines.append(f"    {cond} = {pr.doprint(case.condition)}")
+        c = pr.doprint(case.condition)
+        lines.append(f"    {cond} = {claim} & {c}" if claim else f"    {cond} = {c}")
         for sym, val in case.safe.items():
             masked = sp.Symbol(f"{sym.name}_{i}")
             subs[sym] = masked
             lines.append(f"    {masked.name} = {backend.where}({cond}, {sym.name}, {float(val)!r})")
+    for sym, expr in case.lets:
+        e = fold_numbers(_rewrite(sp.sympify(expr).xreplace(subs)))
+        lines.append(f"    {sym.name} = {pr.doprint(e)}")
     outs = [sp.sympify(o).xreplace(subs) for o in case.outputs]
     outs = [_rewrite(o) for o in outs]
     repl, reduced = sp.cse(outs, symbols=sp.numbered_symbols(f"_t{i}_"), order="canonical")
@@ -135,7 +148,12 @@ def _case_code(k: KernelSpec, i: int, case: Case, backend: Backend, pr) -> tuple
 
 
 def render_kernel(k: KernelSpec, backend: Backend) -> str:
-    """Source of one kernel function for ``backend``."""
+    """Source of one kernel function for ``backend``.
+
+    Case 0 (the interior) is always evaluated; every later case (a limit) is evaluated only
+    when some element needs it (``_rest`` tracks the elements no earlier case claimed), so
+    the common all-interior call costs one branch.
+    """
     pr = backend.printer()
     argnames = [a.symbol.name for a in k.args]
     lines = [f"def {k.name}({', '.join(argnames)}):"]
@@ -146,19 +164,28 @@ def render_kernel(k: KernelSpec, backend: Backend) -> str:
         f"    {', '.join(argnames)} = _prepare(\n        \"{k.name}\", ({', '.join(argnames)}), "
         f"({names}), ({kinds})\n    )"
     )
-    per_case = []
+    ref = argnames[0]
+    outs = [f"_out{j}" for j in range(k.n_outputs)]
     for i, case in enumerate(k.cases):
-        code, vals = _case_code(k, i, case, backend, pr)
-        lines += code
-        per_case.append(vals)
-    results = []
-    for j in range(k.n_outputs):
-        expr = per_case[-1][j][1]
-        for vals in reversed(per_case[:-1]):
-            cond, v = vals[j]
-            expr = f"{backend.where}({cond}, {v}, {expr})"
-        results.append(expr)
-    lines.append(f"    return {', '.join(results)}")
+        code, vals = _case_code(k, i, case, backend, pr, None if i == 0 else "_rest")
+        cond = vals[0][0]
+        if i == 0:
+            lines += code
+            if cond is None:
+                lines.append(f"    {', '.join(outs)} = {', '.join(v for _, v in vals)}")
+                break
+            lines.append(f"    {', '.join(outs)} = {', '.join(v for _, v in vals)}")
+            lines.append(f"    _rest = ~{cond}")
+            continue
+        lines.append(f"    if bool(_rest.any()):")
+        lines += ["    " + ln for ln in code]
+        for (c, v), o in zip(vals, outs, strict=True):
+            take = "_rest" if c is None else c
+            lines.append(f"        {o} = {backend.where}({take}, {v}, {o})")
+        if cond is not None:
+            lines.append(f"        _rest = _rest & ~{cond}")
+    del ref
+    lines.append(f"    return {', '.join(outs)}")
     return "\n".join(lines) + "\n"
 
 
@@ -198,9 +225,33 @@ def _bvn_prelude(backend: Backend) -> list[str]:
     return lines
 
 
+def render_dispatcher(d: Dispatcher) -> str:
+    """Source of a dispatcher (same for both backends: it only picks a variant)."""
+    argnames = [a.symbol.name for a in d.args]
+    table = "{" + ", ".join(f"{n}: {fn}" for n, fn in sorted(d.variants.items())) + "}"
+    allowed = tuple(sorted(d.variants))
+    call = ", ".join(argnames)
+    return "\n".join([
+        f"def {d.name}({call}, {d.int_arg}):",
+        f'    """{d.doc}',
+        "",
+        f"    Implements {d.equation} ({d.source}).",
+        f"    ``{d.int_arg}`` must be one of {allowed}: each value has its own generated kernel.",
+        '    """',
+        f"    variants = {table}",
+        f"    if not isinstance({d.int_arg}, int) or {d.int_arg} not in variants:",
+        "        raise ValueError(",
+        f'            f"{d.name}: {d.int_arg} must be one of {allowed}; got {{{d.int_arg}!r}}"',
+        "        )",
+        f"    return variants[{d.int_arg}]({call})",
+        "",
+    ])
+
+
 def render_module(backend: Backend, specs: list[KernelSpec] | None = None) -> str:
     """Full source of the generated module for ``backend``."""
     specs = registry.kernel_specs() if specs is None else specs
+    dispatchers = registry.dispatchers()
     sources = sorted({k.source for k in specs})
     header = [
         f"# Generated by nmgen from {', '.join(sources)}.",
@@ -215,10 +266,13 @@ def render_module(backend: Backend, specs: list[KernelSpec] | None = None) -> st
         *backend.imports,
         *(_bvn_prelude(backend) if _uses(specs, BVN) else []),
         "",
-        "__all__ = [" + ", ".join(f'"{k.name}"' for k in specs) + "]",
+        "__all__ = ["
+        + ", ".join(f'"{k.name}"' for k in [*specs, *dispatchers] if not k.name.startswith("_"))
+        + "]",
         "",
     ]
     body = ["\n\n" + render_kernel(k, backend) for k in specs]
+    body += ["\n\n" + render_dispatcher(d) for d in dispatchers]
     return "\n".join(header) + "".join(body)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from nmgen.derivations.spec import KernelSpec
+from nmgen.derivations.spec import Dispatcher, KernelSpec
 
 #: Derivation modules, in the order their kernels appear in the generated files.
 DERIVATION_MODULES = (
@@ -14,6 +14,7 @@ DERIVATION_MODULES = (
     "nmgen.derivations.lemma3",
     "nmgen.derivations.theorem2",
     "nmgen.derivations.exact_cross_moment",
+    "nmgen.derivations.series_kernel",
 )
 
 
@@ -38,3 +39,8 @@ def get(name: str) -> KernelSpec:
         if k.name == name:
             return k
     raise KeyError(f"no kernel {name!r}; known: {[k.name for k in kernel_specs()]}")
+
+
+def dispatchers() -> list[Dispatcher]:
+    """Registered dispatchers (public kernels that pick a variant by an int argument)."""
+    return [d for m in modules() for d in getattr(m, "DISPATCHERS", ())]

@@ -72,7 +72,19 @@ def _grid_bvn(quick: bool) -> list[tuple]:
     return [(h, k, r) for h in vals for k in vals for r in rhos]
 
 
+def _grid_series(quick: bool) -> list[tuple]:
+    """Fig. 2-style points (μ ∈ [−2, 2], σ ∈ [0.2, 2]) on both branches, plus the limits."""
+    rhos = (-0.9, -0.5, 0.0, 0.3, 0.69, 0.8) if quick else (
+        -1.0, -0.999, -0.9, -0.75, -0.5, -0.3, 0.0, 0.3, 0.5, 0.69, 0.75, 0.8, 0.999, 1.0)
+    ms = ((1.2, -0.6, 0.4, 1.4), (-2.0, 2.0, 2.0, 0.2)) if quick else (
+        (1.2, -0.6, 0.4, 1.4), (-2.0, 2.0, 2.0, 0.2), (0.0, 0.0, 1.0, 1.0), (2.0, 2.0, 0.2, 0.2),
+        (-1.0, -1.6, 0.6, 1.8))
+    pts = [(m1, m2, a, b, r) for m1, m2, a, b in ms for r in rhos]
+    return [*pts, (0.5, -1.0, 0.0, 2.0, 0.3), (1.0, 2.0, 0.7, 0.5, 1.0)]
+
+
 GRIDS: dict[str, Callable[[bool], list[tuple]]] = {
+    "series": _grid_series,
     "single": _grid_single,
     "pair_zero_mean": _grid_pair_zero_mean,
     "pair": _grid_pair,

@@ -159,7 +159,7 @@ def test_table4_outputs(stand_ins, tmp_path):
 
 def test_kmeans_points_farthest():
     data = np.array([[0.0], [1.0], [3.0], [10.0], [11.0]])
-    centres, labels, far = tightness.kmeans_points(data, 2, seed=0)
+    _, labels, far = tightness.kmeans_points(data, 2, seed=0)
     assert labels[0] == labels[1] == labels[2] != labels[3]
     assert far[labels[0]] == 2 and far[labels[3]] in (3, 4)
 

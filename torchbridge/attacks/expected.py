@@ -9,8 +9,8 @@ Everything is float64 and differentiable by autograd through the generated kerne
 from __future__ import annotations
 
 import torch
-
 from nmgen.generated.torch_kernels import relu_mean
+
 from torchbridge.network import AffineReLUAffine
 
 __all__ = ["ExpectedLogits", "expected_logits", "total_variation"]
@@ -50,7 +50,7 @@ class ExpectedLogits:
 def expected_logits(
     net: AffineReLUAffine, image: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor | float
 ) -> torch.Tensor:
-    """``E[net(image + x)]`` for ``x ~ N(mu, sigma^2 I)`` (Theorem 1); ``mu`` image-shaped or flat."""
+    """``E[net(image + x)]``, ``x ~ N(mu, sigma^2 I)`` (Theorem 1); ``mu`` image-shaped or flat."""
     f = ExpectedLogits(net, image)
     return f(torch.as_tensor(mu, dtype=torch.float64).reshape(-1), sigma)
 
