@@ -38,8 +38,8 @@ from .lemma3 import s1 as l3_s1
 from .lemma3 import s2 as l3_s2
 from .reference import relu_cross_moment_ref
 from .spec import ArgSpec, Case, KernelSpec
-from .theorem1 import relu_mean_expr
 from .theorem1 import mu as t1_mu
+from .theorem1 import relu_mean_expr
 from .theorem1 import sigma as t1_sigma
 
 mu1, mu2, rho = sp.symbols("mu1 mu2 rho", real=True)
@@ -47,11 +47,15 @@ sigma1, sigma2 = sp.symbols("sigma1 sigma2", real=True)
 h, k = mu1 / sigma1, mu2 / sigma2
 s = sp.sqrt((1 - rho) * (1 + rho))  # exact to rounding near |ρ| = 1, unlike √(1 − ρ²)
 
-exact_expr = sigma1 * sigma2 * (
-    (h * k + rho) * BVN(h, k, rho)
-    + h * phi(k) * Phi((h - rho * k) / s)
-    + k * phi(h) * Phi((k - rho * h) / s)
-    + s * phi(h) * phi((k - rho * h) / s)
+exact_expr = (
+    sigma1
+    * sigma2
+    * (
+        (h * k + rho) * BVN(h, k, rho)
+        + h * phi(k) * Phi((h - rho * k) / s)
+        + k * phi(h) * Phi((k - rho * h) / s)
+        + s * phi(h) * phi((k - rho * h) / s)
+    )
 )
 _m, _M = sp.Min(h, k), sp.Max(h, k)
 rho_one_expr = sigma1 * sigma2 * ((h * k + 1) * Phi(_m) + _M * phi(_m) + (rho - 1) * Phi(_m))
@@ -89,9 +93,11 @@ def check_price_derivative() -> bool:
     assert not d.has(BVN), "Φ2 terms must cancel exactly"
     d = to_elementary(d)
     R = sp.Rational
-    for pt in ((R(2, 5), R(-3, 10), R(6, 5), R(7, 10), R(7, 20)),
-               (R(-1), R(2), R(1, 2), R(3, 2), R(-4, 5)),
-               (R(3), R(1, 10), R(2), R(1, 3), R(19, 20))):
+    for pt in (
+        (R(2, 5), R(-3, 10), R(6, 5), R(7, 10), R(7, 20)),
+        (R(-1), R(2), R(1, 2), R(3, 2), R(-4, 5)),
+        (R(3), R(1, 10), R(2), R(1, 3), R(19, 20)),
+    ):
         val = sp.N(d.subs(dict(zip((m1, m2, a, b, r), pt, strict=True))), 50)
         assert abs(val) < sp.Float(10) ** -40, f"∂E/∂ρ − σ1σ2Φ2 = {val} at {pt}"
     return True
@@ -136,7 +142,9 @@ KERNELS = (
     KernelSpec(
         name="bivariate_normal_cdf",
         args=(ArgSpec(_h, "extreal"), ArgSpec(_k, "extreal"), ArgSpec(_r, "corr")),
-        cases=(Case(BVN(_h, _k, _r), sp.true, {}, "Φ2 by Owen's T (NumPy) / Gauss–Legendre (Torch)"),),
+        cases=(
+            Case(BVN(_h, _k, _r), sp.true, {}, "Φ2 by Owen's T (NumPy) / Gauss–Legendre (Torch)"),
+        ),
         doc="Φ2(h, k; rho) = P(Z1 < h, Z2 < k), standard bivariate normal, corr(Z1, Z2) = rho.",
         source="derivations/exact_cross_moment.py",
         equation="the bivariate normal CDF used by the exact cross moment",
@@ -147,25 +155,44 @@ KERNELS = (
     KernelSpec(
         name="relu_cross_moment",
         args=(
-            ArgSpec(_m1, "real"), ArgSpec(_m2, "real"), ArgSpec(_s1, "nonneg"),
-            ArgSpec(_s2, "nonneg"), ArgSpec(_r, "corr"),
+            ArgSpec(_m1, "real"),
+            ArgSpec(_m2, "real"),
+            ArgSpec(_s1, "nonneg"),
+            ArgSpec(_s2, "nonneg"),
+            ArgSpec(_r, "corr"),
         ),
         cases=(
             Case(
-                exact_expr.subs(_sub), sp.And(_both, sp.Abs(_r) < 1),
-                {_s1: 1.0, _s2: 1.0, _r: 0.0}, "σ1, σ2 > 0, |ρ| < 1: Rosenbaum form with Φ2",
+                exact_expr.subs(_sub),
+                sp.And(_both, sp.Abs(_r) < 1),
+                {_s1: 1.0, _s2: 1.0, _r: 0.0},
+                "σ1, σ2 > 0, |ρ| < 1: Rosenbaum form with Φ2",
             ),
-            Case(rho_one_expr.subs(_sub), sp.And(_both, _r > 0), {_s1: 1.0, _s2: 1.0},
-                 "ρ = 1: one Gaussian drives both (plus the exact ρ-slope)"),
             Case(
-                rho_minus_one_expr.subs(_sub), sp.And(_both, _m1 * _s2 + _m2 * _s1 > 0),
-                {_s1: 1.0, _s2: 1.0}, "ρ = −1, h + k > 0 (plus the exact ρ-slope)",
+                rho_one_expr.subs(_sub),
+                sp.And(_both, _r > 0),
+                {_s1: 1.0, _s2: 1.0},
+                "ρ = 1: one Gaussian drives both (plus the exact ρ-slope)",
+            ),
+            Case(
+                rho_minus_one_expr.subs(_sub),
+                sp.And(_both, _m1 * _s2 + _m2 * _s1 > 0),
+                {_s1: 1.0, _s2: 1.0},
+                "ρ = −1, h + k > 0 (plus the exact ρ-slope)",
             ),
             Case(sp.Integer(0), _both, {}, "ρ = −1, h + k ≤ 0: never both positive"),
-            Case(_relu_mean(_m1, _s1) * sp.Max(_m2, 0), _s1 > 0, {_s1: 1.0},
-                 "σ2 = 0: E[relu(x1)]·relu(μ2)"),
-            Case(_relu_mean(_m2, _s2) * sp.Max(_m1, 0), _s2 > 0, {_s2: 1.0},
-                 "σ1 = 0: relu(μ1)·E[relu(x2)]"),
+            Case(
+                _relu_mean(_m1, _s1) * sp.Max(_m2, 0),
+                _s1 > 0,
+                {_s1: 1.0},
+                "σ2 = 0: E[relu(x1)]·relu(μ2)",
+            ),
+            Case(
+                _relu_mean(_m2, _s2) * sp.Max(_m1, 0),
+                _s2 > 0,
+                {_s2: 1.0},
+                "σ1 = 0: relu(μ1)·E[relu(x2)]",
+            ),
             Case(sp.Max(_m1, 0) * sp.Max(_m2, 0), sp.true, {}, "σ1 = σ2 = 0: relu(μ1)relu(μ2)"),
         ),
         doc="E[max(x1,0)·max(x2,0)] for a bivariate Gaussian: means mu1, mu2, stds sigma1, "
@@ -178,4 +205,4 @@ KERNELS = (
     ),
 )
 
-__all__ = ["KERNELS", "CHECKS", "exact_expr", "mp"]
+__all__ = ["CHECKS", "KERNELS", "exact_expr", "mp"]

@@ -50,7 +50,7 @@ class phi(sp.Function):
         return sp.exp(-(x**2) / 2) / sp.sqrt(2 * sp.pi)
 
     def _eval_evalf(self, prec):
-        return (sp.exp(-self.args[0] ** 2 / 2) / sp.sqrt(2 * sp.pi))._eval_evalf(prec)
+        return (sp.exp(-(self.args[0] ** 2) / 2) / sp.sqrt(2 * sp.pi))._eval_evalf(prec)
 
 
 class BVN(sp.Function):

@@ -66,8 +66,13 @@ def price_sides(psi: str, mu1, mu2, s1, s2, rho, dps: int = 20) -> tuple[mp.mpf,
 
             def expectation(c):
                 return gaussian_expectation_2d(
-                    lambda a, b: mp.sin(a + 1) * mp.exp(b / 2), mu1, mu2, s1, s2,
-                    c / (s1 * s2), dps + 10,
+                    lambda a, b: mp.sin(a + 1) * mp.exp(b / 2),
+                    mu1,
+                    mu2,
+                    s1,
+                    s2,
+                    c / (s1 * s2),
+                    dps + 10,
                 )
 
             rhs = gaussian_expectation_2d(

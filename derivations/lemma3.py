@@ -29,13 +29,13 @@ s1, s2 = sp.symbols("sigma1 sigma2", positive=True)
 s12 = sp.Symbol("sigma12", real=True)
 rho = sp.Symbol("rho", real=True)
 
-lemma3_expr = (
-    s12 * sp.asin(s12 / (s1 * s2)) + s1 * s2 * sp.sqrt(1 - s12**2 / (s1**2 * s2**2))
-) / (2 * sp.pi) + s12 / 4
+lemma3_expr = (s12 * sp.asin(s12 / (s1 * s2)) + s1 * s2 * sp.sqrt(1 - s12**2 / (s1**2 * s2**2))) / (
+    2 * sp.pi
+) + s12 / 4
 lemma3_rho_expr = s1 * s2 * ((rho * sp.asin(rho) + sp.sqrt(1 - rho**2)) / (2 * sp.pi) + rho / 4)
 # Printed form: √((1 − ρ)(1 + ρ)) is exact to rounding near |ρ| = 1, where 1 − ρ² cancels.
-lemma3_kernel_expr = s1 * s2 * (
-    (rho * sp.asin(rho) + sp.sqrt((1 - rho) * (1 + rho))) / (2 * sp.pi) + rho / 4
+lemma3_kernel_expr = (
+    s1 * s2 * ((rho * sp.asin(rho) + sp.sqrt((1 - rho) * (1 + rho))) / (2 * sp.pi) + rho / 4)
 )
 
 
@@ -49,13 +49,18 @@ def check_boundary_conditions() -> bool:
 
 
 def check_pde_solution() -> bool:
-    """Integrating PDE (16) twice with the boundary conditions reproduces Lemma 3."""
-    c, y = sp.symbols("c y", real=True)
-    inner = sp.integrate(1 / (2 * sp.pi * sp.sqrt(1 - c**2 / (s1**2 * s2**2))), (c, 0, y))
-    sol = sp.integrate(sp.Rational(1, 4) + inner, (y, 0, s12)) + s1 * s2 / (2 * sp.pi)
-    probe = {s1: sp.Rational(3, 2), s2: sp.Rational(2, 3)}  # σ1σ2 = 1: keeps asin simple
-    diff = sp.simplify((sol - lemma3_expr).subs(probe))
-    assert diff == 0, f"PDE solution differs: {diff}"
+    """Integrating PDE (16) twice with the boundary conditions reproduces Lemma 3.
+
+    First integral: F(y) = 1/4 + σ1σ2 asin(y/(σ1σ2))/(2π)·(1/(σ1σ2)) has F' = PDE right side and
+    F(0) = 1/4; second: Lemma 3 has derivative F and value σ1σ2/(2π) at 0 (fundamental theorem of
+    calculus, so no indefinite integration with branch conditions is needed).
+    """
+    first = sp.Rational(1, 4) + sp.asin(s12 / (s1 * s2)) / (2 * sp.pi)
+    pde_rhs = 1 / (2 * sp.pi * s1 * s2 * sp.sqrt(1 - s12**2 / (s1 * s2) ** 2))
+    assert sp.simplify(sp.diff(first, s12) - pde_rhs) == 0
+    assert first.subs(s12, 0) == sp.Rational(1, 4)
+    assert sp.simplify(sp.diff(lemma3_expr, s12) - first) == 0
+    assert sp.simplify(lemma3_expr.subs(s12, 0) - s1 * s2 / (2 * sp.pi)) == 0
     return True
 
 

@@ -53,12 +53,14 @@ def positive_part_expectation(g: Callable, mu, sigma, dps: int = DPS) -> mp.mpf:
         mu, sigma = mp.mpf(mu), mp.mpf(sigma)
         t0 = -mu / sigma
         if t0 >= 0:  # mass in a tail: factor it out
+
             def integrand(u):
                 return g(sigma * u) * mp.exp(-t0 * u - u * u / 2)
 
             floor = (abs(mu) + sigma) ** 2  # 1e-32 × scale² is plenty
             val = _quad(integrand, [0, mp.inf], dps + 2, factor=mp.npdf(t0), floor=floor)
         else:  # the kink lies left of the bulk: integrate φ directly from the kink
+
             def integrand(t):
                 return g(mu + sigma * t) * mp.npdf(t)
 

@@ -24,8 +24,11 @@ _m1, _m2, _s1, _s2, _r = sp.symbols("mu1 mu2 sigma1 sigma2 rho", real=True)
 _sub = dict(zip(SYMBOLS, (_m1, _m2, _s1, _s2, _r), strict=True))
 _both = sp.And(_s1 > 0, _s2 > 0)
 _ARGS = (
-    ArgSpec(_m1, "real"), ArgSpec(_m2, "real"), ArgSpec(_s1, "nonneg"),
-    ArgSpec(_s2, "nonneg"), ArgSpec(_r, "corr"),
+    ArgSpec(_m1, "real"),
+    ArgSpec(_m2, "real"),
+    ArgSpec(_s1, "nonneg"),
+    ArgSpec(_s2, "nonneg"),
+    ArgSpec(_r, "corr"),
 )
 _exact = next(k for k in _EXACT if k.name == "relu_cross_moment")
 _LIMIT_CASES = _exact.cases[1:]  # ρ = ±1 and σ = 0: exact limits
@@ -56,11 +59,20 @@ def _spec(terms: int) -> KernelSpec:
         name=f"_relu_cross_moment_series_{terms}",
         args=_ARGS,
         cases=(
-            Case(e1.xreplace(_sub), sp.And(_both, _r**2 <= half), {_s1: 1.0, _s2: 1.0, _r: 0.0},
-                 f"|ρ| ≤ 1/√2: Eq. 1 first branch, {terms} terms", _subs_lets(lets1)),
-            Case(e2.xreplace(_sub), sp.And(_both, sp.Abs(_r) < 1), {_s1: 1.0, _s2: 1.0, _r: 0.9},
-                 f"1/√2 < |ρ| < 1: Eq. 1 second branch (Eq. 6), {terms} terms",
-                 _subs_lets(lets2)),
+            Case(
+                e1.xreplace(_sub),
+                sp.And(_both, _r**2 <= half),
+                {_s1: 1.0, _s2: 1.0, _r: 0.0},
+                f"|ρ| ≤ 1/√2: Eq. 1 first branch, {terms} terms",
+                _subs_lets(lets1),
+            ),
+            Case(
+                e2.xreplace(_sub),
+                sp.And(_both, sp.Abs(_r) < 1),
+                {_s1: 1.0, _s2: 1.0, _r: 0.9},
+                f"1/√2 < |ρ| < 1: Eq. 1 second branch (Eq. 6), {terms} terms",
+                _subs_lets(lets2),
+            ),
             *_LIMIT_CASES,
         ),
         doc=f"Lemma 4's E[max(x1,0)·max(x2,0)] with the series of Eq. 3 truncated to {terms} terms.",

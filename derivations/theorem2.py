@@ -28,7 +28,9 @@ P = 3  # the symbolic check uses p = 3 hidden units (every pairwise term appears
 def _symbols(p: int = P):
     b = sp.symbols(f"b0:{p}", real=True)
     sig = sp.symbols(f"s0:{p}", positive=True)
-    cov = {(v, w): sp.Symbol(f"c{min(v, w)}{max(v, w)}", real=True) for v in range(p) for w in range(p)}
+    cov = {
+        (v, w): sp.Symbol(f"c{min(v, w)}{max(v, w)}", real=True) for v in range(p) for w in range(p)
+    }
     c2 = sp.Symbol("c2", real=True)
     return b, sig, cov, c2
 

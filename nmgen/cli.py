@@ -1,10 +1,10 @@
 """`nmgen`: generate the kernels from the derivations, check them, verify them.
 
-    nmgen generate            write generated/numpy_kernels.py and generated/torch_kernels.py
-    nmgen generate --check    regenerate into a temp dir; fail with a diff if generated/ differs
-    nmgen verify [--quick]    every kernel, both backends, float64/float32, vs mpmath references
-    nmgen list                registered kernels with their source derivations
-    nmgen prove               run the derivations' symbolic and numeric checks
+nmgen generate            write generated/numpy_kernels.py and generated/torch_kernels.py
+nmgen generate --check    regenerate into a temp dir; fail with a diff if generated/ differs
+nmgen verify [--quick]    every kernel, both backends, float64/float32, vs mpmath references
+nmgen list                registered kernels with their source derivations
+nmgen prove               run the derivations' symbolic and numeric checks
 """
 
 from __future__ import annotations
@@ -32,14 +32,17 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from nmgen import verify
 
     t = time.perf_counter()
-    print(f"nmgen verify{' --quick' if args.quick else ''}: kernels vs mpmath references "
-          "(quadrature of the definition, 30 digits)")
+    print(
+        f"nmgen verify{' --quick' if args.quick else ''}: kernels vs mpmath references "
+        "(quadrature of the definition, 30 digits)"
+    )
     rows = verify.run(quick=args.quick, kernels=args.kernel or None)
     table = verify.format_table(rows)
     print(table)
     failed = [r for r in rows if not r.passed]
-    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed "
-          f"({time.perf_counter() - t:.0f} s)")
+    print(
+        f"{len(rows) - len(failed)} passed, {len(failed)} failed ({time.perf_counter() - t:.0f} s)"
+    )
     if args.json:
         Path(args.json).write_text(verify.to_json(rows))
     if args.markdown:
@@ -83,9 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="write generated/ (or check it with --check)")
-    g.add_argument("--check", action="store_true",
-                   help="regenerate into a temp dir and fail with a unified diff if generated/ "
-                   "is stale or hand-edited")
+    g.add_argument(
+        "--check",
+        action="store_true",
+        help="regenerate into a temp dir and fail with a unified diff if generated/ "
+        "is stale or hand-edited",
+    )
     g.add_argument("--out", help="directory to write or check (default: generated/)")
     g.set_defaults(func=_cmd_generate)
     v = sub.add_parser("verify", help="compare every kernel with mpmath references")

@@ -161,7 +161,7 @@ def render_kernel(k: KernelSpec, backend: Backend) -> str:
     names = ", ".join(f'"{n}"' for n in argnames)
     kinds = ", ".join(f'"{a.kind}"' for a in k.args)
     lines.append(
-        f"    {', '.join(argnames)} = _prepare(\n        \"{k.name}\", ({', '.join(argnames)}), "
+        f'    {", ".join(argnames)} = _prepare(\n        "{k.name}", ({", ".join(argnames)}), '
         f"({names}), ({kinds})\n    )"
     )
     ref = argnames[0]
@@ -177,7 +177,7 @@ def render_kernel(k: KernelSpec, backend: Backend) -> str:
             lines.append(f"    {', '.join(outs)} = {', '.join(v for _, v in vals)}")
             lines.append(f"    _rest = ~{cond}")
             continue
-        lines.append(f"    if bool(_rest.any()):")
+        lines.append("    if bool(_rest.any()):")
         lines += ["    " + ln for ln in code]
         for (c, v), o in zip(vals, outs, strict=True):
             take = "_rest" if c is None else c
@@ -190,9 +190,7 @@ def render_kernel(k: KernelSpec, backend: Backend) -> str:
 
 
 def _uses(specs: list[KernelSpec], func: type) -> bool:
-    return any(
-        sp.sympify(o).has(func) for k in specs for c in k.cases for o in c.outputs
-    )
+    return any(sp.sympify(o).has(func) for k in specs for c in k.cases for o in c.outputs)
 
 
 def _bvn_prelude(backend: Backend) -> list[str]:
@@ -231,21 +229,23 @@ def render_dispatcher(d: Dispatcher) -> str:
     table = "{" + ", ".join(f"{n}: {fn}" for n, fn in sorted(d.variants.items())) + "}"
     allowed = tuple(sorted(d.variants))
     call = ", ".join(argnames)
-    return "\n".join([
-        f"def {d.name}({call}, {d.int_arg}):",
-        f'    """{d.doc}',
-        "",
-        f"    Implements {d.equation} ({d.source}).",
-        f"    ``{d.int_arg}`` must be one of {allowed}: each value has its own generated kernel.",
-        '    """',
-        f"    variants = {table}",
-        f"    if not isinstance({d.int_arg}, int) or {d.int_arg} not in variants:",
-        "        raise ValueError(",
-        f'            f"{d.name}: {d.int_arg} must be one of {allowed}; got {{{d.int_arg}!r}}"',
-        "        )",
-        f"    return variants[{d.int_arg}]({call})",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"def {d.name}({call}, {d.int_arg}):",
+            f'    """{d.doc}',
+            "",
+            f"    Implements {d.equation} ({d.source}).",
+            f"    ``{d.int_arg}`` must be one of {allowed}: each value has its own generated kernel.",
+            '    """',
+            f"    variants = {table}",
+            f"    if not isinstance({d.int_arg}, int) or {d.int_arg} not in variants:",
+            "        raise ValueError(",
+            f'            f"{d.name}: {d.int_arg} must be one of {allowed}; got {{{d.int_arg}!r}}"',
+            "        )",
+            f"    return variants[{d.int_arg}]({call})",
+            "",
+        ]
+    )
 
 
 def render_module(backend: Backend, specs: list[KernelSpec] | None = None) -> str:

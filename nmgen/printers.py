@@ -183,5 +183,18 @@ class TorchKernelPrinter(_KernelPrinterMixin, TorchPrinter):
         return f"torch.sign({self._print(expr.args[0])})"
 
 
-SUPPORTED_FUNCTIONS = (Phi, phi, BVN, sp.exp, sp.erf, sp.erfc, sp.sqrt, sp.asin, sp.atan,
-                       sp.Abs, sp.sign, sp.Max, sp.log)
+SUPPORTED_FUNCTIONS = (
+    Phi,
+    phi,
+    BVN,
+    sp.exp,
+    sp.erf,
+    sp.erfc,
+    sp.sqrt,
+    sp.asin,
+    sp.atan,
+    sp.Abs,
+    sp.sign,
+    sp.Max,
+    sp.log,
+)

@@ -16,8 +16,8 @@ import math
 import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -29,34 +29,75 @@ from nmgen.derivations.spec import KernelSpec
 TOL = {"float64": 1e-14, "float32": 1e-5}
 
 _RHO_EDGES = (
-    -1.0, -(1 - 1e-8), -(1 - 1e-6), -0.9, -1 / math.sqrt(2), -0.3, 0.0,
-    0.3, 1 / math.sqrt(2), 0.9, 1 - 1e-6, 1 - 1e-8, 1.0,
+    -1.0,
+    -(1 - 1e-8),
+    -(1 - 1e-6),
+    -0.9,
+    -1 / math.sqrt(2),
+    -0.3,
+    0.0,
+    0.3,
+    1 / math.sqrt(2),
+    0.9,
+    1 - 1e-6,
+    1 - 1e-8,
+    1.0,
 )
 
 
 def _grid_single(quick: bool) -> list[tuple]:
     sigmas = (1e-3, 1.0, 1e3) if quick else (1e-3, 0.1, 1.0, 31.4, 1e3)
-    hs = (-10, -3, -0.25, 0, 1e-6, 1, 7.5, 10) if quick else (
-        -10, -7.5, -5, -3, -1, -0.25, 0, 1e-6, 0.25, 1, 3, 5, 7.5, 10)
+    hs = (
+        (-10, -3, -0.25, 0, 1e-6, 1, 7.5, 10)
+        if quick
+        else (-10, -7.5, -5, -3, -1, -0.25, 0, 1e-6, 0.25, 1, 3, 5, 7.5, 10)
+    )
     pts = [(h * s, s) for s in sigmas for h in hs]
     return pts + [(-2.5, 0.0), (0.0, 0.0), (1.5, 0.0)]
 
 
 def _grid_pair_zero_mean(quick: bool) -> list[tuple]:
-    pairs = ((1.0, 1.0), (1e-3, 1e3), (37.0, 0.2)) if quick else (
-        (1.0, 1.0), (1e-3, 1e-3), (1e3, 1e3), (1e-3, 1e3), (1e3, 1e-3), (37.0, 0.2), (0.5, 2.0))
+    pairs = (
+        ((1.0, 1.0), (1e-3, 1e3), (37.0, 0.2))
+        if quick
+        else (
+            (1.0, 1.0),
+            (1e-3, 1e-3),
+            (1e3, 1e3),
+            (1e-3, 1e3),
+            (1e3, 1e-3),
+            (37.0, 0.2),
+            (0.5, 2.0),
+        )
+    )
     pts = [(a, b, r) for a, b in pairs for r in _RHO_EDGES]
     return pts + [(0.0, 1.0, 0.5), (2.0, 0.0, -1.0), (0.0, 0.0, 0.0)]
 
 
 def _grid_pair(quick: bool) -> list[tuple]:
     """(μ1, μ2, σ1, σ2, ρ): μ/σ ∈ [−10, 10], σ ∈ [1e-3, 1e3], all ρ edges, σ = 0."""
-    hk = ((0.0, 0.0), (1.3, -0.4), (-10.0, 10.0), (10.0, 10.0)) if quick else (
-        (0.0, 0.0), (1.3, -0.4), (-0.4, 1.3), (-10.0, 10.0), (10.0, 10.0), (-10.0, -10.0),
-        (-3.0, -2.0), (2.5, 7.0), (0.7, -0.7), (5.0, -5.5))
+    hk = (
+        ((0.0, 0.0), (1.3, -0.4), (-10.0, 10.0), (10.0, 10.0))
+        if quick
+        else (
+            (0.0, 0.0),
+            (1.3, -0.4),
+            (-0.4, 1.3),
+            (-10.0, 10.0),
+            (10.0, 10.0),
+            (-10.0, -10.0),
+            (-3.0, -2.0),
+            (2.5, 7.0),
+            (0.7, -0.7),
+            (5.0, -5.5),
+        )
+    )
     sig = ((1.0, 1.0), (1e-3, 1e3)) if quick else ((1.0, 1.0), (1e-3, 1e3), (37.0, 0.2))
-    rhos = _RHO_EDGES if not quick else (-1.0, -(1 - 1e-6), -1 / math.sqrt(2), 0.0,
-                                         0.3, 1 / math.sqrt(2), 1 - 1e-8, 1.0)
+    rhos = (
+        _RHO_EDGES
+        if not quick
+        else (-1.0, -(1 - 1e-6), -1 / math.sqrt(2), 0.0, 0.3, 1 / math.sqrt(2), 1 - 1e-8, 1.0)
+    )
     pts = [(h * a, k * b, a, b, r) for a, b in sig for h, k in hk for r in rhos]
     return [*pts, (0.5, -1.0, 0.0, 2.0, 0.3), (2.0, 1.5, 0.7, 0.0, -0.6), (1.0, 2.0, 0.0, 0.0, 1.0)]
 
@@ -74,11 +115,22 @@ def _grid_bvn(quick: bool) -> list[tuple]:
 
 def _grid_series(quick: bool) -> list[tuple]:
     """Fig. 2-style points (μ ∈ [−2, 2], σ ∈ [0.2, 2]) on both branches, plus the limits."""
-    rhos = (-0.9, -0.5, 0.0, 0.3, 0.69, 0.8) if quick else (
-        -1.0, -0.999, -0.9, -0.75, -0.5, -0.3, 0.0, 0.3, 0.5, 0.69, 0.75, 0.8, 0.999, 1.0)
-    ms = ((1.2, -0.6, 0.4, 1.4), (-2.0, 2.0, 2.0, 0.2)) if quick else (
-        (1.2, -0.6, 0.4, 1.4), (-2.0, 2.0, 2.0, 0.2), (0.0, 0.0, 1.0, 1.0), (2.0, 2.0, 0.2, 0.2),
-        (-1.0, -1.6, 0.6, 1.8))
+    rhos = (
+        (-0.9, -0.5, 0.0, 0.3, 0.69, 0.8)
+        if quick
+        else (-1.0, -0.999, -0.9, -0.75, -0.5, -0.3, 0.0, 0.3, 0.5, 0.69, 0.75, 0.8, 0.999, 1.0)
+    )
+    ms = (
+        ((1.2, -0.6, 0.4, 1.4), (-2.0, 2.0, 2.0, 0.2))
+        if quick
+        else (
+            (1.2, -0.6, 0.4, 1.4),
+            (-2.0, 2.0, 2.0, 0.2),
+            (0.0, 0.0, 1.0, 1.0),
+            (2.0, 2.0, 0.2, 0.2),
+            (-1.0, -1.6, 0.6, 1.8),
+        )
+    )
     pts = [(m1, m2, a, b, r) for m1, m2, a, b in ms for r in rhos]
     return [*pts, (0.5, -1.0, 0.0, 2.0, 0.3), (1.0, 2.0, 0.7, 0.5, 1.0)]
 
@@ -129,8 +181,7 @@ class _References:
         if workers > 1:
             ctx = multiprocessing.get_context("fork")
             with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
-                vals = list(ex.map(_reference_floats, [k.reference] * len(todo), todo,
-                                   chunksize=4))
+                vals = list(ex.map(_reference_floats, [k.reference] * len(todo), todo, chunksize=4))
         else:
             vals = [_reference_floats(k.reference, p) for p in todo]
         for p, v in zip(todo, vals, strict=True):
@@ -183,14 +234,23 @@ def verify_kernel(k: KernelSpec, refs: _References, quick: bool) -> list[Row]:
             big = np.abs(ref) > 1e-8 * scale
             rel = np.where(big, err / np.where(big, np.abs(ref), 1.0), 0.0)
             i, j = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
-            args = ", ".join(f"{a.symbol.name}={v:.9g}" for a, v in zip(k.args, pts[i], strict=True))
+            args = ", ".join(
+                f"{a.symbol.name}={v:.9g}" for a, v in zip(k.args, pts[i], strict=True)
+            )
             tol = TOL[dtype]
             rows.append(
                 Row(
-                    k.name, backend, dtype, len(tuples), float(err.max()), float(ratio.max()),
+                    k.name,
+                    backend,
+                    dtype,
+                    len(tuples),
+                    float(err.max()),
+                    float(ratio.max()),
                     float(rel.max()),
                     f"{k.output_names[j] if k.n_outputs > 1 else ''}({args})".lstrip(),
-                    tol, nonfinite, bool(ratio.max() <= tol and nonfinite == 0),
+                    tol,
+                    nonfinite,
+                    bool(ratio.max() <= tol and nonfinite == 0),
                 )
             )
     return rows
@@ -213,8 +273,10 @@ def run(quick: bool = False, kernels: list[str] | None = None, progress: bool = 
 
 def format_table(rows: list[Row]) -> str:
     """A markdown table of the rows."""
-    head = ("| kernel | backend | dtype | points | max abs err | max err/scale | max rel err "
-            "| worst point | tol (× scale) | result |")
+    head = (
+        "| kernel | backend | dtype | points | max abs err | max err/scale | max rel err "
+        "| worst point | tol (× scale) | result |"
+    )
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         lines.append(

@@ -29,7 +29,7 @@ def fig2_result(tmp_path_factory) -> tuple[dict, Path]:
 
 
 def test_fig2_files(fig2_result) -> None:
-    res, out = fig2_result
+    _res, out = fig2_result
     for ext in ("json", "md", "png"):
         assert (out / f"fig2.{ext}").stat().st_size > 0
     assert json.loads((out / "fig2.json").read_text())["terms"] == [1, 5, 10, 20, 50]

@@ -36,7 +36,9 @@ def test_check_fails_with_diff_on_a_tampered_copy(tmp_path):
     assert "nmgen generate" in report
     proc = subprocess.run(
         [sys.executable, "-m", "nmgen", "generate", "--check", "--out", str(copy)],
-        capture_output=True, text=True, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert proc.returncode == 1 and "stale or hand-edited" in proc.stdout
 

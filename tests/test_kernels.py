@@ -12,7 +12,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from nmgen.derivations.bvn import bvn_cdf_mp
 from nmgen.derivations.reference import (
     relu_cross_moment_ref,
@@ -36,8 +35,19 @@ def _single_points(n: int) -> list[tuple[float, float]]:
 
 
 def _pair_points(n: int) -> list[tuple[float, ...]]:
-    rhos = [0.0, 0.3, -0.3, 1 / math.sqrt(2), -1 / math.sqrt(2), 0.9, -0.9, 0.999999,
-            -0.999999, 1.0, -1.0]
+    rhos = [
+        0.0,
+        0.3,
+        -0.3,
+        1 / math.sqrt(2),
+        -1 / math.sqrt(2),
+        0.9,
+        -0.9,
+        0.999999,
+        -0.999999,
+        1.0,
+        -1.0,
+    ]
     out = []
     for i in range(n):
         s1, s2 = 10.0 ** RNG.uniform(-3, 3, 2)
@@ -105,8 +115,16 @@ def test_lemma3_check_value():
 
 
 def test_bivariate_normal_cdf_vs_mpmath():
-    pts = [(-2.3, 0.4, 0.6), (1.1, 1.7, -0.95), (0.0, -0.2, 0.999999), (3.3, -3.1, -0.2),
-           (-8.0, -7.5, 0.5), (0.4, 0.4, -1.0), (0.4, 0.45, 1.0), (math.inf, 0.3, 0.2)]
+    pts = [
+        (-2.3, 0.4, 0.6),
+        (1.1, 1.7, -0.95),
+        (0.0, -0.2, 0.999999),
+        (3.3, -3.1, -0.2),
+        (-8.0, -7.5, 0.5),
+        (0.4, 0.4, -1.0),
+        (0.4, 0.45, 1.0),
+        (math.inf, 0.3, 0.2),
+    ]
     for h, k, r in pts:
         want = to_float(bvn_cdf_mp(h, k, r))
         assert abs(float(NK.bivariate_normal_cdf(h, k, r)) - want) <= 1e-15
@@ -162,19 +180,25 @@ def test_gradcheck(name, nargs, point):
     fn = getattr(TK, name)
     gen = torch.Generator().manual_seed(1)
     args = [
-        (torch.tensor(v, dtype=torch.float64) + 0.05 * torch.rand(3, generator=gen, dtype=torch.float64))
-        .requires_grad_()
+        (
+            torch.tensor(v, dtype=torch.float64)
+            + 0.05 * torch.rand(3, generator=gen, dtype=torch.float64)
+        ).requires_grad_()
         for v in point
     ]
     assert torch.autograd.gradcheck(fn, args)
 
 
 def test_gradcheck_series_and_mean_variance():
-    args = [torch.tensor([v, v + 0.1], dtype=torch.float64, requires_grad=True)
-            for v in (0.3, -0.5, 1.2, 0.8, 0.4)]
+    args = [
+        torch.tensor([v, v + 0.1], dtype=torch.float64, requires_grad=True)
+        for v in (0.3, -0.5, 1.2, 0.8, 0.4)
+    ]
     assert torch.autograd.gradcheck(lambda *a: TK.relu_cross_moment_series(*a, 5), args)
-    mv = [torch.tensor([0.4, -1.0], dtype=torch.float64, requires_grad=True),
-          torch.tensor([0.9, 2.0], dtype=torch.float64, requires_grad=True)]
+    mv = [
+        torch.tensor([0.4, -1.0], dtype=torch.float64, requires_grad=True),
+        torch.tensor([0.9, 2.0], dtype=torch.float64, requires_grad=True),
+    ]
     assert torch.autograd.gradcheck(TK.relu_mean_variance, mv)
 
 
@@ -231,5 +255,7 @@ def test_bad_input_gives_clear_errors(mod):
     with pytest.raises(ValueError, match="terms must be one of"):
         mod.relu_cross_moment_series(0.0, 0.0, 1.0, 1.0, 0.1, 7)
     with pytest.raises(TypeError, match="dtype"):
-        bad = np.array([1], dtype=np.complex64) if mod is NK else torch.tensor([1], dtype=torch.int64)
+        bad = (
+            np.array([1], dtype=np.complex64) if mod is NK else torch.tensor([1], dtype=torch.int64)
+        )
         mod.relu_mean(bad, 1.0)

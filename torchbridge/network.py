@@ -123,7 +123,8 @@ class AffineReLUAffine(nn.Module):
         B = self.B
         acc = None
         rmean = None
-        for rmean, i, j, c in relu_pair_covariances(mbar, sbar, method, terms, chunk):
+        for rm, i, j, c in relu_pair_covariances(mbar, sbar, method, terms, chunk):
+            rmean = rm
             w = torch.where(i == j, 0.5, 1.0).to(c.dtype) * c  # diagonal pairs counted once
             if full:
                 part = torch.einsum("dk,...k,ek->...de", B[:, i], w, B[:, j])

@@ -13,7 +13,8 @@ def prepare(name: str, values: tuple, names: tuple[str, ...], kinds: tuple[str, 
     Args:
         name: kernel name (for error messages).
         values: the raw arguments (array_like).
-        names: argument names; kinds: "real" | "extreal" (±inf allowed) | "nonneg" | "corr" per argument.
+        names: argument names; kinds: "real" | "extreal" (±inf allowed) | "nonneg" | "corr"
+            per argument.
 
     Returns:
         tuple of ndarrays of one common float dtype (float32 only if every floating input is

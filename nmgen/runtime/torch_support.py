@@ -14,7 +14,8 @@ def prepare(name: str, values: tuple, names: tuple[str, ...], kinds: tuple[str, 
         name: kernel name (for error messages).
         values: tensors or Python numbers; numbers take the tensors' dtype and device
             (float64 on CPU when no argument is a tensor).
-        names: argument names; kinds: "real" | "extreal" (±inf allowed) | "nonneg" | "corr" per argument.
+        names: argument names; kinds: "real" | "extreal" (±inf allowed) | "nonneg" | "corr"
+            per argument.
 
     Returns:
         tuple of tensors with one dtype (the promoted float dtype of the tensor arguments),

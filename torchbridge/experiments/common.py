@@ -16,7 +16,9 @@ DEFAULT_OUT = Path("results")
 
 def add_common_args(p: argparse.ArgumentParser, device: bool = True) -> None:
     """--out, --seed and (optionally) --device flags shared by every experiment."""
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: results/)")
+    p.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="output folder (default: results/)"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     if device:
         p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")

@@ -1,0 +1,62 @@
+"""Every derivation's symbolic/numeric checks, and the mpmath oracles against identities."""
+
+from __future__ import annotations
+
+import mpmath as mp
+import pytest
+from nmgen.derivations import lemma2
+from nmgen.derivations.reference import (
+    relu_cross_moment_ref,
+    relu_mean_ref,
+    relu_second_moment_ref,
+)
+
+from nmgen import registry
+
+FAST_CHECKS = [
+    (m.__name__.rsplit(".", 1)[-1], c)
+    for m in registry.modules()
+    for c in getattr(m, "CHECKS", ())
+    if c is not lemma2.check_price
+]
+
+
+@pytest.mark.parametrize(
+    ("module", "check"), FAST_CHECKS, ids=[f"{m}.{c.__name__}" for m, c in FAST_CHECKS]
+)
+def test_derivation_check(module, check):
+    assert check() is True
+
+
+def test_lemma2_price_relu_product():
+    assert lemma2.check_price(cases=[c for c in lemma2.CASES if c[0] == "relu_product"])
+
+
+@pytest.mark.slow
+def test_lemma2_price_smooth():
+    assert lemma2.check_price(tol=1e-6, cases=[c for c in lemma2.CASES if c[0] == "smooth"])
+
+
+@pytest.mark.parametrize(("mu", "sigma"), [(0.3, 1.0), (-8.0, 1.0), (40.0, 2.0), (-40.0, 1.0)])
+def test_oracle_identities_single(mu, sigma):
+    """E[relu(x)] − E[relu(−x)] = μ and E[relu(x)²] + E[relu(−x)²] = μ² + σ²."""
+    with mp.workdps(40):
+        m, sd = mp.mpf(mu), mp.mpf(sigma)
+        d = relu_mean_ref(mu, sigma) - relu_mean_ref(-mu, sigma)
+        assert abs(d - m) < mp.mpf(10) ** -28 * (abs(m) + sd)
+        s = relu_second_moment_ref(mu, sigma) + relu_second_moment_ref(-mu, sigma)
+        assert abs(s - (m**2 + sd**2)) < mp.mpf(10) ** -28 * (abs(m) + sd) ** 2
+
+
+def test_oracle_identities_pair():
+    """E[x1⁺x2⁺] − E[x1⁺(−x2)⁺] = E[x1⁺ x2] = μ2E[x1⁺] + ρσ1σ2Φ(μ1/σ1); swap symmetry;
+    the nested-quadrature inner expectation agrees with its closed form."""
+    with mp.workdps(40):
+        m1, m2, s1, s2, r = (mp.mpf(v) for v in ("0.4", "-0.7", "1.3", "0.6", "0.45"))
+        e = relu_cross_moment_ref(m1, m2, s1, s2, r)
+        lhs = e - relu_cross_moment_ref(m1, -m2, s1, s2, -r)
+        rhs = m2 * relu_mean_ref(m1, s1) + r * s1 * s2 * mp.ncdf(m1 / s1)
+        assert abs(lhs - rhs) < 1e-28
+        assert abs(relu_cross_moment_ref(m2, m1, s2, s1, r) - e) < 1e-28
+        quad_inner = relu_cross_moment_ref(m1, m2, s1, s2, r, dps=15, inner="quad")
+        assert abs(quad_inner - e) < 1e-14
