@@ -532,9 +532,11 @@ def _tail_program(a: sp.Expr, b: sp.Expr, x: sp.Expr, terms: int, tag: str):
     """exp(−b²)·I_tail_sum(a, b, x, terms) as a straight-line program (lets, result).
 
     Same truncated sum as ``I_tail_sum`` (times exp(−b²)), evaluated by recurrences so the
-    cost is O(terms) and nothing overflows: G_n = exp(−b²)H_n(b) (G_{n+1} = 2bG_n − 2nG_{n−1}),
-    e_k = exp(−x²)x^(2k)/k!, f_k = exp(−x²)x^(2k+1)/Γ(k+3/2), and the coefficients
-    (a/2)^(2u+1)/Γ(u+3/2), (a/2)^(2u+2)/(u+1)! by their ratios.
+    cost is O(terms) and every intermediate stays O(1) (float32-safe at 50 terms):
+    P_n = exp(−b²)H_n(b)/√(2ⁿn!) (P_{n+1} = b√(2/(n+1))P_n − √(n/(n+1))P_{n−1}, a scaled
+    Hermite function), the coefficients (a/2)^(2u+1)/Γ(u+3/2) and (a/2)^(2u+2)/(u+1)! times
+    √(2ⁿn!) by their ratios (which tend to a², so they stay bounded for |a| ≤ 1), and
+    e_k = exp(−x²)x^(2k)/k!, f_k = exp(−x²)x^(2k+1)/Γ(k+3/2).
     """
     lets: list[tuple[sp.Symbol, sp.Expr]] = []
 
@@ -547,27 +549,29 @@ def _tail_program(a: sp.Expr, b: sp.Expr, x: sp.Expr, terms: int, tag: str):
     x2 = let("x2", x * x)
     ex = let("ex", sp.exp(-x2))
     ec = let("erfc", sp.erfc(x))
-    g_prev = let("G0", sp.exp(-b * b))
-    g_cur = let("G1", 2 * b * g_prev)
+    p_prev = let("P0", sp.exp(-b * b))
+    p_cur = let("P1", sp.sqrt(2) * b * p_prev)
     e_k = ex
     big_e = ex
     f_k = let("f0", 2 * x * ex / sp.sqrt(sp.pi))
     big_f = f_k
     ce = let("ce0", a / sp.sqrt(sp.pi))
-    co = let("co0", q)
-    total = let("S0", ce * g_prev * big_e - co * g_cur * (ec + big_f))
-    n = 1  # g_cur holds G_{2u+1}
+    co = let("co0", sp.sqrt(2) * q)
+    total = let("S0", ce * p_prev * big_e - co * p_cur * (ec + big_f))
     for u in range(1, terms):
-        g_even = let(f"G{2 * u}", 2 * b * g_cur - 2 * n * g_prev)
-        g_odd = let(f"G{2 * u + 1}", 2 * b * g_even - 2 * (n + 1) * g_cur)
-        g_prev, g_cur, n = g_even, g_odd, n + 2
+        n = 2 * u - 1  # p_cur holds P_n, p_prev holds P_{n-1}
+        p_even = let(f"P{2 * u}", b * sp.sqrt(sp.Rational(2, n + 1)) * p_cur
+                     - sp.sqrt(sp.Rational(n, n + 1)) * p_prev)
+        p_odd = let(f"P{2 * u + 1}", b * sp.sqrt(sp.Rational(2, n + 2)) * p_even
+                    - sp.sqrt(sp.Rational(n + 1, n + 2)) * p_cur)
+        p_prev, p_cur = p_even, p_odd
         e_k = let(f"e{u}", e_k * x2 / u)
         big_e = let(f"E{u}", big_e + e_k)
         f_k = let(f"f{u}", f_k * x2 / (u + sp.Rational(1, 2)))
         big_f = let(f"F{u}", big_f + f_k)
-        ce = let(f"ce{u}", ce * q / (u + sp.Rational(1, 2)))
-        co = let(f"co{u}", co * q / (u + 1))
-        total = let(f"S{u}", total + ce * g_prev * big_e - co * g_cur * (ec + big_f))
+        ce = let(f"ce{u}", ce * q * 2 * sp.sqrt(2 * u * (2 * u - 1)) / (u + sp.Rational(1, 2)))
+        co = let(f"co{u}", co * q * 2 * sp.sqrt(2 * u * (2 * u + 1)) / (u + 1))
+        total = let(f"S{u}", total + ce * p_prev * big_e - co * p_cur * (ec + big_f))
     return lets, total
 
 

@@ -14,6 +14,8 @@ truncate there). The kernel reproduces the truncated series, *including* its tru
 
 from __future__ import annotations
 
+from functools import partial
+
 import sympy as sp
 
 from .exact_cross_moment import KERNELS as _EXACT
@@ -38,14 +40,12 @@ def _subs_lets(lets):
     return tuple((s, e.xreplace(_sub)) for s, e in lets)
 
 
-def _reference(terms: int):
-    def ref(m1, m2, a, b, r):
-        if a > 0 and b > 0 and abs(r) < 1:
-            return evaluate_series(m1, m2, a, b, r, terms, dps=30)
-        return _exact.reference(m1, m2, a, b, r)
-
-    ref.__qualname__ = ref.__name__ = f"series_reference_{terms}"
-    return ref
+def series_reference(terms: int, m1, m2, a, b, r):
+    """The truncated series in mpmath (30 digits) from the direct form ``series_branches``;
+    the limits (σ = 0, |ρ| = 1) from the definition."""
+    if a > 0 and b > 0 and abs(r) < 1:
+        return evaluate_series(m1, m2, a, b, r, terms, dps=30)
+    return _exact.reference(m1, m2, a, b, r)
 
 
 def _scale(m1: float, m2: float, a: float, b: float, r: float) -> float:
@@ -78,7 +78,7 @@ def _spec(terms: int) -> KernelSpec:
         doc=f"Lemma 4's E[max(x1,0)·max(x2,0)] with the series of Eq. 3 truncated to {terms} terms.",
         source="derivations/series_kernel.py",
         equation="Lemma 4, Eqs. 1-3 and 6 (truncated series, the paper's method)",
-        reference=_reference(terms),
+        reference=partial(series_reference, terms),
         scale=_scale,
         grid="series",
         public=False,

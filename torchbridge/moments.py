@@ -24,6 +24,7 @@ from nmgen.generated import torch_kernels as K
 
 METHODS = ("exact", "series", "zero_mean")
 DEFAULT_CHUNK = 1 << 20
+_KERNEL_SLICE = 1 << 17  # pairs per cross-kernel call (cache-sized temporaries)
 
 
 def _check_method(method: str, terms: int) -> None:
@@ -65,14 +66,23 @@ def _validate(mean: torch.Tensor, cov: torch.Tensor, check_psd: bool) -> None:
             raise ValueError(f"cov is not positive semi-definite (min eigenvalue {lam:.3e})")
 
 
+def _pair_blocks_nd(
+    p: int, chunk: int, device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """(i, j, nd): upper-triangle index pairs (i <= j) in row blocks of about ``chunk`` pairs,
+    the strict pairs first (row-major), then the block's ``nd`` diagonal pairs (i == j)."""
+    rows = max(1, chunk // max(p, 1))
+    for r0 in range(0, p, rows):
+        nr = min(p, r0 + rows) - r0
+        ij = torch.triu_indices(nr, p, offset=r0 + 1, device=device)
+        d = torch.arange(r0, r0 + nr, device=device)
+        yield torch.cat([ij[0] + r0, d]), torch.cat([ij[1], d]), nr
+
+
 def _pair_blocks(p: int, chunk: int, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Upper-triangle index pairs (i <= j), in row blocks of about ``chunk`` pairs."""
-    rows = max(1, chunk // max(p, 1))
-    cols = torch.arange(p, device=device)
-    for r0 in range(0, p, rows):
-        r = torch.arange(r0, min(p, r0 + rows), device=device)
-        ii, jj = torch.nonzero(cols[None, :] >= r[:, None], as_tuple=True)
-        yield r[ii], jj
+    for i, j, _ in _pair_blocks_nd(p, chunk, device):
+        yield i, j
 
 
 def _cross_kernel(method: str, terms: int) -> Callable:
@@ -85,23 +95,42 @@ def _cross_kernel(method: str, terms: int) -> Callable:
 
 def _pair_covariances(
     mean: torch.Tensor, cov: torch.Tensor, sigma: torch.Tensor, rmean: torch.Tensor,
-    method: str, terms: int, i: torch.Tensor, j: torch.Tensor,
+    method: str, terms: int, i: torch.Tensor, j: torch.Tensor, nd: int = 0,
 ) -> torch.Tensor:
-    """Cov[relu(z_i), relu(z_j)] for index pairs i <= j (i == j gives the exact variance)."""
-    s1, s2 = sigma[..., i], sigma[..., j]
+    """Cov[relu(z_i), relu(z_j)] for index pairs i <= j (i == j gives the exact variance);
+    ``cov`` comes flattened (``batch_shape x p·p``).
+
+    With ``nd`` > 0 the last ``nd`` pairs must be the diagonal ones and the others strict
+    (the ``_pair_blocks_nd`` layout): the cross kernel then runs on the strict pairs only.
+    """
+    ns = i.shape[-1] - nd
+    si, sj, dg = i[:ns], j[:ns], i[ns:]
+    p = sigma.shape[-1]
+    s1, s2 = sigma[..., si], sigma[..., sj]
     denom = s1 * s2
     pos = denom > 0
-    rho = torch.where(pos, cov[..., i, j] / torch.where(pos, denom, 1.0), 0.0).clamp(-1.0, 1.0)
-    m1, m2 = mean[..., i], mean[..., j]
+    cij = cov[..., si * p + sj]
+    rho = torch.where(pos, cij / torch.where(pos, denom, 1.0), 0.0).clamp(-1.0, 1.0)
     if method == "zero_mean":  # Theorem 2: the mean of z is ignored (taken as 0)
         e = K.relu_cross_moment_zero_mean(s1, s2, rho)
         m0 = 0.3989422804014327 * sigma  # E[relu(z)] = σ/√(2π) at zero mean (Remark 1)
-        off = e - m0[..., i] * m0[..., j]
+        off = e - m0[..., si] * m0[..., sj]
         var = K.relu_variance(torch.zeros_like(sigma), sigma)
     else:
-        off = _cross_kernel(method, terms)(m1, m2, s1, s2, rho) - rmean[..., i] * rmean[..., j]
+        m1, m2 = mean[..., si], mean[..., sj]
+        kern = _cross_kernel(method, terms)
+        if ns <= _KERNEL_SLICE:
+            e = kern(m1, m2, s1, s2, rho)
+        else:  # cache-sized slices: the kernel's many elementwise passes stay in cache
+            e = torch.cat([
+                kern(*(v[..., a : a + _KERNEL_SLICE] for v in (m1, m2, s1, s2, rho)))
+                for a in range(0, ns, _KERNEL_SLICE)
+            ], dim=-1)
+        off = e - rmean[..., si] * rmean[..., sj]
         _, var = K.relu_mean_variance(mean, sigma)
-    return torch.where(i == j, var[..., i], off)
+    if nd == 0:
+        return torch.where(si == sj, var[..., si], off)
+    return torch.cat([off, var[..., dg]], dim=-1)
 
 
 def relu_pair_covariances(
@@ -117,8 +146,9 @@ def relu_pair_covariances(
     p = mean.shape[-1]
     sigma = _safe_sqrt(cov.diagonal(dim1=-2, dim2=-1))
     rmean, _ = K.relu_mean_variance(mean, sigma)
-    for i, j in _pair_blocks(p, chunk, mean.device):
-        yield rmean, i, j, _pair_covariances(mean, cov, sigma, rmean, method, terms, i, j)
+    cflat = cov.flatten(-2)
+    for i, j, nd in _pair_blocks_nd(p, chunk, mean.device):
+        yield rmean, i, j, _pair_covariances(mean, cflat, sigma, rmean, method, terms, i, j, nd)
 
 
 def relu_moments(
@@ -151,9 +181,12 @@ def relu_moments(
     _check_method(method, terms)
     _validate(mean, cov, check_psd)
     p = mean.shape[-1]
-    out = mean.new_zeros(*mean.shape[:-1], p * p)
+    up = mean.new_zeros(*mean.shape[:-1], p * p)
     rmean = None
-    for rmean, i, j, c in relu_pair_covariances(mean, cov, method, terms, chunk):
-        out[..., i * p + j] = c  # in-place on a fresh tensor: autograd records the copies
-        out[..., j * p + i] = c
-    return rmean, out.reshape(*mean.shape, p)
+    for rm, i, j, c in relu_pair_covariances(mean, cov, method, terms, chunk):
+        rmean = rm
+        up.index_copy_(-1, i * p + j, c)  # in place on a fresh tensor: autograd records it
+    up = up.reshape(*mean.shape, p)
+    # exactly symmetric: the upper triangle (diagonal included) mirrored
+    tri = torch.ones(p, p, dtype=torch.bool, device=mean.device).triu_()
+    return rmean, torch.where(tri, up, up.transpose(-1, -2))

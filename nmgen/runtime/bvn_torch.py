@@ -58,11 +58,12 @@ Rule = tuple[Sequence[float], Sequence[float]]
 
 _CLIP = 40.0
 _HI = 0.925  # |ρ| threshold between the two schemes [Genz2004]
-_CHUNK = 1 << 15  # elements per [chunk, nodes] block
+_CHUNK = 65536
 _INV_2PI = 1.0 / (2.0 * math.pi)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
 _SQRT1_2 = math.sqrt(0.5)
+_ONE = torch.ones(())
 
 
 @functools.cache
@@ -119,19 +120,29 @@ def _exp_(t: Tensor) -> Tensor:
     return t.masked_fill_(t < cut, -math.inf).exp_()
 
 
-def _low(h: Tensor, k: Tensor, r: Tensor, x: Tensor, w: Tensor) -> Tensor:
-    """|ρ| < 0.925 (1-D inputs, all valid; runs without autograd, so ops are in place)."""
-    hk = (h * k)[:, None]
-    hs = ((h * h + k * k) * 0.5)[:, None]
+def _low(h: Tensor, k: Tensor, r: Tensor, x: Tensor, w: Tensor, base: Tensor) -> Tensor:
+    """|ρ| < 0.925 (1-D inputs, all valid; runs without autograd, so ops are in place).
+
+    ``base`` is Φ(h)Φ(k). The exponent (hk sin θ − (h² + k²)/2)/cos²θ is bounded below by
+    −(h² + k²)/(1 − ρ²), so the subnormal guard of ``_exp_`` runs only where that bound
+    is below the cut-off.
+    """
+    hk = h * k
+    hs = (h * h + k * k) * 0.5
     asr = torch.asin(r)
-    sn = torch.sin_(asr[:, None] * ((1.0 + x) * 0.5))  # [m, n]
-    den = torch.mul(sn, sn).neg_().add_(1.0)  # cos²θ
-    e = _exp_(sn.mul_(hk).sub_(hs).div_(den))
-    return _ndtr(h) * _ndtr(k) + (asr * (0.5 * _INV_2PI)) * (e @ w)
+    sn = torch.outer(asr, (1.0 + x) * 0.5).sin_()  # [m, n]
+    den = torch.addcmul(_ONE.to(sn), sn, sn, value=-1.0)  # cos²θ
+    e = torch.addcmul(hs.neg().unsqueeze(1), sn, hk.unsqueeze(1)).div_(den)
+    cut = -700.0 if e.dtype == torch.float64 else -87.0
+    if bool((hs * -2.0 < cut * ((1.0 - r) * (1.0 + r))).any()):
+        e.masked_fill_(e < cut, -math.inf)
+    return torch.addcmul(base, asr, e.exp_() @ w, value=0.5 * _INV_2PI)
 
 
-def _high(h: Tensor, k: Tensor, r: Tensor, x: Tensor, w: Tensor) -> Tensor:
-    """0.925 <= |ρ| < 1 (1-D inputs)."""
+def _high(h: Tensor, k: Tensor, r: Tensor, x: Tensor, w: Tensor, upper: Tensor,
+          lower: Tensor) -> Tensor:
+    """0.925 <= |ρ| < 1 (1-D inputs); ``upper``, ``lower``: Φ(min(h, k)) and
+    max(0, Φ(min(h, k)) − Φ(−max(h, k)))."""
     sg = torch.where(r < 0, -1.0, 1.0).to(h.dtype)
     kk = sg * k
     hk = h * kk
@@ -160,48 +171,51 @@ def _high(h: Tensor, k: Tensor, r: Tensor, x: Tensor, w: Tensor) -> Tensor:
     t2 = torch.mul(xs, d2).add_(1.0).mul_(xs).mul_(c2).add_(1.0).mul_(_exp_(asx))
     f = t1.sub_(t2)
     j = (closed + (0.5 * a) * (f @ w)) * _INV_2PI
-    lo, hi = torch.minimum(h, k), torch.maximum(h, k)
-    p_lo = _ndtr(lo)
-    base = torch.where(r > 0, p_lo, (p_lo - _ndtr(-hi)).clamp_min(0.0))
+    base = torch.where(r > 0, upper, lower)
     return base - sg * j
 
 
-def _chunked(fn, h: Tensor, k: Tensor, r: Tensor, x: Tensor, w: Tensor) -> Tensor:
-    if h.numel() <= _CHUNK:
-        return fn(h, k, r, x, w)
-    return torch.cat(
-        [
-            fn(h[i : i + _CHUNK], k[i : i + _CHUNK], r[i : i + _CHUNK], x, w)
-            for i in range(0, h.numel(), _CHUNK)
-        ]
-    )
-
-
 def _forward(h: Tensor, k: Tensor, r: Tensor, rules: tuple[Rule, Rule, Rule]) -> Tensor:
-    """Flat (1-D) float tensors in, Φ2 out (same dtype/device)."""
+    """Flat (1-D) float tensors in, Φ2 out (same dtype/device).
+
+    Works in slices of about ``_CHUNK`` elements (so the [slice, nodes] temporaries stay in
+    cache); within a slice, a rule group that holds every element is evaluated without
+    gathering, the others on gathered indices.
+    """
     dt, dev = h.dtype, h.device
     hc = h.clamp(-_CLIP, _CLIP)
     kc = k.clamp(-_CLIP, _CLIP)
-    out = torch.full_like(h, float("nan"))
+    ph, pk = _ndtr(hc), _ndtr(kc)
+    # Fréchet bounds max(0, Φ(h) + Φ(k) − 1) <= Φ2 <= Φ(min(h, k)) (the ρ = ∓1 values); at
+    # |ρ| = 1 they are the result. Φ(min(h, k)) = min(Φ(h), Φ(k)) (Φ is monotone).
+    upper = torch.minimum(ph, pk)
+    lower = (upper - _ndtr(-torch.maximum(hc, kc))).clamp_min_(0.0)
+    out = torch.full_like(h, math.nan)
     ar = r.abs()
+    # group: 0, 1, 2 (low scheme with rules 0, 1, 2), 3 (high scheme), 4 (|ρ| >= 1 or NaN)
+    grp = ((ar >= 0.3).to(torch.int8) + (ar >= 0.75).to(torch.int8) + (ar >= _HI).to(torch.int8)
+           + (~(ar < 1.0)).to(torch.int8))
     t = [(torch.tensor(x, dtype=dt, device=dev), torch.tensor(w, dtype=dt, device=dev))
          for x, w in rules]
-    groups = [
-        (ar < 0.3, _low, t[0]),
-        ((ar >= 0.3) & (ar < 0.75), _low, t[1]),
-        ((ar >= 0.75) & (ar < _HI), _low, t[2]),
-        ((ar >= _HI) & (ar < 1.0), _high, t[2]),
-    ]
-    for mask, fn, (x, w) in groups:
-        idx = mask.nonzero().squeeze(1)
-        if idx.numel():
-            out[idx] = _chunked(fn, hc[idx], kc[idx], r[idx], x, w)
-    # Fréchet bounds max(0, Φ(h) + Φ(k) − 1) <= Φ2 <= Φ(min(h, k)) (the ρ = ∓1 values); at
-    # |ρ| = 1 they are the result.
-    lo, hi = torch.minimum(hc, kc), torch.maximum(hc, kc)
-    upper = _ndtr(lo)
-    lower = (upper - _ndtr(-hi)).clamp_min_(0.0)
-    out = torch.where(r == 1.0, upper, torch.where(r == -1.0, lower, out))
+    n = h.numel()
+    for s in range(0, n, _CHUNK):
+        e = min(n, s + _CHUNK)
+        g = grp[s:e]
+        cnt = torch.bincount(g, minlength=5).tolist()
+        for gi in range(4):
+            if cnt[gi] == 0:
+                continue
+            if cnt[gi] + cnt[4] == e - s:  # group-4 values are discarded below
+                sel = slice(s, e)
+            else:
+                sel = (g == gi).nonzero().squeeze(1).add_(s)
+            x, w = t[min(gi, 2)]
+            if gi < 3:
+                v = _low(hc[sel], kc[sel], r[sel], x, w, ph[sel] * pk[sel])
+            else:
+                v = _high(hc[sel], kc[sel], r[sel], x, w, upper[sel], lower[sel])
+            out[sel] = v
+    out = torch.where(r == 1.0, upper, torch.where(r == -1.0, lower, torch.where(grp < 4, out, math.nan)))
     return torch.minimum(torch.maximum(out, lower), upper)
 
 

@@ -465,6 +465,11 @@ def sparse_smooth(
     relinearize: int = 0,
     linearize_at: torch.Tensor | None = None,
     mu0: torch.Tensor | None = None,
+    refine: bool = False,
+    refine_rounds: int = 2,
+    refine_maxiter: int = 60,
+    refine_relinearize: bool = True,
+    max_support: float = 0.2,
 ) -> AttackResult:
     """Sparse and smooth attack: min ||mu||_1 + TV(mu) s.t. a margin constraint <= -gamma.
 
@@ -476,6 +481,13 @@ def sparse_smooth(
     ``relinearize`` (``nn.Sequential`` only): after the solve, re-linearize the network at
     ``image + mu`` and re-solve from ``mu`` that many times (corrects the linearization error
     of large perturbations). ``linearize_at``/``mu0``: linearization point and warm start.
+
+    ``refine=True`` adds a support-restricted stage after the full solve (see
+    :func:`_refine_support`): keep the ``k`` largest ``|mu|`` pixels, ``k`` the smallest (by
+    bisection) for which the truncated ``mu`` still satisfies the margin constraint, at most
+    ``max_support * n``, and re-solve the same problem with only those ``k`` pixels as variables
+    (the rest exactly zero), ``refine_rounds`` times, re-linearizing the network at
+    ``image + mu`` before each re-solve when ``refine_relinearize`` (``nn.Sequential`` only).
     """
     kw = dict(
         beta=beta,
@@ -489,6 +501,11 @@ def sparse_smooth(
         relu_index=relu_index,
         maxiter=maxiter,
         ftol=ftol,
+        refine=refine,
+        refine_rounds=refine_rounds,
+        refine_maxiter=refine_maxiter,
+        refine_relinearize=refine_relinearize,
+        max_support=max_support,
     )
     if relinearize > 0:
         if not isinstance(model, nn.Sequential):
@@ -583,24 +600,129 @@ def sparse_smooth(
                 if margin(cand) <= -gamma:
                     mu, threshold = cand, float(thr)
                     break
+    extra = {
+        "gamma": gamma,
+        "competitor": k,
+        "l1": l1,
+        "eps": eps,
+        "threshold": threshold,
+        "beta": beta,
+    }
+    if refine:
+        mu, f, fit, info = _refine_support(
+            model if (refine_relinearize and isinstance(model, nn.Sequential)) else None,
+            f,
+            img,
+            mu,
+            sigma,
+            margin_fn=lambda e: (
+                _targeted_margin(e, target) if target is not None else _untargeted_margin(e, src)
+            ),
+            cons_fn=lambda e: (
+                e[target] - torch.cat([e[:target], e[target + 1 :]]) - gamma
+                if target is not None
+                else (_smax_lower(e, src, tau) - e[src] - gamma).reshape(1)
+            ),
+            objective=lambda m: (torch.sqrt(m**2 + eps**2) - eps).sum()
+            + tv_weight * total_variation(m.reshape(-1, *hw), eps),
+            gamma=gamma,
+            rounds=refine_rounds,
+            maxiter=refine_maxiter,
+            ftol=ftol,
+            max_support=max_support,
+            relu_index=relu_index,
+            fit=fit,
+            box=beta,
+        )
+        extra.update(info)
     return _result(
-        "sparse_smooth",
-        fit,
-        mu,
-        sigma,
-        f,
-        img,
-        net,
-        is_lin,
-        src,
-        target,
-        gamma,
-        {
-            "gamma": gamma,
-            "competitor": k,
-            "l1": l1,
-            "eps": eps,
-            "threshold": threshold,
-            "beta": beta,
-        },
+        "sparse_smooth", fit, mu, sigma, f, img, net, is_lin, src, target, gamma, extra
     )
+
+
+def _refine_support(
+    model: nn.Sequential | None,
+    f: ExpectedLogits,
+    img: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: float,
+    *,
+    margin_fn: Callable[[torch.Tensor], torch.Tensor],
+    cons_fn: Callable[[torch.Tensor], torch.Tensor],
+    objective: Callable[[torch.Tensor], torch.Tensor],
+    gamma: float,
+    rounds: int,
+    maxiter: int,
+    ftol: float,
+    max_support: float,
+    relu_index: int,
+    fit: dict,
+    box: float | None = None,
+) -> tuple[torch.Tensor, ExpectedLogits, dict, dict]:
+    """Support-restricted re-solve of Eq. 9 / 10 (see ``sparse_smooth(refine=True)``).
+
+    Each round: (1) optionally re-linearize ``model`` at ``image + mu``; (2) order pixels by
+    ``|mu|`` and find by bisection the smallest ``k <= max_support * n`` whose top-``k``
+    truncation of ``mu`` satisfies ``margin <= -gamma`` under the current linearization
+    (``k = max_support * n`` if none does); (3) re-solve ``min l1 + TV`` s.t. the margin
+    constraint with only those ``k`` pixels as SLSQP variables (warm start: the truncation),
+    all others fixed at exactly zero. Returns ``(mu, f, fit, info)``.
+    """
+    n = mu.numel()
+    kmax = max(1, min(n, round(max_support * n)))
+    total = {key: fit[key] for key in ("nfev", "njev", "wall", "nit")}
+    supports = []
+    flat = mu.reshape(-1).clone()
+
+    def margin(fe: ExpectedLogits, m: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(margin_fn(fe(m, sigma)))
+
+    for _ in range(max(1, rounds)):
+        if model is not None:
+            lin = two_stage_linearize(
+                model, (img + flat.reshape(img.shape)).to(next(model.parameters()).dtype),
+                relu_index=relu_index,
+            )
+            f = ExpectedLogits(lin, img)
+        order = flat.abs().argsort(descending=True)
+        nnz = int((flat.abs() > 0).sum())
+
+        def trunc(k: int, order: torch.Tensor = order) -> torch.Tensor:
+            out = torch.zeros_like(flat)
+            out[order[:k]] = flat[order[:k]]
+            return out
+
+        hi = min(kmax, max(1, nnz))
+        if margin(f, trunc(hi)) <= -gamma:
+            lo = 0
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if margin(f, trunc(mid)) <= -gamma:
+                    hi = mid
+                else:
+                    lo = mid
+        idx = order[:hi].sort().values
+
+        def fn(z: torch.Tensor, idx: torch.Tensor = idx, f: ExpectedLogits = f) -> tuple:
+            m = torch.zeros(n, dtype=_F64).index_put((idx,), z)
+            return objective(m), cons_fn(f(m, sigma))
+
+        z0 = flat[idx].numpy() if box is None else flat[idx].clamp(-box, box).numpy()
+        bnds = None if box is None else [(-box, box)] * len(z0)
+        sub = run_slsqp(fn, z0, bnds, maxiter, ftol)
+        for key in total:
+            total[key] += sub[key]
+        new = torch.zeros(n, dtype=_F64)
+        new[idx] = torch.tensor(sub["x"], dtype=_F64)
+        # Zero the entries the re-solve drove to (near) zero while the constraint holds.
+        for thr in (1e-3, 1e-4, 1e-5, ZERO_THRESHOLD):
+            cand = torch.where(new.abs() <= thr, torch.zeros_like(new), new)
+            if margin(f, cand) <= -gamma:
+                new = cand
+                break
+        flat = new
+        fit = sub
+        supports.append(int((flat.abs() > ZERO_THRESHOLD).sum()))
+    fit = {**fit, **total}
+    return flat.reshape(mu.shape), f, fit, {"refined_supports": supports, "max_support": kmax}
