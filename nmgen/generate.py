@@ -297,20 +297,26 @@ def check(out_dir: Path = GENERATED_DIR) -> tuple[bool, str]:
     Returns (ok, report); the report holds a unified diff and the command that fixes it.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        fresh = write(Path(tmp))
-        diffs = []
-        for f in fresh:
-            target = out_dir / f.name
-            new = f.read_text(encoding="utf-8")
-            old = target.read_text(encoding="utf-8") if target.exists() else ""
-            if new != old:
-                diffs += difflib.unified_diff(
-                    old.splitlines(keepends=True),
-                    new.splitlines(keepends=True),
-                    fromfile=f"generated/{f.name} (on disk)",
-                    tofile=f"generated/{f.name} (regenerated)",
-                )
+        write(Path(tmp))
+        return compare(Path(tmp), out_dir)
+
+
+def compare(fresh_dir: Path, out_dir: Path) -> tuple[bool, str]:
+    """Compare freshly generated files in ``fresh_dir`` with ``out_dir`` (see ``check``)."""
+    diffs = []
+    names = [b.filename for b in BACKENDS]
+    for name in names:
+        target = out_dir / name
+        new = (fresh_dir / name).read_text(encoding="utf-8")
+        old = target.read_text(encoding="utf-8") if target.exists() else ""
+        if new != old:
+            diffs += difflib.unified_diff(
+                old.splitlines(keepends=True),
+                new.splitlines(keepends=True),
+                fromfile=f"generated/{name} (on disk)",
+                tofile=f"generated/{name} (regenerated)",
+            )
     if not diffs:
-        return True, f"generated/ is up to date ({len(fresh)} files)."
+        return True, f"generated/ is up to date ({len(names)} files)."
     text = "".join(diffs)
     return False, f"{text}\ngenerated/ is stale or hand-edited. Fix: run `{FIX_COMMAND}`."

@@ -259,3 +259,14 @@ def test_bad_input_gives_clear_errors(mod):
             np.array([1], dtype=np.complex64) if mod is NK else torch.tensor([1], dtype=torch.int64)
         )
         mod.relu_mean(bad, 1.0)
+
+
+def test_series_kernel_at_50_terms_equals_eq5_quadrature():
+    """Issue bar: the printed 50-term series equals quadrature of Eq. 5 to 1e-12 (|ρ| ≤ 0.5)."""
+    from nmgen.derivations.lemma4_series import eq5_integral_mp
+
+    for pt in ((1.0, -0.5, 0.5, 1.5, 0.4), (-2.0, 0.6, 0.2, 2.0, -0.5), (1.8, 1.4, 1.2, 0.4, 0.1)):
+        want = to_float(eq5_integral_mp(*pt))
+        assert abs(float(NK.relu_cross_moment_series(*pt, 50)) - want) <= 1e-12
+        t = TK.relu_cross_moment_series(*[torch.tensor(v, dtype=torch.float64) for v in pt], 50)
+        assert abs(t.item() - want) <= 1e-12

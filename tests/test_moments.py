@@ -200,3 +200,17 @@ def test_bad_inputs_give_clear_errors():
         net.theorem2_moments(1.0)
     with pytest.raises(ValueError, match=r"shape mismatch|expects"):
         AffineReLUAffine(torch.zeros(3, 2), torch.zeros(4), torch.zeros(1, 3), torch.zeros(1))
+
+
+def test_psd_check_accepts_rank_deficient_and_zero_covariances():
+    """AΣAᵀ with rank < p (as after linearizing a conv net) and Σ = 0 are PSD within rounding."""
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.float64):
+        A = torch.randn(40, 8, generator=g, dtype=dtype)
+        cov = A @ A.T  # rank 8 < 40
+        m, C = relu_moments(torch.zeros(40, dtype=dtype), cov)
+        assert torch.isfinite(C).all()
+    m, C = relu_moments(torch.tensor([1.0, -1.0], dtype=D), torch.zeros(2, 2, dtype=D))
+    assert torch.equal(m, torch.tensor([1.0, 0.0], dtype=D)) and torch.equal(
+        C, torch.zeros(2, 2, dtype=D)
+    )

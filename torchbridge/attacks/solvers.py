@@ -304,6 +304,7 @@ def targeted(
     exact: bool = True,
     time_limit: float | None = None,
     box: str = "bounds",
+    warm_steps: int = 0,
 ) -> AttackResult:
     """Targeted attack, Eq. 7: min_{mu, sigma} max_{k!=j} E_k - E_j, |mu| <= beta,
     0 < sigma^2 <= sigma2_max.
@@ -313,6 +314,8 @@ def targeted(
     input units (paper's beta = 30, sigma^2 <= 2 on the 255 scale are the defaults here).
     Epigraph: variables (w, sigma, t), mu = beta sin(w), minimize t - E_j s.t. E_k <= t.
     ``exact=False`` uses SLSQP's finite differences instead (benchmarks only).
+    ``warm_steps > 0``: start SLSQP from that many projected sign-gradient steps on the same
+    objective (cheap, exact autograd) instead of ``mu = 0``.
     """
     lin, net, is_lin, img, src = _setup(model, image, relu_index)
     j = _check_class("target", target, lin.out_features)
@@ -337,9 +340,20 @@ def targeted(
         t = x[n + 1]
         return t - e[j], t - e[others]
 
+    m0 = torch.zeros(n, dtype=_F64)
+    if warm_steps > 0:
+        # Warm start: projected sign-gradient descent on the same (linearized, expected)
+        # objective max_{k!=j} E_k - E_j within the box; SLSQP then solves Eq. 7 from it.
+        step = 2.5 / warm_steps
+        for _ in range(warm_steps):
+            m = m0.clone().requires_grad_()
+            g = torch.autograd.grad(_targeted_margin(f(beta * m, hi), j), m)[0]
+            m0 = (m0 - step * g.sign()).clamp(-1.0, 1.0)
+    if box == "sin":
+        m0 = torch.asin(m0.clamp(-0.95, 0.95))
     with torch.no_grad():
-        e0 = f(torch.zeros(n, dtype=_F64), hi)
-    x0 = np.concatenate([np.zeros(n), [hi], [float(e0[others].max())]])
+        e0 = f(to_mu(torch.cat([m0, m0.new_zeros(2)])), hi)
+    x0 = np.concatenate([m0.numpy(), [hi], [float(e0[others].max())]])
     box_bounds = (-1.0, 1.0) if box == "bounds" else (None, None)
     bounds = [box_bounds] * n + [(lo, hi), (None, None)]
     fit = run_slsqp(fn, x0, bounds, maxiter, ftol, exact=exact, time_limit=time_limit)
@@ -725,4 +739,23 @@ def _refine_support(
         fit = sub
         supports.append(int((flat.abs() > ZERO_THRESHOLD).sum()))
     fit = {**fit, **total}
-    return flat.reshape(mu.shape), f, fit, {"refined_supports": supports, "max_support": kmax}
+    scale = 1.0
+    if model is not None:
+        # Feasibility restoration on the real network: scale mu on its support (sparsity and
+        # shape unchanged) until the real network's margin at image + s mu is <= -gamma.
+        p = next(model.parameters())
+
+        def real_margin(m: torch.Tensor) -> float:
+            with torch.no_grad():
+                out = model((img + m.reshape(img.shape)).to(p.dtype)[None])[0].double()
+            return float(margin_fn(out))
+
+        for s in np.linspace(1.0, 3.0, 41):
+            cand = s * flat if box is None else (s * flat).clamp(-box, box)
+            if real_margin(cand) <= -gamma:
+                flat, scale = cand, float(s)
+                break
+        lin = two_stage_linearize(model, (img + flat.reshape(img.shape)).to(p.dtype), relu_index)
+        f = ExpectedLogits(lin, img)
+    info = {"refined_supports": supports, "max_support": kmax, "restoration_scale": scale}
+    return flat.reshape(mu.shape), f, fit, info
