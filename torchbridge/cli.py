@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    rc = args.func(args)  # commands return an exit code or their results (success)
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

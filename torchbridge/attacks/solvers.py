@@ -637,8 +637,10 @@ def sparse_smooth(
                 if target is not None
                 else (_smax_lower(e, src, tau) - e[src] - gamma).reshape(1)
             ),
-            objective=lambda m: (torch.sqrt(m**2 + eps**2) - eps).sum()
-            + tv_weight * total_variation(m.reshape(-1, *hw), eps),
+            objective=lambda m: (
+                (torch.sqrt(m**2 + eps**2) - eps).sum()
+                + tv_weight * total_variation(m.reshape(-1, *hw), eps)
+            ),
             gamma=gamma,
             rounds=refine_rounds,
             maxiter=refine_maxiter,
@@ -649,9 +651,7 @@ def sparse_smooth(
             box=beta,
         )
         extra.update(info)
-    return _result(
-        "sparse_smooth", fit, mu, sigma, f, img, net, is_lin, src, target, gamma, extra
-    )
+    return _result("sparse_smooth", fit, mu, sigma, f, img, net, is_lin, src, target, gamma, extra)
 
 
 def _refine_support(
@@ -695,14 +695,15 @@ def _refine_support(
     for _ in range(max(1, rounds)):
         if model is not None:
             lin = two_stage_linearize(
-                model, (img + flat.reshape(img.shape)).to(next(model.parameters()).dtype),
+                model,
+                (img + flat.reshape(img.shape)).to(next(model.parameters()).dtype),
                 relu_index=relu_index,
             )
             f = ExpectedLogits(lin, img)
         order = flat.abs().argsort(descending=True)
         nnz = int((flat.abs() > 0).sum())
 
-        def trunc(k: int, order: torch.Tensor = order) -> torch.Tensor:
+        def trunc(k: int, order: torch.Tensor = order, flat: torch.Tensor = flat) -> torch.Tensor:
             out = torch.zeros_like(flat)
             out[order[:k]] = flat[order[:k]]
             return out
