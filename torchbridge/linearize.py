@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional
 
 from torchbridge.network import AffineReLUAffine
 
@@ -231,10 +232,10 @@ def _identity_chunk(start: int, stop: int, size: int, like: torch.Tensor) -> tor
     return eye
 
 
-def _jacobian(
+def _jacobian_functorch(
     seq: nn.Sequential, x: torch.Tensor, in_shape: tuple[int, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Jacobian ``(k, m)`` and value ``(k,)`` of the flattened ``seq`` at the flat point ``x``."""
+    """Fallback Jacobian via ``torch.func`` (vmap of JVPs / VJPs) for unusual layer shapes."""
     fn = _flat_fn(seq, in_shape)
     with torch.no_grad():
         value = fn(x)
@@ -269,6 +270,150 @@ def _jacobian(
             pieces.append(batched(_identity_chunk(start, stop, k, value)).detach())
         jac = torch.cat(pieces, dim=0)
     return jac, value.detach()
+
+
+# A frozen linear op maps a batch ``v`` of shape ``(N, *per-sample in)`` to ``(N, *per-sample
+# out)``; the flag allows overwriting ``v`` (forward mode, no autograd graph).
+_FrozenOp = Callable[[torch.Tensor, bool], torch.Tensor]
+
+# Batched input rank each shape-sensitive layer needs for the frozen (batched) path.
+_BATCHED_NDIM: tuple[tuple[tuple[type[nn.Module], ...], int], ...] = (
+    ((nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.BatchNorm2d), 4),
+    ((nn.Conv1d, nn.MaxPool1d, nn.AvgPool1d), 3),
+)
+
+
+def _frozen_op(layer: nn.Module, x_in: torch.Tensor, x_out: torch.Tensor) -> _FrozenOp | None:
+    """The Jacobian of ``layer`` at ``x_in`` as a batched linear op (None: use the fallback).
+
+    ReLU masks and max-pool argmax indices are frozen at ``x_in``; conv/linear drop their bias;
+    BatchNorm (eval) keeps only its per-channel scale. Same subgradient conventions as
+    autograd: ReLU'(0) = 0 and max-pool routes to the index the kernel returns.
+    """
+    for types, ndim in _BATCHED_NDIM:
+        if isinstance(layer, types) and x_in.ndim != ndim:
+            return None
+    out_shape = tuple(x_out.shape[1:])
+    if isinstance(layer, nn.Linear):
+        weight = layer.weight.detach()
+        return lambda v, inplace: functional.linear(v, weight)
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+        conv, kernel = layer, layer.weight.detach()
+        return lambda v, inplace: conv._conv_forward(v, kernel, None)
+    if isinstance(layer, nn.ReLU):
+        dead = x_in <= 0  # threshold_backward: zero gradient where x <= 0
+
+        def relu_op(v: torch.Tensor, inplace: bool) -> torch.Tensor:
+            return v.masked_fill_(dead, 0) if inplace else v.masked_fill(dead, 0)
+
+        return relu_op
+    if isinstance(layer, (nn.MaxPool1d, nn.MaxPool2d)):
+        pool = functional.max_pool2d if isinstance(layer, nn.MaxPool2d) else functional.max_pool1d
+        _, idx = pool(
+            x_in,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            ceil_mode=layer.ceil_mode,
+            return_indices=True,
+        )
+        if tuple(idx.shape) != tuple(x_out.shape):
+            return None
+        flat_idx = idx.flatten(2)
+
+        def maxpool_op(v: torch.Tensor, inplace: bool) -> torch.Tensor:
+            n = v.shape[0]
+            picked = v.flatten(2).gather(2, flat_idx.expand(n, -1, -1))
+            return picked.view(n, *out_shape)
+
+        return maxpool_op
+    if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        if layer.running_var is None or x_in.ndim < 2:
+            return None  # eval-mode BatchNorm without running stats uses batch statistics
+        scale = torch.rsqrt(layer.running_var + layer.eps)
+        if layer.weight is not None:
+            scale = layer.weight * scale
+        scale = scale.detach().reshape(1, -1, *([1] * (x_in.ndim - 2)))
+
+        def bn_op(v: torch.Tensor, inplace: bool) -> torch.Tensor:
+            return v.mul_(scale) if inplace else v * scale
+
+        return bn_op
+    if isinstance(layer, (nn.Flatten, nn.Unflatten)):
+        return lambda v, inplace: v.reshape(v.shape[0], *out_shape)
+    if isinstance(layer, (nn.Identity, nn.Dropout)):
+        return lambda v, inplace: v
+    if isinstance(layer, nn.ZeroPad2d) and x_in.ndim < 3:
+        return None
+    # AvgPool1d/2d, AdaptiveAvgPool2d, ZeroPad2d: linear and bias-free, applied per sample.
+    return lambda v, inplace: layer(v)
+
+
+def _frozen_ops(
+    seq: nn.Sequential, x: torch.Tensor
+) -> tuple[list[_FrozenOp] | None, torch.Tensor, int]:
+    """Forward pass at ``x`` (batch of 1) recording each layer's frozen linear op.
+
+    Returns ``(ops or None, output, largest per-sample activation numel)``; ``ops`` is None
+    when some layer does not keep the leading batch dimension (then the fallback is used).
+    """
+    ops: list[_FrozenOp] | None = []
+    largest = x.numel()
+    for layer in seq:
+        y = layer(x)
+        largest = max(largest, y.numel())
+        if ops is not None:
+            batched = x.ndim >= 1 and y.ndim >= 1 and x.shape[0] == 1 and y.shape[0] == 1
+            op = _frozen_op(layer, x, y) if batched else None
+            ops = None if op is None else [*ops, op]
+        x = y
+    return ops, x, largest
+
+
+def _apply_ops(ops: list[_FrozenOp], v: torch.Tensor, inplace: bool) -> torch.Tensor:
+    for op in ops:
+        v = op(v, inplace)
+    return v
+
+
+def _jacobian(
+    seq: nn.Sequential, x: torch.Tensor, in_shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jacobian ``(k, m)`` and value ``(k,)`` of the flattened ``seq`` at the flat point ``x``.
+
+    The network is piecewise linear, so its Jacobian at ``x`` is the linear map obtained by
+    freezing ReLU masks / max-pool indices and dropping biases; it is applied to a chunked
+    identity batch (forward mode, ``m <= k``) or transposed by one batched backward pass
+    (reverse mode).
+    """
+    with torch.no_grad():
+        ops, out, largest = _frozen_ops(seq, x.reshape(1, *in_shape))
+    if ops is None:
+        return _jacobian_functorch(seq, x, in_shape)
+    value = out.reshape(-1)
+    m, k = x.numel(), value.numel()
+    chunk = max(1, _CHUNK_ELEMENTS // largest)
+    if m <= k:  # forward mode: push identity columns through the frozen linear map
+        jac_t = torch.empty(m, k, dtype=value.dtype, device=value.device)
+        with torch.no_grad():
+            for start in range(0, m, chunk):
+                stop = min(m, start + chunk)
+                eye = _identity_chunk(start, stop, m, x).reshape(stop - start, *in_shape)
+                jac_t[start:stop] = _apply_ops(ops, eye, inplace=True).reshape(stop - start, k)
+        return jac_t.T.contiguous(), value
+    # reverse mode: backpropagate identity rows through the frozen linear map
+    pieces = []
+    for start in range(0, k, chunk):
+        stop = min(k, start + chunk)
+        z = torch.zeros(stop - start, *in_shape, dtype=x.dtype, device=x.device)
+        z.requires_grad_(True)
+        with torch.enable_grad():
+            y = _apply_ops(ops, z, inplace=False).reshape(stop - start, k)
+            (grad,) = torch.autograd.grad(y, z, _identity_chunk(start, stop, k, value))
+        pieces.append(grad.reshape(stop - start, m))
+    jac = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+    return jac, value
 
 
 def two_stage_linearize(

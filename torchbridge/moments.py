@@ -54,7 +54,8 @@ def _validate(mean: torch.Tensor, cov: torch.Tensor, check_psd: bool) -> None:
     if not bool(torch.isfinite(c).all()):
         raise ValueError("cov contains NaN or Inf")
     scale = c.diagonal(dim1=-2, dim2=-1).abs().amax(-1, keepdim=True).unsqueeze(-1) + 1e-300
-    if bool(((c - c.transpose(-1, -2)).abs() > 1e-10 * scale).any()):
+    sym_tol = 100 * torch.finfo(c.dtype).eps * scale  # rounding of e.g. A Σ Aᵀ is fine
+    if bool(((c - c.transpose(-1, -2)).abs() > sym_tol).any()):
         raise ValueError("cov is not symmetric")
     if bool((c.diagonal(dim1=-2, dim2=-1) < 0).any()):
         raise ValueError("cov is not positive semi-definite: negative variance on its diagonal")
