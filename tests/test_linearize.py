@@ -188,3 +188,52 @@ def test_error_bad_x0_shape() -> None:
         two_stage_linearize(net, torch.rand(2, 1, 12, 12, dtype=torch.float64))
     with pytest.raises(ValueError, match="expects a per-sample tensor"):
         two_stage_linearize(net, torch.rand(12, 12, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 2**9, 2**25])
+def test_chunked_and_fallback_paths_match_autograd(
+    monkeypatch: pytest.MonkeyPatch, chunk_elements: int
+) -> None:
+    import torchbridge.linearize as lin
+
+    monkeypatch.setattr(lin, "_CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(5)
+    nets = [
+        _conv_net(),  # frozen-mask path (forward and reverse mode)
+        nn.Sequential(  # 1-d layers, ceil-mode pooling, overlapping max-pool windows
+            nn.Conv1d(2, 3, 3, padding=1, padding_mode="circular"),
+            nn.ReLU(),
+            nn.MaxPool1d(3, stride=2, ceil_mode=True),
+            nn.AvgPool1d(2),
+            nn.Flatten(),
+            nn.ReLU(),
+            nn.Linear(9, 4),
+        ).double(),
+        nn.Sequential(  # unbatched Conv2d input (4, 4) after the ReLU: functorch fallback
+            nn.Linear(5, 16),
+            nn.ReLU(),
+            nn.Unflatten(1, (4, 4)),
+            nn.Conv2d(1, 2, 3),
+            nn.Flatten(0),
+            nn.Linear(8, 3),
+        ).double(),
+    ]
+    shapes = [(1, 12, 12), (2, 13), (5,)]
+    for net, shape in zip(nets, shapes, strict=True):
+        net.eval()
+        x0 = torch.rand(*shape, dtype=torch.float64) - 0.3
+        for relu_index in range(len(relu_layers(net))):
+            g = two_stage_linearize(net, x0, relu_index)
+            before, after = split_at_relu(net, relu_index)
+            jac_a = torch.autograd.functional.jacobian(
+                lambda v, b=before, s=shape: b(v.reshape(1, *s)).reshape(-1), x0.reshape(-1)
+            )
+            torch.testing.assert_close(g.A, jac_a, rtol=0, atol=1e-12)
+            pre = before(x0[None]).detach()
+            y0 = torch.relu(pre)
+            jac_b = torch.autograd.functional.jacobian(
+                lambda v, a=after, s=y0.shape: a(v.reshape(s)).reshape(-1), y0.reshape(-1)
+            )
+            torch.testing.assert_close(g.B, jac_b, rtol=0, atol=1e-12)
+            want = net(x0[None]).reshape(1, -1)
+            torch.testing.assert_close(g(x0.reshape(1, -1)), want, rtol=0, atol=1e-10)
