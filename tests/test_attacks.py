@@ -173,3 +173,35 @@ def test_lenet_targeted_slow() -> None:
     res = targeted(model, img, 7)
     assert res.verify(1000)["fooling_rate"] >= 0.9
     assert isinstance(AffineReLUAffine, type)
+
+
+def test_targeted_relinearize_rounds() -> None:
+    # Two hidden ReLU layers: the two-stage linearization at the image is not exact, so the
+    # re-linearization rounds (extension of the paper's Eq. 7 procedure) are exercised.
+    torch.manual_seed(3)
+    net = nn.Sequential(
+        nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 4)
+    ).double()
+    img = _image()
+    _, tgt = _source_and_runner_up(net.eval(), img)
+    base = targeted(net, img, tgt, beta=0.3, sigma2_max=1e-4, maxiter=50)
+    assert base.extra["relinearize"] == 0 and "rounds" not in base.extra
+    res = targeted(
+        net, img, tgt, beta=0.3, sigma2_max=1e-4, maxiter=50, relinearize=2, trust_radius=0.1
+    )
+    rounds = res.extra["rounds"]
+    assert res.extra["relinearize"] == 2 and 1 <= len(rounds) <= 3
+    assert all(r["real_margin"] >= 0 for r in rounds[:-1])  # stops at the first fooling round
+    assert res.extra["real_margin"] == min(r["real_margin"] for r in rounds)
+    assert rounds[0]["linearized_margin"] == pytest.approx(base.margin)
+    assert float(res.mu.abs().max()) <= 0.3 + 1e-9 and 0 < res.sigma2 <= 1e-4 + 1e-12
+    assert res.wall_time >= sum(r["wall"] for r in rounds) - 1e-9
+    if res.extra["real_margin"] < 0:
+        assert res.verify(200)["mean_prediction"] == tgt
+    lin = two_stage_linearize(net, img)
+    with pytest.raises(ValueError, match="relinearize"):
+        targeted(lin, img, tgt, relinearize=1)
+    with pytest.raises(ValueError, match="relinearize"):
+        targeted(net, img, tgt, relinearize=-1)
+    with pytest.raises(ValueError, match="trust_radius"):
+        targeted(net, img, tgt, box="sin", trust_radius=0.1, mu0=torch.zeros_like(img))

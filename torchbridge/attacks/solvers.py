@@ -307,6 +307,7 @@ def targeted(
     warm_steps: int = 0,
     relinearize: int = 0,
     check_samples: int = 256,
+    trust_radius: float | None = None,
     linearize_at: torch.Tensor | None = None,
     mu0: torch.Tensor | None = None,
 ) -> AttackResult:
@@ -330,13 +331,18 @@ def targeted(
     ``max_{k!=j} E[f_k] - E[f_j]`` at ``N(M + mu, sigma^2 I)`` is estimated by Monte Carlo
     (``check_samples`` draws, fixed seed 0); if it is >= 0, the real network is re-linearized
     at ``M + mu`` (``two_stage_linearize(model, M + mu)``) and Eq. 7 is solved again with
-    Theorem 1 on the new linearization, warm-started from ``mu`` (plus ``warm_steps``
-    sign-gradient steps from there), same box, same SLSQP with exact autograd gradients; at
-    most R re-solves. ``result.extra["rounds"]`` lists, per solve, the linearized margin, the
-    real Monte Carlo margin, the SLSQP iterations and the wall time; ``wall_time`` and
-    ``iterations`` are summed over the solves; ``margin`` and ``expected_logits`` refer to
-    the last linearization. ``linearize_at`` / ``mu0``: linearization point and warm start
-    of a single solve (used by the rounds).
+    Theorem 1 on the new linearization, warm-started from ``mu`` (then ``warm_steps``
+    projected sign-gradient steps within the trust region below), same SLSQP with exact
+    autograd gradients; at most R re-solves. ``trust_radius`` (input units,
+    ``box="bounds"`` only) additionally restricts each re-solve to
+    ``|mu_new - mu| <= trust_radius`` per pixel (intersected with the box), so that the solve
+    stays where the new linearization is accurate; ``None`` = the whole box.
+    ``result.extra["rounds"]`` lists, per solve, the linearized margin, the real Monte Carlo
+    margin, the SLSQP iterations and the wall time; the returned solution is the round with
+    the lowest real margin (``extra["real_margin"]``), its ``margin`` and
+    ``expected_logits`` refer to that round's linearization; ``wall_time`` and
+    ``iterations`` are summed over all solves. ``linearize_at`` / ``mu0``: linearization
+    point and warm start of a single solve (used by the rounds).
     """
     if not isinstance(relinearize, int) or relinearize < 0:
         raise ValueError(f"relinearize must be an int >= 0, got {relinearize!r}")
@@ -357,8 +363,11 @@ def targeted(
             model, image, target, beta, sigma2_max, **kw, linearize_at=linearize_at, mu0=mu0
         )
         total_wall, total_it = res.wall_time, res.iterations
+        best: tuple[float, AttackResult] | None = None
         for r in range(relinearize + 1):
             real = _real_targeted_margin(model, res, check_samples)
+            if best is None or real < best[0]:
+                best = (real, res)
             rounds.append(
                 {
                     "round": r,
@@ -372,14 +381,21 @@ def targeted(
                 break
             at = image.detach().double() + res.mu
             res = targeted(
-                model, image, target, beta, sigma2_max, **kw, linearize_at=at, mu0=res.mu
+                model,
+                image,
+                target,
+                beta,
+                sigma2_max,
+                **kw,
+                trust_radius=trust_radius,
+                linearize_at=at,
+                mu0=res.mu,
             )
             total_wall += res.wall_time
             total_it += res.iterations
+        real, res = best
         res.wall_time, res.iterations = total_wall, total_it
-        res.extra.update(
-            relinearize=relinearize, rounds=rounds, real_margin=rounds[-1]["real_margin"]
-        )
+        res.extra.update(relinearize=relinearize, rounds=rounds, real_margin=real)
         return res
     lin, net, is_lin, img, src = _setup(model, image, relu_index, linearize_at)
     j = _check_class("target", target, lin.out_features)
@@ -407,21 +423,29 @@ def targeted(
     m0 = torch.zeros(n, dtype=_F64)
     if mu0 is not None:
         m0 = (mu0.detach().to(_F64).reshape(-1) / beta).clamp(-1.0, 1.0)
+    lo_m, hi_m = -torch.ones(n, dtype=_F64), torch.ones(n, dtype=_F64)
+    bounds = [(-1.0, 1.0) if box == "bounds" else (None, None)] * n
+    if trust_radius is not None and mu0 is not None:
+        if box != "bounds":
+            raise ValueError("trust_radius needs box='bounds'")
+        r = float(trust_radius) / beta
+        lo_m, hi_m = (m0 - r).clamp(min=-1.0), (m0 + r).clamp(max=1.0)
+        bounds = list(zip(lo_m.tolist(), hi_m.tolist(), strict=True))
     if warm_steps > 0:
         # Warm start: projected sign-gradient descent on the same (linearized, expected)
-        # objective max_{k!=j} E_k - E_j within the box; SLSQP then solves Eq. 7 from it.
-        step = 2.5 / warm_steps
+        # objective max_{k!=j} E_k - E_j within the box (and trust region); SLSQP then
+        # solves Eq. 7 from it.
+        step = float((hi_m - lo_m).max()) * 1.25 / warm_steps
         for _ in range(warm_steps):
             m = m0.clone().requires_grad_()
             g = torch.autograd.grad(_targeted_margin(f(beta * m, hi), j), m)[0]
-            m0 = (m0 - step * g.sign()).clamp(-1.0, 1.0)
+            m0 = torch.minimum(torch.maximum(m0 - step * g.sign(), lo_m), hi_m)
     if box == "sin":
         m0 = torch.asin(m0.clamp(-0.95, 0.95))
     with torch.no_grad():
         e0 = f(to_mu(torch.cat([m0, m0.new_zeros(2)])), hi)
     x0 = np.concatenate([m0.numpy(), [hi], [float(e0[others].max())]])
-    box_bounds = (-1.0, 1.0) if box == "bounds" else (None, None)
-    bounds = [box_bounds] * n + [(lo, hi), (None, None)]
+    bounds += [(lo, hi), (None, None)]
     fit = run_slsqp(fn, x0, bounds, maxiter, ftol, exact=exact, time_limit=time_limit)
     x = torch.tensor(fit["x"], dtype=_F64)
     mu = to_mu(x)
