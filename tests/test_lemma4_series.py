@@ -16,14 +16,14 @@ from derivations.lemma4_series import (
     HermiteH,
     I_series,
     I_tail_series,
-    cross_moment_definition_mp,
     eq5_integral_mp,
     evaluate_series,
     omega,
     omega_printed,
-    relu_mean_mp,
     series_branches,
 )
+from derivations.reference import relu_cross_moment_ref as cross_moment_definition_mp
+from derivations.reference import relu_mean_ref as relu_mean_mp
 
 KNOWN = mpmath.mpf("0.241372141917743807")  # μ = 0, σ = 1, ρ = 0.3
 # (μ1, μ2, σ1, σ2, ρ) from the paper's grid μ ∈ [-2, 2], σ ∈ [0.2, 2], |ρ| ≤ 0.5
