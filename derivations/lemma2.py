@@ -102,5 +102,16 @@ def check_price(tol: float = 1e-8, cases=CASES) -> bool:
     return True
 
 
-CHECKS = (check_price,)
+def check_price_relu_product() -> bool:
+    """Lemma 2 for Ψ = relu(x1)relu(x2) at three (μ, Σ), non-zero means included (seconds)."""
+    return check_price(cases=[c for c in CASES if c[0] == "relu_product"])
+
+
+def check_price_smooth() -> bool:
+    """Lemma 2 for a smooth Ψ (2-D quadratures: minutes; ``nmgen prove --slow``)."""
+    return check_price(tol=1e-6, cases=[c for c in CASES if c[0] == "smooth"])
+
+
+CHECKS = (check_price_relu_product,)
+SLOW_CHECKS = (check_price_smooth,)
 KERNELS = ()

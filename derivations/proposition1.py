@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import sympy as sp
 
-from derivations.functions import to_elementary
-from derivations.lemma4_series import (
+from .functions import to_elementary
+from .lemma4_series import (
     HermiteH,
     I_series,
     omega,

@@ -64,7 +64,8 @@ def _cmd_prove(args: argparse.Namespace) -> int:
 
     failed = 0
     for m in registry.modules():
-        for check in getattr(m, "CHECKS", ()):
+        checks = getattr(m, "CHECKS", ()) + (getattr(m, "SLOW_CHECKS", ()) if args.slow else ())
+        for check in checks:
             t = time.perf_counter()
             name = f"{m.__name__.rsplit('.', 1)[-1]}.{check.__name__}"
             try:
@@ -101,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--markdown", help="also write the table as markdown to this path")
     v.set_defaults(func=_cmd_verify)
     sub.add_parser("list", help="list registered kernels").set_defaults(func=_cmd_list)
-    sub.add_parser("prove", help="run the derivations' symbolic/numeric checks").set_defaults(
-        func=_cmd_prove
-    )
+    pr = sub.add_parser("prove", help="run the derivations' symbolic/numeric checks")
+    pr.add_argument("--slow", action="store_true", help="also the slow checks (minutes)")
+    pr.set_defaults(func=_cmd_prove)
     return p
 
 

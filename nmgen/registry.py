@@ -15,6 +15,7 @@ DERIVATION_MODULES = (
     "nmgen.derivations.theorem2",
     "nmgen.derivations.exact_cross_moment",
     "nmgen.derivations.series_kernel",
+    "nmgen.derivations.proposition1",
 )
 
 
