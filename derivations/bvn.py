@@ -39,8 +39,9 @@ def _ncdf(x: mp.mpf) -> mp.mpf:
     return mp.erfc(-x / mp.sqrt(2)) / 2
 
 
-def bvn_cdf_mp(h: float | str | mp.mpf, k: float | str | mp.mpf, rho: float | str | mp.mpf,
-               dps: int = 30) -> mp.mpf:
+def bvn_cdf_mp(
+    h: float | str | mp.mpf, k: float | str | mp.mpf, rho: float | str | mp.mpf, dps: int = 30
+) -> mp.mpf:
     """Reference Φ2(h, k; ρ) as an ``mpf`` accurate to about ``dps`` significant digits.
 
     Inputs may be floats (taken exactly), strings or ``mpf``; h, k may be ±inf.
@@ -93,7 +94,8 @@ def bvn_cdf_mp(h: float | str | mp.mpf, k: float | str | mp.mpf, rho: float | st
         val, err = val * scale, err * scale
         if not err <= mp.mpf(10) ** (-dps) * abs(val) + mp.mpf(10) ** (-(dps + 300)):
             raise ArithmeticError(
-                f"bvn_cdf_mp({h}, {k}, {rho}): quadrature error estimate {err} for {val}")
+                f"bvn_cdf_mp({h}, {k}, {rho}): quadrature error estimate {err} for {val}"
+            )
         return val
 
 
@@ -133,5 +135,4 @@ def gauss_legendre(n: int, dps: int = 40) -> tuple[list[str], list[str]]:
             nodes.append(x)
             weights.append(2 / ((1 - x * x) * dp * dp))
         order = sorted(range(n), key=lambda j: nodes[j])
-        return ([mp.nstr(nodes[j], 20) for j in order],
-                [mp.nstr(weights[j], 20) for j in order])
+        return ([mp.nstr(nodes[j], 20) for j in order], [mp.nstr(weights[j], 20) for j in order])

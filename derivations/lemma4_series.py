@@ -479,10 +479,15 @@ def _tail_program(a: sp.Expr, b: sp.Expr, x: sp.Expr, terms: int, tag: str):
     total = let("S0", ce * p_prev * big_e - co * p_cur * (ec + big_f))
     for u in range(1, terms):
         n = 2 * u - 1  # p_cur holds P_n, p_prev holds P_{n-1}
-        p_even = let(f"P{2 * u}", b * sp.sqrt(sp.Rational(2, n + 1)) * p_cur
-                     - sp.sqrt(sp.Rational(n, n + 1)) * p_prev)
-        p_odd = let(f"P{2 * u + 1}", b * sp.sqrt(sp.Rational(2, n + 2)) * p_even
-                    - sp.sqrt(sp.Rational(n + 1, n + 2)) * p_cur)
+        p_even = let(
+            f"P{2 * u}",
+            b * sp.sqrt(sp.Rational(2, n + 1)) * p_cur - sp.sqrt(sp.Rational(n, n + 1)) * p_prev,
+        )
+        p_odd = let(
+            f"P{2 * u + 1}",
+            b * sp.sqrt(sp.Rational(2, n + 2)) * p_even
+            - sp.sqrt(sp.Rational(n + 1, n + 2)) * p_cur,
+        )
         p_prev, p_cur = p_even, p_odd
         e_k = let(f"e{u}", e_k * x2 / u)
         big_e = let(f"E{u}", big_e + e_k)
@@ -518,8 +523,6 @@ def series_program(
     y = sg * h1 / sp.sqrt(2)
     lets2, t2 = _tail_program(a2, b2, y, terms, "_s2_")
     e2 = om + c * (
-        Phi(mu2 / s2) * Phi(h1)
-        + sg * sp.erfc(y) * sp.erfc(b2) / 4
-        - sg * t2 / (2 * sp.sqrt(sp.pi))
+        Phi(mu2 / s2) * Phi(h1) + sg * sp.erfc(y) * sp.erfc(b2) / 4 - sg * t2 / (2 * sp.sqrt(sp.pi))
     )
     return tuple(lets1), e1, tuple(lets2), e2

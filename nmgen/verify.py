@@ -93,11 +93,7 @@ def _grid_pair(quick: bool) -> list[tuple]:
         )
     )
     sig = ((1.0, 1.0), (1e-3, 1e3)) if quick else ((1.0, 1.0), (1e-3, 1e3), (37.0, 0.2))
-    rhos = (
-        _RHO_EDGES
-        if not quick
-        else (-1.0, -(1 - 1e-6), -1 / math.sqrt(2), 0.3, 1 - 1e-8, 1.0)
-    )
+    rhos = _RHO_EDGES if not quick else (-1.0, -(1 - 1e-6), -1 / math.sqrt(2), 0.3, 1 - 1e-8, 1.0)
     pts = [(h * a, k * b, a, b, r) for a, b in sig for h, k in hk for r in rhos]
     return [*pts, (0.5, -1.0, 0.0, 2.0, 0.3), (2.0, 1.5, 0.7, 0.0, -0.6), (1.0, 2.0, 0.0, 0.0, 1.0)]
 

@@ -16,13 +16,31 @@ from nmgen.runtime.bvn_numpy import bvn_cdf as bvn_np
 from nmgen.runtime.bvn_torch import bvn_cdf as bvn_t
 
 S2 = 1 / math.sqrt(2)
-RHOS = [0.0, 0.3, -0.3, S2, -S2, 0.9, -0.9, 0.925 + 1e-9, 0.925 - 1e-9, -0.925 + 1e-9,
-        -0.925 - 1e-9, 0.999999, -0.999999, 1.0, -1.0, 1 - 2**-52, -(1 - 2**-52)]
+RHOS = [
+    0.0,
+    0.3,
+    -0.3,
+    S2,
+    -S2,
+    0.9,
+    -0.9,
+    0.925 + 1e-9,
+    0.925 - 1e-9,
+    -0.925 + 1e-9,
+    -0.925 - 1e-9,
+    0.999999,
+    -0.999999,
+    1.0,
+    -1.0,
+    1 - 2**-52,
+    -(1 - 2**-52),
+]
 HS = [-10.0, -3.0, -0.5, 0.0, 1e-8, 0.7, 3.0, 10.0]
 EXTRA_HS = [-40.0, 40.0, -math.inf, math.inf, -1e-8, 1.5]
 
-RULES = {n: tuple(tuple(float(v) for v in part) for part in gauss_legendre(n))
-         for n in GENZ_RULE_SIZES}
+RULES = {
+    n: tuple(tuple(float(v) for v in part) for part in gauss_legendre(n)) for n in GENZ_RULE_SIZES
+}
 
 
 def _subset() -> list[tuple[float, float, float]]:
@@ -158,8 +176,9 @@ def test_oracle_origin(rho: float) -> None:
         assert abs(bvn_cdf_mp(0.0, 0.0, rho) - want) <= mp.mpf(10) ** -25
 
 
-@pytest.mark.parametrize(("h", "k", "rho"),
-                         [(-3.0, 0.7, 0.3), (1.0, -3.0, -0.999999), (-10.0, 2.0, 0.9)])
+@pytest.mark.parametrize(
+    ("h", "k", "rho"), [(-3.0, 0.7, 0.3), (1.0, -3.0, -0.999999), (-10.0, 2.0, 0.9)]
+)
 def test_oracle_reflection(h: float, k: float, rho: float) -> None:
     with mp.workdps(30):
         lhs = bvn_cdf_mp(h, k, rho) + bvn_cdf_mp(h, -k, -rho)
@@ -187,8 +206,11 @@ def test_oracle_tail_relative_and_limits() -> None:
 def test_gauss_legendre(n: int) -> None:
     x, w = gauss_legendre(n)
     assert len(x) == len(w) == n
-    assert all(len(s.replace("-", "").replace(".", "").lstrip("0")) >= 17 or float(s) == 0
-               for s in x + w if float(s) not in (0.0, 2.0))
+    assert all(
+        len(s.replace("-", "").replace(".", "").lstrip("0")) >= 17 or float(s) == 0
+        for s in x + w
+        if float(s) not in (0.0, 2.0)
+    )
     xn, wn = np.polynomial.legendre.leggauss(n)
     np.testing.assert_allclose(np.array(x, float), xn, rtol=0, atol=1e-15)
     np.testing.assert_allclose(np.array(w, float), wn, rtol=0, atol=2e-15)
@@ -252,8 +274,9 @@ def test_identities_and_limits(impl: str) -> None:
     def f(h, k, r):
         if impl == "numpy":
             return bvn_np(h, k, r)
-        return bvn_t(_t(np.asarray(h, float)), _t(np.asarray(k, float)),
-                     _t(np.asarray(r, float))).numpy()
+        return bvn_t(
+            _t(np.asarray(h, float)), _t(np.asarray(k, float)), _t(np.asarray(r, float))
+        ).numpy()
 
     h, k, r = _full_grid([*HS, -1e-8, 1.5])
     np.testing.assert_allclose(f(h, k, r) + f(h, -k, -r), ndtr(h), rtol=0, atol=4.5e-16)
@@ -261,8 +284,9 @@ def test_identities_and_limits(impl: str) -> None:
     hh = np.array(HS)
     np.testing.assert_allclose(f(hh, 0.7, 0.0), ndtr(hh) * ndtr(0.7), rtol=0, atol=4.5e-16)
     rr = np.array([-1, -0.999999, -0.5, 0, 0.3, 0.925, 0.999999, 1.0])
-    np.testing.assert_allclose(f(0.0, 0.0, rr), 0.25 + np.arcsin(rr) / (2 * np.pi),
-                               rtol=0, atol=4.5e-16)
+    np.testing.assert_allclose(
+        f(0.0, 0.0, rr), 0.25 + np.arcsin(rr) / (2 * np.pi), rtol=0, atol=4.5e-16
+    )
     np.testing.assert_allclose(f(math.inf, hh, 0.3), ndtr(hh), rtol=1e-14, atol=0)
     np.testing.assert_allclose(f(hh, math.inf, 1.0), ndtr(hh), rtol=1e-14, atol=0)
     assert np.all(f(hh, -math.inf, -0.3) == 0) and np.all(f(-math.inf, hh, 1.0) == 0)
@@ -275,8 +299,14 @@ def test_tail_values() -> None:
 
     (Relative accuracy is not guaranteed: both kernels add O(Φ(h)) terms that cancel.)
     """
-    pts = [(-10.0, -10.0, 0.3), (-10.0, -3.0, -0.3), (-3.0, -3.0, -0.9), (-10.0, 10.0, -0.999999),
-           (-10.0, -10.0, 0.999999), (-40.0, 3.0, 0.5)]
+    pts = [
+        (-10.0, -10.0, 0.3),
+        (-10.0, -3.0, -0.3),
+        (-3.0, -3.0, -0.9),
+        (-10.0, 10.0, -0.999999),
+        (-10.0, -10.0, 0.999999),
+        (-40.0, 3.0, 0.5),
+    ]
     for h, k, r in pts:
         ref = float(bvn_cdf_mp(h, k, r, dps=20))
         for got in (float(bvn_np(h, k, r)), bvn_t(_t(h), _t(k), _t(r)).item()):

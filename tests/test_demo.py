@@ -16,8 +16,13 @@ from torchbridge.experiments import demo
 def _net() -> nn.Sequential:
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(32, 10), nn.ReLU(), nn.Linear(10, 4),
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+        nn.ReLU(),
+        nn.Linear(10, 4),
     )
     with torch.no_grad():  # positive biases: no layer is dead on [0, 1] inputs
         net[0].bias.fill_(0.2)

@@ -23,8 +23,13 @@ def tiny_net() -> nn.Sequential:
     """Conv net for (1, 8, 8) input with 2 ReLUs (q = 128 and 12) and 3 outputs."""
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(32, 12), nn.ReLU(), nn.Linear(12, 3),
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32, 12),
+        nn.ReLU(),
+        nn.Linear(12, 3),
     )
     with torch.no_grad():  # positive biases: no layer is dead on [0, 1] inputs
         net[0].bias.fill_(0.2)
@@ -83,14 +88,14 @@ def test_exact_variance_matches_monte_carlo():
     mean = torch.randn(6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     cov = tightness.random_spd_cov(6, 0.7, seed=2)
     mu, var = net.moments(mean, cov, method="exact")
-    mc_mu, mc_var = monte_carlo_moments(net, mean, cov, samples=200_000, seed=1,
-                                        batch_size=50_000)
+    mc_mu, mc_var = monte_carlo_moments(net, mean, cov, samples=200_000, seed=1, batch_size=50_000)
     assert float(relative_difference(var, mc_var).max()) < 0.03
     assert float(relative_difference(mu, mc_mu).max()) < 0.03
     _, old = net.moments(mean, cov, method="zero_mean")
     # the paper's old variance ignores the mean: clearly worse here
     assert float(relative_difference(old, mc_var).mean()) > float(
-        relative_difference(var, mc_var).mean())
+        relative_difference(var, mc_var).mean()
+    )
 
 
 def test_zero_mean_equals_exact_when_assumptions_hold():
@@ -107,8 +112,9 @@ def test_zero_mean_equals_exact_when_assumptions_hold():
 
 
 def test_table1_outputs(stand_ins, tmp_path):
-    out = run(["table1", "--images", "2", "--sigmas", "0.01,0.1", "--points", "4",
-               "--out", str(tmp_path)])
+    out = run(
+        ["table1", "--images", "2", "--sigmas", "0.01,0.1", "--points", "4", "--out", str(tmp_path)]
+    )
     for ext in ("json", "md", "png"):
         assert (tmp_path / f"table1.{ext}").is_file()
     res = json.loads((tmp_path / "table1.json").read_text())["results"]
@@ -119,8 +125,19 @@ def test_table1_outputs(stand_ins, tmp_path):
 
 
 def test_table2_and_table3(stand_ins, tmp_path):
-    out = run(["table2", "--images", "2", "--sigmas", "0.05,0.1", "--samples", "2000",
-               "--out", str(tmp_path)])
+    out = run(
+        [
+            "table2",
+            "--images",
+            "2",
+            "--sigmas",
+            "0.05,0.1",
+            "--samples",
+            "2000",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert "command" in out and out["command"].startswith("nm table2")
     for ext in ("json", "md", "png"):
         assert (tmp_path / f"table2.{ext}").is_file()
@@ -134,8 +151,21 @@ def test_table2_and_table3(stand_ins, tmp_path):
     out3 = run(["table3", "--reuse", str(tmp_path / "table2.json"), "--out", str(tmp_path)])
     assert set(out3["variances"]) == {"0.05", "0.1"}
     assert (tmp_path / "table3.png").is_file()
-    run(["table3", "--images", "1", "--sigmas", "0.1", "--samples", "500", "--methods",
-         "zero_mean", "--out", str(tmp_path / "t3")])
+    run(
+        [
+            "table3",
+            "--images",
+            "1",
+            "--sigmas",
+            "0.1",
+            "--samples",
+            "500",
+            "--methods",
+            "zero_mean",
+            "--out",
+            str(tmp_path / "t3"),
+        ]
+    )
     assert (tmp_path / "t3" / "table3.md").is_file()
 
 
@@ -146,9 +176,27 @@ def test_command_line_round_trip(stand_ins, tmp_path):
 
 
 def test_table4_outputs(stand_ins, tmp_path):
-    out = run(["table4", "--images", "3", "--pool", "20", "--ks", "2,5,20", "--farthest", "2",
-               "--sigmas", "0.1", "--samples", "500", "--methods", "zero_mean,exact",
-               "--out", str(tmp_path)])
+    out = run(
+        [
+            "table4",
+            "--images",
+            "3",
+            "--pool",
+            "20",
+            "--ks",
+            "2,5,20",
+            "--farthest",
+            "2",
+            "--sigmas",
+            "0.1",
+            "--samples",
+            "500",
+            "--methods",
+            "zero_mean,exact",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert out["ks"] == ["2", "2*", "5", "20"]
     for ext in ("json", "md", "png"):
         assert (tmp_path / f"table4.{ext}").is_file()
@@ -169,7 +217,19 @@ def test_layers_and_bench(stand_ins, tmp_path):
     assert set(out["results"]) == {"0", "1"}
     assert all(v["cost"] for v in out["results"].values())
     assert (tmp_path / "layers.png").is_file()
-    b = run(["bench", "moments", "--images", "1", "--repeats", "1", "--samples", "500",
-             "--out", str(tmp_path)])
+    b = run(
+        [
+            "bench",
+            "moments",
+            "--images",
+            "1",
+            "--repeats",
+            "1",
+            "--samples",
+            "500",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert b["median"]["ratio_reused"] > 0 and (tmp_path / "bench_moments.json").is_file()
     assert b["median"]["max_rel_diff_vs_float64"] < 1e-3

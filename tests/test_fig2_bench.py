@@ -22,9 +22,26 @@ def _parse(module, register: str, argv: list[str]) -> argparse.Namespace:
 @pytest.fixture(scope="module")
 def fig2_result(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("fig2")
-    args = _parse(fig2, "add_parser", [
-        "fig2", "--stride", "5", "--mc-points", "10", "--mc-samples", "20000",
-        "--check-points", "3", "--out", str(out), "--no-progress", "--threads", "1"])
+    args = _parse(
+        fig2,
+        "add_parser",
+        [
+            "fig2",
+            "--stride",
+            "5",
+            "--mc-points",
+            "10",
+            "--mc-samples",
+            "20000",
+            "--check-points",
+            "3",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--threads",
+            "1",
+        ],
+    )
     return args.func(args), out
 
 
@@ -66,17 +83,35 @@ def test_grid_shape() -> None:
 def test_mc_cross_moments_unbiased() -> None:
     from nmgen.generated import torch_kernels as tk
 
-    params = torch.tensor([[0.5, -0.3, 1.0, 0.7, 0.4], [1.0, 1.0, 0.5, 0.5, -0.6]],
-                          dtype=torch.float64)
+    params = torch.tensor(
+        [[0.5, -0.3, 1.0, 0.7, 0.4], [1.0, 1.0, 0.5, 0.5, -0.6]], dtype=torch.float64
+    )
     est, se, _ = fig2.mc_cross_moments(params, 200_000, seed=3, progress=False)
     exact = tk.relu_cross_moment(*params.unbind(1))
     assert bool(((est - exact).abs() < 5 * se).all())
 
 
 def test_bench_kernels(tmp_path: Path) -> None:
-    args = _parse(bench_kernels, "add_bench_parser", [
-        "kernels", "--sizes", "16,32", "--repeats", "1", "--mc-samples", "500",
-        "--check-entries", "3", "--out", str(tmp_path), "--no-progress", "--threads", "1"])
+    args = _parse(
+        bench_kernels,
+        "add_bench_parser",
+        [
+            "kernels",
+            "--sizes",
+            "16,32",
+            "--repeats",
+            "1",
+            "--mc-samples",
+            "500",
+            "--check-entries",
+            "3",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+            "--threads",
+            "1",
+        ],
+    )
     res = args.func(args)
     for ext in ("json", "md", "png"):
         assert (tmp_path / f"bench_kernels.{ext}").stat().st_size > 0

@@ -69,9 +69,7 @@ def _validate(mean: torch.Tensor, cov: torch.Tensor, check_psd: bool) -> None:
             raise ValueError(f"cov is not positive semi-definite (min eigenvalue {lam:.3e})")
 
 
-def _pair_blocks_nd(
-    p: int, chunk: int, device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+def _pair_blocks_nd(p: int, chunk: int, device) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """(i, j, nd): upper-triangle index pairs (i <= j) in row blocks of about ``chunk`` pairs,
     the strict pairs first (row-major), then the block's ``nd`` diagonal pairs (i == j)."""
     rows = max(1, chunk // max(p, 1))
@@ -97,8 +95,15 @@ def _cross_kernel(method: str, terms: int) -> Callable:
 
 
 def _pair_covariances(
-    mean: torch.Tensor, cov: torch.Tensor, sigma: torch.Tensor, rmean: torch.Tensor,
-    method: str, terms: int, i: torch.Tensor, j: torch.Tensor, nd: int = 0,
+    mean: torch.Tensor,
+    cov: torch.Tensor,
+    sigma: torch.Tensor,
+    rmean: torch.Tensor,
+    method: str,
+    terms: int,
+    i: torch.Tensor,
+    j: torch.Tensor,
+    nd: int = 0,
 ) -> torch.Tensor:
     """Cov[relu(z_i), relu(z_j)] for index pairs i <= j (i == j gives the exact variance);
     ``cov`` comes flattened (``batch_shape x p·p``).
@@ -125,10 +130,13 @@ def _pair_covariances(
         if ns <= _KERNEL_SLICE:
             e = kern(m1, m2, s1, s2, rho)
         else:  # cache-sized slices: the kernel's many elementwise passes stay in cache
-            e = torch.cat([
-                kern(*(v[..., a : a + _KERNEL_SLICE] for v in (m1, m2, s1, s2, rho)))
-                for a in range(0, ns, _KERNEL_SLICE)
-            ], dim=-1)
+            e = torch.cat(
+                [
+                    kern(*(v[..., a : a + _KERNEL_SLICE] for v in (m1, m2, s1, s2, rho)))
+                    for a in range(0, ns, _KERNEL_SLICE)
+                ],
+                dim=-1,
+            )
         off = e - rmean[..., si] * rmean[..., sj]
         _, var = K.relu_mean_variance(mean, sigma)
     if nd == 0:
@@ -137,7 +145,10 @@ def _pair_covariances(
 
 
 def relu_pair_covariances(
-    mean: torch.Tensor, cov: torch.Tensor, method: str = "exact", terms: int = 5,
+    mean: torch.Tensor,
+    cov: torch.Tensor,
+    method: str = "exact",
+    terms: int = 5,
     chunk: int = DEFAULT_CHUNK,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (rmean, i, j, C_ij) over upper-triangle blocks of Cov[relu(z)] (no p×p tensor).

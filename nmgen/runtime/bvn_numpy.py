@@ -52,8 +52,9 @@ def bvn_cdf(h: ArrayLike, k: ArrayLike, rho: ArrayLike) -> NDArray[np.floating]:
 
 def _num(k: NDArray, h: NDArray, r: NDArray) -> NDArray:
     """k − ρh with small absolute error for |ρ| near 1."""
-    return np.where(r > 0.5, (k - h) + (1.0 - r) * h,
-                    np.where(r < -0.5, (k + h) - (1.0 + r) * h, k - r * h))
+    return np.where(
+        r > 0.5, (k - h) + (1.0 - r) * h, np.where(r < -0.5, (k + h) - (1.0 + r) * h, k - r * h)
+    )
 
 
 def _bvn64(h: NDArray, k: NDArray, r: NDArray) -> NDArray:

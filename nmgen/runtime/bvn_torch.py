@@ -139,8 +139,9 @@ def _low(h: Tensor, k: Tensor, r: Tensor, x: Tensor, w: Tensor, base: Tensor) ->
     return torch.addcmul(base, asr, e.exp_() @ w, value=0.5 * _INV_2PI)
 
 
-def _high(h: Tensor, k: Tensor, r: Tensor, x: Tensor, w: Tensor, upper: Tensor,
-          lower: Tensor) -> Tensor:
+def _high(
+    h: Tensor, k: Tensor, r: Tensor, x: Tensor, w: Tensor, upper: Tensor, lower: Tensor
+) -> Tensor:
     """0.925 <= |ρ| < 1 (1-D inputs); ``upper``, ``lower``: Φ(min(h, k)) and
     max(0, Φ(min(h, k)) − Φ(−max(h, k)))."""
     sg = torch.where(r < 0, -1.0, 1.0).to(h.dtype)
@@ -155,12 +156,14 @@ def _high(h: Tensor, k: Tensor, r: Tensor, x: Tensor, w: Tensor, upper: Tensor,
     c = (4.0 - hk) * 0.125
     d = (12.0 - hk) * 0.0625
     asr = -(bs / as_ + hk) * 0.5
-    closed = a * torch.exp(asr) * (
-        1.0 - c * (bs - as_) * (1.0 - d * bs * 0.2) / 3.0 + c * d * as_ * as_ * 0.2
+    closed = (
+        a
+        * torch.exp(asr)
+        * (1.0 - c * (bs - as_) * (1.0 - d * bs * 0.2) / 3.0 + c * d * as_ * as_ * 0.2)
     )
-    closed = closed - _SQRT_2PI * b * torch.exp(
-        -0.5 * hk + torch.special.log_ndtr(-b / a)
-    ) * (1.0 - c * bs * (1.0 - d * bs * 0.2) / 3.0)
+    closed = closed - _SQRT_2PI * b * torch.exp(-0.5 * hk + torch.special.log_ndtr(-b / a)) * (
+        1.0 - c * bs * (1.0 - d * bs * 0.2) / 3.0
+    )
     half = (0.5 * a)[:, None]
     xs = (half * (1.0 + x)).square_()  # [m, n]
     rs = torch.neg(xs).add_(1.0).sqrt_()
@@ -193,10 +196,16 @@ def _forward(h: Tensor, k: Tensor, r: Tensor, rules: tuple[Rule, Rule, Rule]) ->
     out = torch.full_like(h, math.nan)
     ar = r.abs()
     # group: 0, 1, 2 (low scheme with rules 0, 1, 2), 3 (high scheme), 4 (|ρ| >= 1 or NaN)
-    grp = ((ar >= 0.3).to(torch.int8) + (ar >= 0.75).to(torch.int8) + (ar >= _HI).to(torch.int8)
-           + (~(ar < 1.0)).to(torch.int8))
-    t = [(torch.tensor(x, dtype=dt, device=dev), torch.tensor(w, dtype=dt, device=dev))
-         for x, w in rules]
+    grp = (
+        (ar >= 0.3).to(torch.int8)
+        + (ar >= 0.75).to(torch.int8)
+        + (ar >= _HI).to(torch.int8)
+        + (~(ar < 1.0)).to(torch.int8)
+    )
+    t = [
+        (torch.tensor(x, dtype=dt, device=dev), torch.tensor(w, dtype=dt, device=dev))
+        for x, w in rules
+    ]
     n = h.numel()
     for s in range(0, n, _CHUNK):
         e = min(n, s + _CHUNK)
@@ -215,7 +224,9 @@ def _forward(h: Tensor, k: Tensor, r: Tensor, rules: tuple[Rule, Rule, Rule]) ->
             else:
                 v = _high(hc[sel], kc[sel], r[sel], x, w, upper[sel], lower[sel])
             out[sel] = v
-    out = torch.where(r == 1.0, upper, torch.where(r == -1.0, lower, torch.where(grp < 4, out, math.nan)))
+    out = torch.where(
+        r == 1.0, upper, torch.where(r == -1.0, lower, torch.where(grp < 4, out, math.nan))
+    )
     return torch.minimum(torch.maximum(out, lower), upper)
 
 
@@ -282,8 +293,9 @@ def bvn_cdf(
     else:
         dtype, device = torch.get_default_dtype(), torch.device("cpu")
     if dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"bvn_cdf: unsupported dtype {dtype}; expected torch.float32 or "
-                        "torch.float64")
+        raise TypeError(
+            f"bvn_cdf: unsupported dtype {dtype}; expected torch.float32 or torch.float64"
+        )
     hh, kk, rr = (torch.as_tensor(v, dtype=dtype, device=device) for v in (h, k, rho))
     hh, kk, rr = torch.broadcast_tensors(hh, kk, rr)
     return _BVN.apply(hh, kk, rr, _resolve_rules(nodes, weights, rules))

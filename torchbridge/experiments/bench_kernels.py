@@ -42,12 +42,17 @@ from torchbridge.moments import _pair_blocks, _safe_sqrt, _validate, relu_moment
 from torchbridge.montecarlo import monte_carlo_moments
 
 #: (label, relu_moments method, terms)
-ANALYTIC = (("exact", "exact", 0), ("series(5)", "series", 5), ("series(20)", "series", 20),
-            ("zero_mean", "zero_mean", 0))
+ANALYTIC = (
+    ("exact", "exact", 0),
+    ("series(5)", "series", 5),
+    ("series(20)", "series", 20),
+    ("zero_mean", "zero_mean", 0),
+)
 
 
-def random_problem(p: int, seed: int, rank: int = 4, diag: float = 0.05
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def random_problem(
+    p: int, seed: int, rank: int = 4, diag: float = 0.05
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded (mean (p,), SPD cov (p, p)) in float64: μ ~ N(0,1), Σ = W Wᵀ/r + diag·I."""
     r = p if rank <= 0 else rank
     gen = torch.Generator().manual_seed(seed * 1_000_003 + p)
@@ -71,8 +76,14 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int) -> tuple[float, l
     return statistics.median(times), times, out
 
 
-def mpmath_check(mean: torch.Tensor, cov: torch.Tensor, c_exact: torch.Tensor, entries: int,
-                 seed: int, dps: int = 30) -> dict:
+def mpmath_check(
+    mean: torch.Tensor,
+    cov: torch.Tensor,
+    c_exact: torch.Tensor,
+    entries: int,
+    seed: int,
+    dps: int = 30,
+) -> dict:
     """Max |C_exact − C_mpmath| on ``entries`` random off-diagonal entries (+ 5 diagonal)."""
     import mpmath as mp
     from nmgen.derivations.reference import (
@@ -96,7 +107,8 @@ def mpmath_check(mean: torch.Tensor, cov: torch.Tensor, c_exact: torch.Tensor, e
             m1, m2, s1, s2 = (float(mean[a]), float(mean[b]), float(sig[a]), float(sig[b]))
             rho = max(-1.0, min(1.0, float(cov[a, b]) / (s1 * s2)))
             ref = relu_cross_moment_ref(m1, m2, s1, s2, rho, dps=dps) - relu_mean_ref(
-                m1, s1, dps) * relu_mean_ref(m2, s2, dps)
+                m1, s1, dps
+            ) * relu_mean_ref(m2, s2, dps)
             diffs.append(abs(float(c_exact[a, b]) - to_float(ref)))
         for a in torch.randint(0, p, (min(5, entries),), generator=gen).tolist():
             ref = relu_variance_ref(float(mean[a]), float(sig[a]), dps)
@@ -142,8 +154,10 @@ def profile_exact(mean: torch.Tensor, cov: torch.Tensor, repeats: int = 3) -> di
         for m1, m2, s1, s2, rho, _, _ in args:
             tk.bivariate_normal_cdf(m1 / s1, m2 / s2, rho)
         t = tick("  of which: bivariate_normal_cdf alone", t)
-        offs = [torch.where(a[5] == a[6], var[a[5]], v - rmean[a[5]] * rmean[a[6]])
-                for a, v in zip(args, vals, strict=True)]
+        offs = [
+            torch.where(a[5] == a[6], var[a[5]], v - rmean[a[5]] * rmean[a[6]])
+            for a, v in zip(args, vals, strict=True)
+        ]
         t = tick("minus mean products + diag where", t)
         out = mean.new_zeros(p * p)
         for (_, _, _, _, _, i, j), c in zip(args, offs, strict=True):
@@ -162,9 +176,14 @@ def profile_exact(mean: torch.Tensor, cov: torch.Tensor, repeats: int = 3) -> di
     except Exception as exc:  # the profiler is optional
         prof_table = f"(torch.profiler unavailable: {exc})"
     pairs = p * (p + 1) // 2
-    return {"p": p, "pairs": pairs, "relu_moments_seconds": t_full, "stages_seconds": med,
-            "ns_per_pair_exact_kernel": 1e9 * med["relu_cross_moment (total)"] / pairs,
-            "profiler_table": prof_table}
+    return {
+        "p": p,
+        "pairs": pairs,
+        "relu_moments_seconds": t_full,
+        "stages_seconds": med,
+        "ns_per_pair_exact_kernel": 1e9 * med["relu_cross_moment (total)"] / pairs,
+        "profiler_table": prof_table,
+    }
 
 
 def run_bench(args: argparse.Namespace) -> dict:
@@ -181,30 +200,49 @@ def run_bench(args: argparse.Namespace) -> dict:
         mean, cov = random_problem(p, args.seed, args.rank, args.diag)
         sig = cov.diagonal().sqrt()
         rho = (cov / torch.outer(sig, sig))[torch.triu_indices(p, p, 1).unbind(0)]
-        entry: dict = {"p": p, "pairs": p * (p + 1) // 2, "methods": {},
-                       "rho_stats": {"max_abs": float(rho.abs().max()),
-                                     "frac_above_1_over_sqrt2":
-                                         float((rho.abs() > 1 / math.sqrt(2)).double().mean())}}
+        entry: dict = {
+            "p": p,
+            "pairs": p * (p + 1) // 2,
+            "methods": {},
+            "rho_stats": {
+                "max_abs": float(rho.abs().max()),
+                "frac_above_1_over_sqrt2": float((rho.abs() > 1 / math.sqrt(2)).double().mean()),
+            },
+        }
         outs = {}
-        bar = tqdm([*ANALYTIC, ("MC", "mc", 0)], desc=f"bench kernels p={p}",
-                   disable=args.no_progress)
+        bar = tqdm(
+            [*ANALYTIC, ("MC", "mc", 0)], desc=f"bench kernels p={p}", disable=args.no_progress
+        )
         for label, method, terms in bar:
             if method == "mc":
+
                 def fn(mean=mean, cov=cov):
-                    return monte_carlo_moments(torch.relu, mean, cov, samples=args.mc_samples,
-                                               seed=args.seed, batch_size=args.mc_batch,
-                                               full=True)
+                    return monte_carlo_moments(
+                        torch.relu,
+                        mean,
+                        cov,
+                        samples=args.mc_samples,
+                        seed=args.seed,
+                        batch_size=args.mc_batch,
+                        full=True,
+                    )
             else:
+
                 def fn(mean=mean, cov=cov, method=method, terms=terms):
                     return relu_moments(mean, cov, method, terms or 5, check_psd=False)
+
             est = prev_rate.get(label, 0.0) * entry["pairs"]
             reps = args.repeats if p < 4096 and est < args.slow_seconds else 1
             warm = 1 if reps > 1 else 0
             t, times, out = timed(fn, reps, warm)
             prev_rate[label] = t / entry["pairs"]
             outs[label] = out[1]
-            entry["methods"][label] = {"seconds": t, "times": times, "repeats": reps,
-                                       "symmetric": bool(torch.equal(out[1], out[1].T))}
+            entry["methods"][label] = {
+                "seconds": t,
+                "times": times,
+                "repeats": reps,
+                "symmetric": bool(torch.equal(out[1], out[1].T)),
+            }
         c_ex = outs["exact"]
         t_ex = entry["methods"]["exact"]["seconds"]
         for label, m in entry["methods"].items():
@@ -228,9 +266,17 @@ def run_bench(args: argparse.Namespace) -> dict:
             entry["exact_cholesky_with_1e-12_trace_shift_ok"] = int(info) == 0
         for label, m in entry["methods"].items():
             err = m["max_abs_err_vs_exact"]
-            rows.append([p, label, m["seconds"], m["ratio_to_exact"],
-                         err if label != "exact" else f"{err:.2e} (vs mpmath)",
-                         "yes" if m["symmetric"] else "no", m["repeats"]])
+            rows.append(
+                [
+                    p,
+                    label,
+                    m["seconds"],
+                    m["ratio_to_exact"],
+                    err if label != "exact" else f"{err:.2e} (vs mpmath)",
+                    "yes" if m["symmetric"] else "no",
+                    m["repeats"],
+                ]
+            )
         results.append(entry)
         del outs
 
@@ -242,48 +288,99 @@ def run_bench(args: argparse.Namespace) -> dict:
         profile = profile_exact(mean, cov)
 
     cmd = command_line(args)
-    headers = ["p", "method", "time (s)", "time / exact", "max abs err vs exact",
-               "exactly symmetric", "repeats"]
+    headers = [
+        "p",
+        "method",
+        "time (s)",
+        "time / exact",
+        "max abs err vs exact",
+        "exactly symmetric",
+        "repeats",
+    ]
     extra_rows = []
     for e in results:
         lam = e["exact_min_eigenvalue"]
-        extra_rows.append([
-            e["p"], f"{lam:.3g}" if lam is not None else
-            ("Cholesky ok" if e.get("exact_cholesky_with_1e-12_trace_shift_ok") else "failed"),
-            e["exact_trace"], e["psd_check_seconds"], e["validate_without_psd_seconds"],
-            e["rho_stats"]["max_abs"], e["rho_stats"]["frac_above_1_over_sqrt2"]])
+        extra_rows.append(
+            [
+                e["p"],
+                f"{lam:.3g}"
+                if lam is not None
+                else (
+                    "Cholesky ok" if e.get("exact_cholesky_with_1e-12_trace_shift_ok") else "failed"
+                ),
+                e["exact_trace"],
+                e["psd_check_seconds"],
+                e["validate_without_psd_seconds"],
+                e["rho_stats"]["max_abs"],
+                e["rho_stats"]["frac_above_1_over_sqrt2"],
+            ]
+        )
     rank = "p" if args.rank <= 0 else str(args.rank)
     md = [
-        "# Benchmark: p×p ReLU covariance by method (float64, CPU)", "",
-        f"Command: `{cmd}`", "",
+        "# Benchmark: p×p ReLU covariance by method (float64, CPU)",
+        "",
+        f"Command: `{cmd}`",
+        "",
         f"μ ~ N(0, 1), Σ = W Wᵀ/r + {args.diag:g}·I, W ~ N(0,1)^(p×r), r = {rank}; "
         f"torch threads {torch.get_num_threads()}; relu_moments(check_psd=False) timed "
         f"(median of {args.repeats} after one warm-up; single run at p ≥ 4096); Monte Carlo: "
-        f"{args.mc_samples} samples, empirical covariance (Cholesky included).", "",
-        markdown_table(headers, rows), "",
-        "Exact output and input checks:", "",
-        markdown_table(["p", "min eig of exact C", "trace C", "PSD check of Σ (s)",
-                        "validation w/o PSD (s)", "max \\|ρ\\|", "frac \\|ρ\\| > 1/√2"],
-                       extra_rows),
+        f"{args.mc_samples} samples, empirical covariance (Cholesky included).",
+        "",
+        markdown_table(headers, rows),
+        "",
+        "Exact output and input checks:",
+        "",
+        markdown_table(
+            [
+                "p",
+                "min eig of exact C",
+                "trace C",
+                "PSD check of Σ (s)",
+                "validation w/o PSD (s)",
+                "max \\|ρ\\|",
+                "frac \\|ρ\\| > 1/√2",
+            ],
+            extra_rows,
+        ),
     ]
     bar_ok = [e for e in results if e["p"] == 1024]
     if bar_ok:
         t = bar_ok[0]["methods"]["exact"]["seconds"]
-        md += ["", f"Bar: exact at p = 1024 ≤ 0.2 s (goal 0.1 s): **{t:.3f} s** "
-               f"({'met' if t <= 0.2 else 'NOT met'}; the paper's 5-term code: 0.18 s)."]
+        md += [
+            "",
+            f"Bar: exact at p = 1024 ≤ 0.2 s (goal 0.1 s): **{t:.3f} s** "
+            f"({'met' if t <= 0.2 else 'NOT met'}; the paper's 5-term code: 0.18 s).",
+        ]
     if profile is not None:
-        rows_p = [[k, v, f"{100 * v / profile['relu_moments_seconds']:.0f}%"]
-                  for k, v in profile["stages_seconds"].items()]
-        md += ["", f"## Profile of the exact method at p = {profile['p']} "
-               f"({profile['pairs']} pairs; relu_moments {profile['relu_moments_seconds']:.3f} s;"
-               f" exact kernel {profile['ns_per_pair_exact_kernel']:.0f} ns/pair)", "",
-               markdown_table(["stage", "seconds", "of relu_moments"], rows_p), "",
-               "```", profile["profiler_table"].rstrip(), "```"]
+        rows_p = [
+            [k, v, f"{100 * v / profile['relu_moments_seconds']:.0f}%"]
+            for k, v in profile["stages_seconds"].items()
+        ]
+        md += [
+            "",
+            f"## Profile of the exact method at p = {profile['p']} "
+            f"({profile['pairs']} pairs; relu_moments {profile['relu_moments_seconds']:.3f} s;"
+            f" exact kernel {profile['ns_per_pair_exact_kernel']:.0f} ns/pair)",
+            "",
+            markdown_table(["stage", "seconds", "of relu_moments"], rows_p),
+            "",
+            "```",
+            profile["profiler_table"].rstrip(),
+            "```",
+        ]
     text = "\n".join(md)
-    out = {"command": cmd, "sizes": sizes, "rank": args.rank, "diag": args.diag,
-           "mc_samples": args.mc_samples, "threads": torch.get_num_threads(),
-           "results": results, "profile": profile, "torch": torch.__version__,
-           "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    out = {
+        "command": cmd,
+        "sizes": sizes,
+        "rank": args.rank,
+        "diag": args.diag,
+        "mc_samples": args.mc_samples,
+        "threads": torch.get_num_threads(),
+        "results": results,
+        "profile": profile,
+        "torch": torch.__version__,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     write_json(args.out, "bench_kernels", out)
     write_markdown(args.out, "bench_kernels", text)
     _plot(results, args)
@@ -320,30 +417,56 @@ def add_bench_parser(bench_subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_common_args(p, device=False)
-    p.add_argument("--sizes", default="256,1024,4096",
-                   help="comma-separated p values (default 256,1024,4096)")
-    p.add_argument("--repeats", type=int, default=5,
-                   help="timed repeats below p = 4096 (median; default 5)")
-    p.add_argument("--slow-seconds", type=float, default=20.0,
-                   help="a method whose run is estimated (from the previous size) above this "
-                   "is timed once, without warm-up (default 20)")
-    p.add_argument("--rank", type=int, default=4,
-                   help="rank r of W in Σ = W Wᵀ/r + diag·I (default 4: median |ρ| ≈ 0.37, ~13%% "
-                   "of |ρ| > 1/√2; 0 means r = p, all |ρ| = O(1/√p))")
+    p.add_argument(
+        "--sizes", default="256,1024,4096", help="comma-separated p values (default 256,1024,4096)"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=5, help="timed repeats below p = 4096 (median; default 5)"
+    )
+    p.add_argument(
+        "--slow-seconds",
+        type=float,
+        default=20.0,
+        help="a method whose run is estimated (from the previous size) above this "
+        "is timed once, without warm-up (default 20)",
+    )
+    p.add_argument(
+        "--rank",
+        type=int,
+        default=4,
+        help="rank r of W in Σ = W Wᵀ/r + diag·I (default 4: median |ρ| ≈ 0.37, ~13%% "
+        "of |ρ| > 1/√2; 0 means r = p, all |ρ| = O(1/√p))",
+    )
     p.add_argument("--diag", type=float, default=0.05, help="diagonal added to Σ (default 0.05)")
-    p.add_argument("--mc-samples", type=int, default=10_000,
-                   help="Monte Carlo samples (default 10^4)")
+    p.add_argument(
+        "--mc-samples", type=int, default=10_000, help="Monte Carlo samples (default 10^4)"
+    )
     p.add_argument("--mc-batch", type=int, default=2500, help="Monte Carlo batch size")
-    p.add_argument("--check-entries", type=int, default=50,
-                   help="random off-diagonal entries of the exact covariance checked against "
-                   "mpmath (plus 5 diagonal ones; default 50)")
-    p.add_argument("--eig-max", type=int, default=2048,
-                   help="largest p whose exact covariance gets a full eigvalsh (default 2048; "
-                   "above it a Cholesky with a 1e-12·trace shift is tried instead)")
-    p.add_argument("--profile", action="store_true",
-                   help="break the exact method's time down at p = 1024 (or the largest size "
-                   "≤ 1024); automatic when exact at p = 1024 is slower than 0.2 s")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch.set_num_threads (default 0: leave torch's default)")
+    p.add_argument(
+        "--check-entries",
+        type=int,
+        default=50,
+        help="random off-diagonal entries of the exact covariance checked against "
+        "mpmath (plus 5 diagonal ones; default 50)",
+    )
+    p.add_argument(
+        "--eig-max",
+        type=int,
+        default=2048,
+        help="largest p whose exact covariance gets a full eigvalsh (default 2048; "
+        "above it a Cholesky with a 1e-12·trace shift is tried instead)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="break the exact method's time down at p = 1024 (or the largest size "
+        "≤ 1024); automatic when exact at p = 1024 is slower than 0.2 s",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch.set_num_threads (default 0: leave torch's default)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=run_bench)

@@ -76,8 +76,9 @@ def run_bench(args: argparse.Namespace) -> dict:
             g.moments(mean_a, cov_a, method=method, check_psd=check_psd)
 
         def mc(x=x, cov=cov) -> None:
-            monte_carlo_moments(model, x, cov, samples=args.samples, seed=args.seed,
-                                batch_size=args.batch_size)
+            monte_carlo_moments(
+                model, x, cov, samples=args.samples, seed=args.seed, batch_size=args.batch_size
+            )
 
         # accuracy of the timed dtype against float64 (untimed)
         _, v = g.moments(mean_a, cov_a, method=method, check_psd=check_psd)
@@ -87,18 +88,39 @@ def run_bench(args: argparse.Namespace) -> dict:
         t_full = median_time(analytic_full, repeats=args.repeats, warmup=1)
         t_reuse = median_time(analytic_reuse, repeats=args.repeats, warmup=1)
         t_mc = median_time(mc, repeats=args.repeats, warmup=1 if i == 0 else 0)
-        per_image.append({"image": i, "t_analytic_with_linearization": t_full,
-                          "t_analytic_reused": t_reuse, "t_mc": t_mc,
-                          "ratio_with_linearization": t_mc / t_full,
-                          "ratio_reused": t_mc / t_reuse, "max_rel_diff_vs_float64": dev})
+        per_image.append(
+            {
+                "image": i,
+                "t_analytic_with_linearization": t_full,
+                "t_analytic_reused": t_reuse,
+                "t_mc": t_mc,
+                "ratio_with_linearization": t_mc / t_full,
+                "ratio_reused": t_mc / t_reuse,
+                "max_rel_diff_vs_float64": dev,
+            }
+        )
         rows.append([i, t_full, t_reuse, t_mc, t_mc / t_full, t_mc / t_reuse, dev])
     med = {k: float(np.median([r[k] for r in per_image])) for k in per_image[0] if k != "image"}
-    rows.append(["median", med["t_analytic_with_linearization"], med["t_analytic_reused"],
-                 med["t_mc"], med["ratio_with_linearization"], med["ratio_reused"],
-                 med["max_rel_diff_vs_float64"]])
-    headers = ["image", "analytic + linearize (s)", "analytic reused (s)",
-               f"MC {args.samples} (s)", "ratio (target ≥ 3)", "ratio reused (target ≥ 20)",
-               "max rel. var diff vs float64"]
+    rows.append(
+        [
+            "median",
+            med["t_analytic_with_linearization"],
+            med["t_analytic_reused"],
+            med["t_mc"],
+            med["ratio_with_linearization"],
+            med["ratio_reused"],
+            med["max_rel_diff_vs_float64"],
+        ]
+    )
+    headers = [
+        "image",
+        "analytic + linearize (s)",
+        "analytic reused (s)",
+        f"MC {args.samples} (s)",
+        "ratio (target ≥ 3)",
+        "ratio reused (target ≥ 20)",
+        "max rel. var diff vs float64",
+    ]
     cmd = command_line(args)
     md = (
         f"# Benchmark: analytic LeNet moments vs Monte Carlo\n\nCommand: `{cmd}`\n\n"
@@ -106,15 +128,27 @@ def run_bench(args: argparse.Namespace) -> dict:
         f"({args.dtype}), MC float32 batch {args.batch_size}, torch threads "
         f"{torch.get_num_threads()}, device {args.device}; median of {args.repeats} repeats."
         + (f"\n\n**Note:** {note}" if note else "")
-        + "\n\n" + markdown_table(headers, rows)
+        + "\n\n"
+        + markdown_table(headers, rows)
         + f"\n\nMedian ratio with linearization: {med['ratio_with_linearization']:.1f}x; "
         f"with the linearization reused: {med['ratio_reused']:.1f}x."
     )
-    out = {"command": cmd, "method": method, "note": note, "dtype": args.dtype,
-           "sigma": args.sigma, "samples": args.samples, "batch_size": args.batch_size,
-           "threads": torch.get_num_threads(), "device": str(args.device),
-           "repeats": args.repeats, "per_image": per_image, "median": med,
-           "torch": torch.__version__, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    out = {
+        "command": cmd,
+        "method": method,
+        "note": note,
+        "dtype": args.dtype,
+        "sigma": args.sigma,
+        "samples": args.samples,
+        "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
+        "device": str(args.device),
+        "repeats": args.repeats,
+        "per_image": per_image,
+        "median": med,
+        "torch": torch.__version__,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     p = write_json(args.out, "bench_moments", out)
     write_markdown(args.out, "bench_moments", md)
     print(md)
@@ -146,11 +180,23 @@ def add_bench_parser(bench_subparsers) -> None:
     p.add_argument("--samples", type=int, default=10_000, help="Monte Carlo samples")
     p.add_argument("--batch-size", type=int, default=1000, help="Monte Carlo batch size")
     p.add_argument("--sigma", type=float, default=0.05, help="input noise level σ")
-    p.add_argument("--method", choices=["exact", "series", "zero_mean"], default="exact",
-                   help="variance method (default exact; zero_mean if exact is unavailable)")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
-                   help="analytic dtype (default float32, like LeNet and the MC passes; "
-                   "float32 skips the Cholesky PSD check of Σ̄)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch.set_num_threads (default 0: leave torch's default)")
+    p.add_argument(
+        "--method",
+        choices=["exact", "series", "zero_mean"],
+        default="exact",
+        help="variance method (default exact; zero_mean if exact is unavailable)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float64"],
+        default="float32",
+        help="analytic dtype (default float32, like LeNet and the MC passes; "
+        "float32 skips the Cholesky PSD check of Σ̄)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch.set_num_threads (default 0: leave torch's default)",
+    )
     p.set_defaults(func=run_bench)

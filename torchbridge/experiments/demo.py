@@ -66,8 +66,7 @@ def _verify(report: dict, md: list[str]) -> None:
     table = format_table(rows)
     print(table)
     passed = sum(bool(r.passed) for r in rows)
-    report["verify"] = {"rows": len(rows), "passed": passed,
-                        "seconds": time.perf_counter() - t}
+    report["verify"] = {"rows": len(rows), "passed": passed, "seconds": time.perf_counter() - t}
     md.append(f"## Kernel verification (quick)\n\n{passed}/{len(rows)} rows pass.\n\n{table}")
 
 
@@ -88,32 +87,58 @@ def _moments_demo(args: argparse.Namespace, model, test_x, report: dict, md: lis
         t_lin = time.perf_counter() - t
         mean, var, secs = analytic_moments(g, x, cov, methods)
         t = time.perf_counter()
-        mc_mean, mc_var = monte_carlo_moments(model, x, cov, samples=args.samples,
-                                              seed=seed_for(args.seed, i) + 1)
+        mc_mean, mc_var = monte_carlo_moments(
+            model, x, cov, samples=args.samples, seed=seed_for(args.seed, i) + 1
+        )
         t_mc = time.perf_counter() - t
         mc_mean, mc_var = mc_mean.double().numpy(), mc_var.double().numpy()
         headers = ["class", "MC mean", "Thm 1 mean", "MC var"] + [LABELS[m] for m in methods]
-        rows = [[c, float(mc_mean[c]), float(mean[c]), float(mc_var[c])]
-                + [float(var[m][c]) for m in methods] for c in range(len(mean))]
+        rows = [
+            [c, float(mc_mean[c]), float(mean[c]), float(mc_var[c])]
+            + [float(var[m][c]) for m in methods]
+            for c in range(len(mean))
+        ]
         errs = {"mean": float(er(mean, mc_mean).mean())}
         errs.update({m: float(er(var[m], mc_var).mean()) for m in methods})
         times = {"linearize": t_lin, **{f"moments_{m}": s for m, s in secs.items()}, "mc": t_mc}
         text = (
-            f"### Test image {i}\n\n" + markdown_table(headers, rows)
-            + "\n\nMean E_r vs MC: " + ", ".join(f"{k} {v:.3f}" for k, v in errs.items())
-            + "\n\nSeconds: " + ", ".join(f"{k} {v:.2f}" for k, v in times.items())
-            + (f"; MC / (linearize + exact moments) = {t_mc / (t_lin + secs['exact']):.1f}x"
-               if "exact" in secs else "")
+            f"### Test image {i}\n\n"
+            + markdown_table(headers, rows)
+            + "\n\nMean E_r vs MC: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in errs.items())
+            + "\n\nSeconds: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in times.items())
+            + (
+                f"; MC / (linearize + exact moments) = {t_mc / (t_lin + secs['exact']):.1f}x"
+                if "exact" in secs
+                else ""
+            )
         )
         print(text, flush=True)
         section.append(text)
-        images.append({"image": i, "errors": errs, "seconds": times, "mean": mean.tolist(),
-                       "mc_mean": mc_mean.tolist(), "mc_var": mc_var.tolist(),
-                       "var": {m: v.tolist() for m, v in var.items()}})
-    report["moments"] = {"sigma": args.sigma, "samples": args.samples, "methods": methods,
-                         "skipped": skipped, "images": images,
-                         "mean_errors": {k: float(np.mean([im["errors"][k] for im in images]))
-                                         for k in images[0]["errors"]} if images else {}}
+        images.append(
+            {
+                "image": i,
+                "errors": errs,
+                "seconds": times,
+                "mean": mean.tolist(),
+                "mc_mean": mc_mean.tolist(),
+                "mc_var": mc_var.tolist(),
+                "var": {m: v.tolist() for m, v in var.items()},
+            }
+        )
+    report["moments"] = {
+        "sigma": args.sigma,
+        "samples": args.samples,
+        "methods": methods,
+        "skipped": skipped,
+        "images": images,
+        "mean_errors": {
+            k: float(np.mean([im["errors"][k] for im in images])) for k in images[0]["errors"]
+        }
+        if images
+        else {},
+    }
     md.append("\n\n".join(section))
 
 
@@ -155,8 +180,11 @@ def run_demo(args: argparse.Namespace) -> dict:
     model = trained_lenet().eval()
     _, _, test_x, test_y = mnist()
     acc = accuracy(model, test_x, test_y)
-    report["lenet"] = {"test_accuracy": acc, "test_images": len(test_x),
-                       "load_or_train_seconds": time.perf_counter() - t}
+    report["lenet"] = {
+        "test_accuracy": acc,
+        "test_images": len(test_x),
+        "load_or_train_seconds": time.perf_counter() - t,
+    }
     print(f"LeNet test accuracy: {acc:.4f} on {len(test_x)} MNIST test digits")
     md.append(f"## LeNet\n\nTest accuracy {acc:.4f} on {len(test_x)} MNIST test digits.")
     _moments_demo(args, model, test_x, report, md)
@@ -171,8 +199,9 @@ def run_demo(args: argparse.Namespace) -> dict:
 def add_parser(subparsers) -> None:
     """Register `nm demo`."""
     p = subparsers.add_parser("demo", help="a few-minute tour: verify, LeNet, moments vs MC")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                   help="output folder (default: results/)")
+    p.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="output folder (default: results/)"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--images", type=int, default=3, help="test images (default 3)")
     p.add_argument("--sigma", type=float, default=0.05, help="input noise σ (default 0.05)")

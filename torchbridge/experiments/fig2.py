@@ -41,8 +41,12 @@ INV_SQRT2 = 1.0 / math.sqrt(2.0)
 PAPER_RHOS = (-0.7, -0.5, -0.3, -0.1, 0.0, 0.1, 0.3, 0.5, 0.7, 0.999)
 #: ρ at and next to the disjunction ±1/√2 of Eq. 1.
 SINGULAR_RHOS = (
-    -INV_SQRT2 - 0.01, -INV_SQRT2, -INV_SQRT2 + 0.01,
-    INV_SQRT2 - 0.01, INV_SQRT2, INV_SQRT2 + 0.01,
+    -INV_SQRT2 - 0.01,
+    -INV_SQRT2,
+    -INV_SQRT2 + 0.01,
+    INV_SQRT2 - 0.01,
+    INV_SQRT2,
+    INV_SQRT2 + 0.01,
 )
 _SING_LABELS = ("−1/√2−0.01", "−1/√2", "−1/√2+0.01", "1/√2−0.01", "1/√2", "1/√2+0.01")
 #: log-plot floor for errors that are exactly 0.
@@ -79,17 +83,21 @@ def series_errors(
     exact = torch.empty(n, dtype=torch.float64)
     series = torch.empty(len(terms), n, dtype=torch.float64)
     for a in range(0, n, chunk):
-        m1, m2, s1, s2 = pts[a:a + chunk].unbind(1)
+        m1, m2, s1, s2 = pts[a : a + chunk].unbind(1)
         r = torch.full_like(m1, rho)
-        exact[a:a + chunk] = tk.relu_cross_moment(m1, m2, s1, s2, r)
+        exact[a : a + chunk] = tk.relu_cross_moment(m1, m2, s1, s2, r)
         for t_i, t in enumerate(terms):
-            series[t_i, a:a + chunk] = tk.relu_cross_moment_series(m1, m2, s1, s2, r, t)
+            series[t_i, a : a + chunk] = tk.relu_cross_moment_series(m1, m2, s1, s2, r, t)
     return exact, series
 
 
 def mc_cross_moments(
-    params: torch.Tensor, samples: int, seed: int, sample_chunk: int = 1 << 18,
-    point_batch: int = 16, progress: bool = True,
+    params: torch.Tensor,
+    samples: int,
+    seed: int,
+    sample_chunk: int = 1 << 18,
+    point_batch: int = 16,
+    progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Monte Carlo E[relu(x1) relu(x2)], its standard error, and normal-sample statistics.
 
@@ -110,13 +118,13 @@ def mc_cross_moments(
     est = torch.empty(n, dtype=torch.float64)
     se = torch.empty(n, dtype=torch.float64)
     for a in tqdm(range(0, n, point_batch), desc="fig2 Monte Carlo", disable=not progress):
-        p = params[a:a + point_batch]
+        p = params[a : a + point_batch]
         m1, m2, s1, s2, r = (c[:, None] for c in p.unbind(1))
         c = torch.sqrt((1 - r) * (1 + r))
         tot = torch.zeros(p.shape[0], dtype=torch.float64)
         tot2 = torch.zeros(p.shape[0], dtype=torch.float64)
         for b in range(0, samples, sample_chunk):
-            u1, u2 = z1[None, b:b + sample_chunk], z2[None, b:b + sample_chunk]
+            u1, u2 = z1[None, b : b + sample_chunk], z2[None, b : b + sample_chunk]
             x1 = (s1 * u1).add_(m1).clamp_(min=0.0)
             x2 = (r * u1).add_(c * u2).mul_(s2).add_(m2).clamp_(min=0.0)
             prod = x1.mul_(x2)
@@ -124,12 +132,16 @@ def mc_cross_moments(
             tot2 += prod.square_().sum(1)
         mean = tot / samples
         var = (tot2 / samples - mean.square()).clamp(min=0.0) * (samples / (samples - 1))
-        est[a:a + point_batch] = mean
-        se[a:a + point_batch] = torch.sqrt(var / samples)
+        est[a : a + point_batch] = mean
+        se[a : a + point_batch] = torch.sqrt(var / samples)
     root = math.sqrt(samples)
     info = {f"z{k}_mean_in_se": float(z.mean() * root) for k, z in ((1, z1), (2, z2))}
-    info.update({f"z{k}_std_minus_1_in_se": float((z.std() - 1) * math.sqrt(2) * root)
-                 for k, z in ((1, z1), (2, z2))})
+    info.update(
+        {
+            f"z{k}_std_minus_1_in_se": float((z.std() - 1) * math.sqrt(2) * root)
+            for k, z in ((1, z1), (2, z2))
+        }
+    )
     return est, se, info
 
 
@@ -158,8 +170,11 @@ def check_exact_vs_mpmath(params: torch.Tensor, dps: int = 30, progress: bool = 
         return {"points": 0, "max_abs_diff": float("nan")}
     vals = tk.relu_cross_moment(*params.unbind(1))
     diffs, rels, failed = [], [0.0], []
-    for row, v in tqdm(list(zip(params.tolist(), vals.tolist(), strict=True)),
-                       desc="fig2 mpmath check", disable=not progress):
+    for row, v in tqdm(
+        list(zip(params.tolist(), vals.tolist(), strict=True)),
+        desc="fig2 mpmath check",
+        disable=not progress,
+    ):
         try:
             ref = to_float(relu_cross_moment_ref(*row, dps=dps))
         except ArithmeticError:  # the oracle's quadrature refused: retry less strictly
@@ -175,9 +190,14 @@ def check_exact_vs_mpmath(params: torch.Tensor, dps: int = 30, progress: bool = 
         return {"points": 0, "max_abs_diff": float("nan"), "oracle_failed": failed}
     worst = max(range(len(diffs)), key=diffs.__getitem__)
     kept = [r for r in params.tolist() if r not in failed]
-    return {"points": len(diffs), "dps": dps, "max_abs_diff": max(diffs),
-            "max_rel_diff_where_ref_ge_1e-8": max(rels),
-            "worst_point": _point(torch.tensor(kept[worst])), "oracle_failed": failed}
+    return {
+        "points": len(diffs),
+        "dps": dps,
+        "max_abs_diff": max(diffs),
+        "max_rel_diff_where_ref_ge_1e-8": max(rels),
+        "worst_point": _point(torch.tensor(kept[worst])),
+        "oracle_failed": failed,
+    }
 
 
 def run_fig2(args: argparse.Namespace) -> dict:
@@ -209,13 +229,22 @@ def run_fig2(args: argparse.Namespace) -> dict:
         if not bool(torch.isfinite(err).all()):
             raise RuntimeError(f"non-finite series value at ρ = {rho}")
         mx, arg = err.max(1)
-        entry = {"rho": rho, "label": rho_label(rho), "points": int(pts.shape[0]),
-                 "paper_grid": rho in PAPER_RHOS, "max_abs_error": {}, "worst": {}}
+        entry = {
+            "rho": rho,
+            "label": rho_label(rho),
+            "points": int(pts.shape[0]),
+            "paper_grid": rho in PAPER_RHOS,
+            "max_abs_error": {},
+            "worst": {},
+        }
         for t_i, t in enumerate(TERMS):
             i = int(arg[t_i])
-            w = {**_point(torch.cat([pts[i], torch.tensor([rho], dtype=torch.float64)])),
-                 "series": float(series[t_i, i]), "exact": float(exact[i]),
-                 "abs_error": float(mx[t_i])}
+            w = {
+                **_point(torch.cat([pts[i], torch.tensor([rho], dtype=torch.float64)])),
+                "series": float(series[t_i, i]),
+                "exact": float(exact[i]),
+                "abs_error": float(mx[t_i]),
+            }
             entry["max_abs_error"][str(t)] = float(mx[t_i])
             entry["worst"][str(t)] = w
             if rho in PAPER_RHOS and (t not in worst or w["abs_error"] > worst[t]["abs_error"]):
@@ -236,9 +265,12 @@ def run_fig2(args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     chk = torch.empty(0, 5, dtype=torch.float64)
     if args.check_points > 0:
-        everything = torch.cat([
-            torch.cat([pts, torch.full((pts.shape[0], 1), r, dtype=torch.float64)], 1)
-            for r in all_rhos])
+        everything = torch.cat(
+            [
+                torch.cat([pts, torch.full((pts.shape[0], 1), r, dtype=torch.float64)], 1)
+                for r in all_rhos
+            ]
+        )
         idx = torch.randperm(everything.shape[0], generator=gen)[: args.check_points]
         chk = everything[idx]
     t0 = time.perf_counter()
@@ -252,8 +284,7 @@ def run_fig2(args: argparse.Namespace) -> dict:
     if per:
         params = _sample_params(pts, all_rhos, per, gen)
         t0 = time.perf_counter()
-        est, se, zinfo = mc_cross_moments(params, args.mc_samples, args.seed + 1,
-                                          progress=progress)
+        est, se, zinfo = mc_cross_moments(params, args.mc_samples, args.seed + 1, progress=progress)
         mc["normal_sample"] = zinfo
         t_mc = time.perf_counter() - t0
         cols = params.unbind(1)
@@ -261,13 +292,13 @@ def run_fig2(args: argparse.Namespace) -> dict:
         ser = torch.stack([tk.relu_cross_moment_series(*cols, t) for t in TERMS])
         rho_col = params[:, 4]
         groups = {
-            "paper grid, all ρ": torch.isin(rho_col, torch.tensor(PAPER_RHOS,
-                                                                 dtype=torch.float64)),
+            "paper grid, all ρ": torch.isin(rho_col, torch.tensor(PAPER_RHOS, dtype=torch.float64)),
             "|ρ| ≤ 0.5": rho_col.abs() <= 0.5 + 1e-12,
             "ρ = ±0.7": (rho_col.abs() - 0.7).abs() < 1e-12,
             "ρ = 0.999": rho_col == 0.999,
-            "|ρ| ≈ 1/√2 (±0.01)": torch.isin(rho_col, torch.tensor(SINGULAR_RHOS,
-                                                                   dtype=torch.float64)),
+            "|ρ| ≈ 1/√2 (±0.01)": torch.isin(
+                rho_col, torch.tensor(SINGULAR_RHOS, dtype=torch.float64)
+            ),
         }
         for name, m in groups.items():
             if not bool(m.any()):
@@ -276,58 +307,99 @@ def run_fig2(args: argparse.Namespace) -> dict:
             z = e_exact / se[m].clamp(min=1e-300)
             mc["groups"][name] = {
                 "points": int(m.sum()),
-                "series_max_abs_error": {str(t): float((ser[t_i, m] - est[m]).abs().max())
-                                         for t_i, t in enumerate(TERMS)},
+                "series_max_abs_error": {
+                    str(t): float((ser[t_i, m] - est[m]).abs().max()) for t_i, t in enumerate(TERMS)
+                },
                 "exact_max_abs_error": float(e_exact.max()),
                 "max_standard_error": float(se[m].max()),
                 "median_standard_error": float(se[m].median()),
                 "exact_within_3se_fraction": float((z <= 3).double().mean()),
             }
         mc["exact_max_abs_error_over_se"] = float(
-            ((exact_v - est).abs() / se.clamp(min=1e-300)).max())
+            ((exact_v - est).abs() / se.clamp(min=1e-300)).max()
+        )
 
     # tables
     cmd = command_line(args)
     hdr = ["ρ"] + [f"{t} terms" for t in TERMS]
-    rows = [[e["label"]] + [e["max_abs_error"][str(t)] for t in TERMS]
-            for e in per_rho.values() if e["paper_grid"]]
+    rows = [
+        [e["label"]] + [e["max_abs_error"][str(t)] for t in TERMS]
+        for e in per_rho.values()
+        if e["paper_grid"]
+    ]
     rows.append(["**all (paper grid)**"] + [overall[str(t)] for t in TERMS])
     rows.append(["all, \\|ρ\\| ≤ 0.5 or 0.999"] + [away[str(t)] for t in TERMS])
-    rows += [[e["label"]] + [e["max_abs_error"][str(t)] for t in TERMS]
-             for e in per_rho.values() if not e["paper_grid"]]
+    rows += [
+        [e["label"]] + [e["max_abs_error"][str(t)] for t in TERMS]
+        for e in per_rho.values()
+        if not e["paper_grid"]
+    ]
     rows.append(["all \\|ρ\\| ≈ 1/√2 rows"] + [near[str(t)] for t in TERMS])
-    wrows = [[t, w["abs_error"], w["mu1"], w["mu2"], w["sigma1"], w["sigma2"],
-              rho_label(w["rho"]), w["series"], w["exact"]] for t, w in sorted(worst.items())]
+    wrows = [
+        [
+            t,
+            w["abs_error"],
+            w["mu1"],
+            w["mu2"],
+            w["sigma1"],
+            w["sigma2"],
+            rho_label(w["rho"]),
+            w["series"],
+            w["exact"],
+        ]
+        for t, w in sorted(worst.items())
+    ]
     md = [
-        "# Fig. 2: truncation error of Lemma 4's series (Eq. 1 / Eq. 3)", "",
-        f"Command: `{cmd}`", "",
+        "# Fig. 2: truncation error of Lemma 4's series (Eq. 1 / Eq. 3)",
+        "",
+        f"Command: `{cmd}`",
+        "",
         f"Grid: μ1, μ2 ∈ {{−2, −1.8, …, 2}}, σ1, σ2 ∈ {{0.2, 0.4, …, 2}} (stride {args.stride}: "
         f"{pts.shape[0]} (μ, σ) combinations per ρ; {n_paper} points on the paper's grid), "
         f"float64, torch threads {torch.get_num_threads()}; grid evaluation "
-        f"{t_grid:.1f} s for all {len(all_rhos)} ρ × {len(TERMS)} term counts.", "",
-        "## (a) Max abs error of the truncated series vs the exact closed form", "",
-        markdown_table(hdr, rows), "",
+        f"{t_grid:.1f} s for all {len(all_rhos)} ρ × {len(TERMS)} term counts.",
+        "",
+        "## (a) Max abs error of the truncated series vs the exact closed form",
+        "",
+        markdown_table(hdr, rows),
+        "",
         f"Exact kernel vs mpmath oracle (dps {check.get('dps', 30)}) on {check['points']} random "
         f"grid points: max abs diff **{check['max_abs_diff']:.3g}**, max rel diff "
         f"{check.get('max_rel_diff_where_ref_ge_1e-8', math.nan):.3g} where |ref| ≥ 1e-8 "
         f"({t_check:.1f} s)"
-        + (f"; the oracle's quadrature refused {len(check['oracle_failed'])} point(s), "
-           "skipped." if check.get("oracle_failed") else "."), "",
-        "Worst point per number of terms (paper grid):", "",
-        markdown_table(["terms", "max abs err", "μ1", "μ2", "σ1", "σ2", "ρ", "series", "exact"],
-                       wrows),
+        + (
+            f"; the oracle's quadrature refused {len(check['oracle_failed'])} point(s), skipped."
+            if check.get("oracle_failed")
+            else "."
+        ),
+        "",
+        "Worst point per number of terms (paper grid):",
+        "",
+        markdown_table(
+            ["terms", "max abs err", "μ1", "μ2", "σ1", "σ2", "ρ", "series", "exact"], wrows
+        ),
     ]
     if mc["groups"]:
-        mhdr = ["points", "n"] + [f"{t} terms" for t in TERMS] + [
-            "exact", "max SE", "median SE", "exact within 3 SE"]
-        mrows = [[name.replace("|", "\\|"), g["points"]]
-                 + [g["series_max_abs_error"][str(t)] for t in TERMS]
-                 + [g["exact_max_abs_error"], g["max_standard_error"],
-                    g["median_standard_error"], f"{100 * g['exact_within_3se_fraction']:.0f}%"]
-                 for name, g in mc["groups"].items()]
+        mhdr = (
+            ["points", "n"]
+            + [f"{t} terms" for t in TERMS]
+            + ["exact", "max SE", "median SE", "exact within 3 SE"]
+        )
+        mrows = [
+            [name.replace("|", "\\|"), g["points"]]
+            + [g["series_max_abs_error"][str(t)] for t in TERMS]
+            + [
+                g["exact_max_abs_error"],
+                g["max_standard_error"],
+                g["median_standard_error"],
+                f"{100 * g['exact_within_3se_fraction']:.0f}%",
+            ]
+            for name, g in mc["groups"].items()
+        ]
         md += [
-            "", f"## (b) Max abs error vs Monte Carlo ({args.mc_samples} samples, the paper's "
-            "metric)", "",
+            "",
+            f"## (b) Max abs error vs Monte Carlo ({args.mc_samples} samples, the paper's metric)",
+            "",
             f"{per} random grid points per ρ (seeded), one set of normal pairs shared by all "
             f"points; {t_mc:.1f} s. The 'exact' column is the error of the exact value against "
             "Monte Carlo: the Monte Carlo floor, below which series errors are not resolved. "
@@ -339,22 +411,36 @@ def run_fig2(args: argparse.Namespace) -> dict:
             markdown_table(mhdr, mrows),
         ]
     md += [
-        "", "Paper (Monte Carlo based): 20 terms → ≈ 10^−2.5 ≈ 3e-3 overall; 5 terms → ≈ 1e-4 "
+        "",
+        "Paper (Monte Carlo based): 20 terms → ≈ 10^−2.5 ≈ 3e-3 overall; 5 terms → ≈ 1e-4 "
         "away from ρ = ±1/√2.",
     ]
     text = "\n".join(md)
     result = {
-        "command": cmd, "stride": args.stride, "terms": list(TERMS),
+        "command": cmd,
+        "stride": args.stride,
+        "terms": list(TERMS),
         "mu_values": grid_axes(args.stride)[0].tolist(),
         "sigma_values": grid_axes(args.stride)[1].tolist(),
-        "points_per_rho": int(pts.shape[0]), "paper_grid_points": n_paper,
-        "vs_exact": {"per_rho": per_rho, "overall_paper_grid": overall,
-                     "away_from_singularity": away, "near_singularity": near,
-                     "worst_paper_grid": {str(t): w for t, w in worst.items()}},
-        "exact_vs_mpmath": check, "monte_carlo": mc,
-        "seconds": {"grid": t_grid, "mpmath_check": t_check, "monte_carlo": t_mc,
-                    "total": time.perf_counter() - t_start},
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "points_per_rho": int(pts.shape[0]),
+        "paper_grid_points": n_paper,
+        "vs_exact": {
+            "per_rho": per_rho,
+            "overall_paper_grid": overall,
+            "away_from_singularity": away,
+            "near_singularity": near,
+            "worst_paper_grid": {str(t): w for t, w in worst.items()},
+        },
+        "exact_vs_mpmath": check,
+        "monte_carlo": mc,
+        "seconds": {
+            "grid": t_grid,
+            "mpmath_check": t_check,
+            "monte_carlo": t_mc,
+            "total": time.perf_counter() - t_start,
+        },
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_json(args.out, "fig2", result)
@@ -381,17 +467,32 @@ def _plot(result: dict, args: argparse.Namespace) -> None:
     per_rho = result["vs_exact"]["per_rho"]
     paper = [e for e in per_rho.values() if e["paper_grid"]]
     for k, e in enumerate(paper):
-        ax.plot(TERMS, [fl(e["max_abs_error"][str(t)]) for t in TERMS], "o-",
-                color=cmap(k / max(1, len(paper) - 1)), label=f"ρ = {e['label']}")
+        ax.plot(
+            TERMS,
+            [fl(e["max_abs_error"][str(t)]) for t in TERMS],
+            "o-",
+            color=cmap(k / max(1, len(paper) - 1)),
+            label=f"ρ = {e['label']}",
+        )
     for e in per_rho.values():
         if not e["paper_grid"]:
-            ax.plot(TERMS, [fl(e["max_abs_error"][str(t)]) for t in TERMS], "x--",
-                    color="tab:red", alpha=0.6, lw=1)
+            ax.plot(
+                TERMS,
+                [fl(e["max_abs_error"][str(t)]) for t in TERMS],
+                "x--",
+                color="tab:red",
+                alpha=0.6,
+                lw=1,
+            )
     ax.plot([], [], "x--", color="tab:red", label="ρ = ±1/√2, ±(1/√2 ± 0.01)")
     chk = result["exact_vs_mpmath"]
     if chk["points"]:
-        ax.axhline(fl(chk["max_abs_diff"]), color="k", ls=":",
-                   label=f"exact kernel vs mpmath ({chk['points']} pts)")
+        ax.axhline(
+            fl(chk["max_abs_diff"]),
+            color="k",
+            ls=":",
+            label=f"exact kernel vs mpmath ({chk['points']} pts)",
+        )
     ax.set_yscale("log")
     ax.set_xlabel("number of terms")
     ax.set_ylabel("max abs error")
@@ -404,8 +505,13 @@ def _plot(result: dict, args: argparse.Namespace) -> None:
         colors = iter(["tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:red"])
         for name, g in mc["groups"].items():
             c = next(colors)
-            ax.plot(TERMS, [fl(g["series_max_abs_error"][str(t)]) for t in TERMS], "o-",
-                    color=c, label=f"{name} (n={g['points']})")
+            ax.plot(
+                TERMS,
+                [fl(g["series_max_abs_error"][str(t)]) for t in TERMS],
+                "o-",
+                color=c,
+                label=f"{name} (n={g['points']})",
+            )
             ax.axhline(fl(g["exact_max_abs_error"]), color=c, ls=":", lw=1)
         ax.plot([], [], "k:", lw=1, label="exact value vs MC (MC floor)")
         ax.set_yscale("log")
@@ -427,23 +533,50 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_common_args(p, device=False)
-    p.add_argument("--stride", type=int, default=1,
-                   help="use every STRIDE-th μ and σ value of the grid (default 1: the full "
-                   "441,000-point grid; all ρ values are always kept)")
-    p.add_argument("--quick", action="store_true",
-                   help="coarse smoke run: stride ≥ 4, ≤ 20 MC points with ≤ 20,000 samples, "
-                   "≤ 5 mpmath check points")
-    p.add_argument("--check-points", type=int, default=30,
-                   help="random grid points at which the exact kernel is checked against the "
-                   "mpmath oracle (~0.1 s each; default 30)")
-    p.add_argument("--mc-points", type=int, default=200,
-                   help="Monte Carlo points on the paper's grid, stratified over its 10 ρ values "
-                   "(the same number per ρ is added for the ±1/√2 rows; 0 disables; default 200)")
-    p.add_argument("--mc-samples", type=int, default=1_000_000,
-                   help="Monte Carlo samples per point (default 10^6, as in the paper)")
-    p.add_argument("--chunk", type=int, default=1 << 16,
-                   help="points per kernel call (memory bound; default 65536)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch.set_num_threads (default 0: leave torch's default)")
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=1,
+        help="use every STRIDE-th μ and σ value of the grid (default 1: the full "
+        "441,000-point grid; all ρ values are always kept)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="coarse smoke run: stride ≥ 4, ≤ 20 MC points with ≤ 20,000 samples, "
+        "≤ 5 mpmath check points",
+    )
+    p.add_argument(
+        "--check-points",
+        type=int,
+        default=30,
+        help="random grid points at which the exact kernel is checked against the "
+        "mpmath oracle (~0.1 s each; default 30)",
+    )
+    p.add_argument(
+        "--mc-points",
+        type=int,
+        default=200,
+        help="Monte Carlo points on the paper's grid, stratified over its 10 ρ values "
+        "(the same number per ρ is added for the ±1/√2 rows; 0 disables; default 200)",
+    )
+    p.add_argument(
+        "--mc-samples",
+        type=int,
+        default=1_000_000,
+        help="Monte Carlo samples per point (default 10^6, as in the paper)",
+    )
+    p.add_argument(
+        "--chunk",
+        type=int,
+        default=1 << 16,
+        help="points per kernel call (memory bound; default 65536)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch.set_num_threads (default 0: leave torch's default)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=run_fig2)

@@ -159,8 +159,10 @@ def summarize(records: Sequence[dict]) -> dict[str, tuple[float, float]]:
     errs = [record_errors(r) for r in records]
     keys = [k for k in TITLES if errs and k in errs[0]]
     return {
-        k: (float(np.mean(np.concatenate([e[k] for e in errs]))),
-            float(np.std(np.concatenate([e[k] for e in errs]))))
+        k: (
+            float(np.mean(np.concatenate([e[k] for e in errs]))),
+            float(np.std(np.concatenate([e[k] for e in errs]))),
+        )
         for k in keys
     }
 
@@ -241,9 +243,15 @@ def tightness_records(
             t = time.perf_counter()
             mc_mean, mc_var = mc_moments(model, x, cov.to(x.device), samples, mc_seed)
             rec = {
-                "image": i, "sigma": sigma, "mean": mean, "var": var,
-                "mc_mean": mc_mean, "mc_var": mc_var, "t_lin": t_lin,
-                "t_moments": secs, "t_mc": time.perf_counter() - t,
+                "image": i,
+                "sigma": sigma,
+                "mean": mean,
+                "var": var,
+                "mc_mean": mc_mean,
+                "mc_var": mc_var,
+                "t_lin": t_lin,
+                "t_moments": secs,
+                "t_mc": time.perf_counter() - t,
             }
             if mc_noise:
                 rec["mc2_mean"], rec["mc2_var"] = mc_moments(
@@ -278,8 +286,14 @@ def _er_figure(summary: dict[str, dict], keys: Sequence[str], title: str):
     width = 0.8 / max(1, len(keys))
     for j, k in enumerate(keys):
         vals = [summary[s].get(k, (np.nan, 0.0)) for s in sig]
-        ax.bar(np.arange(len(sig)) + j * width, [v[0] for v in vals], width,
-               yerr=[v[1] for v in vals], capsize=2, label=TITLES[k])
+        ax.bar(
+            np.arange(len(sig)) + j * width,
+            [v[0] for v in vals],
+            width,
+            yerr=[v[1] for v in vals],
+            capsize=2,
+            label=TITLES[k],
+        )
     ax.set_xticks(np.arange(len(sig)) + 0.4 - width / 2, [f"σ={s}" for s in sig])
     ax.set_ylabel("absolute relative difference E_r")
     ax.set_title(title)
@@ -339,8 +353,10 @@ def run_table1(args: argparse.Namespace) -> dict:
     headers = ["l (paper)", "relu_index", "q"] + [f"σ={s:g}" for s in args.sigmas]
     rows, rel_rows, summary = [], [], {}
     for r in relus:
-        stats = {s: {k: (float(np.mean(v)), float(np.std(v))) for k, v in res[r][s].items()}
-                 for s in args.sigmas}
+        stats = {
+            s: {k: (float(np.mean(v)), float(np.std(v))) for k, v in res[r][s].items()}
+            for s in args.sigmas
+        }
         summary[str(r)] = {"q": q[r], **{str(s): stats[s] for s in args.sigmas}}
         rows.append([r + 1, r, q[r]] + [pm(stats[s]["l2"]) for s in args.sigmas])
         rel_rows.append([r + 1, r, q[r]] + [pm(stats[s]["rel"]) for s in args.sigmas])
@@ -353,8 +369,13 @@ def run_table1(args: argparse.Namespace) -> dict:
         + "\n\nRelative ‖R(x_k) − g(x_k)‖₂ / ‖R(x_k)‖₂:\n\n"
         + markdown_table(headers, rel_rows)
     )
-    out = {"command": _command(args), "images": len(images), "points": args.points,
-           "sigmas": list(args.sigmas), "results": summary}
+    out = {
+        "command": _command(args),
+        "images": len(images),
+        "points": args.points,
+        "sigmas": list(args.sigmas),
+        "results": summary,
+    }
     _finish(args, "table1", out, md)
     import matplotlib
 
@@ -363,9 +384,14 @@ def run_table1(args: argparse.Namespace) -> dict:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in relus:
-        ax.errorbar(args.sigmas, [summary[str(r)][str(s)]["l2"][0] for s in args.sigmas],
-                    yerr=[summary[str(r)][str(s)]["l2"][1] for s in args.sigmas],
-                    marker="o", capsize=3, label=f"l = {r + 1} (q = {q[r]})")
+        ax.errorbar(
+            args.sigmas,
+            [summary[str(r)][str(s)]["l2"][0] for s in args.sigmas],
+            yerr=[summary[str(r)][str(s)]["l2"][1] for s in args.sigmas],
+            marker="o",
+            capsize=3,
+            label=f"l = {r + 1} (q = {q[r]})",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("input noise σ")
     ax.set_ylabel("‖LeNet − linearized‖₂")
@@ -381,20 +407,36 @@ def run_table2(args: argparse.Namespace) -> dict:
     model, test_x, _ = _setup(args)
     methods, skipped = _methods(args)
     images = test_x[: args.images]
-    recs = tightness_records(model, images, args.sigmas, methods, samples=args.samples,
-                             seed=args.seed, relu_index=args.relu_index, desc="table2")
+    recs = tightness_records(
+        model,
+        images,
+        args.sigmas,
+        methods,
+        samples=args.samples,
+        seed=args.seed,
+        relu_index=args.relu_index,
+        desc="table2",
+    )
     keys = ["mean"] + [m for m in METHODS if m in methods] + ["mc_mean", "mc_var"]
     rows, summary = tightness_rows(recs, args.sigmas, keys)
     md = (
         f"# Table 2: tightness on LeNet (relu_index {args.relu_index})\n\n"
         f"Command: `{_command(args)}`\n\n{len(images)} test images, Σ random SPD with trace "
         f"σ²·784, Monte Carlo {args.samples} samples; E_r mean ± std over images and the 10 "
-        "outputs.\n\n" + markdown_table(["σ"] + [TITLES[k] for k in keys], rows)
+        "outputs.\n\n"
+        + markdown_table(["σ"] + [TITLES[k] for k in keys], rows)
         + (f"\n\nSkipped methods (kernel missing): {', '.join(skipped)}" if skipped else "")
     )
-    out = {"command": _command(args), "images": len(images), "samples": args.samples,
-           "relu_index": args.relu_index, "methods": methods, "skipped": skipped,
-           "summary": summary, "records": [_tolist(r) for r in recs]}
+    out = {
+        "command": _command(args),
+        "images": len(images),
+        "samples": args.samples,
+        "relu_index": args.relu_index,
+        "methods": methods,
+        "skipped": skipped,
+        "summary": summary,
+        "records": [_tolist(r) for r in recs],
+    }
     _finish(args, "table2", out, md)
     save_figure(_er_figure(summary, keys, "Table 2: E_r vs Monte Carlo"), args.out, "table2")
     return out
@@ -408,8 +450,13 @@ def run_table3(args: argparse.Namespace) -> dict:
     if args.reuse is not None:
         data = json.loads(Path(args.reuse).read_text())
         recs = [
-            {**r, "mean": np.array(r["mean"]), "mc_mean": np.array(r["mc_mean"]),
-             "mc_var": np.array(r["mc_var"]), "var": {k: np.array(v) for k, v in r["var"].items()}}
+            {
+                **r,
+                "mean": np.array(r["mean"]),
+                "mc_mean": np.array(r["mc_mean"]),
+                "mc_var": np.array(r["mc_var"]),
+                "var": {k: np.array(v) for k, v in r["var"].items()},
+            }
             for r in data["records"]
         ]
         sigmas = sorted({r["sigma"] for r in recs})
@@ -420,9 +467,16 @@ def run_table3(args: argparse.Namespace) -> dict:
         methods, _ = _methods(args)
         sigmas = args.sigmas
         n_images = args.images
-        recs = tightness_records(model, test_x[: args.images], sigmas, methods,
-                                 samples=args.samples, seed=args.seed, mc_noise=False,
-                                 desc="table3")
+        recs = tightness_records(
+            model,
+            test_x[: args.images],
+            sigmas,
+            methods,
+            samples=args.samples,
+            seed=args.seed,
+            mc_noise=False,
+            desc="table3",
+        )
     import matplotlib
 
     matplotlib.use("Agg")
@@ -435,8 +489,11 @@ def run_table3(args: argparse.Namespace) -> dict:
         mc = np.concatenate([r["mc_var"] for r in rs])
         series = {"Monte Carlo": mc}
         s = summarize(rs)
-        for m, label in (("zero_mean", "Thm 2 (old)"), ("series", "Lemma 4, 5 terms"),
-                         ("exact", "exact (ours)")):
+        for m, label in (
+            ("zero_mean", "Thm 2 (old)"),
+            ("series", "Lemma 4, 5 terms"),
+            ("exact", "exact (ours)"),
+        ):
             if m in methods:
                 series[f"{label}, E_r={s[m][0]:.3f}"] = np.concatenate([r["var"][m] for r in rs])
         logs = {k: np.log10(np.maximum(v, 1e-30)) for k, v in series.items()}
@@ -458,19 +515,27 @@ def run_table3(args: argparse.Namespace) -> dict:
         f"{n_images} images; histograms in table3.png. E_r (legend values):\n\n"
         + markdown_table(["σ"] + [TITLES[k] for k in keys], rows)
     )
-    out = {"command": _command(args), "images": n_images, "summary": summary,
-           "variances": {str(s): {"mc": np.concatenate(
-               [r["mc_var"] for r in recs if r["sigma"] == s]).tolist(),
-               **{m: np.concatenate([r["var"][m] for r in recs if r["sigma"] == s]).tolist()
-                  for m in methods}} for s in sigmas}}
+    out = {
+        "command": _command(args),
+        "images": n_images,
+        "summary": summary,
+        "variances": {
+            str(s): {
+                "mc": np.concatenate([r["mc_var"] for r in recs if r["sigma"] == s]).tolist(),
+                **{
+                    m: np.concatenate([r["var"][m] for r in recs if r["sigma"] == s]).tolist()
+                    for m in methods
+                },
+            }
+            for s in sigmas
+        },
+    }
     _finish(args, "table3", out, md)
     return out
 
 
 # --------------------------------------------------------------------------- table 4
-def kmeans_points(
-    data: np.ndarray, k: int, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def kmeans_points(data: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(centres (k, n), labels (N,), farthest member index per cluster (k,)) of k-means."""
     from sklearn.cluster import KMeans
 
@@ -508,8 +573,10 @@ def run_table4(args: argparse.Namespace) -> dict:
         base = random_spd_cov(n, 1.0, seed_for(args.seed, i))
         for s_idx, sigma in enumerate(args.sigmas):
             cov = (base * sigma**2).to(pool.device)
-            mc[i, sigma] = (cov, *mc_moments(model, pool[i], cov, args.samples,
-                                             seed_for(args.seed, i, s_idx) + 1))
+            mc[i, sigma] = (
+                cov,
+                *mc_moments(model, pool[i], cov, args.samples, seed_for(args.seed, i, s_idx) + 1),
+            )
     recs: dict[str, list[dict]] = {c[0]: [] for c in configs}
     bar = tqdm(total=len(configs) * n_eval, desc="table4 analytic")
     for label, _, points in configs:
@@ -519,8 +586,16 @@ def run_table4(args: argparse.Namespace) -> dict:
             for sigma in args.sigmas:
                 cov, mc_mean, mc_var = mc[i, sigma]
                 mean, var, _ = analytic_moments(g, pool[i], cov, methods)
-                recs[label].append({"image": i, "sigma": sigma, "mean": mean, "var": var,
-                                    "mc_mean": mc_mean, "mc_var": mc_var})
+                recs[label].append(
+                    {
+                        "image": i,
+                        "sigma": sigma,
+                        "mean": mean,
+                        "var": var,
+                        "mc_mean": mc_mean,
+                        "mc_var": mc_var,
+                    }
+                )
             bar.update(1)
     bar.close()
     keys = ["mean"] + [m for m in METHODS if m in methods]
@@ -540,9 +615,15 @@ def run_table4(args: argparse.Namespace) -> dict:
         + markdown_table(["σ", "k"] + [TITLES[k] for k in keys], rows)
         + (f"\n\nSkipped methods (kernel missing): {', '.join(skipped)}" if skipped else "")
     )
-    out = {"command": _command(args), "pool": len(pool), "images": n_eval,
-           "samples": args.samples, "ks": [c[0] for c in configs], "methods": methods,
-           "summary": summary}
+    out = {
+        "command": _command(args),
+        "pool": len(pool),
+        "images": n_eval,
+        "samples": args.samples,
+        "ks": [c[0] for c in configs],
+        "methods": methods,
+        "summary": summary,
+    }
     _finish(args, "table4", out, md)
     import matplotlib
 
@@ -553,8 +634,12 @@ def run_table4(args: argparse.Namespace) -> dict:
     plain = [c[0] for c in configs if not c[0].endswith("*")]
     for ax, key in zip(axes[0], keys, strict=True):
         for sigma in args.sigmas:
-            ax.plot([int(c) for c in plain], [summary[str(sigma)][c][key][0] for c in plain],
-                    marker="o", label=f"σ={sigma:g}")
+            ax.plot(
+                [int(c) for c in plain],
+                [summary[str(sigma)][c][key][0] for c in plain],
+                marker="o",
+                label=f"σ={sigma:g}",
+            )
         ax.set_xscale("log")
         ax.set_xlabel("k (linearization points)")
         ax.set_title(TITLES[key], fontsize=9)
@@ -573,23 +658,41 @@ def run_layers(args: argparse.Namespace) -> dict:
     keys = ["mean"] + [m for m in METHODS if m in methods]
     rows, cost_rows, summary = [], [], {}
     for r in relus:
-        recs = tightness_records(model, images, args.sigmas, methods, samples=args.samples,
-                                 seed=args.seed, relu_index=r, mc_noise=False,
-                                 dtype=DTYPES[args.dtype], desc=f"layers relu {r}")
+        recs = tightness_records(
+            model,
+            images,
+            args.sigmas,
+            methods,
+            samples=args.samples,
+            seed=args.seed,
+            relu_index=r,
+            mc_noise=False,
+            dtype=DTYPES[args.dtype],
+            desc=f"layers relu {r}",
+        )
         g = two_stage_linearize(model, images[0], r)
         t_lin = float(np.median([x["t_lin"] for x in recs]))
         t_mc = float(np.median([x["t_mc"] for x in recs]))
         cost = {}
         for m in methods:
             t_m = float(np.median([x["t_moments"][m] for x in recs]))
-            cost[m] = {"t_moments": t_m, "t_analytic": t_lin + t_m,
-                       "ratio_mc_over_analytic": t_mc / (t_lin + t_m)}
-            cost_rows.append([r + 1, r, g.hidden_features, m, t_lin, t_m, t_mc,
-                              t_mc / (t_lin + t_m)])
+            cost[m] = {
+                "t_moments": t_m,
+                "t_analytic": t_lin + t_m,
+                "ratio_mc_over_analytic": t_mc / (t_lin + t_m),
+            }
+            cost_rows.append(
+                [r + 1, r, g.hidden_features, m, t_lin, t_m, t_mc, t_mc / (t_lin + t_m)]
+            )
         part, s = tightness_rows(recs, args.sigmas, keys)
         rows += [[r + 1, r, g.hidden_features, *row] for row in part]
-        summary[str(r)] = {"q": g.hidden_features, "errors": s, "t_lin": t_lin,
-                           "t_mc": t_mc, "cost": cost}
+        summary[str(r)] = {
+            "q": g.hidden_features,
+            "errors": s,
+            "t_lin": t_lin,
+            "t_mc": t_mc,
+            "cost": cost,
+        }
     md = (
         f"# Tightness and cost at every ReLU layer of LeNet\n\nCommand: `{_command(args)}`\n\n"
         f"{len(images)} test images, Σ random SPD (trace σ²·784), Monte Carlo {args.samples} "
@@ -597,16 +700,34 @@ def run_layers(args: argparse.Namespace) -> dict:
         + markdown_table(["l (paper)", "relu_index", "q", "σ"] + [TITLES[k] for k in keys], rows)
         + "\n\nCost per image and σ (median seconds; analytic = linearization + moments in "
         f"{args.dtype} (auto: float64 for q <= {PSD_CHECK_MAX}, else float32)):\n\n"
-        + markdown_table(["l (paper)", "relu_index", "q", "method", "linearize s", "moments s",
-                          "MC s", "MC / analytic"], cost_rows)
+        + markdown_table(
+            [
+                "l (paper)",
+                "relu_index",
+                "q",
+                "method",
+                "linearize s",
+                "moments s",
+                "MC s",
+                "MC / analytic",
+            ],
+            cost_rows,
+        )
         + (f"\n\nSkipped methods (kernel missing): {', '.join(skipped)}" if skipped else "")
     )
-    out = {"command": _command(args), "images": len(images), "samples": args.samples,
-           "methods": methods, "results": summary}
+    out = {
+        "command": _command(args),
+        "images": len(images),
+        "samples": args.samples,
+        "methods": methods,
+        "results": summary,
+    }
     _finish(args, "layers", out, md)
-    fig = _er_figure({f"l={int(r) + 1}": v["errors"][str(args.sigmas[0])]
-                      for r, v in summary.items()}, keys,
-                     f"E_r per linearization layer (σ={args.sigmas[0]:g})")
+    fig = _er_figure(
+        {f"l={int(r) + 1}": v["errors"][str(args.sigmas[0])] for r, v in summary.items()},
+        keys,
+        f"E_r per linearization layer (σ={args.sigmas[0]:g})",
+    )
     save_figure(fig, args.out, "layers")
     return out
 
@@ -640,16 +761,26 @@ def add_parser(subparsers) -> None:
 
     def common(p: argparse.ArgumentParser, images: int, sigmas: Sequence[float]) -> None:
         add_common_args(p)
-        p.add_argument("--images", type=int, default=images,
-                       help=f"test images (default {images}; paper: all)")
-        p.add_argument("--sigmas", type=_floats, default=list(sigmas),
-                       help="comma-separated noise levels σ")
+        p.add_argument(
+            "--images", type=int, default=images, help=f"test images (default {images}; paper: all)"
+        )
+        p.add_argument(
+            "--sigmas", type=_floats, default=list(sigmas), help="comma-separated noise levels σ"
+        )
 
     def moment_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--samples", type=int, default=10_000,
-                       help="Monte Carlo samples (default 10000, as the paper)")
-        p.add_argument("--methods", type=_methods_arg, default=list(METHODS),
-                       help="comma-separated variance methods (zero_mean,series,exact)")
+        p.add_argument(
+            "--samples",
+            type=int,
+            default=10_000,
+            help="Monte Carlo samples (default 10000, as the paper)",
+        )
+        p.add_argument(
+            "--methods",
+            type=_methods_arg,
+            default=list(METHODS),
+            help="comma-separated variance methods (zero_mean,series,exact)",
+        )
 
     p = subparsers.add_parser("table1", help="Table 1: linearization error per ReLU layer")
     common(p, 8, SIGMAS)
@@ -666,26 +797,38 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("table3", help="Table 3: output-variance histograms")
     common(p, 6, SIGMAS)
     moment_args(p)
-    p.add_argument("--reuse", type=Path, default=None,
-                   help="build the histograms from a table2.json instead of recomputing")
+    p.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="build the histograms from a table2.json instead of recomputing",
+    )
     p.set_defaults(func=run_table3)
 
     p = subparsers.add_parser("table4", help="Table 4: k-means linearization points")
     common(p, 4, (0.05, 0.1))
     moment_args(p)
     p.add_argument("--pool", type=int, default=1000, help="test images clustered (default 1000)")
-    p.add_argument("--ks", type=_ints, default=[25, 50, 100, 250, 1000],
-                   help="numbers of clusters k")
-    p.add_argument("--farthest", type=_ints, default=[25, 50],
-                   help="k values that also get the farthest-member baseline")
+    p.add_argument(
+        "--ks", type=_ints, default=[25, 50, 100, 250, 1000], help="numbers of clusters k"
+    )
+    p.add_argument(
+        "--farthest",
+        type=_ints,
+        default=[25, 50],
+        help="k values that also get the farthest-member baseline",
+    )
     p.add_argument("--relu-index", type=int, default=-1, help="linearization ReLU (default -1)")
     p.set_defaults(func=run_table4)
 
     p = subparsers.add_parser("layers", help="Table 2 metrics and cost at every ReLU layer")
     common(p, 1, (0.05,))
     moment_args(p)
-    p.add_argument("--relus", type=_ints, default=None,
-                   help="ReLU indices (default all: 0, 1, 2)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="auto",
-                   help="analytic dtype (auto: float64 for q <= 4096, else float32)")
+    p.add_argument("--relus", type=_ints, default=None, help="ReLU indices (default all: 0, 1, 2)")
+    p.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="auto",
+        help="analytic dtype (auto: float64 for q <= 4096, else float32)",
+    )
     p.set_defaults(func=run_layers)
