@@ -7,34 +7,18 @@ import json
 import sys
 import types
 
-import torch
+from standins import tiny_mnist, tiny_net
 from torch import nn
 
 from torchbridge.experiments import demo
 
 
 def _net() -> nn.Sequential:
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(1, 2, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32, 10),
-        nn.ReLU(),
-        nn.Linear(10, 4),
-    )
-    with torch.no_grad():  # positive biases: no layer is dead on [0, 1] inputs
-        net[0].bias.fill_(0.2)
-        net[4].bias.uniform_(-0.2, 0.3)
-    return net.eval()
+    return tiny_net(hidden=10, outputs=4)
 
 
 def _mnist():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(12, 1, 8, 8, generator=gen)
-    y = torch.randint(0, 4, (12,), generator=gen)
-    return x[:6], y[:6], x[6:], y[6:]
+    return tiny_mnist(n=12, classes=4, seed=0)
 
 
 def _run(monkeypatch, tmp_path, argv: list[str]) -> dict:

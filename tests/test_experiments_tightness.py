@@ -9,7 +9,7 @@ import shlex
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from standins import tiny_mnist, tiny_net
 
 from torchbridge.experiments import bench_moments, tightness
 from torchbridge.experiments.common import relative_difference
@@ -17,31 +17,6 @@ from torchbridge.montecarlo import monte_carlo_moments
 from torchbridge.network import AffineReLUAffine
 
 HAVE_EXACT = "exact" in tightness.available_methods(["exact"])[0]
-
-
-def tiny_net() -> nn.Sequential:
-    """Conv net for (1, 8, 8) input with 2 ReLUs (q = 128 and 12) and 3 outputs."""
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(1, 2, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32, 12),
-        nn.ReLU(),
-        nn.Linear(12, 3),
-    )
-    with torch.no_grad():  # positive biases: no layer is dead on [0, 1] inputs
-        net[0].bias.fill_(0.2)
-        net[4].bias.uniform_(-0.2, 0.3)
-    return net.eval()
-
-
-def tiny_mnist():
-    gen = torch.Generator().manual_seed(1)
-    x = torch.rand(40, 1, 8, 8, generator=gen)
-    y = torch.randint(0, 3, (40,), generator=gen)
-    return x[:20], y[:20], x[20:], y[20:]
 
 
 @pytest.fixture
