@@ -164,17 +164,15 @@ def render_kernel(k: KernelSpec, backend: Backend) -> str:
         f'    {", ".join(argnames)} = _prepare(\n        "{k.name}", ({", ".join(argnames)}), '
         f"({names}), ({kinds})\n    )"
     )
-    ref = argnames[0]
     outs = [f"_out{j}" for j in range(k.n_outputs)]
     for i, case in enumerate(k.cases):
         code, vals = _case_code(k, i, case, backend, pr, None if i == 0 else "_rest")
         cond = vals[0][0]
         if i == 0:
             lines += code
-            if cond is None:
-                lines.append(f"    {', '.join(outs)} = {', '.join(v for _, v in vals)}")
-                break
             lines.append(f"    {', '.join(outs)} = {', '.join(v for _, v in vals)}")
+            if cond is None:
+                break
             lines.append(f"    _rest = ~{cond}")
             continue
         lines.append("    if bool(_rest.any()):")
@@ -184,7 +182,6 @@ def render_kernel(k: KernelSpec, backend: Backend) -> str:
             lines.append(f"        {o} = {backend.where}({take}, {v}, {o})")
         if cond is not None:
             lines.append(f"        _rest = _rest & ~{cond}")
-    del ref
     lines.append(f"    return {', '.join(outs)}")
     return "\n".join(lines) + "\n"
 
