@@ -80,18 +80,11 @@ def _pair_blocks_nd(p: int, chunk: int, device) -> Iterator[tuple[torch.Tensor, 
         yield torch.cat([ij[0] + r0, d]), torch.cat([ij[1], d]), nr
 
 
-def _pair_blocks(p: int, chunk: int, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Upper-triangle index pairs (i <= j), in row blocks of about ``chunk`` pairs."""
-    for i, j, _ in _pair_blocks_nd(p, chunk, device):
-        yield i, j
-
-
 def _cross_kernel(method: str, terms: int) -> Callable:
+    """The general-mean cross-moment kernel of ``method`` ("exact" or "series")."""
     if method == "exact":
-        return lambda m1, m2, s1, s2, r: K.relu_cross_moment(m1, m2, s1, s2, r)
-    if method == "series":
-        return lambda m1, m2, s1, s2, r: K.relu_cross_moment_series(m1, m2, s1, s2, r, terms)
-    return lambda m1, m2, s1, s2, r: K.relu_cross_moment_zero_mean(s1, s2, r)
+        return K.relu_cross_moment
+    return lambda m1, m2, s1, s2, r: K.relu_cross_moment_series(m1, m2, s1, s2, r, terms)
 
 
 def _pair_covariances(
@@ -103,13 +96,12 @@ def _pair_covariances(
     terms: int,
     i: torch.Tensor,
     j: torch.Tensor,
-    nd: int = 0,
+    nd: int,
 ) -> torch.Tensor:
-    """Cov[relu(z_i), relu(z_j)] for index pairs i <= j (i == j gives the exact variance);
-    ``cov`` comes flattened (``batch_shape x p·p``).
-
-    With ``nd`` > 0 the last ``nd`` pairs must be the diagonal ones and the others strict
-    (the ``_pair_blocks_nd`` layout): the cross kernel then runs on the strict pairs only.
+    """Cov[relu(z_i), relu(z_j)] for index pairs i <= j in the ``_pair_blocks_nd`` layout:
+    strict pairs first, then the last ``nd`` diagonal pairs (their value is the ReLU variance,
+    so the cross kernel runs on the strict pairs only); ``cov`` comes flattened
+    (``batch_shape x p·p``).
     """
     ns = i.shape[-1] - nd
     si, sj, dg = i[:ns], j[:ns], i[ns:]
@@ -139,8 +131,6 @@ def _pair_covariances(
             )
         off = e - rmean[..., si] * rmean[..., sj]
         _, var = K.relu_mean_variance(mean, sigma)
-    if nd == 0:
-        return torch.where(si == sj, var[..., si], off)
     return torch.cat([off, var[..., dg]], dim=-1)
 
 

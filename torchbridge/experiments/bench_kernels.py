@@ -38,7 +38,7 @@ from torchbridge.experiments.common import (
     write_json,
     write_markdown,
 )
-from torchbridge.moments import _pair_blocks, _safe_sqrt, _validate, relu_moments
+from torchbridge.moments import _pair_blocks_nd, _safe_sqrt, _validate, relu_moments
 from torchbridge.montecarlo import monte_carlo_moments
 
 #: (label, relu_moments method, terms)
@@ -136,8 +136,8 @@ def profile_exact(mean: torch.Tensor, cov: torch.Tensor, repeats: int = 3) -> di
         t = time.perf_counter()
         _validate(mean, cov, False)
         t = tick("validate (no PSD)", t)
-        blocks = list(_pair_blocks(p, 1 << 20, mean.device))
-        t = tick("index pairs (_pair_blocks)", t)
+        blocks = [(i, j) for i, j, _ in _pair_blocks_nd(p, 1 << 20, mean.device)]
+        t = tick("index pairs (_pair_blocks_nd)", t)
         sigma = _safe_sqrt(cov.diagonal())
         rmean, var = tk.relu_mean_variance(mean, sigma)
         t = tick("relu_mean_variance", t)
