@@ -187,11 +187,20 @@ def test_targeted_relinearize_rounds() -> None:
     base = targeted(net, img, tgt, beta=0.3, sigma2_max=1e-4, maxiter=50)
     assert base.extra["relinearize"] == 0 and "rounds" not in base.extra
     res = targeted(
-        net, img, tgt, beta=0.3, sigma2_max=1e-4, maxiter=50, relinearize=2, trust_radius=0.1
+        net,
+        img,
+        tgt,
+        beta=0.3,
+        sigma2_max=1e-4,
+        maxiter=50,
+        relinearize=2,
+        trust_radius=0.1,
+        stop_margin=0.1,
     )
     rounds = res.extra["rounds"]
     assert res.extra["relinearize"] == 2 and 1 <= len(rounds) <= 3
-    assert all(r["real_margin"] >= 0 for r in rounds[:-1])  # stops at the first fooling round
+    # Re-solves only while the real margin is >= -stop_margin.
+    assert all(r["real_margin"] >= -0.1 for r in rounds[:-1])
     assert res.extra["real_margin"] == min(r["real_margin"] for r in rounds)
     assert rounds[0]["linearized_margin"] == pytest.approx(base.margin)
     assert float(res.mu.abs().max()) <= 0.3 + 1e-9 and 0 < res.sigma2 <= 1e-4 + 1e-12
@@ -203,5 +212,7 @@ def test_targeted_relinearize_rounds() -> None:
         targeted(lin, img, tgt, relinearize=1)
     with pytest.raises(ValueError, match="relinearize"):
         targeted(net, img, tgt, relinearize=-1)
+    with pytest.raises(ValueError, match="stop_margin"):
+        targeted(net, img, tgt, relinearize=1, stop_margin=-1.0)
     with pytest.raises(ValueError, match="trust_radius"):
         targeted(net, img, tgt, box="sin", trust_radius=0.1, mu0=torch.zeros_like(img))

@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "torchbridge.experiments.fig2",
     "torchbridge.experiments.tightness",
     "torchbridge.experiments.attack_figures",
+    "torchbridge.experiments.targeted_pairs",
 )
 #: Modules that contribute `nm bench ...` subcommands.
 BENCH_MODULES = (

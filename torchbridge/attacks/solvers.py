@@ -308,6 +308,7 @@ def targeted(
     relinearize: int = 0,
     check_samples: int = 256,
     trust_radius: float | None = None,
+    stop_margin: float = 0.25,
     linearize_at: torch.Tensor | None = None,
     mu0: torch.Tensor | None = None,
 ) -> AttackResult:
@@ -329,7 +330,8 @@ def targeted(
     solve can end with a positive margin although the box allows fooling the real network.
     With R > 0: after a solve, the real network's expected margin
     ``max_{k!=j} E[f_k] - E[f_j]`` at ``N(M + mu, sigma^2 I)`` is estimated by Monte Carlo
-    (``check_samples`` draws, fixed seed 0); if it is >= 0, the real network is re-linearized
+    (``check_samples`` draws, fixed seed 0); while it is >= ``-stop_margin`` (a real margin
+    just below 0 fools only part of the samples), the real network is re-linearized
     at ``M + mu`` (``two_stage_linearize(model, M + mu)``) and Eq. 7 is solved again with
     Theorem 1 on the new linearization, warm-started from ``mu`` (then ``warm_steps``
     projected sign-gradient steps within the trust region below), same SLSQP with exact
@@ -346,6 +348,8 @@ def targeted(
     """
     if not isinstance(relinearize, int) or relinearize < 0:
         raise ValueError(f"relinearize must be an int >= 0, got {relinearize!r}")
+    if not stop_margin >= 0:
+        raise ValueError(f"stop_margin must be >= 0, got {stop_margin}")
     kw = dict(
         relu_index=relu_index,
         maxiter=maxiter,
@@ -377,7 +381,7 @@ def targeted(
                     "wall": res.wall_time,
                 }
             )
-            if real < 0 or r == relinearize:
+            if real < -stop_margin or r == relinearize:
                 break
             at = image.detach().double() + res.mu
             res = targeted(

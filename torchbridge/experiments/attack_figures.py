@@ -23,7 +23,8 @@ from torchbridge.experiments.common import (
 )
 
 
-def _lenet_data():
+def lenet_data() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cached trained LeNet, MNIST test images (1000, 1, 28, 28), labels and its predictions."""
     from torchbridge.data import mnist
     from torchbridge.models import trained_lenet
 
@@ -99,7 +100,7 @@ def _finish(out: Path, name: str, title: str, rows: list[dict], note: str = "") 
 def fig3(args: argparse.Namespace) -> dict:
     """Digit 9 pushed to targets {2, 3, 4, 7, 8}, beta = 30/255 (Eq. 7)."""
     torch.manual_seed(args.seed)
-    model, tx, ty, pred = _lenet_data()
+    model, tx, ty, pred = lenet_data()
     idx = _pick(ty, pred, 9, 1, args.index)[0]
     results, rows = [], []
     for tgt in tqdm(args.targets, desc="fig3 targeted"):
@@ -142,7 +143,7 @@ def fig3(args: argparse.Namespace) -> dict:
 
 def fig4(args: argparse.Namespace) -> dict:
     """Non-targeted alpha-pixel-support attacks (Eq. 8), alpha = 4%, beta = 550/255."""
-    model, tx, ty, pred = _lenet_data()
+    model, tx, ty, pred = lenet_data()
     idx = _pick(ty, pred, 9, 1, args.index)[0]
     results, rows = [], []
     for s in tqdm(range(args.supports), desc="fig4 pixel support"):
@@ -160,11 +161,13 @@ def fig4(args: argparse.Namespace) -> dict:
 
 def fig6(args: argparse.Namespace) -> dict:
     """Sparse-smooth non-targeted attacks (Eq. 9), one image per class in ``--classes``."""
-    model, tx, ty, pred = _lenet_data()
+    model, tx, ty, pred = lenet_data()
     results, rows = [], []
     for c in tqdm(args.classes, desc="fig6 sparse-smooth"):
         idx = _pick(ty, pred, c, 1, args.index)[0]
-        res = sparse_smooth(model, tx[idx], gamma=args.gamma, maxiter=args.maxiter, refine=True)
+        res = sparse_smooth(
+            model, tx[idx], gamma=args.gamma, maxiter=args.maxiter, refine=args.refine
+        )
         v = res.verify(1000, args.seed)
         results.append(res)
         rows.append(_row(res, v, image=idx))
@@ -176,11 +179,13 @@ def fig6(args: argparse.Namespace) -> dict:
 
 def fig7(args: argparse.Namespace) -> dict:
     """Sparse-smooth targeted attacks (Eq. 10): digit 4 -> 5, 8, 9."""
-    model, tx, ty, pred = _lenet_data()
+    model, tx, ty, pred = lenet_data()
     idx = _pick(ty, pred, 4, 1, args.index)[0]
     results, rows = [], []
     for tgt in tqdm(args.targets, desc="fig7 sparse-smooth targeted"):
-        res = sparse_smooth(model, tx[idx], gamma=args.gamma, target=tgt, maxiter=args.maxiter)
+        res = sparse_smooth(
+            model, tx[idx], gamma=args.gamma, target=tgt, maxiter=args.maxiter, refine=args.refine
+        )
         v = res.verify(1000, args.seed)
         results.append(res)
         rows.append(_row(res, v, image=idx))
@@ -207,7 +212,7 @@ def table5(args: argparse.Namespace) -> dict:
         tx, ty = fer2013(args.data, usage=None)
         names = list(FER2013_CLASSES)
     else:
-        model, tx, ty, _ = _lenet_data()
+        model, tx, ty, _ = lenet_data()
         names = [str(c) for c in range(10)]
     with torch.no_grad():
         pred = torch.cat([model(tx[s : s + 500]).argmax(1) for s in range(0, len(tx), 500)])
@@ -217,7 +222,9 @@ def table5(args: argparse.Namespace) -> dict:
     for s, t in tqdm(pairs, desc="table5"):
         vals = []
         for idx in _pick(ty, pred, s, args.images):
-            res = sparse_smooth(model, tx[idx], gamma=args.gamma, target=t, maxiter=args.maxiter)
+            res = sparse_smooth(
+                model, tx[idx], gamma=args.gamma, target=t, maxiter=args.maxiter, refine=args.refine
+            )
             vals.append(res.verify(args.samples, args.seed)["fooling_rate"])
         if vals:
             rate[s, t] = sum(vals) / len(vals)
@@ -243,13 +250,20 @@ def fig8(args: argparse.Namespace) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    model, tx, ty, pred = _lenet_data()
+    model, tx, ty, pred = lenet_data()
     idxs = _pick(ty, pred, args.source, args.images)
     rows = []
     for g in tqdm(args.gammas, desc="fig8 gamma"):
         fr, sp = [], []
         for idx in idxs:
-            res = sparse_smooth(model, tx[idx], gamma=g, target=args.target, maxiter=args.maxiter)
+            res = sparse_smooth(
+                model,
+                tx[idx],
+                gamma=g,
+                target=args.target,
+                maxiter=args.maxiter,
+                refine=args.refine,
+            )
             v = res.verify(args.samples, args.seed)
             fr.append(v["fooling_rate"])
             sp.append(v["sparsity"])
@@ -274,7 +288,7 @@ def fig8(args: argparse.Namespace) -> dict:
 
 def demo_attacks(out_dir: Path | str) -> dict:
     """One targeted (Eq. 7) and one sparse-smooth (Eq. 9) attack on a LeNet test image."""
-    model, tx, ty, pred = _lenet_data()
+    model, tx, ty, pred = lenet_data()
     idx = _pick(ty, pred, 9, 1)[0]
     t = targeted(model, tx[idx], 7, maxiter=10, warm_steps=20)
     s = sparse_smooth(model, tx[idx], gamma=0.5, maxiter=30, refine=True, refine_rounds=1)
@@ -306,6 +320,15 @@ def add_parser(sub) -> None:
         p.set_defaults(func=lambda a: (fn(a), 0)[1])  # the CLI wants an int exit code
         return p
 
+    def refine_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--refine",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="support refinement after the smoothed solve: keep the largest |mu| pixels "
+            "(<= 20%%), re-linearize at M + mu, re-solve on that support (default: on)",
+        )
+
     p = common("fig3", fig3, "targeted Gaussian attacks on a digit 9 (Eq. 7)", 20)
     p.add_argument("--targets", type=int, nargs="+", default=[2, 3, 4, 7, 8])
     p.add_argument("--beta", type=float, default=30.0, help="on the 0..255 scale")
@@ -328,20 +351,24 @@ def add_parser(sub) -> None:
     p.add_argument("--supports", type=int, default=4, help="random supports (rows)")
     p.add_argument("--index", type=int, default=0)
     p = common("fig6", fig6, "sparse-smooth non-targeted attacks (Eq. 9)", 60)
+    refine_flag(p)
     p.add_argument("--classes", type=int, nargs="+", default=[0, 3, 5, 7, 8])
     p.add_argument("--gamma", type=float, default=0.5, help="margin (paper: 0; see Fig. 8)")
     p.add_argument("--index", type=int, default=0)
     p = common("fig7", fig7, "sparse-smooth targeted attacks 4 -> 5, 8, 9 (Eq. 10)", 150)
+    refine_flag(p)
     p.add_argument("--targets", type=int, nargs="+", default=[5, 8, 9])
     p.add_argument("--gamma", type=float, default=0.0)
     p.add_argument("--index", type=int, default=0)
     p = common("table5", table5, "source -> target fooling-rate matrix (Eqs. 9 + 10)", 100)
+    refine_flag(p)
     p.add_argument("--images", type=int, default=1, help="images per source class")
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--gamma", type=float, default=0.0)
     p.add_argument("--data", type=Path, default=None, help="FER2013 CSV: use the AlexNet variant")
     p.add_argument("--checkpoint", type=Path, default=None, help="alexnet48 state_dict")
     p = common("fig8", fig8, "fooling rate and sparsity vs gamma (Eqs. 9 + 10)", 100)
+    refine_flag(p)
     p.add_argument("--images", type=int, default=10)
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--source", type=int, default=5)

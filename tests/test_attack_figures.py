@@ -1,0 +1,135 @@
+"""Smoke tests of the attack commands (`nm fig3 | fig4 | fig6 | fig7 | fig8 | table5 | pairs`)
+on a 10-class stand-in whose class c follows pixel c, so every attack has a real target."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+from standins import pixel_class_data, pixel_class_net
+
+from torchbridge.attacks import pgd_targeted
+from torchbridge.experiments import attack_figures, targeted_pairs
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    net = pixel_class_net()
+    x, y = pixel_class_data()
+    with torch.no_grad():
+        pred = net(x).argmax(1)
+    assert bool((pred == y).all())
+    data = (net, x, y, pred)
+    monkeypatch.setattr(attack_figures, "lenet_data", lambda: data)
+    monkeypatch.setattr(targeted_pairs, "lenet_data", lambda: data)
+    return data
+
+
+def _run(tmp_path, argv: list[str]):
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="command")
+    attack_figures.add_parser(sub)
+    targeted_pairs.add_parser(sub)
+    args = p.parse_args([argv[0], "--out", str(tmp_path), *argv[1:]])
+    return args.func(args)
+
+
+def _outputs(tmp_path, name: str) -> dict:
+    assert (tmp_path / f"{name}.md").is_file()
+    return json.loads((tmp_path / f"{name}.json").read_text())
+
+
+def test_fig3_and_fig4(standin, tmp_path):
+    _run(tmp_path, ["fig3", "--targets", "2", "4", "--maxiter", "10"])
+    rows = _outputs(tmp_path, "fig3")["rows"]
+    assert [r["source"] for r in rows] == [9, 9] and [r["target"] for r in rows] == [2, 4]
+    assert all(
+        0 <= r["fooling_rate"] <= 1 and r["fooling_rate_10"] in {i / 10 for i in range(11)}
+        for r in rows
+    )
+    assert (tmp_path / "fig3.png").stat().st_size > 0
+    _run(tmp_path, ["fig4", "--supports", "2", "--alpha", "0.25", "--maxiter", "30"])
+    rows = _outputs(tmp_path, "fig4")["rows"]
+    assert len(rows) == 2 and all(r["sparsity"] >= 0.75 - 1e-9 for r in rows)
+
+
+def test_fig6_fig7_refine_flag(standin, tmp_path):
+    _run(tmp_path, ["fig6", "--classes", "3", "--gamma", "0.05", "--maxiter", "40"])
+    row = _outputs(tmp_path, "fig6")["rows"][0]
+    assert row["source"] == 3 and row["target"] is None
+    _run(tmp_path, ["fig7", "--targets", "5", "--maxiter", "40", "--no-refine"])
+    unrefined = _outputs(tmp_path, "fig7")["rows"][0]
+    _run(tmp_path, ["fig7", "--targets", "5", "--maxiter", "40"])
+    refined = _outputs(tmp_path, "fig7")["rows"][0]
+    assert unrefined["source"] == refined["source"] == 4 and refined["target"] == 5
+    # The refinement keeps at most round(20% of 64) = 13 pixels non-zero.
+    assert refined["sparsity"] >= 1 - 13 / 64 - 1e-9
+
+
+def test_fig8(standin, tmp_path):
+    _run(tmp_path, ["fig8", "--images", "1", "--gammas", "0", "0.1", "--samples", "50"])
+    rows = _outputs(tmp_path, "fig8")["rows"]
+    assert [r["gamma"] for r in rows] == [0.0, 0.1] and all(r["images"] == 1 for r in rows)
+    assert (tmp_path / "fig8.png").is_file()
+
+
+def test_table5_matrix(standin, tmp_path, monkeypatch):
+    # Only two source classes have images: the other rows stay NaN (no image to attack).
+    net, x, y, pred = standin
+    keep = (y == 1) | (y == 2)
+    data = (net, x[keep], y[keep], pred[keep])
+    monkeypatch.setattr(attack_figures, "lenet_data", lambda: data)
+    _run(tmp_path, ["table5", "--samples", "20", "--maxiter", "20", "--no-refine"])
+    rate = _outputs(tmp_path, "table5")["fooling_rate"]
+    assert len(rate) == 10 and all(len(r) == 10 for r in rate)
+    for s in range(10):
+        for t in range(10):
+            if s in (1, 2) and s != t:
+                assert 0 <= rate[s][t] <= 1
+            else:
+                assert math.isnan(rate[s][t])
+
+
+def test_pairs_command(standin, tmp_path):
+    rc = _run(
+        tmp_path,
+        ["pairs", "--pairs", "3", "--start", "0", "--relinearize", "2", "--samples", "100"],
+    )
+    assert rc == 0
+    data = _outputs(tmp_path, "pairs")
+    assert data["pairs"] == 3 and set(data["summary"]) == {"paper", "relinearized", "pgd_feasible"}
+    net, x, y, _ = standin
+    for r in data["rows"]:
+        with torch.no_grad():
+            logits = net(x[r["image"]][None])[0]
+        assert r["label"] == int(y[r["image"]])
+        assert r["target"] == int(logits.argsort(descending=True)[1])
+        assert r["paper_fooling"] in {i / 100 for i in range(101)}
+    counts = data["summary"]
+    assert counts["paper"] == sum(r["paper_fooling"] >= 0.9 for r in data["rows"])
+    assert counts["pgd_feasible"] == sum(r["pgd_real_margin"] < 0 for r in data["rows"])
+
+
+def test_held_out_pairs_rules(standin):
+    net, x, y, _ = standin
+    nxt = targeted_pairs.held_out_pairs(net, x, y, 4, start=3, rule="next")
+    assert [i for i, _ in nxt] == [3, 4, 5, 6]
+    assert all(t == (int(y[i]) + 1) % 10 for i, t in nxt)
+    with pytest.raises(ValueError, match="rule"):
+        targeted_pairs.held_out_pairs(net, x, y, 1, rule="random")
+
+
+def test_pgd_targeted_flips_feasible_and_reports_infeasible(standin):
+    net, x, _, _ = standin
+    img = x[6]  # class 3
+    mu, m = pgd_targeted(net, img, 7, beta=0.3)
+    assert m < 0 and float(mu.abs().max()) <= 0.3 + 1e-12
+    with torch.no_grad():
+        assert int(net((img.double() + mu).float()[None]).argmax()) == 7
+    _, m_small = pgd_targeted(net, img, 7, beta=1e-4, steps=5)
+    assert m_small > 0  # a 1e-4 box cannot move a margin of order 0.1
+    with pytest.raises(ValueError, match="beta"):
+        pgd_targeted(net, img, 7, beta=0.0)
