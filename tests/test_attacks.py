@@ -216,3 +216,30 @@ def test_targeted_relinearize_rounds() -> None:
         targeted(net, img, tgt, relinearize=1, stop_margin=-1.0)
     with pytest.raises(ValueError, match="trust_radius"):
         targeted(net, img, tgt, box="sin", trust_radius=0.1, mu0=torch.zeros_like(img))
+
+
+def test_sparse_smooth_refine_schedules() -> None:
+    # Two hidden ReLU layers, so re-linearizing at M + mu changes the model ("moving").
+    torch.manual_seed(5)
+    net = nn.Sequential(
+        nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 4)
+    ).double()
+    net.eval()
+    img = _image()
+    src, _ = _source_and_runner_up(net, img)
+    runs = {}
+    for schedule in ("fixed", "moving", "both"):
+        res = sparse_smooth(
+            net, img, gamma=0.05, maxiter=80, refine=True, refine_linearization=schedule
+        )
+        runs[schedule] = res
+        assert res.extra["schedule"] in ({"fixed", "moving"} if schedule == "both" else {schedule})
+        assert 0 <= res.extra["chosen_round"] <= 3 and len(res.extra["refined_supports"]) == 3
+        assert int((res.mu.abs() > 0).sum()) <= 16
+        with torch.no_grad():
+            fooled = int(net((img + res.mu)[None]).argmax()) != src
+        assert fooled  # the kept candidate fools the real (noise-free) network
+    # "both" keeps the better of the two single schedules: at least as many zero pixels.
+    assert runs["both"].sparsity() >= max(runs["fixed"].sparsity(), runs["moving"].sparsity())
+    with pytest.raises(ValueError, match="refine_linearization"):
+        sparse_smooth(net, img, refine=True, refine_linearization="sometimes")
