@@ -20,7 +20,12 @@ from tqdm import tqdm
 
 from torchbridge.attacks import pgd_targeted, targeted
 from torchbridge.experiments.attack_figures import attack_grid, lenet_data
-from torchbridge.experiments.common import markdown_table, write_json, write_markdown
+from torchbridge.experiments.common import (
+    add_common_args,
+    markdown_table,
+    write_json,
+    write_markdown,
+)
 
 #: The paper's success criterion for one (image, target) pair.
 FOOLING_CRITERION = 0.9
@@ -117,8 +122,6 @@ def vars_of(args: argparse.Namespace) -> dict:
 
 def add_parser(sub) -> None:
     """Register ``nm pairs``."""
-    from torchbridge.experiments.common import add_common_args
-
     p = sub.add_parser(
         "pairs",
         help="targeted attacks (Eq. 7) on held-out (image, target) pairs, with a PGD reference",
