@@ -1,0 +1,224 @@
+"""Layer-wise moment propagation through a traced piecewise-linear model (one input at a time).
+
+``propagate_one`` lowers the model's fx graph (``lowering.Lowerer``) onto a Gaussian state
+(``state.FullState`` / ``state.FactorState``) chosen by ``PropagateOptions.covariance``:
+
+* ``"auto"`` (default): the full covariance wherever the live tensors are small enough
+  (at most ``max_full`` units); before that, the diagonal-plus-low-rank factor form, converted
+  to the full covariance as soon as every remaining tensor fits. For an MLP or a small CNN
+  everything is full; for LeNet the convolution stages (q = 25088 / 12544) run in factor
+  form and the fully connected stages in full covariance.
+* ``"full"``: full covariance everywhere (memory (Σ live q)², e.g. 5 GB for one LeNet conv
+  layer in float64 — only for small models).
+* ``"lowrank"``: factor form everywhere (F: q × n input noise directions, D: q).
+* ``"diagonal"``: variances only (assumed density filtering, Gast & Roth 2018): the baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from torchbridge.propagate.lowering import RELU_FUNCTIONS, RELU_METHODS, RELU_MODULES, Lowerer
+from torchbridge.propagate.state import FactorState, FullState
+
+COVARIANCES = ("auto", "full", "lowrank", "diagonal")
+RELU_METHODS_ALL = ("exact", "series", "zero_mean", "approx")
+
+
+@dataclass(frozen=True)
+class PropagateOptions:
+    """Options of layer-wise propagation.
+
+    Attributes:
+        covariance: "auto" | "full" | "lowrank" | "diagonal" (module docstring).
+        max_full: largest number of live units held with a full covariance in "auto" mode
+            (default 4096: a 4096 × 4096 float64 block is 128 MiB).
+        relu_method: ReLU covariance in full-covariance stages: "exact" (default; our closed
+            form), "series" (the paper's Lemma 4, 5 terms), "zero_mean" (Theorem 2) or
+            "approx" (benchmark-only 2-term expansion in ρ, ``propagate.approx``).
+    """
+
+    covariance: str = "auto"
+    max_full: int = 4096
+    relu_method: str = "exact"
+
+    def __post_init__(self) -> None:
+        if self.covariance not in COVARIANCES:
+            raise ValueError(f"covariance must be one of {COVARIANCES}; got {self.covariance!r}")
+        if self.relu_method not in RELU_METHODS_ALL:
+            raise ValueError(
+                f"relu_method must be one of {RELU_METHODS_ALL}; got {self.relu_method!r}"
+            )
+        if isinstance(self.max_full, bool) or not isinstance(self.max_full, int):
+            raise TypeError(f"max_full must be an int; got {type(self.max_full).__name__}")
+        if self.max_full < 1:
+            raise ValueError(f"max_full must be >= 1; got {self.max_full}")
+
+
+def relu_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """The ReLU nodes of a traced model in graph order (modules, functions and methods)."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), RELU_MODULES):
+            out.append(node)
+        elif node.op == "call_function" and node.target in RELU_FUNCTIONS:
+            out.append(node)
+        elif node.op == "call_method" and node.target in RELU_METHODS:
+            out.append(node)
+    return out
+
+
+def resolve_relu(gm: fx.GraphModule, relu: int | str) -> fx.Node:
+    """The ReLU node named by ``relu``: an index into :func:`relu_nodes` (negative from the
+    end), a module path (e.g. ``"block.relu"``, when called once) or an fx node name."""
+    nodes = relu_nodes(gm)
+    if not nodes:
+        raise ValueError("the model has no ReLU to linearize around")
+    if isinstance(relu, bool) or not isinstance(relu, (int, str)):
+        raise TypeError(f"relu_index must be an int or a str; got {type(relu).__name__}")
+    if isinstance(relu, int):
+        if not -len(nodes) <= relu < len(nodes):
+            raise ValueError(
+                f"relu_index {relu} out of range: the model has {len(nodes)} ReLU(s) "
+                f"({', '.join(n.name for n in nodes)})"
+            )
+        return nodes[relu]
+    named = [n for n in nodes if n.name == relu]
+    by_module = [n for n in nodes if n.op == "call_module" and n.target == relu]
+    if named:
+        return named[0]
+    if len(by_module) == 1:
+        return by_module[0]
+    if len(by_module) > 1:
+        raise ValueError(
+            f"ReLU module {relu!r} is called {len(by_module)} times; name the call by its graph "
+            f"node ({', '.join(n.name for n in by_module)})"
+        )
+    raise ValueError(
+        f"no ReLU named {relu!r}; ReLUs: "
+        + ", ".join(f"{n.name} ({n.target})" if n.op == "call_module" else n.name for n in nodes)
+    )
+
+
+def _factor(cov: torch.Tensor, n: int, kind: str) -> torch.Tensor:
+    """F (n, n) with F Fᵀ = cov, for a scalar, diagonal (n,) or full (n, n) ``cov``."""
+    if kind == "scalar":
+        return cov.clamp_min(0).sqrt() * torch.eye(n, dtype=cov.dtype, device=cov.device)
+    if kind == "diag":
+        return torch.diag(cov.clamp_min(0).sqrt())
+    L, info = torch.linalg.cholesky_ex(cov)
+    if int(info) == 0:
+        return L
+    evals, evecs = torch.linalg.eigh(cov)
+    return evecs * evals.clamp_min(0).sqrt()
+
+
+def _full(cov: torch.Tensor, n: int, kind: str) -> torch.Tensor:
+    if kind == "scalar":
+        return cov * torch.eye(n, dtype=cov.dtype, device=cov.device)
+    if kind == "diag":
+        return torch.diag(cov)
+    return cov
+
+
+def _diag(cov: torch.Tensor, n: int, kind: str) -> torch.Tensor:
+    if kind == "scalar":
+        return cov.expand(n).clone()
+    if kind == "diag":
+        return cov
+    return cov.diagonal().clone()
+
+
+@dataclass
+class PropagationResult:
+    """Output mean (d,), output covariance (d, d) or None, output variance (d,), the peak
+    number of covariance elements held and the representation at the output."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    cov: torch.Tensor | None
+    peak_elements: int
+    representation: str
+
+
+def propagate_one(
+    gm: fx.GraphModule,
+    mean: torch.Tensor,
+    cov: torch.Tensor,
+    cov_kind: str,
+    options: PropagateOptions,
+    exact_relu: Callable[[fx.Node], bool] = lambda node: True,
+    full: bool = False,
+) -> PropagationResult:
+    """Propagate N(mean, cov) through ``gm``; ``mean`` has the model's input shape with batch
+    dimension 1; ``cov`` is a 0-d tensor (isotropic), (n,) (diagonal) or (n, n) (full), as
+    named by ``cov_kind`` ("scalar" | "diag" | "full")."""
+    n = mean.numel()
+    pre = Lowerer(gm, None, exact_relu=exact_relu)
+    pre.run(mean, lambda s, nid: None)
+    sizes = pre.sizes
+    suffix = sizes[:]
+    for k in range(len(suffix) - 2, -1, -1):
+        suffix[k] = max(suffix[k], suffix[k + 1])
+    peak = [0]
+
+    if options.covariance == "full" or (
+        options.covariance == "auto" and max(sizes) <= options.max_full
+    ):
+        state: FullState | FactorState = FullState()
+
+        def add(s, nid):
+            s.add_input(nid, mean, _full(cov, n, cov_kind))
+
+        switch = None
+    else:
+        state = FactorState(diagonal=options.covariance == "diagonal")
+        if options.covariance == "diagonal" and cov_kind != "full":
+
+            def add(s, nid):
+                s.add_input(nid, mean, mean.new_zeros(n, 0), _diag(cov, n, cov_kind))
+
+        else:  # the input covariance is exact up to the first ReLU, also for ADF
+
+            def add(s, nid):
+                s.add_input(nid, mean, _factor(cov, n, cov_kind), mean.new_zeros(n))
+
+        switch = options.covariance == "auto"
+
+    def before(k: int, s):
+        peak[0] = max(peak[0], s.numel())
+        if switch and s.kind == "factor":
+            live = sum(m.numel() for m in s.mean.values())
+            if suffix[k] <= options.max_full and live <= options.max_full:
+                return s.to_full()
+        return s
+
+    lw = Lowerer(
+        gm,
+        state,
+        relu_method=options.relu_method,
+        exact_relu=exact_relu,
+        before_primitive=before,
+    )
+    out = lw.run(mean, add)
+    final = lw.state
+    peak[0] = max(peak[0], final.numel())
+    if final.kind == "full":
+        m, c = final.moments(out.nid)
+        var = c.diagonal().clone()
+    else:
+        m = final.mean[out.nid]
+        var = final.variance(out.nid)
+        c = final.moments(out.nid)[1] if full else None
+    return PropagationResult(m, var, c if full else None, peak[0], final.kind)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None

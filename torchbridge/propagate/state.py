@@ -1,0 +1,271 @@
+"""Gaussian states over the live tensors of a network, and the two primitives that move them.
+
+A propagation keeps the joint Gaussian of every *live* tensor of the network (a tensor whose
+value is still needed: the current activation, and skip paths of residual blocks). Every
+operation of a piecewise-linear network is lowered (``torchbridge.propagate.lowering``) to two
+primitives:
+
+* ``affine``: y = L(x_1, ..., x_k) + c, linear in the random inputs. Exact: the mean goes
+  through the operation; Cov(y, w) = Σ_k L_k Cov(x_k, w) for every live w, and
+  Cov(y, y) = Σ_k L_k Cov(x_k, y). ``L`` is applied with ``torch.func.vmap`` to the columns
+  of the covariance blocks, so no layer needs a hand-written covariance formula.
+* ``relu``: y = relu(z), elementwise. Mean and Cov(y, y) from the exact kernels
+  (``torchbridge.moments.relu_moments``); the cross-covariance with every other live unit w,
+  jointly Gaussian with z, is Stein's lemma: Cov(relu(z_i), w) = Φ(μ_i/σ_i) Cov(z_i, w)
+  (``derivations/piecewise_linear.py``). Then y is *re-fitted* as jointly Gaussian with the
+  other live tensors: this is the one approximation of layer-wise propagation.
+
+Three representations of the joint covariance:
+
+* ``FullState``: every block Cov(a, b) of the live tensors (memory Σ q² over live tensors).
+* ``FactorState``: Cov = F Fᵀ + diag(D), F of shape (q, r) over the r input noise
+  directions, D a per-unit residual variance (diagonal-plus-low-rank). Affine maps are exact
+  on F; for D only the diagonal of L diag(D) Lᵀ is kept. At a ReLU, F ← diag(Φ) F (the exact
+  cross-covariance with the input noise, Stein) and D takes the rest of the exact marginal
+  variance: memory O(q r) instead of O(q²). With r = 0 this is diagonal assumed density
+  filtering (ADF, Gast & Roth 2018).
+* A ``FactorState`` can be converted to a ``FullState`` (F Fᵀ + diag D) when the remaining
+  layers are small enough (``PropagateOptions.max_full``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from nmgen.generated import torch_kernels as K
+from torch.func import vmap
+
+from torchbridge.moments import relu_moments
+
+#: Elements of one vmapped batch (columns × per-column size) before it is split in chunks.
+_BATCH_ELEMENTS = 1 << 24
+
+LinearFn = Callable[..., torch.Tensor]
+
+
+def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
+    pos = v > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, v, torch.ones_like(v))), 0.0)
+
+
+def stein_factor(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """E[relu'(z)] = Φ(μ/σ) for z ~ N(μ, σ²) (1[μ > 0] when σ = 0), elementwise."""
+    sigma = _safe_sqrt(var)
+    pos = sigma > 0
+    ratio = mean / torch.where(pos, sigma, torch.ones_like(sigma))
+    return torch.where(pos, torch.special.ndtr(ratio), (mean > 0).to(mean.dtype))
+
+
+def apply_columns(
+    fn: LinearFn, cols: Sequence[torch.Tensor], shapes: Sequence[tuple[int, ...]]
+) -> torch.Tensor:
+    """``fn`` applied to each of the Q columns: ``cols[k]`` is (Q, q_k) -> (Q, q_out).
+
+    ``fn`` takes one tensor per input, each of the input's own shape (batch dimension 1
+    included), and returns one tensor; it is vmapped over the columns in chunks of about
+    ``_BATCH_ELEMENTS`` elements.
+    """
+    Q = cols[0].shape[0]
+    if Q == 0:
+        out = fn(*(torch.zeros(s, dtype=cols[0].dtype, device=cols[0].device) for s in shapes))
+        return cols[0].new_zeros(0, out.numel())
+    per = max(max(c.shape[1] for c in cols), 1)
+    chunk = max(1, _BATCH_ELEMENTS // per)
+    mapped = vmap(fn, chunk_size=chunk if chunk < Q else None)
+    out = mapped(*(c.reshape(Q, *s) for c, s in zip(cols, shapes, strict=True)))
+    return out.reshape(Q, -1)
+
+
+class FullState:
+    """Means and every covariance block of the live tensors (flattened, batch 1)."""
+
+    kind = "full"
+
+    def __init__(self) -> None:
+        self.mean: dict[int, torch.Tensor] = {}
+        self.shape: dict[int, tuple[int, ...]] = {}
+        self.cov: dict[tuple[int, int], torch.Tensor] = {}  # key (a, b) with a <= b
+
+    def block(self, a: int, b: int) -> torch.Tensor:
+        """Cov(a, b), shape (q_a, q_b)."""
+        return self.cov[(a, b)] if a <= b else self.cov[(b, a)].T
+
+    def add_input(self, nid: int, mean: torch.Tensor, cov: torch.Tensor) -> None:
+        """Input tensor ``nid``: ``mean`` of its shape, ``cov`` (q, q)."""
+        self.mean[nid] = mean.reshape(-1)
+        self.shape[nid] = tuple(mean.shape)
+        self.cov[(nid, nid)] = cov
+
+    def affine(
+        self, nid: int, inputs: Sequence[int], fn: LinearFn, lin: LinearFn, sq: LinearFn | None
+    ) -> torch.Tensor:
+        """New tensor ``nid`` = fn(inputs) with linear part ``lin``; returns its mean."""
+        del sq  # only the factor/diagonal representation needs the squared map
+        shapes = [self.shape[k] for k in inputs]
+        y = fn(*(self.mean[k].reshape(s) for k, s in zip(inputs, shapes, strict=True)))
+        live = list(self.mean)
+        sizes = [self.mean[w].numel() for w in live]
+        # Cov(w, y) for all live w at once: L applied to the columns of Cov(x_k, w)
+        cols = [torch.cat([self.block(w, k) for w in live], dim=0) for k in inputs]
+        cwy = apply_columns(lin, cols, shapes)
+        for w, part in zip(live, torch.split(cwy, sizes, dim=0), strict=True):
+            self.cov[(w, nid)] = part
+        cyy = apply_columns(lin, [self.cov[(k, nid)].T for k in inputs], shapes)
+        self.cov[(nid, nid)] = (cyy + cyy.T) / 2
+        self.mean[nid] = y.reshape(-1)
+        self.shape[nid] = tuple(y.shape)
+        return y
+
+    def relu(self, nid: int, src: int, method: str) -> torch.Tensor:
+        """New tensor ``nid`` = relu(``src``) with the ``method`` ReLU covariance; its mean."""
+        m = self.mean[src]
+        S = self.cov[(src, src)]
+        rm, C = relu_covariance(m, S, method)
+        phi = stein_factor(m, S.diagonal())
+        for w in list(self.mean):  # Stein's lemma for the cross-covariances
+            self.cov[(w, nid)] = self.block(w, src) * phi
+        self.cov[(nid, nid)] = C
+        self.mean[nid] = rm
+        self.shape[nid] = self.shape[src]
+        return rm.reshape(self.shape[src])
+
+    def free(self, nid: int) -> None:
+        self.mean.pop(nid)
+        self.shape.pop(nid)
+        for key in [k for k in self.cov if nid in k]:
+            del self.cov[key]
+
+    def moments(self, nid: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean (q,), covariance (q, q)) of tensor ``nid``."""
+        return self.mean[nid], self.cov[(nid, nid)]
+
+    def numel(self) -> int:
+        """Elements held by the covariance blocks (memory measure)."""
+        return sum(c.numel() for c in self.cov.values())
+
+
+class FactorState:
+    """Cov = F Fᵀ + diag(D) over the live tensors (F: (q, r) shared noise, D: (q,))."""
+
+    kind = "factor"
+
+    def __init__(self, diagonal: bool = False) -> None:
+        self.diagonal = diagonal  # ADF: a ReLU's output keeps no factor (variance in D)
+        self.mean: dict[int, torch.Tensor] = {}
+        self.shape: dict[int, tuple[int, ...]] = {}
+        self.factor: dict[int, torch.Tensor] = {}
+        self.resid: dict[int, torch.Tensor] = {}
+
+    def add_input(
+        self, nid: int, mean: torch.Tensor, factor: torch.Tensor, resid: torch.Tensor
+    ) -> None:
+        """Input ``nid``: ``mean`` of its shape, ``factor`` (q, r), ``resid`` (q,)."""
+        self.mean[nid] = mean.reshape(-1)
+        self.shape[nid] = tuple(mean.shape)
+        self.factor[nid] = factor
+        self.resid[nid] = resid
+
+    def affine(
+        self, nid: int, inputs: Sequence[int], fn: LinearFn, lin: LinearFn, sq: LinearFn | None
+    ) -> torch.Tensor:
+        shapes = [self.shape[k] for k in inputs]
+        y = fn(*(self.mean[k].reshape(s) for k, s in zip(inputs, shapes, strict=True)))
+        fs = [self.factor[k] for k in inputs]
+        r = max(f.shape[1] for f in fs)  # a ReLU output of ADF has no factor: pad with zeros
+        fs = [f if f.shape[1] == r else torch.nn.functional.pad(f, (0, r - f.shape[1])) for f in fs]
+        self.factor[nid] = apply_columns(lin, [f.T for f in fs], shapes).T
+        self.resid[nid] = self._squared_map(inputs, shapes, lin, sq, y.numel())
+        self.mean[nid] = y.reshape(-1)
+        self.shape[nid] = tuple(y.shape)
+        return y
+
+    def _squared_map(
+        self,
+        inputs: Sequence[int],
+        shapes: Sequence[tuple[int, ...]],
+        lin: LinearFn,
+        sq: LinearFn | None,
+        q_out: int,
+    ) -> torch.Tensor:
+        """diag(L diag(D) Lᵀ) = (L∘L) D: by ``sq`` when given, else column by column."""
+        ds = [self.resid[k] for k in inputs]
+        ref = ds[0]
+        if not any(bool((d != 0).any()) for d in ds):
+            return ref.new_zeros(q_out)
+        if sq is not None:
+            out = sq(*(d.reshape(s) for d, s in zip(ds, shapes, strict=True)))
+            return out.reshape(-1).clamp_min(0)
+        total = ref.new_zeros(q_out)
+        for k, d in enumerate(ds):
+            idx = torch.nonzero(d > 0).flatten()
+            step = max(1, _BATCH_ELEMENTS // max(q_out, d.numel()))
+            for a in range(0, idx.numel(), step):
+                cols_idx = idx[a : a + step]
+                cols = [ref.new_zeros(cols_idx.numel(), dd.numel()) for dd in ds]
+                cols[k][torch.arange(cols_idx.numel()), cols_idx] = d[cols_idx].sqrt()
+                total = total + apply_columns(lin, cols, shapes).square().sum(0)
+        return total
+
+    def relu(self, nid: int, src: int, method: str) -> torch.Tensor:
+        del method  # the marginal moments are always the exact ones here
+        m, F, D = self.mean[src], self.factor[src], self.resid[src]
+        low = F.square().sum(1)
+        sigma = _safe_sqrt(low + D)
+        rm, rv = K.relu_mean_variance(m, sigma)
+        phi = stein_factor(m, sigma.square())
+        if self.diagonal:
+            self.factor[nid] = F[:, :0]
+            self.resid[nid] = rv
+        else:
+            self.factor[nid] = F * phi[:, None]
+            self.resid[nid] = (rv - phi.square() * low).clamp_min(0)
+        self.mean[nid] = rm
+        self.shape[nid] = self.shape[src]
+        return rm.reshape(self.shape[src])
+
+    def free(self, nid: int) -> None:
+        for d in (self.mean, self.shape, self.factor, self.resid):
+            d.pop(nid)
+
+    def moments(self, nid: int) -> tuple[torch.Tensor, torch.Tensor]:
+        F = self.factor[nid]
+        return self.mean[nid], F @ F.T + torch.diag(self.resid[nid])
+
+    def variance(self, nid: int) -> torch.Tensor:
+        return self.factor[nid].square().sum(1) + self.resid[nid]
+
+    def to_full(self) -> FullState:
+        """The same Gaussian with every block materialized: F_a F_bᵀ (+ diag D_a on a = b)."""
+        full = FullState()
+        ids = list(self.mean)
+        for i, a in enumerate(ids):
+            full.mean[a] = self.mean[a]
+            full.shape[a] = self.shape[a]
+            for b in ids[i:]:
+                blk = self.factor[a] @ self.factor[b].T
+                if a == b:
+                    blk = (blk + blk.T) / 2 + torch.diag(self.resid[a])
+                full.cov[(a, b)] = blk
+        return full
+
+    def numel(self) -> int:
+        return sum(
+            f.numel() + d.numel()
+            for f, d in zip(self.factor.values(), self.resid.values(), strict=True)
+        )
+
+
+def relu_covariance(
+    mean: torch.Tensor, cov: torch.Tensor, method: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (q,) and covariance (q, q) of relu(z), z ~ N(mean, cov), by ``method``.
+
+    "exact" | "series" | "zero_mean": ``relu_moments``; "approx": the benchmark-only
+    approximate covariance of ``torchbridge.propagate.approx`` (exact diagonal).
+    """
+    if method == "approx":
+        from torchbridge.propagate.approx import approx_relu_moments
+
+        return approx_relu_moments(mean, cov)
+    return relu_moments(mean, cov, method, check_psd=False)
