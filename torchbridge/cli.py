@@ -24,6 +24,7 @@ BENCH_MODULES = (
     "torchbridge.experiments.bench_kernels",
     "torchbridge.experiments.bench_moments",
     "torchbridge.experiments.bench_attacks",
+    "torchbridge.experiments.bench_propagate",
 )
 
 
