@@ -113,9 +113,6 @@ def _prepare(model: nn.Module, mean: torch.Tensor) -> nn.Module:
         )
     if not bool(torch.isfinite(mean).all()):
         raise ValueError("mean contains NaN or Inf")
-    training = [name or "the model" for name, m in model.named_modules() if m.training]
-    if training:
-        raise ValueError(f"model must be in eval mode (call model.eval()): {training[0]} is not")
     for t in list(model.parameters()) + list(model.buffers()):
         if t.device != mean.device:
             raise ValueError(f"model is on {t.device} but mean is on {mean.device}")
@@ -139,7 +136,7 @@ def output_moments(
     """Output mean and variance (or covariance) of ``model(x)``, x ~ N(mean, cov).
 
     Args:
-        model: a piecewise-linear ``nn.Module`` in eval mode (``nn.Sequential`` or any module
+        model: a piecewise-linear ``nn.Module`` (BatchNorm and Dropout in eval mode; any module
             ``torch.fx`` can trace: residual additions, functional relu/flatten, …).
         mean: ``(B, *input_shape)`` float32/float64, on the model's device; the model is run
             in this dtype (a float32 model is copied to float64 for float64 input).

@@ -1,0 +1,222 @@
+"""torchbridge.output_moments and layer-wise propagation (torchbridge.propagate)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from standins import tiny_net
+from torch import nn
+from torch.nn import functional as F
+
+import torchbridge as tb
+from torchbridge.propagate import NotPiecewiseLinearError, UntraceableModelError, trace
+from torchbridge.propagate.lowering import commute_relu_max_pool
+from torchbridge.propagate.pooling import adaptive_max_pool_windows, max_pool_windows
+
+D = torch.float64
+
+
+def _ara(seed: int = 0, n: int = 6, p: int = 9, d: int = 4):
+    gen = torch.Generator().manual_seed(seed)
+    A, c1 = torch.randn(p, n, generator=gen, dtype=D), torch.randn(p, generator=gen, dtype=D)
+    B, c2 = torch.randn(d, p, generator=gen, dtype=D), torch.randn(d, generator=gen, dtype=D)
+    net = nn.Sequential(nn.Linear(n, p), nn.ReLU(), nn.Linear(p, d)).to(D).eval()
+    with torch.no_grad():
+        net[0].weight.copy_(A), net[0].bias.copy_(c1), net[2].weight.copy_(B), net[2].bias.copy_(c2)
+    L = torch.randn(n, n, generator=gen, dtype=D)
+    return net, tb.AffineReLUAffine(A, c1, B, c2), torch.randn(n, generator=gen, dtype=D), L @ L.T
+
+
+def test_top_level_names():
+    for name in ("relu_moments", "AffineReLUAffine", "two_stage_linearize", "monte_carlo_moments"):
+        assert callable(getattr(tb, name))
+
+
+@pytest.mark.parametrize("cov_kind", ["full", "diag", "scalar"])
+def test_affine_relu_affine_equals_theorem1_exact_variance(cov_kind):
+    """Bar: propagation through (Affine, ReLU, Affine) equals AffineReLUAffine.moments to 1e-12."""
+    net, g, mu, S = _ara()
+    cov = {"full": S, "diag": S.diagonal().clone(), "scalar": torch.tensor(0.3, dtype=D)}[cov_kind]
+    m_ref, C_ref = g.moments(mu, cov, full=True)
+    out = tb.output_moments(net, mu[None], cov, full=True)
+    assert ((out.mean[0] - m_ref).abs() / m_ref.abs()).max() <= 1e-12
+    assert ((out.cov[0] - C_ref).abs() / C_ref.abs()).max() <= 1e-12
+    mean, var = tb.output_moments(net, mu[None], cov)
+    assert ((var[0] - C_ref.diagonal()).abs() / C_ref.diagonal()).max() <= 1e-12
+
+
+def test_one_relu_layer_is_exact_in_every_representation():
+    """With one ReLU last, the marginal variances are exact in full, low-rank and diagonal form."""
+    net, _, mu, S = _ara()
+    net = net[:2]
+    ref = tb.relu_moments(mu @ net[0].weight.T + net[0].bias, net[0].weight @ S @ net[0].weight.T)
+    for cov in ("full", "lowrank", "diagonal"):
+        out = tb.output_moments(net, mu[None], S, options=tb.PropagateOptions(covariance=cov))
+        torch.testing.assert_close(out.mean[0], ref[0], rtol=1e-13, atol=0)
+        torch.testing.assert_close(out.var[0], ref[1].diagonal(), rtol=1e-12, atol=0)
+
+
+class Residual(nn.Module):
+    """A plain nn.Module: conv, functional ReLU, skip addition, flatten by a method call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.fc = nn.Linear(2 * 5 * 5, 3)
+
+    def forward(self, x):
+        h = x + F.relu(self.conv(x)).sum(1, keepdim=True)
+        return self.fc(torch.cat([h, -h], 1).view(x.size(0), -1))
+
+
+def test_residual_module_accepted_and_exact_against_monte_carlo():
+    """One ReLU stage plus a skip path: propagation is exact (Stein cross-covariance), so it
+    must agree with Monte Carlo within 5 standard errors."""
+    model = Residual().double().eval()
+    x = torch.rand(1, 1, 5, 5, dtype=D)
+    out = tb.output_moments(model, x, 0.04)
+    mc = tb.output_moments(
+        model, x, 0.04, method="montecarlo", options=tb.MonteCarloOptions(samples=40_000)
+    )
+    assert ((out.mean - mc.mean).abs() <= 5 * mc.mean_se).all()
+    assert ((out.var - mc.var).abs() <= 5 * mc.var_se).all()
+
+
+def test_batch_and_float32():
+    net = tiny_net().double()
+    x = torch.rand(2, 1, 8, 8, dtype=D)
+    both = tb.output_moments(net, x, 0.01)
+    for b in range(2):
+        one = tb.output_moments(net, x[b : b + 1], 0.01)
+        torch.testing.assert_close(both.mean[b], one.mean[0], rtol=0, atol=0)
+        torch.testing.assert_close(both.var[b], one.var[0], rtol=0, atol=0)
+    f32 = tb.output_moments(tiny_net(), x.float(), 0.01)
+    assert f32.mean.dtype == torch.float32
+    torch.testing.assert_close(f32.var.double(), both.var, rtol=1e-4, atol=1e-7)
+
+
+def test_linearize_on_graph_equals_two_stage_linearize():
+    net = tiny_net().double()
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x)
+
+    x = torch.rand(1, 1, 8, 8, dtype=D)
+    for idx in (0, -1):
+        seq = tb.output_moments(net, x, 0.01, method="linearize", relu_index=idx)
+        graph = tb.output_moments(Wrapped().eval(), x, 0.01, method="linearize", relu_index=idx)
+        torch.testing.assert_close(graph.mean, seq.mean, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(graph.var, seq.var, rtol=1e-10, atol=1e-16)
+    by_name = tb.output_moments(Wrapped().eval(), x, 0.01, method="linearize", relu_index="net.5")
+    torch.testing.assert_close(by_name.var, seq.var, rtol=1e-10, atol=1e-16)
+
+
+@pytest.mark.parametrize(
+    ("act", "name"),
+    [(nn.GELU(), "GELU"), (nn.Sigmoid(), "Sigmoid"), (lambda x: F.softmax(x, 1), "softmax")],
+)
+def test_non_piecewise_linear_refused_with_its_name(act, name):
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.act = act if isinstance(act, nn.Module) else None
+
+        def forward(self, x):
+            h = self.fc(x)
+            return self.act(h) if self.act is not None else act(h)
+
+    with pytest.raises(NotPiecewiseLinearError, match=name):
+        tb.output_moments(M().eval(), torch.zeros(1, 4), 0.1)
+
+
+def test_product_of_random_tensors_refused():
+    class M(nn.Module):
+        def forward(self, x):
+            return x * x
+
+    with pytest.raises(NotPiecewiseLinearError, match="multiplies two random"):
+        tb.output_moments(M(), torch.zeros(1, 3), 0.1)
+
+
+def test_data_dependent_control_flow_refused():
+    class M(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(UntraceableModelError, match="control flow"):
+        tb.output_moments(M(), torch.zeros(1, 3), 0.1)
+
+
+def test_argument_errors():
+    net = tiny_net()
+    x = torch.rand(1, 1, 8, 8)
+    with pytest.raises(ValueError, match="method"):
+        tb.output_moments(net, x, 0.1, method="magic")
+    with pytest.raises(ValueError, match="batch"):
+        tb.output_moments(net, x[0, 0, 0], 0.1)
+    with pytest.raises(ValueError, match="cov has shape"):
+        tb.output_moments(net, x, torch.ones(5))
+    with pytest.raises(ValueError, match="covariance must be"):
+        tb.PropagateOptions(covariance="sparse")
+    with pytest.raises(NotPiecewiseLinearError, match=r"Dropout.*training mode"):
+        tb.output_moments(nn.Sequential(nn.Dropout(0.5)).train(), x, 0.1)
+
+
+def test_montecarlo_method_returns_standard_errors():
+    net = tiny_net()
+    out = tb.output_moments(
+        net,
+        torch.rand(2, 1, 8, 8),
+        0.01,
+        method="montecarlo",
+        options=tb.MonteCarloOptions(samples=2000, groups=4),
+    )
+    assert out.mean.shape == out.mean_se.shape == out.var_se.shape == (2, 3)
+    assert (out.mean_se > 0).all() and (out.var_se > 0).all()
+
+
+@pytest.mark.parametrize(
+    ("shape", "k", "s", "p", "d", "ceil"),
+    [
+        ((1, 3, 8, 8), 2, 2, 0, 1, False),
+        ((1, 2, 7, 9), 3, 2, 1, 1, True),
+        ((1, 2, 7, 9), (3, 2), (2, 1), (1, 0), (1, 2), False),
+    ],
+)
+def test_max_pool_windows_match_torch(shape, k, s, p, d, ceil):
+    x = torch.randn(shape)
+    ref = F.max_pool2d(x, k, s, p, d, ceil_mode=ceil)
+    got = x.reshape(-1)[max_pool_windows(shape, k, s, p, d, ceil)].amax(0)
+    assert torch.equal(got.reshape(ref.shape), ref)
+    ref = F.adaptive_max_pool2d(x, (3, 2))
+    got = x.reshape(-1)[adaptive_max_pool_windows(shape, (3, 2))].amax(0)
+    assert torch.equal(got.reshape(ref.shape), ref)
+
+
+def test_relu_max_pool_commutation_keeps_the_function():
+    net = tiny_net()
+    gm = commute_relu_max_pool(trace(net))
+    x = torch.randn(5, 1, 8, 8)
+    assert torch.equal(gm(x), net(x))
+    ops = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert ops.index("2") < ops.index("1")  # the pool now runs before the ReLU
+
+
+def test_max_of_two_pair_is_exact_against_monte_carlo():
+    """max(a, b) of a correlated pair through a 2×2 max-pool with one window of 2 elements."""
+    model = nn.Sequential(nn.MaxPool1d(2)).eval()
+    cov = torch.tensor([[1.0, 0.3], [0.3, 0.5]], dtype=D)
+    x = torch.tensor([[[0.2, -0.1]]], dtype=D)
+    out = tb.output_moments(model, x, cov)
+    mc = tb.output_moments(
+        model, x, cov, method="montecarlo", options=tb.MonteCarloOptions(samples=100_000)
+    )
+    assert abs(out.mean - mc.mean).item() <= 5 * mc.mean_se.item()
+    assert abs(out.var - mc.var).item() <= 5 * mc.var_se.item()
