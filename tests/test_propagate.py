@@ -220,3 +220,13 @@ def test_max_of_two_pair_is_exact_against_monte_carlo():
     )
     assert abs(out.mean - mc.mean).item() <= 5 * mc.mean_se.item()
     assert abs(out.var - mc.var).item() <= 5 * mc.var_se.item()
+
+
+def test_demo_shows_propagation(monkeypatch, tmp_path):
+    from test_demo import _run
+
+    argv = ["--skip-verify", "--skip-attacks", "--images", "1", "--samples", "4000"]
+    report = _run(monkeypatch, tmp_path, argv)
+    (rec,) = report["propagation"]["images"]
+    assert 0 <= rec["er_var"] < 0.2 and 0 <= rec["er_mean"] < 0.2
+    assert "layer-wise propagation" in (tmp_path / "demo.md").read_text()
