@@ -8,6 +8,8 @@ Per model, noise level σ and held-out test image M (input N(M, σ²I), pixels i
   before that: LeNet's convolution stages);
 * ``propagate (approx. ReLU cov)``: the same with the benchmark-only approximate ReLU
   covariance (``torchbridge.propagate.approx``, a DVI-style cheap closed form);
+* ``propagate (low-rank)``: the diagonal-plus-low-rank form in every layer (the
+  bounded-memory option alone, O(q·n) memory);
 * ``linearize``: two-stage linearization at the last ReLU (the paper's method);
 * ``ADF (diagonal)``: variances only (Gast & Roth 2018);
 * Monte Carlo with ``--samples`` samples (float32 forward passes), run as two independent halves: their pooled
@@ -46,10 +48,11 @@ from torchbridge.output import output_moments
 from torchbridge.propagate import PropagateOptions, trace
 from torchbridge.propagate.lowering import Lowerer, commute_relu_max_pool
 
-METHODS = ("propagate", "propagate-approx", "linearize", "adf")
+METHODS = ("propagate", "propagate-approx", "propagate-lowrank", "linearize", "adf")
 LABELS = {
     "propagate": "layer-wise propagation (exact kernels)",
     "propagate-approx": "layer-wise, approx. ReLU cov (DVI-style)",
+    "propagate-lowrank": "layer-wise, diagonal-plus-low-rank everywhere",
     "linearize": "two-stage linearization (paper)",
     "adf": "layer-wise, diagonal only (ADF)",
     "mc": "Monte Carlo (time for all samples)",
@@ -86,6 +89,7 @@ def _run_method(method: str, model, x, var: float, max_full: int):
     opts = {
         "propagate": PropagateOptions(max_full=max_full),
         "propagate-approx": PropagateOptions(max_full=max_full, relu_method="approx"),
+        "propagate-lowrank": PropagateOptions(covariance="lowrank"),
         "adf": PropagateOptions(covariance="diagonal"),
     }[method]
     out = output_moments(model, x, var, options=opts)
