@@ -230,3 +230,76 @@ def test_demo_shows_propagation(monkeypatch, tmp_path):
     (rec,) = report["propagation"]["images"]
     assert 0 <= rec["er_var"] < 0.2 and 0 <= rec["er_mean"] < 0.2
     assert "layer-wise propagation" in (tmp_path / "demo.md").read_text()
+
+
+class AllLinear(nn.Module):
+    """Every supported linear layer, no nonlinearity: the output covariance is J Σ Jᵀ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.up = nn.ConvTranspose2d(3, 2, 2, stride=2)
+        self.pool = nn.AvgPool2d(2)
+        self.apool = nn.AdaptiveAvgPool2d((3, 2))
+        self.conv1d = nn.Conv1d(2, 2, 3)
+        self.drop = nn.Dropout(0.3)
+        self.fc = nn.Linear(8, 4)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+            self.bn.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        h = self.pool(self.up(self.bn(self.conv(x))))  # (1, 2, 5, 5)
+        h = self.apool(F.pad(h, (1, 0, 0, 1)))  # (1, 2, 3, 2): non-uniform windows
+        h = self.conv1d(h.flatten(2)) * 0.5 - 1.0  # (1, 2, 4)
+        return self.fc(self.drop(torch.flatten(h, 1)))
+
+
+@pytest.mark.parametrize("covariance", ["full", "lowrank"])
+def test_linear_layers_exact(covariance):
+    model = AllLinear().double().eval()
+    x = torch.rand(1, 2, 5, 5, dtype=D)
+    var = torch.rand(50, dtype=D) + 0.1  # diagonal input covariance
+    J = torch.autograd.functional.jacobian(lambda v: model(v.reshape(1, 2, 5, 5))[0], x.flatten())
+    ref = (J * var) @ J.T
+    opts = tb.PropagateOptions(covariance=covariance)
+    out = tb.output_moments(model, x, var, options=opts, full=True)
+    torch.testing.assert_close(out.mean[0], model(x)[0], rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(out.var[0], ref.diagonal(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(out.cov[0], ref, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape"),
+    [
+        (nn.Conv2d(2, 3, 3, padding=1), (2, 5, 5)),
+        (nn.ConvTranspose2d(2, 2, 2, stride=2), (2, 3, 3)),
+        (nn.AvgPool2d(2), (2, 4, 4)),
+        (nn.AvgPool2d(3, stride=2, padding=1), (2, 5, 5)),  # by columns
+        (nn.AdaptiveAvgPool2d((3, 2)), (2, 6, 5)),
+        (nn.Conv1d(2, 2, 3), (2, 6)),
+        (nn.Linear(6, 3), (6,)),
+        (nn.BatchNorm1d(6), (6,)),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else str(v),
+)
+def test_diagonal_adf_one_linear_layer_exact(layer, shape):
+    """ADF's variance map (squared weights, or column by column) is exact for one layer with
+    a diagonal input covariance (across layers ADF drops the covariances, by design)."""
+    torch.manual_seed(4)
+    model = layer.double().eval()
+    if isinstance(model, nn.BatchNorm1d):
+        with torch.no_grad():
+            model.running_var.uniform_(0.5, 2)
+            model.weight.uniform_(0.5, 1.5)
+    x = torch.rand(1, *shape, dtype=D)
+    n = x.numel()
+    var = torch.rand(n, dtype=D) + 0.1
+    J = torch.autograd.functional.jacobian(lambda v: model(v.reshape(x.shape))[0], x.flatten())
+    J = J.reshape(-1, n)
+    opts = tb.PropagateOptions(covariance="diagonal")
+    out = tb.output_moments(model, x, var, options=opts)
+    torch.testing.assert_close(out.var[0], (J * J) @ var, rtol=1e-12, atol=1e-15)

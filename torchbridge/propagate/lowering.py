@@ -79,6 +79,8 @@ def trace(model: nn.Module) -> fx.GraphModule:
         )
     if isinstance(model, fx.GraphModule):
         return model
+    if type(model).__module__.startswith("torch.nn") and not isinstance(model, nn.Sequential):
+        model = nn.Sequential(model)  # a bare torch layer: trace it as a leaf
     try:
         return fx.symbolic_trace(model)
     except Exception as exc:  # TraceError, or a Python error raised by a Proxy
