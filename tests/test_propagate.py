@@ -303,3 +303,23 @@ def test_diagonal_adf_one_linear_layer_exact(layer, shape):
     opts = tb.PropagateOptions(covariance="diagonal")
     out = tb.output_moments(model, x, var, options=opts)
     torch.testing.assert_close(out.var[0], (J * J) @ var, rtol=1e-12, atol=1e-15)
+
+
+def test_additive_forms_exact():
+    """x.sub(y), 1 − x, torch.add(x, y, alpha=2), -x, x / 4, constant @ x: linear, so the output
+    covariance is J Σ Jᵀ."""
+
+    class M(nn.Module):
+        def forward(self, x):
+            a, b = x[:, :3], x[:, 3:]
+            c = torch.add(a.sub(b), 1 - b, alpha=2.0) - (-a) / 4
+            return torch.cat([c, a @ torch.arange(6.0, dtype=x.dtype).reshape(3, 2)], 1)
+
+    model = M()
+    x = torch.rand(1, 6, dtype=D)
+    L = torch.randn(6, 6, dtype=D)
+    S = L @ L.T
+    J = torch.autograd.functional.jacobian(lambda v: model(v[None])[0], x[0])
+    out = tb.output_moments(model, x, S, full=True)
+    torch.testing.assert_close(out.mean[0], model(x)[0], rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(out.cov[0], J @ S @ J.T, rtol=1e-12, atol=1e-13)

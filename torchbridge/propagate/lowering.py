@@ -490,17 +490,15 @@ def _is_cat(fn: Callable) -> bool:
 def _additive(lw: Lowerer, node: fx.Node, b: _Bound) -> Handle:
     """a ± b (± alpha·b): constants drop out of the linear part; the squared map adds the
     squared coefficients."""
-    del node
     fn = b.fn
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     args, kwargs = tree_unflatten(list(b.flat), b.spec)
     if fn in (operator.neg, torch.neg) or (len(args) == 1 and not kwargs):
         return lw.affine(b.handles, b.caller(), sq=lambda d: d)
     alpha = kwargs.get("alpha", 1)
     if len(args) > 2:
         alpha = args[2]
-    negate = fn in (operator.sub, torch.sub, torch.subtract, operator.isub) or (
-        isinstance(node_target := getattr(fn, "__name__", ""), str) and node_target == "sub"
-    )
+    negate = name in ("sub", "isub", "subtract", "sub_", "__sub__")
     a, c = args[0], args[1]
     coef = [1.0, (-1.0 if negate else 1.0) * float(alpha)]
 
