@@ -659,11 +659,10 @@ def _prelu(lw: Lowerer, node: fx.Node, b: _Bound) -> Handle:
         raise NotPiecewiseLinearError(
             f"{describe(node, lw.gm)} at graph node '{node.name}' has a random slope"
         )
-    w = weight.detach() if weight.numel() == 1 else weight
-    if w.numel() == 1:
-        slope = w.reshape(())
+    if weight.numel() == 1:
+        slope = weight.reshape(())
     else:  # one slope per channel (dimension 1)
-        slope = w.reshape((1, -1) + (1,) * (h.ref.ndim - 2))
+        slope = weight.reshape((1, -1) + (1,) * (h.ref.ndim - 2))
     return lw.leaky(h, slope)
 
 
