@@ -323,3 +323,9 @@ def test_additive_forms_exact():
     out = tb.output_moments(model, x, S, full=True)
     torch.testing.assert_close(out.mean[0], model(x)[0], rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(out.cov[0], J @ S @ J.T, rtol=1e-12, atol=1e-13)
+
+
+def test_torchscript_refused():
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(UntraceableModelError, match="TorchScript"):
+        tb.output_moments(scripted, torch.zeros(1, 2), 0.1)

@@ -121,6 +121,9 @@ class FullState:
         """New tensor ``nid`` = relu(``src``) with the ``method`` ReLU covariance; its mean."""
         m = self.mean[src]
         S = self.cov[(src, src)]
+        if bool((S.diagonal() < 0).any()):  # rounding of e.g. Var(a − b) for a ≈ b
+            S = S.clone()
+            S.diagonal().clamp_(min=0)
         rm, C = relu_covariance(m, S, method)
         phi = stein_factor(m, S.diagonal())
         for w in list(self.mean):  # Stein's lemma for the cross-covariances
