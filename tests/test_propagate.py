@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from standins import tiny_net
@@ -326,6 +328,22 @@ def test_additive_forms_exact():
 
 
 def test_torchscript_refused():
-    scripted = torch.jit.script(nn.Sequential(nn.Linear(2, 2)))
+    with warnings.catch_warnings():  # torch.jit.script is deprecated, still in use
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(nn.Sequential(nn.Linear(2, 2)))
     with pytest.raises(UntraceableModelError, match="TorchScript"):
         tb.output_moments(scripted, torch.zeros(1, 2), 0.1)
+
+
+def test_differentiable_moments_match_affine_relu_affine_gradients():
+    """With differentiable=True the output variance is differentiable w.r.t. the model's
+    parameters; its gradient equals autograd through AffineReLUAffine.moments."""
+    net, _, mu, S = _ara()
+    opts = tb.PropagateOptions(differentiable=True)
+    tb.output_moments(net, mu[None], S, options=opts).var.sum().backward()
+    got = net[0].weight.grad.clone()
+    A = net[0].weight.detach().clone().requires_grad_(True)
+    g = tb.AffineReLUAffine(A, net[0].bias.detach(), net[2].weight.detach(), net[2].bias.detach())
+    g.moments(mu, S)[1].sum().backward()
+    torch.testing.assert_close(got, A.grad, rtol=1e-10, atol=1e-12)
+    assert not tb.output_moments(net, mu[None], S).var.requires_grad  # default: no graph

@@ -174,7 +174,7 @@ def output_moments(
     gm = commute_relu_max_pool(trace(model))
     exact = (lambda node: True) if method == "propagate" else _only(resolve_relu(gm, relu_index))
     means, second, peak = [], [], 0
-    with torch.no_grad():
+    with torch.set_grad_enabled(opts.differentiable and torch.is_grad_enabled()):
         for b in range(batch):
             r = propagate_one(gm, mean[b : b + 1], cov_of(b), kind, opts, exact, full)
             means.append(r.mean)

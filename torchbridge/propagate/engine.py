@@ -40,11 +40,16 @@ class PropagateOptions:
         relu_method: ReLU covariance in full-covariance stages: "exact" (default; our closed
             form), "series" (the paper's Lemma 4, 5 terms), "zero_mean" (Theorem 2) or
             "approx" (benchmark-only 2-term expansion in ρ, ``propagate.approx``).
+        differentiable: keep the autograd graph, so the moments can be differentiated with
+            respect to the model's parameters and the input (moment-regularized training);
+            memory grows with every intermediate covariance kept for the backward pass.
+            Gradients reach the model's own parameters only when its dtype is the input's.
     """
 
     covariance: str = "auto"
     max_full: int = 4096
     relu_method: str = "exact"
+    differentiable: bool = False
 
     def __post_init__(self) -> None:
         if self.covariance not in COVARIANCES:
