@@ -108,7 +108,9 @@ class PixelBox:
         if self.bounds is not None:
             y = self.image + flat
             lo, hi = self.bounds
-            worst = max(worst, float((lo - y).clamp(min=0).max()), float((y - hi).clamp(min=0).max()))
+            worst = max(
+                worst, float((lo - y).clamp(min=0).max()), float((y - hi).clamp(min=0).max())
+            )
         return worst
 
     def scipy_bounds(self, idx: torch.Tensor | None = None, scale: float = 1.0) -> list:

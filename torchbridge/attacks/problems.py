@@ -215,7 +215,9 @@ class SparseSmoothProblem:
 
     def x0(self, mu: torch.Tensor) -> np.ndarray:
         m = self.box.project(mu.reshape(-1))
-        return np.concatenate([m[self.pos].clamp(min=0).numpy(), (-m[self.neg]).clamp(min=0).numpy()])
+        return np.concatenate(
+            [m[self.pos].clamp(min=0).numpy(), (-m[self.neg]).clamp(min=0).numpy()]
+        )
 
 
 class MarginConstraint:

@@ -86,7 +86,9 @@ def _stacked(fn: Problem, xb: torch.Tensor) -> torch.Tensor:
     return torch.cat([obj.reshape(-1, 1), cons.reshape(obj.shape[0], -1)], dim=1)
 
 
-def value_and_jacobian(fn: Problem, x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def value_and_jacobian(
+    fn: Problem, x: torch.Tensor, rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``[obj, cons...]`` (rows,) at ``x`` (nvar,) and its Jacobian (rows, nvar), ``rows = 1 + m``,
     by one batched forward of ``rows`` copies and one backward pass."""
     xb = x.detach().expand(rows, -1).clone().requires_grad_(True)
@@ -159,7 +161,12 @@ def run_slsqp(
         )
         x = np.asarray(res.x, dtype=float) if converged else best["x"]
     except _TimeLimitError:
-        status, message, converged, nit = -1, f"stopped by the time limit ({opt.time_limit} s)", False, -1
+        status, message, converged, nit = (
+            -1,
+            f"stopped by the time limit ({opt.time_limit} s)",
+            False,
+            -1,
+        )
         x = best["x"]
     if bounds is not None:  # SLSQP may step outside its bounds by rounding: clip exactly
         lo = np.array([-np.inf if b[0] is None else b[0] for b in bounds])

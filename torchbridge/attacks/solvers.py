@@ -13,6 +13,7 @@ on the caller's thread count.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -189,12 +190,13 @@ def _sigma_range(sigma2_max: float, ratio: float = 1e-4) -> tuple[float, float]:
     return s * ratio, s
 
 
-def _totals(fits: list[SlsqpFit]) -> dict:
+def _totals(fits: list[SlsqpFit], started: float) -> dict:
+    """Summed SLSQP counters; ``wall_time`` is the whole attack (linearizations included)."""
     return {
         "iterations": sum(max(0, f.nit) for f in fits),
         "nfev": sum(f.nfev for f in fits),
         "njev": sum(f.njev for f in fits),
-        "wall_time": sum(f.wall for f in fits),
+        "wall_time": time.perf_counter() - started,
         "hit_iteration_cap": any(f.hit_iteration_cap for f in fits),
     }
 
@@ -208,6 +210,7 @@ def _result(
     sol: tuple[torch.Tensor, float, ExpectedLogits],
     classes: tuple[int | None, float],
     extra: dict,
+    started: float,
 ) -> AttackResult:
     """Assemble an AttackResult; ``sol = (mu, sigma, f)``, ``classes = (target, gamma)``."""
     mu, sigma, f = sol
@@ -215,8 +218,10 @@ def _result(
     mu = box.project(mu.reshape(-1))
     with torch.no_grad():
         e = f(mu, sigma)
-    margin = float(targeted_margin(e, target) if target is not None else untargeted_margin(e, s.source))
-    fooled = margin <= -gamma + 1e-9 if gamma > 0 else margin < 0
+    margin = float(
+        targeted_margin(e, target) if target is not None else untargeted_margin(e, s.source)
+    )
+    fooled = margin <= -gamma + 1e-9  # the constraint of Eqs. 9/10, to rounding
     violation = box.violation(mu)
     return AttackResult(
         kind=kind,
@@ -237,7 +242,7 @@ def _result(
         bounds=box.bounds,
         box_violation=violation,
         extra={"beta": box.beta, **extra},
-        **_totals(fits),
+        **_totals(fits, started),
     )
 
 
@@ -271,13 +276,16 @@ def targeted(
         raise ValueError(f"stop_margin must be >= 0, got {rl.stop_margin}")
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
+    started = time.perf_counter()
     with single_thread():
         s = _setup(model, image, opt.relu_index)
         if rl.rounds > 0 and s.is_lin:
             raise ValueError("relinearize rounds need the nn.Sequential model, not a linearization")
         j = _check_class("target", target, s.lin.out_features)
         if j == s.source:
-            raise ValueError(f"target {j} equals the source class (the predicted class of the image)")
+            raise ValueError(
+                f"target {j} equals the source class (the predicted class of the image)"
+            )
         box = PixelBox.build(s.image, bounds, beta)
         srange = _sigma_range(sigma2_max)
         f = ExpectedLogits(s.lin, s.image)
@@ -298,8 +306,14 @@ def targeted(
             with torch.no_grad():
                 lin_margin = float(targeted_margin(f(m, sig), j))
             rounds.append(
-                {"round": r, "linearized_margin": lin_margin, "real_margin": real,
-                 "iterations": fit.nit, "wall": fit.wall, "status": fit.status}
+                {
+                    "round": r,
+                    "linearized_margin": lin_margin,
+                    "real_margin": real,
+                    "iterations": fit.nit,
+                    "wall": fit.wall,
+                    "status": fit.status,
+                }
             )
             if best is None or real < best[0]:
                 best = (real, fit, m, sig, f)
@@ -307,11 +321,14 @@ def targeted(
                 break
             mu = m
         real, fit, m, sig, f = best
-        extra = {"sigma2_max": sigma2_max, "exact_gradients": opt.slsqp.exact,
-                 "relinearize": rl.rounds}
+        extra = {
+            "sigma2_max": sigma2_max,
+            "exact_gradients": opt.slsqp.exact,
+            "relinearize": rl.rounds,
+        }
         if rl.rounds > 0:
             extra.update(rounds=rounds, real_margin=real)
-        return _result("targeted", s, box, fit, fits, (m, sig, f), (j, 0.0), extra)
+        return _result("targeted", s, box, fit, fits, (m, sig, f), (j, 0.0), extra, started)
 
 
 def _solve_targeted(
@@ -367,6 +384,7 @@ def pixel_support(
         raise ValueError(f"beta must be > 0, got {beta}")
     if opt.competitor not in ("all", "lse", "runner_up"):
         raise ValueError(f"competitor must be 'all', 'lse' or 'runner_up', got {opt.competitor!r}")
+    started = time.perf_counter()
     with single_thread():
         s = _setup(model, image, opt.relu_index)
         box = PixelBox.build(s.image, bounds, beta)
@@ -392,7 +410,9 @@ def pixel_support(
         mask = torch.zeros(n, dtype=torch.bool)
         mask[idx] = True
         extra = {"support": mask.reshape(s.image.shape), "alpha": alpha, "competitor": k}
-        return _result("pixel_support", s, box, fit, fits, (mu, sig, f), (None, 0.0), extra)
+        return _result(
+            "pixel_support", s, box, fit, fits, (mu, sig, f), (None, 0.0), extra, started
+        )
 
 
 def _competitors(competitor: str, f: ExpectedLogits, i: int, sigma: float) -> list[int | None]:
@@ -447,6 +467,7 @@ def sparse_smooth(
         raise ValueError(f"max_support must lie in (0, 1], got {opt.max_support}")
     if opt.rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {opt.rounds}")
+    started = time.perf_counter()
     with single_thread():
         s = _setup(model, image, opt.relu_index)
         d = s.lin.out_features
@@ -471,11 +492,15 @@ def sparse_smooth(
         for r in range(opt.rounds if real_model is not None else 1):
             if r > 0:
                 f = relinearize(real_model, box, mu, opt.relu_index)
-            m, fit, info = _sparse_round(f, box, cons.with_gamma(gamma + boost), mu, (hw, kmax), opt)
+            m, fit, info = _sparse_round(
+                f, box, cons.with_gamma(gamma + boost), mu, (hw, kmax), opt
+            )
             fits.append(fit)
             key = (1, 0.0, 0.0)
             if real_model is not None:
-                rate, real = clipped_check(real_model, box, m, sigma, cons.margin, opt.check_samples)
+                rate, real = clipped_check(
+                    real_model, box, m, sigma, cons.margin, opt.check_samples
+                )
                 info.update(real_margin=real, real_fooling=rate, solve_gamma=gamma + boost)
                 ok = real <= -gamma if gamma > 0 else real < 0
                 zeros = int((m.abs() <= ZERO_THRESHOLD).sum())
@@ -489,10 +514,18 @@ def sparse_smooth(
                 break
             mu = m
         key, r, m, fit, f = min(cands, key=lambda c: (c[0], c[1]))
-        extra = {"gamma": gamma, "competitor": k if target is None else None, "rounds": rounds,
-                 "chosen_round": r, "max_support": kmax, "tv_weight": opt.tv_weight,
-                 "eps": opt.eps}
-        return _result("sparse_smooth", s, box, fit, fits, (m, sigma, f), (target, gamma), extra)
+        extra = {
+            "gamma": gamma,
+            "competitor": k if target is None else None,
+            "rounds": rounds,
+            "chosen_round": r,
+            "max_support": kmax,
+            "tv_weight": opt.tv_weight,
+            "eps": opt.eps,
+        }
+        return _result(
+            "sparse_smooth", s, box, fit, fits, (m, sigma, f), (target, gamma), extra, started
+        )
 
 
 def _sparse_round(

@@ -14,43 +14,72 @@ from torchbridge.experiments.common import add_common_args, markdown_table, writ
 
 def bench_attacks(args: argparse.Namespace) -> dict:
     """Median solve times per attack type, and the exact-vs-FD SLSQP comparison on Eq. 7."""
-    from torchbridge.attacks import pixel_support, sparse_smooth, targeted
+    from torchbridge.attacks import (
+        PixelSupportOptions,
+        SlsqpOptions,
+        SparseSmoothOptions,
+        TargetedOptions,
+        pixel_support,
+        sparse_smooth,
+        targeted,
+    )
     from torchbridge.data import mnist
     from torchbridge.linearize import two_stage_linearize
     from torchbridge.models import trained_lenet
 
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     model = trained_lenet(progress=False)
     _, _, tx, ty = mnist()
     with torch.no_grad():
         pred = model(tx).argmax(1)
     idxs = ((ty == 9) & (pred == 9)).nonzero().flatten().tolist()[: args.images]
+    sl = SlsqpOptions(maxiter=args.maxiter)
+    t_opt = TargetedOptions(slsqp=SlsqpOptions(maxiter=args.maxiter, ftol=1e-6))
+    s_opt = SparseSmoothOptions(slsqp=sl)
     runs = {
-        "targeted (Eq. 7)": lambda lin, x: targeted(lin, x, 7, maxiter=args.maxiter),
-        "pixel_support (Eq. 8)": lambda lin, x: pixel_support(lin, x, competitor="lse"),
-        "sparse_smooth (Eq. 9)": lambda lin, x: sparse_smooth(lin, x, maxiter=args.maxiter),
+        "targeted (Eq. 7)": lambda lin, x: targeted(lin, x, 7, options=t_opt),
+        "pixel_support (Eq. 8)": lambda lin, x: pixel_support(
+            lin, x, options=PixelSupportOptions(competitor="lse")
+        ),
+        "sparse_smooth (Eq. 9)": lambda lin, x: sparse_smooth(lin, x, gamma=0.5, options=s_opt),
         "sparse_smooth targeted (Eq. 10)": lambda lin, x: sparse_smooth(
-            lin, x, target=4, maxiter=args.maxiter
+            lin, x, target=4, options=s_opt
         ),
     }
     lins = [two_stage_linearize(model, tx[i]) for i in idxs]
     rows, out = [], {"attacks": {}, "images": idxs}
     for name, fn in tqdm(runs.items(), desc="bench attacks"):
-        times, iters = [], []
+        times, iters, caps = [], [], 0
         for lin, i in zip(lins, idxs, strict=True):
+            start = time.perf_counter()
             res = fn(lin, tx[i])
-            times.append(res.wall_time)
+            times.append(time.perf_counter() - start)
             iters.append(res.iterations)
+            caps += res.hit_iteration_cap
         med = statistics.median(times)
-        out["attacks"][name] = {"median_s": med, "iterations": iters, "times": times}
-        rows.append([name, med, statistics.median(iters)])
-    print(markdown_table(["attack (linearization given)", "median solve s", "median iters"], rows))
+        out["attacks"][name] = {"median_s": med, "iterations": iters, "times": times, "caps": caps}
+        rows.append([name, med, statistics.median(iters), caps])
+    print(
+        markdown_table(
+            [
+                "attack (linearization given, bounds [0, 1])",
+                "median solve s",
+                "median iters",
+                "iteration-cap hits",
+            ],
+            rows,
+        )
+    )
 
     lin, x = lins[0], tx[idxs[0]]
     start = time.perf_counter()
-    ex = targeted(lin, x, 7, maxiter=args.fd_maxiter)
+    ex = targeted(lin, x, 7, options=TargetedOptions(slsqp=SlsqpOptions(args.fd_maxiter, 1e-6)))
     t_ex = time.perf_counter() - start
     start = time.perf_counter()
-    fd = targeted(lin, x, 7, maxiter=args.fd_maxiter, exact=False, time_limit=args.fd_time_limit)
+    fd_opt = SlsqpOptions(args.fd_maxiter, 1e-6, exact=False, time_limit=args.fd_time_limit)
+    fd = targeted(lin, x, 7, options=TargetedOptions(slsqp=fd_opt))
     t_fd = time.perf_counter() - start
     cmp_rows = [
         ["exact (autograd)", t_ex, ex.iterations, ex.nfev, ex.margin, ex.message],
@@ -93,6 +122,15 @@ def bench_attacks(args: argparse.Namespace) -> dict:
         "per_iteration_ratio": per_it_fd / per_it_ex,
         "note": note,
     }
+    import scipy
+
+    out["run"] = {
+        "seed": args.seed,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "scipy": scipy.__version__,
+        "note": "every solve pins torch and BLAS to 1 thread (torchbridge.attacks.strategies)",
+    }
     write_json(args.out, "bench_attacks", out)
     return out
 
@@ -101,8 +139,15 @@ def add_bench_parser(bench_sub) -> None:
     """Register `nm bench attacks`."""
     p = bench_sub.add_parser("attacks", help="attack solve times; exact vs FD SLSQP on Eq. 7")
     add_common_args(p, device=False)
-    p.add_argument("--images", type=int, default=3, help="test digits 9 to time")
-    p.add_argument("--maxiter", type=int, default=30, help="SLSQP iteration cap per attack")
-    p.add_argument("--fd-maxiter", type=int, default=10, help="iteration cap, exact vs FD")
-    p.add_argument("--fd-time-limit", type=float, default=120.0, help="FD wall-time cap (s)")
+    p.add_argument("--images", type=int, default=3, help="test digits 9 to time (default: 3)")
+    p.add_argument(
+        "--maxiter", type=int, default=100, help="SLSQP iteration cap per attack (default: 100)"
+    )
+    p.add_argument(
+        "--fd-maxiter", type=int, default=10, help="iteration cap, exact vs FD (default: 10)"
+    )
+    p.add_argument(
+        "--fd-time-limit", type=float, default=120.0, help="FD wall-time cap, s (default: 120)"
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     p.set_defaults(func=lambda a: (bench_attacks(a), 0)[1])
