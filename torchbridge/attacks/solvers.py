@@ -542,7 +542,7 @@ def _sparse_round(
     def slack(m: torch.Tensor) -> torch.Tensor:
         return cons(f(m, cons.sigma)).min()
 
-    support, start, k_min = greedy_support(f, box, mu, slack, kmax, opt.expand)
+    support, start, k_min = greedy_support(box, mu, slack, kmax, opt.expand)
     prob = SparseSmoothProblem(f, box, support, hw, cons, (opt.tv_weight, opt.eps))
     fit = run_slsqp(prob, prob.x0(start), prob.bounds(), opt.slsqp)
     m = box.project(prob.mu(torch.as_tensor(fit.x, dtype=_F64)))

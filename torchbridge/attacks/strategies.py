@@ -57,7 +57,6 @@ def relinearize(
 
 
 def greedy_support(
-    f: ExpectedLogits,
     box: PixelBox,
     mu: torch.Tensor,
     slack: Callable[[torch.Tensor], torch.Tensor],
