@@ -37,6 +37,7 @@ from torchbridge.attacks.strategies import (
     greedy_support,
     prune,
     relinearize,
+    restore_on_support,
     single_thread,
 )
 from torchbridge.linearize import two_stage_linearize
@@ -109,7 +110,10 @@ class SparseSmoothOptions:
     ``image + mu`` while the real network on ``check_samples`` clipped samples does not meet
     the constraint in expectation (``nn.Sequential`` models only); each such round asks the
     linearized constraint for ``gamma + boost``, the boost growing by half the gap between the
-    real and the linearized margin of the previous round, up to ``max_boost``.
+    real and the linearized margin of the previous round, up to ``max_boost``. A round whose
+    result misses the constraint on the real network is first repaired by
+    :func:`restore_on_support` (``restore_steps`` projected gradient steps on the real
+    network, on that round's support only; 0 = off) and kept if that lowers the real margin.
     """
 
     beta: float | None = None
@@ -121,6 +125,7 @@ class SparseSmoothOptions:
     expand: float = 2.0
     rounds: int = 5
     max_boost: float = 2.0
+    restore_steps: int = 40
     check_samples: int = 128
     slsqp: SlsqpOptions = field(default_factory=lambda: SlsqpOptions(maxiter=100, ftol=1e-7))
     relu_index: int = -1
@@ -492,33 +497,47 @@ def sparse_smooth(
         for r in range(opt.rounds if real_model is not None else 1):
             if r > 0:
                 f = relinearize(real_model, box, mu, opt.relu_index)
-            m, fit, info = _sparse_round(
+            m, fit, info, support = _sparse_round(
                 f, box, cons.with_gamma(gamma + boost), mu, (hw, kmax), opt
             )
             fits.append(fit)
-            key = (1, 0.0, 0.0)
+            key, restored = (1, 0.0, 0.0), False
             if real_model is not None:
                 rate, real = clipped_check(
                     real_model, box, m, sigma, cons.margin, opt.check_samples
                 )
                 info.update(real_margin=real, real_fooling=rate, solve_gamma=gamma + boost)
-                ok = real <= -gamma if gamma > 0 else real < 0
+                if not _meets(real, gamma) and opt.restore_steps > 0:
+                    m2, _ = restore_on_support(
+                        real_model, box, m, support, cons.margin, -gamma - 0.1, opt.restore_steps
+                    )
+                    rate2, real2 = clipped_check(
+                        real_model, box, m2, sigma, cons.margin, opt.check_samples
+                    )
+                    if real2 < real:
+                        m, rate, real, restored = m2, rate2, real2, True
+                        info.update(restored_real_margin=real2, restored_fooling=rate2)
+                info["restored"] = restored
                 zeros = int((m.abs() <= ZERO_THRESHOLD).sum())
-                key = (0, -zeros, fit.objective) if ok else (1, real, 0.0)
-                # Restore feasibility on the real network: the next (re-linearized) solve asks
-                # for a larger margin, by half the linearization error just seen.
-                boost = min(opt.max_boost, boost + 0.5 * max(0.0, real - info["linearized_margin"]))
+                key = (0, -zeros, fit.objective) if _meets(real, gamma) else (1, real, 0.0)
+                # The next (re-linearized) solve asks for a larger margin, by half the gap
+                # between the real and the linearized margin just seen.
+                gap = real - info["linearized_margin"]
+                boost = min(opt.max_boost, boost + 0.5 * max(0.0, gap))
             rounds.append(info)
-            cands.append((key, r, m, fit, f))
+            cands.append((key, r, m, fit, f, restored))
             if key[0] == 0:
                 break
             mu = m
-        key, r, m, fit, f = min(cands, key=lambda c: (c[0], c[1]))
+        key, r, m, fit, f, restored = min(cands, key=lambda c: (c[0], c[1]))
+        if restored:  # report the expected margin of a linearization at the attacked image
+            f = relinearize(real_model, box, m, opt.relu_index)
         extra = {
             "gamma": gamma,
             "competitor": k if target is None else None,
             "rounds": rounds,
             "chosen_round": r,
+            "restored": restored,
             "max_support": kmax,
             "tv_weight": opt.tv_weight,
             "eps": opt.eps,
@@ -535,8 +554,8 @@ def _sparse_round(
     mu: torch.Tensor,
     geometry: tuple[tuple[int, int], int],
     opt: SparseSmoothOptions,
-) -> tuple[torch.Tensor, SlsqpFit, dict]:
-    """Support selection, exact-l1 SLSQP on it, pruning; returns ``(mu, fit, info)``."""
+) -> tuple[torch.Tensor, SlsqpFit, dict, torch.Tensor]:
+    """Support selection, exact-l1 SLSQP on it, pruning; returns ``(mu, fit, info, support)``."""
     hw, kmax = geometry
 
     def slack(m: torch.Tensor) -> torch.Tensor:
@@ -564,4 +583,9 @@ def _sparse_round(
         "status": fit.status,
         "wall": fit.wall,
     }
-    return m, fit, info
+    return m, fit, info, support
+
+
+def _meets(real_margin: float, gamma: float) -> bool:
+    """The real network meets the margin constraint in expectation (strictly fooled at 0)."""
+    return real_margin <= -gamma if gamma > 0 else real_margin < 0

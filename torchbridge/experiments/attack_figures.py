@@ -318,7 +318,15 @@ def fig6(args: argparse.Namespace) -> dict:
         )
         v = res.verify(1000, args.seed)
         results.append(res)
-        rows.append(_row(res, v, image=idx, chosen_round=res.extra["chosen_round"]))
+        rows.append(
+            _row(
+                res,
+                v,
+                image=idx,
+                chosen_round=res.extra["chosen_round"],
+                restored=res.extra["restored"],
+            )
+        )
     attack_grid(results, args.out, "fig6", args.seed)
     note = (
         f"Eq. 9, gamma = {args.gamma}, Sigma = (1/255)^2 I; fooling = not the source class, "
@@ -345,7 +353,15 @@ def fig7(args: argparse.Namespace) -> dict:
         )
         v = res.verify(1000, args.seed)
         results.append(res)
-        rows.append(_row(res, v, image=idx, chosen_round=res.extra["chosen_round"]))
+        rows.append(
+            _row(
+                res,
+                v,
+                image=idx,
+                chosen_round=res.extra["chosen_round"],
+                restored=res.extra["restored"],
+            )
+        )
     attack_grid(results, args.out, "fig7", args.seed)
     note = f"Eq. 9 with constraint (10), gamma = {args.gamma}, Sigma = (1/255)^2 I, 1000 samples."
     _finish(args.out, "fig7", "Fig. 7: sparse-smooth targeted attacks", rows, note, args)
