@@ -196,11 +196,6 @@ class SparseSmoothProblem:
         flat = flat.index_add(-1, self.pos, x[..., : self.n_pos])
         return flat.index_add(-1, self.neg, -x[..., self.n_pos :])
 
-    def objective(self, mu: torch.Tensor) -> torch.Tensor:
-        """Exact l1 plus smoothed TV of flat ``mu`` (batch, n) -> (batch,)."""
-        tv = smoothed_tv(mu.reshape(*mu.shape[:-1], *self.shape), self.eps)
-        return mu.abs().sum(-1) + self.tv_weight * tv
-
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu = self.mu(x)
         l1 = x.sum(-1)  # = ||mu||_1 at a solution (u, v not both positive there)

@@ -111,7 +111,11 @@ def pairs(args: argparse.Namespace) -> dict:
         "pairs",
         {"rows": rows, "summary": summary, "pairs": len(rows), "run": run_info(args)},
     )
-    lines = [f"- {k}: **{v} of {len(rows)}** pairs" for k, v in summary.items()]
+    lines = [
+        f"- {k}: **{v} of {summary['pgd_feasible'] if k.endswith('_of_pgd_feasible') else len(rows)}**"
+        " pairs"
+        for k, v in summary.items()
+    ]
     md = (
         f"# Eq. 7 on held-out pairs (beta = {args.beta}/255, target rule {args.target_rule})\n\n"
         f"Fooled = >= {FOOLING_CRITERION:.0%} of {args.samples} noisy samples of the real LeNet "
