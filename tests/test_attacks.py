@@ -383,3 +383,24 @@ def test_lenet_bounded_attacks_slow() -> None:
     ss = sparse_smooth(model, img, gamma=0.5)
     v = ss.verify(1000)
     assert _in_range(ss) and v["fooling_rate"] >= 0.5 and v["sparsity"] >= 0.8
+
+
+@pytest.mark.slow
+def test_lenet_thread_independence_slow() -> None:
+    """Same mu for 1 and 2 caller threads on LeNet (Eq. 7 and Eq. 9), bit for bit."""
+    from torchbridge.data import mnist
+    from torchbridge.models import trained_lenet
+
+    model = trained_lenet(progress=False)
+    _, _, tx, ty = mnist()
+    img = tx[int((ty == 9).nonzero()[0])]
+    before = torch.get_num_threads()
+    runs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        a = targeted(model, img, 4, options=TargetedOptions(warm_steps=20))
+        b = sparse_smooth(model, img, gamma=0.5)
+        runs.append((a.mu, a.sigma2, b.mu))
+    torch.set_num_threads(before)
+    (a1, s1, b1), (a2, s2, b2) = runs
+    assert torch.equal(a1, a2) and s1 == s2 and torch.equal(b1, b2)
