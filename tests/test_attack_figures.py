@@ -166,3 +166,27 @@ def test_pgd_targeted_flips_feasible_and_reports_infeasible(standin):
     assert m_small > 0  # a 1e-4 box cannot move a margin of order 0.1
     with pytest.raises(ValueError, match="beta"):
         pgd_targeted(net, img, 7, beta=0.0)
+
+
+def test_bench_attacks_smoke(tmp_path, monkeypatch):
+    import torchbridge.data
+    import torchbridge.models
+    from torchbridge.experiments import bench_attacks
+
+    net = pixel_class_net()
+    x, y = pixel_class_data()
+    monkeypatch.setattr(torchbridge.models, "trained_lenet", lambda **k: net)
+    monkeypatch.setattr(torchbridge.data, "mnist", lambda: (x, y, x, y))
+    p = argparse.ArgumentParser()
+    bench_attacks.add_bench_parser(p.add_subparsers(dest="bench"))
+    args = p.parse_args(
+        ["attacks", "--out", str(tmp_path), "--images", "1", "--maxiter", "5", "--fd-maxiter", "2"]
+    )
+    args.func(args)
+    data = json.loads((tmp_path / "bench_attacks.json").read_text())
+    assert "sparse_smooth (Eq. 9), linearization given" in data["attacks"]
+    cmp = data["exact_vs_fd"]
+    assert set(cmp) == {"range [0, 1] on", "paper: +-beta box only"}
+    for c in cmp.values():
+        assert c["fd"]["nfev"] > c["exact"]["nfev"] and c["wall_ratio"] > 0
+    assert data["run"]["threads"] == 1

@@ -27,7 +27,8 @@ class AttackResult:
     below 0, resp. ``<= -gamma``) AND ``lo <= image + mu <= hi`` holds (``box_violation`` at
     most 1e-12). ``converged``/``status``/``message`` are SLSQP's own (of the returned solve);
     ``hit_iteration_cap``: some solve of this attack stopped at its iteration cap.
-    ``iterations``, ``nfev``, ``njev``, ``wall_time`` are summed over every solve.
+    ``iterations``, ``nfev``, ``njev`` and ``eval_time`` (seconds in objective / derivative
+    evaluations) are summed over every solve; ``wall_time`` is the whole attack.
     ``bounds``: the valid input range, ``None`` = unconstrained (invalid images possible).
     """
 
@@ -53,6 +54,7 @@ class AttackResult:
     bounds: tuple[float, float] | None = DEFAULT_BOUNDS
     box_violation: float = 0.0
     hit_iteration_cap: bool = False
+    eval_time: float = 0.0
     extra: dict = field(default_factory=dict)
 
     @property

@@ -202,6 +202,7 @@ def _totals(fits: list[SlsqpFit], started: float) -> dict:
         "nfev": sum(f.nfev for f in fits),
         "njev": sum(f.njev for f in fits),
         "wall_time": time.perf_counter() - started,
+        "eval_time": sum(f.eval_wall for f in fits),
         "hit_iteration_cap": any(f.hit_iteration_cap for f in fits),
     }
 
