@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from torchbridge.attacks.box import DEFAULT_BOUNDS, PixelBox
 from torchbridge.attacks.expected import ExpectedLogits
@@ -65,12 +66,14 @@ class RelinearizeOptions:
     is estimated; while it is ``>= -stop_margin`` the network is re-linearized at
     ``image + mu`` and Eq. 7 re-solved from ``mu``, each re-solve limited to
     ``|mu_new - mu| <= trust_radius`` per pixel (input units; ``None`` = whole box).
+    ``progress``: a tqdm bar over the rounds.
     """
 
     rounds: int = 0
     trust_radius: float | None = None
     stop_margin: float = 0.25
     check_samples: int = 256
+    progress: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ class SparseSmoothOptions:
     result misses the constraint on the real network is first repaired by
     :func:`restore_on_support` (``restore_steps`` projected gradient steps on the real
     network, on that round's support only; 0 = off) and kept if that lowers the real margin.
+    ``progress``: a tqdm bar over the rounds.
     """
 
     beta: float | None = None
@@ -126,6 +130,7 @@ class SparseSmoothOptions:
     rounds: int = 5
     max_boost: float = 2.0
     restore_steps: int = 40
+    progress: bool = False
     check_samples: int = 128
     slsqp: SlsqpOptions = field(default_factory=lambda: SlsqpOptions(maxiter=100, ftol=1e-7))
     relu_index: int = -1
@@ -297,7 +302,7 @@ def targeted(
         f = ExpectedLogits(s.lin, s.image)
         mu = torch.zeros(box.n, dtype=_F64)
         fits, rounds, best = [], [], None
-        for r in range(rl.rounds + 1):
+        for r in tqdm(range(rl.rounds + 1), desc="Eq. 7 rounds", disable=not rl.progress):
             if r > 0:
                 f = relinearize(model, box, mu, opt.relu_index)
             trust = rl.trust_radius if r > 0 else None
@@ -495,7 +500,8 @@ def sparse_smooth(
         real_model = None if s.is_lin else model
         mu = torch.zeros(box.n, dtype=_F64)
         fits, rounds, cands, boost = [], [], [], 0.0
-        for r in range(opt.rounds if real_model is not None else 1):
+        total = opt.rounds if real_model is not None else 1
+        for r in tqdm(range(total), desc="sparse_smooth rounds", disable=not opt.progress):
             if r > 0:
                 f = relinearize(real_model, box, mu, opt.relu_index)
             m, fit, info, support = _sparse_round(
