@@ -23,9 +23,9 @@ class AttackResult:
     ``mu`` is image-shaped (input units), ``sigma2`` the isotropic noise variance. ``margin`` is
     the expected margin at the solution under the linearization: ``max_{k!=j} E_k - E_j`` for
     targeted attacks (negative = fooled in expectation), ``E_i - max_{k!=i} E_k`` for
-    non-targeted ones. ``success`` = fooled in expectation under the linearization (margin
-    below 0, resp. ``<= -gamma``) AND ``lo <= image + mu <= hi`` holds (``box_violation`` at
-    most 1e-12). ``converged``/``status``/``message`` are SLSQP's own (of the returned solve);
+    non-targeted ones. ``success`` = fooled in expectation (margin below 0, resp.
+    ``<= -gamma``) under the linearization AND, when the real network was given, on it (256
+    clipped samples) AND ``lo <= image + mu <= hi`` holds (``box_violation`` <= 1e-12). ``converged``/``status``/``message`` are SLSQP's own (of the returned solve);
     ``hit_iteration_cap``: some solve of this attack stopped at its iteration cap.
     ``iterations``, ``nfev``, ``njev`` and ``eval_time`` (seconds in objective / derivative
     evaluations) are summed over every solve; ``wall_time`` is the whole attack.
