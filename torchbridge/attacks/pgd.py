@@ -1,14 +1,16 @@
 """Projected sign-gradient descent (PGD) on the real network: a feasibility reference.
 
-Not a method of the paper. It answers "can the box |mu| <= beta flip this image to the target
-at all?" for the noise-free real network, so that a failed Eq. 7 solve can be told apart from
-an infeasible (image, target) pair.
+Not a method of the paper. It answers "can the box |mu| <= beta, within the valid pixel range,
+flip this image to the target at all?" for the noise-free real network, so that a failed Eq. 7
+solve can be told apart from an infeasible (image, target) pair.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from torchbridge.attacks.box import DEFAULT_BOUNDS, PixelBox
 
 __all__ = ["pgd_targeted"]
 
@@ -19,11 +21,13 @@ def pgd_targeted(
     target: int,
     beta: float,
     *,
+    bounds: tuple[float, float] | None = DEFAULT_BOUNDS,
     steps: int = 100,
     restarts: int = 2,
     seed: int = 0,
 ) -> tuple[torch.Tensor, float]:
-    """Minimize the real margin ``max_{k!=j} f_k(M + mu) - f_j(M + mu)`` over ``|mu| <= beta``.
+    """Minimize the real margin ``max_{k!=j} f_k(M + mu) - f_j(M + mu)`` over ``|mu| <= beta``
+    and ``lo <= M + mu <= hi`` (``bounds``; ``None``: unconstrained, invalid images possible).
 
     ``image`` (C, H, W) without batch dim, model input units. Sign-gradient steps of size
     about ``0.17 beta`` decaying linearly to ``0.017 beta``, projected on the box; restart 0 starts at
@@ -36,6 +40,8 @@ def pgd_targeted(
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     p = next(model.parameters())
+    box = PixelBox.build(image, bounds, beta)
+    lower, upper = box.lower.reshape(image.shape)[None], box.upper.reshape(image.shape)[None]
     x = image.detach().to(torch.float64)[None]
     gen = torch.Generator().manual_seed(seed)
     best_mu, best = torch.zeros_like(x), float("inf")
@@ -47,7 +53,8 @@ def pgd_targeted(
     for r in range(restarts):
         mu = torch.zeros_like(x)
         if r > 0:
-            mu = (torch.rand(x.shape, generator=gen, dtype=x.dtype) * 2 - 1) * beta
+            u = torch.rand(x.shape, generator=gen, dtype=x.dtype)
+            mu = lower + u * (upper - lower)
         for k in range(steps):
             mu.requires_grad_(True)
             m = margin(model((x + mu).to(p.dtype))[0].double())
@@ -55,11 +62,11 @@ def pgd_targeted(
                 best, best_mu = float(m.detach()), mu.detach().clone()
             (g,) = torch.autograd.grad(m, mu)
             lr = beta * (0.15 * (1 - k / steps) + 0.017)
-            mu = (mu.detach() - lr * g.sign()).clamp(-beta, beta)
+            mu = torch.minimum(torch.maximum(mu.detach() - lr * g.sign(), lower), upper)
         with torch.no_grad():
             m = float(margin(model((x + mu).to(p.dtype))[0].double()))
         if m < best:
             best, best_mu = m, mu.detach().clone()
         if best < 0:
             break
-    return best_mu[0], best
+    return box.project(best_mu[0]), best

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from torchbridge.attacks.box import DEFAULT_BOUNDS, UNCONSTRAINED_LABEL
 from torchbridge.attacks.expected import total_variation
 
 __all__ = ["ZERO_THRESHOLD", "AttackResult"]
@@ -22,10 +23,13 @@ class AttackResult:
     ``mu`` is image-shaped (input units), ``sigma2`` the isotropic noise variance. ``margin`` is
     the expected margin at the solution under the linearization: ``max_{k!=j} E_k - E_j`` for
     targeted attacks (negative = fooled in expectation), ``E_i - max_{k!=i} E_k`` for
-    non-targeted ones. ``success`` = SLSQP converged *and* the attack constraint holds;
-    ``converged`` is SLSQP's own flag; ``status``/``message`` are SLSQP's. When SLSQP does not
-    converge the best evaluated point (feasible with the lowest objective, else the least
-    infeasible) is returned.
+    non-targeted ones. ``success`` = fooled in expectation (margin below 0, resp.
+    ``<= -gamma``) under the linearization AND, when the real network was given, on it (256
+    clipped samples) AND ``lo <= image + mu <= hi`` holds (``box_violation`` <= 1e-12). ``converged``/``status``/``message`` are SLSQP's own (of the returned solve);
+    ``hit_iteration_cap``: some solve of this attack stopped at its iteration cap.
+    ``iterations``, ``nfev``, ``njev`` and ``eval_time`` (seconds in objective / derivative
+    evaluations) are summed over every solve; ``wall_time`` is the whole attack.
+    ``bounds``: the valid input range, ``None`` = unconstrained (invalid images possible).
     """
 
     kind: str
@@ -47,6 +51,10 @@ class AttackResult:
     image: torch.Tensor = field(repr=False)
     network: nn.Module = field(repr=False)
     network_is_linearization: bool = False
+    bounds: tuple[float, float] | None = DEFAULT_BOUNDS
+    box_violation: float = 0.0
+    hit_iteration_cap: bool = False
+    eval_time: float = 0.0
     extra: dict = field(default_factory=dict)
 
     @property
@@ -76,33 +84,69 @@ class AttackResult:
                 out.append(self.network(xb).argmax(dim=1))
         return torch.cat(out)
 
+    @property
+    def range_label(self) -> str:
+        """``"[lo, hi]"`` or "unconstrained (invalid images possible)"."""
+        if self.bounds is None:
+            return UNCONSTRAINED_LABEL
+        return f"[{self.bounds[0]:g}, {self.bounds[1]:g}]"
+
+    def attacked_image(self) -> torch.Tensor:
+        """``image + mu`` (float64, image-shaped): the mean of the noisy images."""
+        return self.image.double() + self.mu.double()
+
     def samples(self, samples: int = 1000, seed: int = 0) -> torch.Tensor:
-        """``samples`` noisy images ``image + x``, ``x ~ N(mu, sigma2 I)`` (float64)."""
+        """``samples`` noisy images ``clip(image + x)``, ``x ~ N(mu, sigma2 I)`` (float64),
+        clipped to ``bounds`` (not clipped when ``bounds`` is None): what the network sees."""
+        return self._draw(samples, seed)[0]
+
+    def _draw(self, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(seed)
         shape = (samples, *self.image.shape)
         noise = torch.randn(shape, generator=g, dtype=torch.float64) * self.sigma
-        return self.image.double() + self.mu.double() + noise
+        raw = self.attacked_image() + noise
+        if self.bounds is None:
+            return raw, torch.zeros(samples, dtype=torch.long)
+        lo, hi = self.bounds
+        clipped = (raw < lo) | (raw > hi)
+        return raw.clamp(lo, hi), clipped.reshape(samples, -1).sum(1)
 
     def verify(self, samples: int = 1000, seed: int = 0) -> dict:
         """Monte Carlo check on the real network (the linearization only if no network was given).
 
-        Returns ``fooling_rate`` (fraction predicted as ``target``, or not as ``source`` when
-        non-targeted), ``sparsity``, ``tv``, ``l1``, ``mean_prediction`` (class of image + mu),
-        ``counts`` (predicted class histogram), ``samples`` and ``network``.
+        Draws ``x ~ N(mu, sigma2 I)``, adds it to the image, CLIPS to ``bounds`` and classifies.
+        Returns ``fooling_rate`` (fraction of those clipped images predicted as ``target``, or
+        not as ``source`` when non-targeted), ``range`` (``"[lo, hi]"`` or
+        "unconstrained (invalid images possible)": then the samples are NOT clipped),
+        ``mean_image_min``/``mean_image_max`` (range of image + mu), ``pixels_outside``
+        (pixels of image + mu outside ``bounds``), ``clipped_pixels_mean`` (clipped pixels per
+        noisy sample), ``sparsity``, ``tv``, ``l1``, ``mean_prediction`` (class of image + mu),
+        ``counts`` (predicted class histogram), ``samples``, ``seed`` and ``network``.
         """
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
-        pred = self.predict(self.samples(samples, seed))
+        x, clipped = self._draw(samples, seed)
+        pred = self.predict(x)
         hit = pred == self.target if self.target is not None else pred != self.source
-        mean_pred = int(self.predict((self.image.double() + self.mu.double())[None])[0])
+        mean_img = self.attacked_image()
+        outside = 0
+        if self.bounds is not None:
+            outside = int(((mean_img < self.bounds[0]) | (mean_img > self.bounds[1])).sum())
+        mean_pred = int(self.predict(mean_img[None])[0])
         counts = torch.bincount(pred, minlength=int(self.expected_logits.numel()))
         return {
             "fooling_rate": float(hit.double().mean()),
+            "range": self.range_label,
+            "mean_image_min": float(mean_img.min()),
+            "mean_image_max": float(mean_img.max()),
+            "pixels_outside": outside,
+            "clipped_pixels_mean": float(clipped.double().mean()),
             "sparsity": self.sparsity(),
             "tv": self.tv(),
             "l1": float(self.mu.abs().sum()),
             "mean_prediction": mean_pred,
             "counts": counts.tolist(),
             "samples": samples,
+            "seed": seed,
             "network": "linearization" if self.network_is_linearization else "model",
         }

@@ -1,170 +1,155 @@
-"""SLSQP solvers for the Gaussian adversarial attacks of Section 4.3 (Eqs. 7, 8, 9, 10).
+"""The public solvers of Section 4.3: ``targeted`` (Eq. 7), ``pixel_support`` (Eq. 8) and
+``sparse_smooth`` (Eq. 9; with ``target`` Eq. 10).
 
-Every problem is solved with ``scipy.optimize.minimize(method="SLSQP")``; the objective, the
-constraints and their exact gradients / Jacobians come from torch autograd (float64) through
-the generated ``relu_mean`` kernel (:class:`~torchbridge.attacks.expected.ExpectedLogits`).
-
-Formulation choices (all in the model's input units, [0, 1] pixels for the LeNet):
-
-* Box bounds on many variables make scipy's SLSQP slow (each finite bound becomes a dense
-  inequality row of its least-squares subproblem: 2.1 s/iteration at n = 1568 with 1568 lower
-  bounds vs 0.17 s without, scipy 1.17). Hence a box ``-beta <= mu <= beta`` is enforced
-  exactly by the reparametrization ``mu = beta sin(w)`` (w free), and only ``sigma`` keeps an
-  SLSQP bound ``sigma_min <= sigma <= sqrt(sigma2_max)``.
-* Eq. 7 / Eq. 10 (targeted): ``max_{k!=j}`` via an epigraph variable ``t``:
-  minimize ``t - E_j`` s.t. ``E_k <= t`` (k != j), resp. the d - 1 smooth constraints
-  ``E_k - E_j <= -gamma``.
-* Eq. 8 / Eq. 9 (non-targeted, "some k beats the source i"): ``competitor=``
-  ``"all"`` — solve one smooth problem per k != i (``E_i - E_k`` as objective / ``<= -gamma``
-  as constraint) and keep the best: an exact reformulation, since the feasible set of Eq. 9 is
-  the union over k and min over x of ``E_i - max_k E_k`` is ``min_k min_x (E_i - E_k)``;
-  ``"lse"`` — replace ``max_{k!=i} E_k`` by the lower bound
-  ``tau logsumexp(E_k / tau) - tau log(d - 1)`` (smooth, conservative: a feasible point is
-  feasible for the exact constraint); ``"runner_up"`` — the strongest competitor k* of the
-  unperturbed expected logits only.
-* Eq. 9 / 10 objective ``||mu||_1 + TV(mu)``: ``l1="smooth"`` (default) uses
-  ``sum sqrt(mu^2 + eps^2) - eps`` and the smoothed isotropic TV
-  ``sum sqrt(dx^2 + dy^2 + eps^2) - eps`` on the n pixel variables, followed by a
-  feasibility-preserving hard threshold (the largest threshold whose zeroing keeps the margin
-  constraint satisfied), which produces exact zeros; ``l1="split"`` uses ``mu = u - v``,
-  ``u, v >= 0`` as SLSQP bounds (exact l1, 2n variables and 2n bounds: much slower).
+Each builds a :class:`PixelBox` (valid pixel range ``bounds``, default (0, 1), intersected with
+the equation's +-beta box), a problem object (:mod:`.problems`), runs the thin SLSQP driver
+(:func:`run_slsqp`, exact derivatives) and combines the strategies of :mod:`.strategies`.
+Every returned ``mu`` satisfies ``lo <= image + mu <= hi`` at every pixel (SLSQP variable
+bounds, then an exact projection); ``bounds=None`` is the paper's unconstrained problem.
+Every solve runs on one intra-op thread (:func:`single_thread`), so its result does not depend
+on the caller's thread count.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy.optimize import minimize
 from torch import nn
+from tqdm import tqdm
 
-from torchbridge.attacks.expected import ExpectedLogits, total_variation
+from torchbridge.attacks.box import DEFAULT_BOUNDS, PixelBox
+from torchbridge.attacks.expected import ExpectedLogits
+from torchbridge.attacks.problems import (
+    MarginConstraint,
+    PixelSupportProblem,
+    SparseSmoothProblem,
+    TargetedProblem,
+    targeted_margin,
+    untargeted_margin,
+)
 from torchbridge.attacks.result import ZERO_THRESHOLD, AttackResult
+from torchbridge.attacks.slsqp import SlsqpFit, SlsqpOptions, run_slsqp
+from torchbridge.attacks.strategies import (
+    clipped_check,
+    greedy_support,
+    prune,
+    relinearize,
+    restore_on_support,
+    single_thread,
+)
 from torchbridge.linearize import two_stage_linearize
 from torchbridge.network import AffineReLUAffine
 
-__all__ = ["pixel_support", "run_slsqp", "sparse_smooth", "targeted"]
+__all__ = [
+    "PixelSupportOptions",
+    "RelinearizeOptions",
+    "SparseSmoothOptions",
+    "TargetedOptions",
+    "pixel_support",
+    "sparse_smooth",
+    "targeted",
+]
 
 _F64 = torch.float64
-_FEAS_TOL = 1e-8
-
-Problem = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Bounds = tuple[float, float] | None
 
 
-class _TimeLimitError(Exception):
-    pass
+@dataclass(frozen=True)
+class RelinearizeOptions:
+    """Re-linearization rounds of Eq. 7 (an EXTENSION; ``rounds=0`` is the paper's procedure).
 
-
-def run_slsqp(
-    fn: Problem,
-    x0: np.ndarray,
-    bounds: list[tuple[float | None, float | None]] | None = None,
-    maxiter: int = 200,
-    ftol: float = 1e-7,
-    exact: bool = True,
-    time_limit: float | None = None,
-) -> dict:
-    """Minimize ``obj(x)`` s.t. ``cons(x) >= 0`` with SLSQP, ``fn(x) -> (obj, cons)`` in torch.
-
-    ``exact=True``: gradient and constraint Jacobian by autograd (one forward pass per point,
-    cached); ``exact=False``: values only, scipy's 2-point finite differences (``jac=None``).
-    ``time_limit`` (seconds) stops the run at the next evaluation after it expires. Returns a
-    dict with ``x`` (solution, or the best evaluated point when not converged), ``status``,
-    ``message``, ``converged``, ``nit``, ``nfev`` (point evaluations incl. FD), ``njev``,
-    ``wall``, ``objective``, ``violation``.
+    After a solve, the real network's expected margin on ``check_samples`` clipped noisy images
+    is estimated; while it is ``>= -stop_margin`` the network is re-linearized at
+    ``image + mu`` and Eq. 7 re-solved from ``mu``, each re-solve limited to
+    ``|mu_new - mu| <= trust_radius`` per pixel (input units; ``None`` = whole box).
+    ``progress``: a tqdm bar over the rounds.
     """
-    cache: dict = {}
-    best: dict = {"x": np.asarray(x0, dtype=float), "key": (math.inf, math.inf)}
-    counts = {"nfev": 0, "njev": 0}
-    start = time.perf_counter()
 
-    def record(x: np.ndarray, obj: float, cons: np.ndarray) -> None:
-        viol = float(max(0.0, -cons.min())) if cons.size else 0.0
-        key = (0.0, obj) if viol <= _FEAS_TOL else (viol, obj)
-        if key < best["key"]:
-            best.update(x=x.copy(), key=key)
-
-    def evaluate(x: np.ndarray) -> tuple:
-        k = x.tobytes()
-        if cache.get("key") == k:
-            return cache["val"]
-        if time_limit is not None and time.perf_counter() - start > time_limit:
-            raise _TimeLimitError
-        counts["nfev"] += 1
-        xt = torch.tensor(x, dtype=_F64, requires_grad=exact)
-        obj, cons = fn(xt)
-        if exact:
-            counts["njev"] += 1
-            g = torch.autograd.grad(obj, xt, retain_graph=True)[0].numpy()
-            rows = [
-                torch.autograd.grad(cons[i], xt, retain_graph=i < cons.numel() - 1)[0]
-                for i in range(cons.numel())
-            ]
-            jac = torch.stack(rows).numpy() if rows else np.zeros((0, x.size))
-        else:
-            g = jac = None
-        val = (float(obj.detach()), cons.detach().numpy().astype(float), g, jac)
-        record(x, val[0], val[1])
-        cache.update(key=k, val=val)
-        return val
-
-    cons_spec = {"type": "ineq", "fun": lambda x: evaluate(x)[1]}
-    if exact:
-        cons_spec["jac"] = lambda x: evaluate(x)[3]
-    options = {"maxiter": int(maxiter), "ftol": ftol}
-    try:
-        has_cons = evaluate(np.asarray(x0, dtype=float))[1].size > 0
-        res = minimize(
-            lambda x: evaluate(x)[0],
-            np.asarray(x0, dtype=float),
-            jac=(lambda x: evaluate(x)[2]) if exact else None,
-            method="SLSQP",
-            bounds=bounds,
-            constraints=[cons_spec] if has_cons else (),
-            options=options,
-        )
-        status, message, converged, nit = (
-            int(res.status),
-            str(res.message),
-            bool(res.success),
-            int(res.nit),
-        )
-        x = res.x if converged else best["x"]
-    except _TimeLimitError:
-        status, message, converged, nit = (
-            -1,
-            f"stopped by the time limit ({time_limit} s)",
-            False,
-            -1,
-        )
-        x = best["x"]
-    with torch.no_grad():
-        obj, cons = fn(torch.tensor(x, dtype=_F64))
-    cons_np = cons.numpy()
-    return {
-        "x": np.asarray(x, dtype=float),
-        "status": status,
-        "message": message,
-        "converged": converged,
-        "nit": nit,
-        "nfev": counts["nfev"],
-        "njev": counts["njev"],
-        "wall": time.perf_counter() - start,
-        "objective": float(obj),
-        "violation": float(max(0.0, -cons_np.min())) if cons_np.size else 0.0,
-    }
+    rounds: int = 0
+    trust_radius: float | None = None
+    stop_margin: float = 0.25
+    check_samples: int = 256
+    progress: bool = False
 
 
-# --------------------------------------------------------------------------- setup helpers
+@dataclass(frozen=True)
+class TargetedOptions:
+    """``slsqp``: driver options; ``warm_steps``: projected sign-gradient steps on the
+    linearized margin before SLSQP (0 = start at ``mu = 0``); ``relinearize``: see
+    :class:`RelinearizeOptions`; ``relu_index``: where the network is linearized."""
+
+    slsqp: SlsqpOptions = field(default_factory=lambda: SlsqpOptions(maxiter=60, ftol=1e-6))
+    warm_steps: int = 0
+    relinearize: RelinearizeOptions = field(default_factory=RelinearizeOptions)
+    relu_index: int = -1
 
 
-def _setup(
-    model: nn.Module, image: torch.Tensor, relu_index: int, at: torch.Tensor | None = None
-) -> tuple[AffineReLUAffine, nn.Module, bool, torch.Tensor, int]:
-    """(linearization, verification network, is_linearization, image float64, source class)."""
+@dataclass(frozen=True)
+class PixelSupportOptions:
+    """``competitor``: ``"all"`` (one smooth solve per class k != i, keep the best: exact),
+    ``"lse"`` (log-sum-exp lower bound of the max, temperature ``tau``) or ``"runner_up"``."""
+
+    competitor: str = "all"
+    tau: float = 0.1
+    slsqp: SlsqpOptions = field(default_factory=lambda: SlsqpOptions(maxiter=200, ftol=1e-7))
+    relu_index: int = -1
+
+
+@dataclass(frozen=True)
+class SparseSmoothOptions:
+    """Options of the support / re-linearization strategy for Eqs. 9 and 10.
+
+    ``beta``: optional box ``|mu| <= beta`` (input units; the paper has none). ``competitor``:
+    ``"lse"`` (smooth conservative lower bound of ``max_{k!=i} E_k``, temperature ``tau``) or
+    ``"runner_up"`` (the source's strongest competitor at ``mu = 0``); Eq. 10 ignores it.
+    ``tv_weight``/``eps``: weight and smoothing of the TV term. ``max_support``: at most this
+    fraction of pixels may be non-zero; ``expand``: the support is ``expand`` times the fewest
+    pixels whose push to the box limit satisfies the linearized constraint. ``rounds``: solves,
+    the first at the linearization at the clean image, each further one re-linearized at
+    ``image + mu`` while the real network on ``check_samples`` clipped samples does not meet
+    the constraint in expectation (``nn.Sequential`` models only); each such round asks the
+    linearized constraint for ``gamma + boost``, the boost growing by half the gap between the
+    real and the linearized margin of the previous round, up to ``max_boost``. A round whose
+    result misses the constraint on the real network is first repaired by
+    :func:`restore_on_support` (``restore_steps`` projected gradient steps on the real
+    network, on that round's support only; 0 = off) and kept if that lowers the real margin.
+    ``progress``: a tqdm bar over the rounds.
+    """
+
+    beta: float | None = None
+    competitor: str = "lse"
+    tau: float = 0.1
+    tv_weight: float = 1.0
+    eps: float = 1e-3
+    max_support: float = 0.2
+    expand: float = 2.0
+    rounds: int = 5
+    max_boost: float = 2.0
+    restore_steps: int = 40
+    progress: bool = False
+    check_samples: int = 128
+    slsqp: SlsqpOptions = field(default_factory=lambda: SlsqpOptions(maxiter=100, ftol=1e-7))
+    relu_index: int = -1
+
+
+# --------------------------------------------------------------------------- shared set-up
+
+
+@dataclass
+class _Setup:
+    lin: AffineReLUAffine
+    net: nn.Module
+    is_lin: bool
+    image: torch.Tensor
+    source: int
+
+
+def _setup(model: nn.Module, image: torch.Tensor, relu_index: int) -> _Setup:
+    """Linearization at the image, verification network, float64 image, source class."""
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"image must be a torch.Tensor, got {type(image).__name__}")
     if not bool(torch.isfinite(image).all()):
@@ -178,7 +163,7 @@ def _setup(
             )
         with torch.no_grad():
             src = int(model(img.to(model.A.dtype).reshape(1, -1)).argmax())
-        return model, model, True, img.to(_F64), src
+        return _Setup(model, model, True, img.to(_F64), src)
     if not isinstance(model, nn.Sequential):
         raise TypeError(
             "model must be an nn.Sequential (linearized at the image) or an AffineReLUAffine, "
@@ -198,9 +183,8 @@ def _setup(
             f"image of shape {tuple(img.shape)} must be one model input without the batch "
             f"dimension; the model returned shape {tuple(out.shape)}"
         )
-    point = img if at is None else at.detach().reshape(img.shape)
-    lin = two_stage_linearize(model, point.to(p.dtype), relu_index=relu_index)
-    return lin, model, False, img.to(_F64), int(out.argmax())
+    lin = two_stage_linearize(model, img.to(p.dtype), relu_index=relu_index)
+    return _Setup(lin, model, False, img.to(_F64), int(out.argmax()))
 
 
 def _check_class(name: str, k: int, d: int) -> int:
@@ -209,82 +193,77 @@ def _check_class(name: str, k: int, d: int) -> int:
     return int(k)
 
 
-def _targeted_margin(e: torch.Tensor, j: int) -> torch.Tensor:
-    others = torch.cat([e[..., :j], e[..., j + 1 :]], dim=-1)
-    return others.max(dim=-1).values - e[..., j]
-
-
-def _untargeted_margin(e: torch.Tensor, i: int) -> torch.Tensor:
-    return -_targeted_margin(e, i)
-
-
-def _smax_lower(e: torch.Tensor, i: int, tau: float) -> torch.Tensor:
-    """tau logsumexp(E_k / tau) - tau log(d - 1) over k != i: a smooth lower bound of max."""
-    others = torch.cat([e[:i], e[i + 1 :]])
-    return tau * torch.logsumexp(others / tau, dim=0) - tau * math.log(others.numel())
-
-
-def _competitors(competitor: str, e0: torch.Tensor, i: int) -> list[int | None]:
-    d = e0.numel()
-    if competitor == "all":
-        return [k for k in range(d) if k != i]
-    if competitor == "runner_up":
-        e = e0.clone()
-        e[i] = -math.inf
-        return [int(e.argmax())]
-    if competitor == "lse":
-        return [None]
-    raise ValueError(f"competitor must be 'all', 'lse' or 'runner_up', got {competitor!r}")
-
-
-def _sigma_bounds(sigma2_max: float, sigma_min_ratio: float = 1e-4) -> tuple[float, float]:
+def _sigma_range(sigma2_max: float, ratio: float = 1e-4) -> tuple[float, float]:
     if not sigma2_max > 0:
         raise ValueError(f"sigma2_max must be > 0, got {sigma2_max}")
     s = math.sqrt(sigma2_max)
-    return s * sigma_min_ratio, s
+    return s * ratio, s
+
+
+def _totals(fits: list[SlsqpFit], started: float) -> dict:
+    """Summed SLSQP counters; ``wall_time`` is the whole attack (linearizations included)."""
+    return {
+        "iterations": sum(max(0, f.nit) for f in fits),
+        "nfev": sum(f.nfev for f in fits),
+        "njev": sum(f.njev for f in fits),
+        "wall_time": time.perf_counter() - started,
+        "eval_time": sum(f.eval_wall for f in fits),
+        "hit_iteration_cap": any(f.hit_iteration_cap for f in fits),
+    }
 
 
 def _result(
     kind: str,
-    fit: dict,
-    mu: torch.Tensor,
-    sigma: float,
-    f: ExpectedLogits,
-    image: torch.Tensor,
-    net: nn.Module,
-    is_lin: bool,
-    source: int,
-    target: int | None,
-    gamma: float,
+    s: _Setup,
+    box: PixelBox,
+    fit: SlsqpFit,
+    fits: list[SlsqpFit],
+    sol: tuple[torch.Tensor, float, ExpectedLogits],
+    classes: tuple[int | None, float],
     extra: dict,
+    started: float,
 ) -> AttackResult:
+    """Assemble an AttackResult; ``sol = (mu, sigma, f)``, ``classes = (target, gamma)``.
+
+    ``success`` needs the margin constraint under the linearization (to 1e-9) and the range;
+    with the real network (an ``nn.Sequential``) also its expected margin on 256 clipped
+    samples (seed 0) below 0, resp. ``<= -gamma`` (``extra["real_margin_check"]``)."""
+    mu, sigma, f = sol
+    target, gamma = classes
+    mu = box.project(mu.reshape(-1))
+
+    def margin_of(e: torch.Tensor) -> torch.Tensor:
+        return targeted_margin(e, target) if target is not None else untargeted_margin(e, s.source)
+
     with torch.no_grad():
-        e = f(mu.reshape(-1), sigma)
-    margin = float(
-        _targeted_margin(e, target) if target is not None else _untargeted_margin(e, source)
-    )
-    ok_margin = margin <= -gamma + 1e-9 if gamma > 0 else margin < 0
+        e = f(mu, sigma)
+    margin = float(margin_of(e))
+    fooled = margin <= -gamma + 1e-9  # the margin constraint, to rounding
+    if not s.is_lin:
+        rate, real = clipped_check(s.net, box, mu, sigma, margin_of, 256)
+        extra = {**extra, "real_margin_check": real, "real_fooling_check": rate}
+        fooled = fooled and _meets(real, gamma)
+    violation = box.violation(mu)
     return AttackResult(
         kind=kind,
-        mu=mu.detach().reshape(image.shape).clone(),
+        mu=mu.reshape(s.image.shape).clone(),
         sigma2=float(sigma) ** 2,
-        status=fit["status"],
-        message=fit["message"],
-        converged=fit["converged"],
-        success=bool(fit["converged"] and ok_margin),
+        status=fit.status,
+        message=fit.message,
+        converged=fit.converged,
+        success=bool(fooled and violation <= 1e-12),
         margin=margin,
-        objective=fit["objective"],
-        iterations=fit["nit"],
-        nfev=fit["nfev"],
-        njev=fit["njev"],
-        wall_time=fit["wall"],
+        objective=fit.objective,
         expected_logits=e.detach().clone(),
-        source=source,
+        source=s.source,
         target=target,
-        image=image,
-        network=net,
-        network_is_linearization=is_lin,
-        extra=extra,
+        image=s.image,
+        network=s.net,
+        network_is_linearization=s.is_lin,
+        bounds=box.bounds,
+        box_violation=violation,
+        extra={"beta": box.beta, **extra},
+        **_totals(fits, started),
     )
 
 
@@ -298,186 +277,105 @@ def targeted(
     beta: float = 30 / 255,
     sigma2_max: float = 2 / 255**2,
     *,
-    relu_index: int = -1,
-    maxiter: int = 60,
-    ftol: float = 1e-6,
-    exact: bool = True,
-    time_limit: float | None = None,
-    box: str = "bounds",
-    warm_steps: int = 0,
-    relinearize: int = 0,
-    check_samples: int = 256,
-    trust_radius: float | None = None,
-    stop_margin: float = 0.25,
-    linearize_at: torch.Tensor | None = None,
-    mu0: torch.Tensor | None = None,
+    bounds: Bounds = DEFAULT_BOUNDS,
+    options: TargetedOptions | None = None,
 ) -> AttackResult:
-    """Targeted attack, Eq. 7: min_{mu, sigma} max_{k!=j} E_k - E_j, |mu| <= beta,
-    0 < sigma^2 <= sigma2_max.
+    """Targeted attack, Eq. 7: ``min_{mu, sigma} max_{k!=j} E_k - E_j`` with ``|mu| <= beta``,
+    ``lo <= image + mu <= hi`` and ``0 < sigma^2 <= sigma2_max``.
 
-    ``model``: an ``nn.Sequential`` (linearized at ``image``, at its ``relu_index``-th ReLU) or
-    an ``AffineReLUAffine``. ``image``: one input without batch dim. Units are the model's
-    input units (paper's beta = 30, sigma^2 <= 2 on the 255 scale are the defaults here).
-    Epigraph: variables (mu / beta, sigma, t), minimize t - E_j s.t. E_k <= t; the box is
-    SLSQP bounds (``box="bounds"``) or the reparametrization mu = beta sin(w) (``box="sin"``).
-    ``exact=False`` uses SLSQP's finite differences instead (benchmarks only).
-    ``warm_steps > 0``: start SLSQP from that many projected sign-gradient steps on the same
-    objective (cheap, exact autograd) instead of ``mu = 0`` (resp. ``mu0``).
-
-    ``relinearize = R > 0`` (``nn.Sequential`` only) is an EXTENSION of the paper's procedure,
-    which linearizes the network once, at the clean image M (``relinearize=0``, the default,
-    reproduces the paper). Far from M the two-stage linearization is inaccurate and the
-    solve can end with a positive margin although the box allows fooling the real network.
-    With R > 0: after a solve, the real network's expected margin
-    ``max_{k!=j} E[f_k] - E[f_j]`` at ``N(M + mu, sigma^2 I)`` is estimated by Monte Carlo
-    (``check_samples`` draws, fixed seed 0); while it is >= ``-stop_margin`` (a real margin
-    just below 0 fools only part of the samples), the real network is re-linearized
-    at ``M + mu`` (``two_stage_linearize(model, M + mu)``) and Eq. 7 is solved again with
-    Theorem 1 on the new linearization, warm-started from ``mu`` (then ``warm_steps``
-    projected sign-gradient steps within the trust region below), same SLSQP with exact
-    autograd gradients; at most R re-solves. ``trust_radius`` (input units,
-    ``box="bounds"`` only) additionally restricts each re-solve to
-    ``|mu_new - mu| <= trust_radius`` per pixel (intersected with the box), so that the solve
-    stays where the new linearization is accurate; ``None`` = the whole box.
-    ``result.extra["rounds"]`` lists, per solve, the linearized margin, the real Monte Carlo
-    margin, the SLSQP iterations and the wall time; the returned solution is the round with
-    the lowest real margin (``extra["real_margin"]``), its ``margin`` and
-    ``expected_logits`` refer to that round's linearization; ``wall_time`` and
-    ``iterations`` are summed over all solves. ``linearize_at`` / ``mu0``: linearization
-    point and warm start of a single solve (used by the rounds).
+    ``model``: an ``nn.Sequential`` (linearized at ``image``) or an ``AffineReLUAffine``.
+    ``image``: one input without batch dim, input units (the paper's beta = 30 and
+    sigma^2 <= 2 on the 255 scale are the defaults). ``bounds``: the valid input range
+    (``None``: unconstrained, invalid images possible). See :class:`TargetedOptions`;
+    ``extra["rounds"]`` lists the re-linearization rounds (linearized and real margin).
     """
-    if not isinstance(relinearize, int) or relinearize < 0:
-        raise ValueError(f"relinearize must be an int >= 0, got {relinearize!r}")
-    if not stop_margin >= 0:
-        raise ValueError(f"stop_margin must be >= 0, got {stop_margin}")
-    kw = dict(
-        relu_index=relu_index,
-        maxiter=maxiter,
-        ftol=ftol,
-        exact=exact,
-        time_limit=time_limit,
-        box=box,
-        warm_steps=warm_steps,
-    )
-    if relinearize > 0:
-        if not isinstance(model, nn.Sequential):
-            raise ValueError("relinearize needs the nn.Sequential model, not a linearization")
-        rounds = []
-        res = targeted(
-            model, image, target, beta, sigma2_max, **kw, linearize_at=linearize_at, mu0=mu0
-        )
-        total_wall, total_it = res.wall_time, res.iterations
-        best: tuple[float, AttackResult] | None = None
-        for r in range(relinearize + 1):
-            real = _real_targeted_margin(model, res, check_samples)
-            if best is None or real < best[0]:
-                best = (real, res)
+    opt = options or TargetedOptions()
+    rl = opt.relinearize
+    if not isinstance(rl.rounds, int) or rl.rounds < 0:
+        raise ValueError(f"relinearize rounds must be an int >= 0, got {rl.rounds!r}")
+    if not rl.stop_margin >= 0:
+        raise ValueError(f"stop_margin must be >= 0, got {rl.stop_margin}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    started = time.perf_counter()
+    with single_thread():
+        s = _setup(model, image, opt.relu_index)
+        if rl.rounds > 0 and s.is_lin:
+            raise ValueError("relinearize rounds need the nn.Sequential model, not a linearization")
+        j = _check_class("target", target, s.lin.out_features)
+        if j == s.source:
+            raise ValueError(
+                f"target {j} equals the source class (the predicted class of the image)"
+            )
+        box = PixelBox.build(s.image, bounds, beta)
+        srange = _sigma_range(sigma2_max)
+        f = ExpectedLogits(s.lin, s.image)
+        mu = torch.zeros(box.n, dtype=_F64)
+        fits, rounds, best = [], [], None
+        for r in tqdm(range(rl.rounds + 1), desc="Eq. 7 rounds", disable=not rl.progress):
+            if r > 0:
+                f = relinearize(model, box, mu, opt.relu_index)
+            trust = rl.trust_radius if r > 0 else None
+            prob = TargetedProblem(f, box, j, srange)
+            fit, m, sig = _solve_targeted(prob, mu, trust, opt)
+            fits.append(fit)
+            real = math.nan
+            if rl.rounds > 0:
+                _, real = clipped_check(
+                    model, box, m, sig, lambda e: targeted_margin(e, j), rl.check_samples
+                )
+            with torch.no_grad():
+                lin_margin = float(targeted_margin(f(m, sig), j))
             rounds.append(
                 {
                     "round": r,
-                    "linearized_margin": res.margin,
+                    "linearized_margin": lin_margin,
                     "real_margin": real,
-                    "iterations": res.iterations,
-                    "wall": res.wall_time,
+                    "iterations": fit.nit,
+                    "wall": fit.wall,
+                    "status": fit.status,
                 }
             )
-            if real < -stop_margin or r == relinearize:
+            if best is None or real < best[0]:
+                best = (real, fit, m, sig, f)
+            if rl.rounds == 0 or real < -rl.stop_margin:
                 break
-            at = image.detach().double() + res.mu
-            res = targeted(
-                model,
-                image,
-                target,
-                beta,
-                sigma2_max,
-                **kw,
-                trust_radius=trust_radius,
-                linearize_at=at,
-                mu0=res.mu,
-            )
-            total_wall += res.wall_time
-            total_it += res.iterations
-        real, res = best
-        res.wall_time, res.iterations = total_wall, total_it
-        res.extra.update(relinearize=relinearize, rounds=rounds, real_margin=real)
-        return res
-    lin, net, is_lin, img, src = _setup(model, image, relu_index, linearize_at)
-    j = _check_class("target", target, lin.out_features)
-    if j == src:
-        raise ValueError(f"target {j} equals the source class (the predicted class of the image)")
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    f = ExpectedLogits(lin, img)
-    n = f.n
-    lo, hi = _sigma_bounds(sigma2_max)
-    others = [k for k in range(f.d) if k != j]
-
-    if box not in ("bounds", "sin"):
-        raise ValueError(f"box must be 'bounds' or 'sin', got {box!r}")
-
-    def to_mu(x: torch.Tensor) -> torch.Tensor:
-        return beta * (x[:n] if box == "bounds" else torch.sin(x[:n]))
-
-    def fn(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu = to_mu(x)
-        e = f(mu, x[n])
-        t = x[n + 1]
-        return t - e[j], t - e[others]
-
-    m0 = torch.zeros(n, dtype=_F64)
-    if mu0 is not None:
-        m0 = (mu0.detach().to(_F64).reshape(-1) / beta).clamp(-1.0, 1.0)
-    lo_m, hi_m = -torch.ones(n, dtype=_F64), torch.ones(n, dtype=_F64)
-    bounds = [(-1.0, 1.0) if box == "bounds" else (None, None)] * n
-    if trust_radius is not None and mu0 is not None:
-        if box != "bounds":
-            raise ValueError("trust_radius needs box='bounds'")
-        r = float(trust_radius) / beta
-        lo_m, hi_m = (m0 - r).clamp(min=-1.0), (m0 + r).clamp(max=1.0)
-        bounds = list(zip(lo_m.tolist(), hi_m.tolist(), strict=True))
-    if warm_steps > 0:
-        # Warm start: projected sign-gradient descent on the same (linearized, expected)
-        # objective max_{k!=j} E_k - E_j within the box (and trust region); SLSQP then
-        # solves Eq. 7 from it.
-        step = float((hi_m - lo_m).max()) * 1.25 / warm_steps
-        for _ in range(warm_steps):
-            m = m0.clone().requires_grad_()
-            g = torch.autograd.grad(_targeted_margin(f(beta * m, hi), j), m)[0]
-            m0 = torch.minimum(torch.maximum(m0 - step * g.sign(), lo_m), hi_m)
-    if box == "sin":
-        m0 = torch.asin(m0.clamp(-0.95, 0.95))
-    with torch.no_grad():
-        e0 = f(to_mu(torch.cat([m0, m0.new_zeros(2)])), hi)
-    x0 = np.concatenate([m0.numpy(), [hi], [float(e0[others].max())]])
-    bounds += [(lo, hi), (None, None)]
-    fit = run_slsqp(fn, x0, bounds, maxiter, ftol, exact=exact, time_limit=time_limit)
-    x = torch.tensor(fit["x"], dtype=_F64)
-    mu = to_mu(x)
-    return _result(
-        "targeted",
-        fit,
-        mu,
-        float(x[n]),
-        f,
-        img,
-        net,
-        is_lin,
-        src,
-        j,
-        0.0,
-        {"beta": beta, "sigma2_max": sigma2_max, "exact_gradients": exact, "relinearize": 0},
-    )
+            mu = m
+        real, fit, m, sig, f = best
+        extra = {
+            "sigma2_max": sigma2_max,
+            "exact_gradients": opt.slsqp.exact,
+            "relinearize": rl.rounds,
+        }
+        if rl.rounds > 0:
+            extra.update(rounds=rounds, real_margin=real)
+        return _result("targeted", s, box, fit, fits, (m, sig, f), (j, 0.0), extra, started)
 
 
-def _real_targeted_margin(model: nn.Module, res: AttackResult, samples: int) -> float:
-    """Monte Carlo estimate of max_{k!=j} E[f_k] - E[f_j] of the real network at the solution."""
-    p = next(iter(model.parameters()))
-    with torch.no_grad():
-        x = res.samples(max(1, samples), seed=0) if res.sigma2 > 0 else None
-        if x is None:
-            x = (res.image.double() + res.mu.double())[None]
-        out = model.eval()(x.to(p.dtype)).double().mean(0)
-    return float(_targeted_margin(out, res.target))
+def _solve_targeted(
+    prob: TargetedProblem, mu: torch.Tensor, trust: float | None, opt: TargetedOptions
+) -> tuple[SlsqpFit, torch.Tensor, float]:
+    """One Eq. 7 solve from ``mu`` (optionally within a trust region and after warm steps)."""
+    box, smax = prob.box, prob.sigma_range[1]
+    lower = upper = None
+    if trust is not None:
+        lower, upper = mu - trust, mu + trust
+    lo = box.lower if lower is None else torch.maximum(box.lower, lower)
+    hi = box.upper if upper is None else torch.minimum(box.upper, upper)
+    m0 = mu.clone()
+    if opt.warm_steps > 0:
+        # Projected sign-gradient descent on the linearized expected margin (cheap, exact
+        # autograd); SLSQP then solves Eq. 7 from it. The step spans the box (capped at 1).
+        width = float((hi.clamp(max=1.0) - lo.clamp(min=-1.0)).max())
+        step = width * 1.25 / opt.warm_steps
+        for _ in range(opt.warm_steps):
+            x = m0.clone().requires_grad_()
+            (g,) = torch.autograd.grad(targeted_margin(prob.f(x, smax), prob.j), x)
+            m0 = torch.minimum(torch.maximum(m0 - step * g.sign(), lo), hi)
+    fit = run_slsqp(prob, prob.x0(m0, smax), prob.bounds(lower, upper), opt.slsqp)
+    x = torch.as_tensor(fit.x, dtype=_F64)
+    m = torch.minimum(torch.maximum(prob.mu(x), lo), hi)
+    return fit, box.project(m), prob.sigma(x)
 
 
 # --------------------------------------------------------------------------- Eq. 8
@@ -491,76 +389,68 @@ def pixel_support(
     sigma2_max: float = 2 / 255**2,
     seed: int = 0,
     *,
-    competitor: str = "all",
-    tau: float = 0.1,
-    relu_index: int = -1,
-    maxiter: int = 200,
-    ftol: float = 1e-7,
+    bounds: Bounds = DEFAULT_BOUNDS,
+    options: PixelSupportOptions | None = None,
 ) -> AttackResult:
     """Non-targeted attack with alpha-pixel support, Eq. 8.
 
-    A random fixed set of ``round(alpha n)`` pixels (``seed``) may move, within ``[-beta, beta]``;
-    minimize ``E_i - max_{k!=i} E_k`` (see the module docstring for ``competitor``).
-    ``result.extra["support"]`` is the boolean image-shaped mask.
+    A random fixed set of ``round(alpha n)`` pixels (``seed``) may move within
+    ``[-beta, beta]`` intersected with the valid range (``bounds``); minimize
+    ``E_i - max_{k!=i} E_k``. ``extra["support"]`` is the boolean image-shaped mask.
     """
+    opt = options or PixelSupportOptions()
     if not (isinstance(alpha, (int, float)) and 0 < alpha <= 1):
         raise ValueError(f"alpha must lie in (0, 1], got {alpha!r}")
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
-    lin, net, is_lin, img, src = _setup(model, image, relu_index)
-    f = ExpectedLogits(lin, img)
-    n = f.n
-    m = max(1, round(alpha * n))
-    rng = np.random.default_rng(seed)
-    idx = torch.as_tensor(np.sort(rng.choice(n, size=m, replace=False)))
-    lo, hi = _sigma_bounds(sigma2_max)
+    if opt.competitor not in ("all", "lse", "runner_up"):
+        raise ValueError(f"competitor must be 'all', 'lse' or 'runner_up', got {opt.competitor!r}")
+    started = time.perf_counter()
+    with single_thread():
+        s = _setup(model, image, opt.relu_index)
+        box = PixelBox.build(s.image, bounds, beta)
+        f = ExpectedLogits(s.lin, s.image)
+        n = f.n
+        m = max(1, round(alpha * n))
+        rng = np.random.default_rng(seed)
+        idx = torch.as_tensor(np.sort(rng.choice(n, size=m, replace=False)))
+        srange = _sigma_range(sigma2_max)
+        ks = _competitors(opt.competitor, f, s.source, srange[1])
+        fits, best = [], None
+        for k in ks:
+            prob = PixelSupportProblem(f, box, s.source, idx, srange, k, opt.tau)
+            fit = run_slsqp(prob, prob.x0(), prob.bounds(), opt.slsqp)
+            fits.append(fit)
+            x = torch.as_tensor(fit.x, dtype=_F64)
+            mu, sig = box.project(prob.mu(x)), float(x[-1])
+            with torch.no_grad():
+                marg = float(untargeted_margin(f(mu, sig), s.source))
+            if best is None or marg < best[0]:
+                best = (marg, fit, mu, sig, k)
+        _, fit, mu, sig, k = best
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[idx] = True
+        extra = {"support": mask.reshape(s.image.shape), "alpha": alpha, "competitor": k}
+        return _result(
+            "pixel_support", s, box, fit, fits, (mu, sig, f), (None, 0.0), extra, started
+        )
+
+
+def _competitors(competitor: str, f: ExpectedLogits, i: int, sigma: float) -> list[int | None]:
+    if competitor == "all":
+        return [k for k in range(f.d) if k != i]
+    if competitor == "lse":
+        return [None]
     with torch.no_grad():
-        e0 = f(torch.zeros(n, dtype=_F64), hi)
-
-    def build(k: int | None) -> Problem:
-        def fn(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            mu = torch.zeros(n, dtype=_F64).index_put((idx,), beta * torch.sin(x[:m]))
-            e = f(mu, x[m])
-            comp = _smax_lower(e, src, tau) if k is None else e[k]
-            return e[src] - comp, x.new_zeros(0)
-
-        return fn
-
-    bounds = [(None, None)] * m + [(lo, hi)]
-    x0 = np.concatenate([np.zeros(m), [hi]])
-    best = None
-    total = {"nfev": 0, "njev": 0, "wall": 0.0, "nit": 0}
-    for k in _competitors(competitor, e0, src):
-        fit = run_slsqp(build(k), x0, bounds, maxiter, ftol)
-        for key in total:
-            total[key] += fit[key]
-        x = torch.tensor(fit["x"], dtype=_F64)
-        mu = torch.zeros(n, dtype=_F64).index_put((idx,), beta * torch.sin(x[:m]))
-        with torch.no_grad():
-            marg = float(_untargeted_margin(f(mu, x[m]), src))
-        if best is None or marg < best[0]:
-            best = (marg, fit, mu, float(x[m]), k)
-    _, fit, mu, sigma, k = best
-    fit = {**fit, **total}
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[idx] = True
-    return _result(
-        "pixel_support",
-        fit,
-        mu,
-        sigma,
-        f,
-        img,
-        net,
-        is_lin,
-        src,
-        None,
-        0.0,
-        {"support": mask.reshape(img.shape), "alpha": alpha, "beta": beta, "competitor": k},
-    )
+        e = f(torch.zeros(f.n, dtype=_F64), sigma)
+    e[i] = -math.inf
+    return [int(e.argmax())]
 
 
 # --------------------------------------------------------------------------- Eqs. 9, 10
+
+#: Pruning thresholds after a support solve (input units: 4, 2, 1, 0.5 grey levels, zero).
+PRUNE_THRESHOLDS = (4 / 255, 2 / 255, 1 / 255, 0.5 / 255, ZERO_THRESHOLD)
 
 
 def sparse_smooth(
@@ -570,354 +460,149 @@ def sparse_smooth(
     target: int | None = None,
     sigma2: float = 1 / 255**2,
     *,
-    beta: float | None = None,
-    competitor: str = "lse",
-    tau: float = 0.1,
-    l1: str = "smooth",
-    eps: float = 1e-3,
-    tv_weight: float = 1.0,
-    polish: bool = True,
-    polish_max: float = 0.02,
-    relu_index: int = -1,
-    maxiter: int = 150,
-    ftol: float = 1e-7,
-    relinearize: int = 0,
-    linearize_at: torch.Tensor | None = None,
-    mu0: torch.Tensor | None = None,
-    refine: bool = False,
-    refine_rounds: int = 3,
-    refine_maxiter: int = 60,
-    refine_linearization: str = "both",
-    max_support: float = 0.2,
+    bounds: Bounds = DEFAULT_BOUNDS,
+    options: SparseSmoothOptions | None = None,
 ) -> AttackResult:
-    """Sparse and smooth attack: min ||mu||_1 + TV(mu) s.t. a margin constraint <= -gamma.
+    """Sparse and smooth attack: ``min ||mu||_1 + TV(mu)`` s.t. a margin constraint ``<= -gamma``
+    and ``lo <= image + mu <= hi``, noise ``Sigma = sigma2 I`` fixed (paper: identity on the
+    255 scale = (1/255)^2 here).
 
-    Non-targeted (Eq. 9, ``target=None``): ``E_i - max_{k!=i} E_k <= -gamma``, the max handled
-    per ``competitor``; targeted (Eq. 10): ``E_k - E_j <= -gamma`` for all k != j. Fixed noise
-    ``Sigma = sigma2 I`` (paper: identity on the 255 scale = (1/255)^2 in [0, 1] units).
-    Optional box ``|mu| <= beta`` (mu = beta sin(w)). ``l1``/``eps``/``polish``: see the module
-    docstring; ``result.extra["threshold"]`` is the hard threshold applied by the polish.
-    ``relinearize`` (``nn.Sequential`` only): after the solve, re-linearize the network at
-    ``image + mu`` and re-solve from ``mu`` that many times (corrects the linearization error
-    of large perturbations). ``linearize_at``/``mu0``: linearization point and warm start.
-
-    ``refine=True`` adds a support-restricted stage after the full solve (see
-    :func:`_refine_support`): keep the ``k`` largest ``|mu|`` pixels, ``k`` the smallest (by
-    bisection) for which the truncated ``mu`` still satisfies the margin constraint, at most
-    ``max_support * n``, and re-solve the same problem with only those ``k`` pixels as variables
-    (the rest exactly zero), ``refine_rounds`` times. ``refine_linearization``: ``"fixed"``
-    keeps the linearization of the full solve for every round; ``"moving"`` re-linearizes the
-    network at ``image + mu`` before every round after the first (``nn.Sequential`` only);
-    ``"both"`` runs both schedules. Of all candidates (the unrefined ``mu`` and every round's
-    result) the one that fools the real network with the most zero pixels is kept. Neither
-    schedule dominates: on the LeNet digits of ``nm fig6`` each one alone missed a sparse
-    fooling solution on some image that the other found.
+    Non-targeted (Eq. 9, ``target=None``): ``E_i - max_{k!=i} E_k <= -gamma``; targeted
+    (Eq. 10): ``max_{k!=j} E_k - E_j <= -gamma``. Strategy per round (see
+    :class:`SparseSmoothOptions`): :func:`greedy_support` picks at most ``max_support * n``
+    pixels; SLSQP solves the exact-l1 split problem on them (:class:`SparseSmoothProblem`);
+    :func:`prune` zeroes what is below 4 grey levels if the constraint survives; the real
+    network is checked on clipped samples and, if it does not meet the constraint in
+    expectation, re-linearized at ``image + mu`` for the next round. The returned round is
+    the one that meets it on the real network with the most zero pixels (else the one with the
+    lowest real margin); ``extra["rounds"]`` records each.
     """
-    kw = dict(
-        beta=beta,
-        competitor=competitor,
-        tau=tau,
-        l1=l1,
-        eps=eps,
-        tv_weight=tv_weight,
-        polish=polish,
-        polish_max=polish_max,
-        relu_index=relu_index,
-        maxiter=maxiter,
-        ftol=ftol,
-        refine=refine,
-        refine_rounds=refine_rounds,
-        refine_maxiter=refine_maxiter,
-        refine_linearization=refine_linearization,
-        max_support=max_support,
-    )
-    if relinearize > 0:
-        if not isinstance(model, nn.Sequential):
-            raise ValueError("relinearize needs the nn.Sequential model, not a linearization")
-        res = sparse_smooth(
-            model, image, gamma, target, sigma2, **kw, linearize_at=linearize_at, mu0=mu0
-        )
-        for _ in range(relinearize):
-            at = image.detach().double() + res.mu
-            nxt = sparse_smooth(
-                model, image, gamma, target, sigma2, **kw, linearize_at=at, mu0=res.mu
-            )
-            nxt.wall_time += res.wall_time
-            nxt.iterations += res.iterations
-            res = nxt
-        res.extra["relinearize"] = relinearize
-        return res
-    if l1 not in ("smooth", "split"):
-        raise ValueError(f"l1 must be 'smooth' or 'split', got {l1!r}")
+    opt = options or SparseSmoothOptions()
     if not sigma2 >= 0:
         raise ValueError(f"sigma2 must be >= 0, got {sigma2}")
-    lin, net, is_lin, img, src = _setup(model, image, relu_index, linearize_at)
-    f = ExpectedLogits(lin, img)
-    n, d = f.n, f.d
-    if target is not None:
-        target = _check_class("target", target, d)
-        if target == src:
-            raise ValueError(
-                f"target {target} equals the source class (the predicted class of the image)"
+    if not gamma >= 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    if opt.competitor not in ("lse", "runner_up"):
+        raise ValueError(f"competitor must be 'lse' or 'runner_up', got {opt.competitor!r}")
+    if not 0 < opt.max_support <= 1:
+        raise ValueError(f"max_support must lie in (0, 1], got {opt.max_support}")
+    if opt.rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {opt.rounds}")
+    started = time.perf_counter()
+    with single_thread():
+        s = _setup(model, image, opt.relu_index)
+        d = s.lin.out_features
+        if target is not None:
+            target = _check_class("target", target, d)
+            if target == s.source:
+                raise ValueError(
+                    f"target {target} equals the source class (the predicted class of the image)"
+                )
+        box = PixelBox.build(s.image, bounds, opt.beta)
+        sigma = math.sqrt(sigma2)
+        f = ExpectedLogits(s.lin, s.image)
+        k = None
+        if target is None and opt.competitor == "runner_up":
+            k = _competitors("runner_up", f, s.source, sigma)[0]
+        cons = MarginConstraint(s.source, target, gamma, sigma, k, opt.tau)
+        hw = tuple(s.image.shape[-2:]) if s.image.ndim >= 2 else (1, box.n)
+        kmax = max(1, min(box.n, math.floor(opt.max_support * box.n)))
+        real_model = None if s.is_lin else model
+        mu = torch.zeros(box.n, dtype=_F64)
+        fits, rounds, cands, boost = [], [], [], 0.0
+        total = opt.rounds if real_model is not None else 1
+        for r in tqdm(range(total), desc="sparse_smooth rounds", disable=not opt.progress):
+            if r > 0:
+                f = relinearize(real_model, box, mu, opt.relu_index)
+            m, fit, info, support = _sparse_round(
+                f, box, cons.with_gamma(gamma + boost), mu, (hw, kmax), opt
             )
-    sigma = math.sqrt(sigma2)
-    hw = img.shape[-2:] if img.ndim >= 2 else (1, n)
-    with torch.no_grad():
-        e0 = f(torch.zeros(n, dtype=_F64), sigma)
-
-    def to_mu(x: torch.Tensor) -> torch.Tensor:
-        w = x[:n] - x[n:] if l1 == "split" else x
-        return beta * torch.sin(w / beta) if beta is not None else w
-
-    def objective(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-        l1v = x.sum() if l1 == "split" else (torch.sqrt(mu**2 + eps**2) - eps).sum()
-        return l1v + tv_weight * total_variation(mu.reshape(-1, *hw), eps)
-
-    def build(k: int | None) -> Problem:
-        def fn(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            mu = to_mu(x)
-            e = f(mu, sigma)
-            if target is not None:
-                cons = e[target] - torch.cat([e[:target], e[target + 1 :]]) - gamma
-            else:
-                comp = _smax_lower(e, src, tau) if k is None else e[k]
-                cons = (comp - e[src] - gamma).reshape(1)
-            return objective(x, mu), cons
-
-        return fn
-
-    nvar = 2 * n if l1 == "split" else n
-    bounds = [(0.0, None)] * nvar if l1 == "split" else None
-    x0 = np.zeros(nvar)
-    if mu0 is not None:
-        m0 = mu0.detach().double().reshape(-1).numpy()
-        if beta is not None:
-            m0 = beta * np.arcsin(np.clip(m0 / beta, -1, 1))
-        x0 = np.concatenate([m0.clip(min=0), (-m0).clip(min=0)]) if l1 == "split" else m0
-    ks = [None] if target is not None else _competitors(competitor, e0, src)
-    best = None
-    total = {"nfev": 0, "njev": 0, "wall": 0.0, "nit": 0}
-    for k in ks:
-        fit = run_slsqp(build(k), x0, bounds, maxiter, ftol)
-        for key in total:
-            total[key] += fit[key]
-        key = (fit["violation"] > 1e-6, fit["objective"])
-        if best is None or key < best[0]:
-            best = (key, fit, k)
-    _, fit, k = best
-    fit = {**fit, **total}
-    mu = to_mu(torch.tensor(fit["x"], dtype=_F64)).detach()
-
-    def margin(m: torch.Tensor) -> float:
-        with torch.no_grad():
-            e = f(m, sigma)
-        return float(
-            _targeted_margin(e, target) if target is not None else _untargeted_margin(e, src)
+            fits.append(fit)
+            key, restored = (1, 0.0, 0.0), False
+            if real_model is not None:
+                rate, real = clipped_check(
+                    real_model, box, m, sigma, cons.margin, opt.check_samples
+                )
+                info.update(real_margin=real, real_fooling=rate, solve_gamma=gamma + boost)
+                if not _meets(real, gamma) and opt.restore_steps > 0:
+                    m2, _ = restore_on_support(
+                        real_model, box, m, support, cons.margin, -gamma - 0.1, opt.restore_steps
+                    )
+                    rate2, real2 = clipped_check(
+                        real_model, box, m2, sigma, cons.margin, opt.check_samples
+                    )
+                    if real2 < real:
+                        m, rate, real, restored = m2, rate2, real2, True
+                        info.update(restored_real_margin=real2, restored_fooling=rate2)
+                info["restored"] = restored
+                zeros = int((m.abs() <= ZERO_THRESHOLD).sum())
+                key = (0, -zeros, fit.objective) if _meets(real, gamma) else (1, real, 0.0)
+                # The next (re-linearized) solve asks for a larger margin, by half the gap
+                # between the real and the linearized margin just seen.
+                gap = real - info["linearized_margin"]
+                boost = min(opt.max_boost, boost + 0.5 * max(0.0, gap))
+            rounds.append(info)
+            cands.append((key, r, m, fit, f, restored))
+            if key[0] == 0:
+                break
+            mu = m
+        key, r, m, fit, f, restored = min(cands, key=lambda c: (c[0], c[1]))
+        if restored:  # report the expected margin of a linearization at the attacked image
+            f = relinearize(real_model, box, m, opt.relu_index)
+        extra = {
+            "gamma": gamma,
+            "competitor": k if target is None else None,
+            "rounds": rounds,
+            "chosen_round": r,
+            "restored": restored,
+            "max_support": kmax,
+            "tv_weight": opt.tv_weight,
+            "eps": opt.eps,
+        }
+        return _result(
+            "sparse_smooth", s, box, fit, fits, (m, sigma, f), (target, gamma), extra, started
         )
 
-    threshold = 0.0
-    if polish and margin(mu) <= -gamma:
-        amax = min(float(mu.abs().max()), polish_max)
-        if amax > ZERO_THRESHOLD:
-            for thr in np.geomspace(amax, ZERO_THRESHOLD, 60):
-                cand = torch.where(mu.abs() <= thr, torch.zeros_like(mu), mu)
-                if margin(cand) <= -gamma:
-                    mu, threshold = cand, float(thr)
-                    break
-    extra = {
-        "gamma": gamma,
-        "competitor": k,
-        "l1": l1,
-        "eps": eps,
-        "threshold": threshold,
-        "beta": beta,
-    }
-    if refine:
-        schedules = {"fixed": (False,), "moving": (True,), "both": (False, True)}
-        if refine_linearization not in schedules:
-            raise ValueError(
-                "refine_linearization must be 'fixed', 'moving' or 'both', "
-                f"got {refine_linearization!r}"
-            )
-        real = model if isinstance(model, nn.Sequential) else None
-        runs = []
-        for moving in schedules[refine_linearization] if real is not None else (False,):
-            runs.append(
-                _refine_support(
-                    real,
-                    f,
-                    img,
-                    mu,
-                    sigma,
-                    margin_fn=lambda e: (
-                        _targeted_margin(e, target)
-                        if target is not None
-                        else _untargeted_margin(e, src)
-                    ),
-                    cons_fn=lambda e: (
-                        e[target] - torch.cat([e[:target], e[target + 1 :]]) - gamma
-                        if target is not None
-                        else (_smax_lower(e, src, tau) - e[src] - gamma).reshape(1)
-                    ),
-                    objective=lambda m: (
-                        (torch.sqrt(m**2 + eps**2) - eps).sum()
-                        + tv_weight * total_variation(m.reshape(-1, *hw), eps)
-                    ),
-                    gamma=gamma,
-                    rounds=refine_rounds,
-                    maxiter=refine_maxiter,
-                    ftol=ftol,
-                    max_support=max_support,
-                    relu_index=relu_index,
-                    fit=fit,
-                    box=beta,
-                    relinearize=moving,
-                )
-            )
-        counts = ("nfev", "njev", "wall", "nit")
-        spent = {k: sum(r[2][k] - fit[k] for r in runs) for k in counts}
-        mu, f, sub, info = min(runs, key=lambda r: r[3].get("key", ()))
-        fit = {**sub, **{k: fit[k] + spent[k] for k in counts}}
-        info["schedule"] = "moving" if info.pop("relinearized") else "fixed"
-        info.pop("key", None)
-        extra.update(info)
-    return _result("sparse_smooth", fit, mu, sigma, f, img, net, is_lin, src, target, gamma, extra)
 
-
-def _refine_support(
-    model: nn.Sequential | None,
+def _sparse_round(
     f: ExpectedLogits,
-    img: torch.Tensor,
+    box: PixelBox,
+    cons: MarginConstraint,
     mu: torch.Tensor,
-    sigma: float,
-    *,
-    margin_fn: Callable[[torch.Tensor], torch.Tensor],
-    cons_fn: Callable[[torch.Tensor], torch.Tensor],
-    objective: Callable[[torch.Tensor], torch.Tensor],
-    gamma: float,
-    rounds: int,
-    maxiter: int,
-    ftol: float,
-    max_support: float,
-    relu_index: int,
-    fit: dict,
-    box: float | None = None,
-    relinearize: bool = True,
-) -> tuple[torch.Tensor, ExpectedLogits, dict, dict]:
-    """Support-restricted re-solve of Eq. 9 / 10 (see ``sparse_smooth(refine=True)``).
+    geometry: tuple[tuple[int, int], int],
+    opt: SparseSmoothOptions,
+) -> tuple[torch.Tensor, SlsqpFit, dict, torch.Tensor]:
+    """Support selection, exact-l1 SLSQP on it, pruning; returns ``(mu, fit, info, support)``."""
+    hw, kmax = geometry
 
-    Each round: (1) optionally re-linearize ``model`` at ``image + mu``; (2) order pixels by
-    ``|mu|`` and find by bisection the smallest ``k <= max_support * n`` whose top-``k``
-    truncation of ``mu`` satisfies ``margin <= -gamma`` under the current linearization
-    (``k = max_support * n`` if none does); (3) re-solve ``min l1 + TV`` s.t. the margin
-    constraint with only those ``k`` pixels as SLSQP variables (warm start: the truncation),
-    all others fixed at exactly zero. With ``model`` (the real network), the unrefined ``mu``
-    and every round's result are candidates: each is scaled on its support by the smallest
-    ``s`` in [1, 3] that makes the real network's noise-free margin ``<= -gamma`` (if any),
-    and the returned one is the best by (fooling the real network, then most zero pixels,
-    then lowest objective); ``info["chosen_round"]`` (0 = unrefined) says which.
-    Returns ``(mu, f, fit, info)``, ``f`` linearized at the returned point.
-    """
-    n = mu.numel()
-    kmax = max(1, min(n, round(max_support * n)))
-    total = {key: fit[key] for key in ("nfev", "njev", "wall", "nit")}
-    supports = []
-    flat = mu.reshape(-1).clone()
-    p = next(model.parameters()) if model is not None else None
+    def slack(m: torch.Tensor) -> torch.Tensor:
+        return cons(f(m, cons.sigma)).min()
 
-    def margin(fe: ExpectedLogits, m: torch.Tensor) -> float:
+    support, start, k_min = greedy_support(box, mu, slack, kmax, opt.expand)
+    prob = SparseSmoothProblem(f, box, support, hw, cons, (opt.tv_weight, opt.eps))
+    fit = run_slsqp(prob, prob.x0(start), prob.bounds(), opt.slsqp)
+    m = box.project(prob.mu(torch.as_tensor(fit.x, dtype=_F64)))
+
+    def feasible(v: torch.Tensor) -> bool:
         with torch.no_grad():
-            return float(margin_fn(fe(m, sigma)))
+            return bool(float(cons.margin(f(v, cons.sigma))) <= -cons.gamma + 1e-9)
 
-    def real_margin(m: torch.Tensor) -> float:
-        with torch.no_grad():
-            out = model((img + m.reshape(img.shape)).to(p.dtype)[None])[0].double()
-        return float(margin_fn(out))
-
-    def restore(m: torch.Tensor) -> tuple[torch.Tensor, float, float]:
-        # Feasibility restoration on the real network: scale mu on its support (sparsity and
-        # shape unchanged) until the real margin at image + s mu is <= -gamma.
-        for s in np.linspace(1.0, 3.0, 41):
-            cand = s * m if box is None else (s * m).clamp(-box, box)
-            rm = real_margin(cand)
-            if rm <= -gamma:
-                return cand, float(s), rm
-        return m, 1.0, real_margin(m)
-
-    # Candidates judged on the real network: (infeasible, -zeros, objective), mu, scale.
-    candidates: list[tuple[tuple[bool, int, float], torch.Tensor, float]] = []
-
-    def consider(m: torch.Tensor) -> None:
-        m, scale, rm = restore(m)
-        zeros = int((m.abs() <= ZERO_THRESHOLD).sum())
-        with torch.no_grad():
-            obj = float(objective(m))
-        candidates.append(((rm > -gamma, -zeros, obj), m, scale))
-
-    if model is not None:
-        consider(flat)
-    for r in range(max(1, rounds)):
-        if model is not None and relinearize and r > 0:
-            lin = two_stage_linearize(
-                model, (img + flat.reshape(img.shape)).to(p.dtype), relu_index=relu_index
-            )
-            f = ExpectedLogits(lin, img)
-        order = flat.abs().argsort(descending=True)
-        nnz = int((flat.abs() > 0).sum())
-
-        def trunc(k: int, order: torch.Tensor = order, flat: torch.Tensor = flat) -> torch.Tensor:
-            out = torch.zeros_like(flat)
-            out[order[:k]] = flat[order[:k]]
-            return out
-
-        hi = min(kmax, max(1, nnz))
-        if margin(f, trunc(hi)) <= -gamma:
-            lo = 0
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if margin(f, trunc(mid)) <= -gamma:
-                    hi = mid
-                else:
-                    lo = mid
-        idx = order[:hi].sort().values
-
-        def fn(z: torch.Tensor, idx: torch.Tensor = idx, f: ExpectedLogits = f) -> tuple:
-            m = torch.zeros(n, dtype=_F64).index_put((idx,), z)
-            return objective(m), cons_fn(f(m, sigma))
-
-        z0 = flat[idx].numpy() if box is None else flat[idx].clamp(-box, box).numpy()
-        bnds = None if box is None else [(-box, box)] * len(z0)
-        sub = run_slsqp(fn, z0, bnds, maxiter, ftol)
-        for key in total:
-            total[key] += sub[key]
-        new = torch.zeros(n, dtype=_F64)
-        new[idx] = torch.tensor(sub["x"], dtype=_F64)
-        # Zero the entries the re-solve drove to (near) zero while the constraint holds.
-        for thr in (1e-3, 1e-4, 1e-5, ZERO_THRESHOLD):
-            cand = torch.where(new.abs() <= thr, torch.zeros_like(new), new)
-            if margin(f, cand) <= -gamma:
-                new = cand
-                break
-        flat = new
-        fit = sub
-        supports.append(int((flat.abs() > ZERO_THRESHOLD).sum()))
-        if model is not None:
-            consider(flat)
-    fit = {**fit, **total}
+    m, thr = prune(m, feasible, PRUNE_THRESHOLDS)
+    with torch.no_grad():
+        lin_margin = float(cons.margin(f(m, cons.sigma)))
     info = {
-        "refined_supports": supports,
-        "max_support": kmax,
-        "restoration_scale": 1.0,
-        "relinearized": bool(model is not None and relinearize),
+        "support": int(support.numel()),
+        "k_min": k_min,
+        "nonzero": int((m.abs() > ZERO_THRESHOLD).sum()),
+        "threshold": thr,
+        "linearized_margin": lin_margin,
+        "iterations": fit.nit,
+        "status": fit.status,
+        "wall": fit.wall,
     }
-    if model is not None:
-        # Keep the best candidate on the real network: feasible before infeasible, then the
-        # sparsest, then the lowest objective (rounds can overshoot far from the
-        # linearization point; the unrefined solution is candidate 0).
-        order_key = [c[0] for c in candidates]
-        best = min(range(len(candidates)), key=order_key.__getitem__)
-        key, flat, scale = candidates[best]
-        info.update(restoration_scale=scale, chosen_round=best, key=key)
-        lin = two_stage_linearize(model, (img + flat.reshape(img.shape)).to(p.dtype), relu_index)
-        f = ExpectedLogits(lin, img)
-    return flat.reshape(mu.shape), f, fit, info
+    return m, fit, info, support
+
+
+def _meets(real_margin: float, gamma: float) -> bool:
+    """The real network meets the margin constraint in expectation (strictly fooled at 0)."""
+    return real_margin <= -gamma if gamma > 0 else real_margin < 0

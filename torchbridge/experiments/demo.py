@@ -206,7 +206,10 @@ def _attacks(out, report: dict, md: list[str]) -> None:
             cells = ", ".join(
                 f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
             )
-            rows.append(f"- {name}: {cells} (verified on 1000 samples of the real LeNet)")
+            rows.append(
+                f"- {name}: {cells} (fooling rate of the real LeNet on 1000 noisy samples "
+                "clipped to [0, 1])"
+            )
     text = "\n".join(rows) or "done"
     print(text)
     md.append(f"## Attacks\n\n{text}\n\nFigure: demo_attacks.png")

@@ -19,7 +19,16 @@ import torch
 from tqdm import tqdm
 
 from torchbridge.attacks import pgd_targeted, targeted
-from torchbridge.experiments.attack_figures import attack_grid, lenet_data
+from torchbridge.experiments.attack_figures import (
+    add_attack_args,
+    attack_grid,
+    bounds_of,
+    lenet_data,
+    range_note,
+    run_info,
+    set_threads,
+    targeted_options,
+)
 from torchbridge.experiments.common import (
     add_common_args,
     markdown_table,
@@ -59,6 +68,7 @@ def held_out_pairs(
 
 def pairs(args: argparse.Namespace) -> dict:
     """Run Eq. 7 (paper procedure and re-linearized) and PGD on the held-out pairs."""
+    set_threads(args)
     model, tx, ty, _ = lenet_data()
     beta = args.beta / 255
     chosen = held_out_pairs(model, tx, ty, args.pairs, args.start, args.target_rule)
@@ -72,19 +82,18 @@ def pairs(args: argparse.Namespace) -> dict:
                 tx[idx],
                 tgt,
                 beta=beta,
-                maxiter=args.maxiter,
-                warm_steps=20,
-                relinearize=rounds,
-                trust_radius=args.trust_radius / 255 if rounds else None,
+                bounds=bounds_of(args),
+                options=targeted_options(args, rounds),
             )
             v = res.verify(args.samples, args.seed)
             row[f"{name}_margin"] = res.margin
             row[f"{name}_fooling"] = v["fooling_rate"]
+            row[f"{name}_cap"] = res.hit_iteration_cap
             row[f"{name}_wall_s"] = res.wall_time
             if name == list(methods)[-1]:
                 grid.append(res)
         if args.pgd:
-            _, m = pgd_targeted(model, tx[idx], tgt, beta, seed=args.seed)
+            _, m = pgd_targeted(model, tx[idx], tgt, beta, bounds=bounds_of(args), seed=args.seed)
             row["pgd_real_margin"] = m
         rows.append(row)
     summary = {
@@ -92,20 +101,30 @@ def pairs(args: argparse.Namespace) -> dict:
     }
     if args.pgd:
         summary["pgd_feasible"] = sum(r["pgd_real_margin"] < 0 for r in rows)
+        for name in methods:
+            summary[f"{name}_of_pgd_feasible"] = sum(
+                r[f"{name}_fooling"] >= FOOLING_CRITERION for r in rows if r["pgd_real_margin"] < 0
+            )
     attack_grid(grid, args.out, "pairs")
     write_json(
         args.out,
         "pairs",
-        {"rows": rows, "summary": summary, "pairs": len(rows), "settings": vars_of(args)},
+        {"rows": rows, "summary": summary, "pairs": len(rows), "run": run_info(args)},
     )
-    lines = [f"- {k}: **{v} of {len(rows)}** pairs" for k, v in summary.items()]
+    lines = [
+        f"- {k}: **{v} of {summary['pgd_feasible'] if k.endswith('_of_pgd_feasible') else len(rows)}**"
+        " pairs"
+        for k, v in summary.items()
+    ]
     md = (
         f"# Eq. 7 on held-out pairs (beta = {args.beta}/255, target rule {args.target_rule})\n\n"
         f"Fooled = >= {FOOLING_CRITERION:.0%} of {args.samples} noisy samples of the real LeNet "
-        "classified as the target. `paper`: one linearization at the clean image; "
+        f"classified as the target. {range_note(args)} `paper`: one linearization at the "
+        "clean image; "
         f"`relinearized`: up to {args.relinearize} re-linearizations at M + mu (trust radius "
         f"{args.trust_radius}/255); `pgd_feasible`: PGD on the real noise-free network reaches "
-        "a negative margin in the same box.\n\n"
+        "a negative margin in the same box and pixel range; `X_of_pgd_feasible`: pairs fooled "
+        "by method X among those.\n\n"
         + "\n".join(lines)
         + "\n\n"
         + markdown_table(list(rows[0]), [list(r.values()) for r in rows])
@@ -113,11 +132,6 @@ def pairs(args: argparse.Namespace) -> dict:
     write_markdown(args.out, "pairs", md)
     print(md)
     return {"rows": rows, "summary": summary}
-
-
-def vars_of(args: argparse.Namespace) -> dict:
-    """JSON-friendly settings of a run (no callables, paths as strings)."""
-    return {k: str(v) if k == "out" else v for k, v in vars(args).items() if not callable(v)}
 
 
 def add_parser(sub) -> None:
@@ -128,6 +142,7 @@ def add_parser(sub) -> None:
         description=__doc__.split("\n\n", 1)[1],
     )
     add_common_args(p, device=False)
+    add_attack_args(p)
     p.add_argument("--pairs", type=int, default=10, help="number of pairs (default: 10)")
     p.add_argument("--start", type=int, default=100, help="first test index (default: 100)")
     p.add_argument(
