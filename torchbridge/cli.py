@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "torchbridge.experiments.tightness",
     "torchbridge.experiments.attack_figures",
     "torchbridge.experiments.targeted_pairs",
+    "torchbridge.experiments.robust",
 )
 #: Modules that contribute `nm bench ...` subcommands.
 BENCH_MODULES = (

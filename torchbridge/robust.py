@@ -53,6 +53,7 @@ __all__ = [
     "Method",
     "TrainResult",
     "TrainSettings",
+    "clipped_noise_moments",
     "expected_logits_first_relu",
     "linearized_output_moments",
     "noisy_accuracy",
@@ -94,6 +95,8 @@ class Method:
             the shuffled batch; None: all). Moment kinds only.
         relu_index: ReLU the network is cut at for the linearization (moment kinds);
             ``moment_mean`` with 0 uses the batched path, anything else linearizes per image.
+        clipped: moment kinds model the input clip(x + n, 0, 1) (what is evaluated) by its
+            exact per-pixel mean and variance instead of x + n (the reference's N(x, σ² I)).
     """
 
     kind: str
@@ -101,6 +104,7 @@ class Method:
     lam: float = 1.0
     reg_images: int | None = None
     relu_index: int = 0
+    clipped: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -120,7 +124,8 @@ class Method:
         if self.kind == "augment":
             return f"augment x{self.copies}"
         sub = "all" if self.reg_images is None else str(self.reg_images)
-        return f"{self.kind} (l={self.relu_index}, λ={self.lam:g}, {sub}/batch)"
+        clip = ", clip-matched" if self.clipped else ""
+        return f"{self.kind} (l={self.relu_index}, λ={self.lam:g}, {sub}/batch{clip})"
 
 
 @dataclass(frozen=True)
@@ -172,29 +177,45 @@ def _split_first_relu(model: nn.Sequential) -> tuple[nn.Sequential, nn.Sequentia
     return nn.Sequential(*first), nn.Sequential(*leaves[pos + 1 :])
 
 
-def _row_norms(first: nn.Sequential, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """‖A_i‖ for the affine map ``first`` = A x + c1 (flattened, differentiable).
+def clipped_noise_moments(x: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel mean and variance of clip(x + n, 0, 1), n ~ N(0, σ²), elementwise.
 
-    One Conv/Linear layer (LeNet's case): Σ_j A_ij² is the layer applied without bias to
-    an all-ones input with squared weights (each output sums its kernel's squares over the
-    in-bounds pixels), O(one forward pass). Otherwise A is formed by the linearization's
+    clip(v, 0, 1) = relu(v) − relu(v − 1) and clip(v)² = relu(v)² − relu(v − 1)² − 2 relu(v − 1)
+    (check v < 0, 0 ≤ v < 1, v ≥ 1), so both moments follow from Theorem 1 / Lemma 1
+    (``relu_mean``, ``relu_second_moment``). Evaluated in float64 (the variance subtracts
+    mean²), returned in ``x``'s dtype; shapes as ``x``.
+    """
+    v = x.detach().double()
+    s = torch.full_like(v, float(sigma))
+    m0, m1 = K.relu_mean(v, s), K.relu_mean(v - 1, s)
+    second = K.relu_second_moment(v, s) - K.relu_second_moment(v - 1, s) - 2 * m1
+    mean = m0 - m1
+    return mean.to(x.dtype), (second - mean**2).clamp(min=0).to(x.dtype)
+
+
+def _hidden_variances(first: nn.Sequential, var: torch.Tensor) -> torch.Tensor:
+    """Σ_j A_ij² var_j for the affine map ``first`` = A x + c1 and independent inputs with
+    variances ``var`` (b, *input_shape) -> (b, q), differentiable w.r.t. the weights.
+
+    One Conv/Linear layer (LeNet's case): the layer applied without bias to ``var`` with
+    squared weights, O(one forward pass). Otherwise A is formed by the linearization's
     Jacobian (q×n, once per call: A does not depend on x).
     """
     core = [m for m in first if not isinstance(m, (nn.Identity, nn.Dropout, nn.Flatten))]
-    ones = torch.ones(1, *shape, dtype=like.dtype, device=like.device)
     if len(core) == 1 and isinstance(core[0], (nn.Conv1d, nn.Conv2d)):
         conv = core[0]
         if conv.padding_mode == "zeros":
-            return conv._conv_forward(ones, conv.weight.pow(2), None).reshape(-1).sqrt()
-    if len(core) == 1 and isinstance(core[0], nn.Linear) and len(shape) == 1:
-        return core[0].weight.pow(2).sum(1).sqrt()
-    origin = torch.zeros(math.prod(shape), dtype=like.dtype, device=like.device)
+            return conv._conv_forward(var, conv.weight.pow(2), None).flatten(1)
+    if len(core) == 1 and isinstance(core[0], nn.Linear) and var.ndim == 2:
+        return var @ core[0].weight.pow(2).T
+    shape = tuple(var.shape[1:])
+    origin = torch.zeros(math.prod(shape), dtype=var.dtype, device=var.device)
     A, _ = _jacobian(first, origin, shape, create_graph=True)
-    return A.pow(2).sum(1).sqrt()
+    return var.flatten(1) @ A.pow(2).T
 
 
 def expected_logits_first_relu(
-    model: nn.Sequential, x: torch.Tensor, sigma: float
+    model: nn.Sequential, x: torch.Tensor, sigma: float, clipped: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clean logits f(x) and E[g(x + n)], n ~ N(0, σ² I), g linearized at x at the first ReLU.
 
@@ -207,31 +228,49 @@ def expected_logits_first_relu(
         model: ``nn.Sequential`` whose layers before the first ReLU are affine.
         x: ``(b, *input_shape)`` batch of clean images.
         sigma: input noise standard deviation.
+        clipped: the input is clip(x + n, 0, 1), modelled by the Gaussian with its exact
+            per-pixel mean and variance (:func:`clipped_noise_moments`); the hidden
+            pre-activations are then Gaussian only approximately (sums of 25 independent
+            pixels for LeNet's 5×5 kernels).
 
     Returns:
         ``(f(x), E[g(x + n)])``, both ``(b, d)``.
     """
     first, rest = _split_first_relu(model)
     z = first(x)
-    hidden_sigma = sigma * _row_norms(first, tuple(x.shape[1:]), x).reshape(z.shape[1:])
+    if clipped:
+        in_mean, in_var = clipped_noise_moments(x, sigma)
+        hidden_mean = first(in_mean)
+    else:
+        in_var, hidden_mean = torch.full_like(x, sigma**2), z
+    hidden_sigma = _hidden_variances(first, in_var).reshape(z.shape).sqrt()
     y0 = torch.relu(z)
-    mean_relu = K.relu_mean(z, hidden_sigma.expand_as(z))
+    mean_relu = K.relu_mean(hidden_mean, hidden_sigma)
     logits, shift = torch.func.jvp(rest, (y0,), (mean_relu - y0,))
     return logits, logits + shift
 
 
 def linearized_output_moments(
-    model: nn.Sequential, x: torch.Tensor, sigma: float, relu_index: int = -1
+    model: nn.Sequential,
+    x: torch.Tensor,
+    sigma: float,
+    relu_index: int = -1,
+    clipped: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Output mean ``(b, d)`` and covariance ``(b, d, d)`` of g_i(x_i + n), n ~ N(0, σ² I), g_i
     the two-stage linearization of ``model`` at x_i (exact method), differentiable w.r.t. the
     model's parameters. One linearization per image (about 1.5 s for LeNet at the last ReLU,
-    float32, 1 thread, forward and backward)."""
+    float32, 1 thread, forward and backward). ``clipped``: input N(mean, diag(var)) of
+    clip(x_i + n, 0, 1) (:func:`clipped_noise_moments`) instead of N(x_i, σ² I)."""
     means, covs = [], []
     for xi in x:
         g = two_stage_linearize(model, xi, relu_index, create_graph=True)
-        # Σ̄ = σ² A Aᵀ is PSD by construction: skip the O(q³) Cholesky check
-        m, c = g.moments(xi.reshape(-1), sigma**2, full=True, check_psd=False)
+        if clipped:
+            in_mean, in_var = clipped_noise_moments(xi.reshape(-1), sigma)
+        else:
+            in_mean, in_var = xi.reshape(-1), sigma**2
+        # Σ̄ = A Σ Aᵀ is PSD by construction: skip the O(q³) Cholesky check
+        m, c = g.moments(in_mean, in_var, full=True, check_psd=False)
         means.append(m)
         covs.append(c)
     return torch.stack(means), torch.stack(covs)
@@ -264,17 +303,19 @@ def robust_loss(
     r = x.shape[0] if method.reg_images is None else min(method.reg_images, x.shape[0])
     if method.kind == "moment_mean" and method.relu_index == 0:
         if r == x.shape[0]:
-            logits, expected = expected_logits_first_relu(model, x, sigma)
+            logits, expected = expected_logits_first_relu(model, x, sigma, method.clipped)
             ce = functional.cross_entropy(logits, y)
         else:
             ce = functional.cross_entropy(model(x), y)
-            _, expected = expected_logits_first_relu(model, x[:r], sigma)
+            _, expected = expected_logits_first_relu(model, x[:r], sigma, method.clipped)
         return ce + method.lam * functional.cross_entropy(expected, y[:r])
     ce = functional.cross_entropy(model(x), y)
     was_training = model.training
     model.eval()  # the linearization needs eval mode (no-op for LeNet: no BN/Dropout)
     try:
-        mean, cov = linearized_output_moments(model, x[:r], sigma, method.relu_index)
+        mean, cov = linearized_output_moments(
+            model, x[:r], sigma, method.relu_index, method.clipped
+        )
     finally:
         model.train(was_training)
     if method.kind == "moment_mean":
@@ -339,7 +380,7 @@ def train_robust(
             loss = robust_loss(model, xb, yb, method, settings.sigma)
             loss.backward()
             opt.step()
-            total += float(loss) * xb.shape[0]
+            total += float(loss.detach()) * xb.shape[0]
             count += xb.shape[0]
             bar.update(1)
         result.epoch_seconds.append(time.perf_counter() - start)
@@ -362,7 +403,7 @@ def noisy_accuracy(
 ) -> tuple[list[float], list[float]]:
     """Monte Carlo accuracy under Gaussian input noise, noisy images clipped to [0, 1].
 
-    For each σ, ``samples`` noise draws per image of ``x`` (N, ...); the noise depends only on
+    For each σ > 0, ``samples`` noise draws per image of ``x`` (N, ...); the noise depends only on
     ``seed``, σ's position and the draw (common random numbers across models). Returns
     ``(accuracy per σ, standard error per σ)``; the standard error is over images (the mean
     over draws of each image's correctness, std / √N), so draws of one image are not
@@ -373,14 +414,15 @@ def noisy_accuracy(
     for k, s in enumerate(sigmas):
         gen = torch.Generator().manual_seed(seed * 1000 + k)
         per_image = torch.zeros(x.shape[0], dtype=torch.float64)
-        for _ in range(samples):
+        draws = 1 if s == 0 else samples  # no noise: every draw is the same
+        for _ in range(draws):
             noise = torch.randn(x.shape, generator=gen, dtype=x.dtype)
             for a in range(0, x.shape[0], batch_size):
                 xb = (x[a : a + batch_size] + s * noise[a : a + batch_size]).clamp(0, 1)
                 per_image[a : a + batch_size] += (
                     model(xb).argmax(1) == y[a : a + batch_size]
                 ).double()
-        per_image /= samples
+        per_image /= draws
         accs.append(float(per_image.mean()))
         ses.append(float(per_image.std() / math.sqrt(x.shape[0])))
     return accs, ses
@@ -394,9 +436,8 @@ def robustness_area(sigmas: Sequence[float], accuracies: Sequence[float]) -> flo
 
 
 def _slug(method: Method, settings: TrainSettings) -> str:
-    text = (
-        f"{method.kind}_c{method.copies}_l{method.lam:g}_r{method.reg_images}_i{method.relu_index}"
-    )
+    text = f"{method.kind}_c{method.copies}_l{method.lam:g}_r{method.reg_images}"
+    text += f"_i{method.relu_index}{'_clip' if method.clipped else ''}"
     text += f"_e{settings.epochs}_b{settings.batch_size}_lr{settings.lr:g}_s{settings.seed}"
     text += f"_sig{settings.sigma:g}"
     return re.sub(r"[^A-Za-z0-9_.-]", "", text.replace("-", "m"))
