@@ -38,6 +38,7 @@ import math
 import os
 import re
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -246,7 +247,11 @@ def expected_logits_first_relu(
     hidden_sigma = _hidden_variances(first, in_var).reshape(z.shape).sqrt()
     y0 = torch.relu(z)
     mean_relu = K.relu_mean(hidden_mean, hidden_sigma)
-    logits, shift = torch.func.jvp(rest, (y0,), (mean_relu - y0,))
+    with warnings.catch_warnings():
+        # torch's first forward-AD call scripts decompositions with the deprecated
+        # torch.jit.script (torch-internal DeprecationWarning, not actionable here).
+        warnings.filterwarnings("ignore", message=".*torch.jit.script", category=DeprecationWarning)
+        logits, shift = torch.func.jvp(rest, (y0,), (mean_relu - y0,))
     return logits, logits + shift
 
 
