@@ -301,3 +301,18 @@ def test_copies_to_match() -> None:
     assert copies_to_match(rows, 0.41) == "between 1 and 3"
     assert copies_to_match(rows, 0.39) == "≤ 1"
     assert copies_to_match(rows, 0.46).startswith("> 21")
+
+
+def test_nm_bench_regularizer_smoke(monkeypatch, tmp_path) -> None:
+    import torchbridge.experiments.bench_robust as bench
+    from torchbridge.cli import main
+
+    data = tiny_mnist(n=40, classes=3)
+    monkeypatch.setattr(bench, "trained_lenet", lambda progress=True: tiny_net())
+    monkeypatch.setattr(bench, "mnist", lambda: data)
+    out = tmp_path / "out"
+    rc = main(["bench", "regularizer", "--batch-size", "4", "--repeats", "1", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "bench_regularizer.json").read_text())
+    assert len(res["rows"]) == 6 and all(r["seconds"] > 0 for r in res["rows"])
+    assert res["rows"][0]["per_image_vs_plain"] == 1.0

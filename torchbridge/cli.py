@@ -25,6 +25,7 @@ BENCH_MODULES = (
     "torchbridge.experiments.bench_kernels",
     "torchbridge.experiments.bench_moments",
     "torchbridge.experiments.bench_attacks",
+    "torchbridge.experiments.bench_robust",
 )
 
 
