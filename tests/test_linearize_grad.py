@@ -151,3 +151,32 @@ def test_lenet_gradient_matches_finite_differences(relu_index: int) -> None:
     errors = fd_relative_errors(net, x0, relu_index, sigma=0.05, directions=3)
     print(f"LeNet relu_index={relu_index}: FD vs autograd relative errors {errors}")
     assert max(errors) < 1e-5, errors
+
+
+def _fallback_net() -> nn.Sequential:
+    """B of ReLU 0 needs the torch.func fallback (unbatched Conv2d input after Unflatten)."""
+    torch.manual_seed(6)
+    return nn.Sequential(
+        nn.Linear(5, 16),
+        nn.ReLU(),
+        nn.Unflatten(1, (4, 4)),
+        nn.Conv2d(1, 2, 3),
+        nn.Flatten(0),
+        nn.Linear(8, 3),
+    ).double()
+
+
+@pytest.mark.parametrize("case", ["fallback", "chunked"])
+def test_gradcheck_fallback_and_chunked_paths(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchbridge.linearize as lin
+
+    if case == "fallback":
+        net = _fallback_net().eval()
+        x0 = torch.rand(5, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    else:  # identity pushed through in chunks of a few columns (forward mode, ReLU 0)
+        monkeypatch.setattr(lin, "_CHUNK_ELEMENTS", 2**8)
+        net = _small_conv_net()
+        x0 = torch.rand(1, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    params = tuple(p.detach().clone().requires_grad_(True) for p in net.parameters())
+    fn = _moments_fn(net, x0, 0, full=False)
+    assert torch.autograd.gradcheck(fn, params, eps=1e-6, atol=1e-7, rtol=1e-5)
