@@ -264,9 +264,10 @@ def linearized_output_moments(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Output mean ``(b, d)`` and covariance ``(b, d, d)`` of g_i(x_i + n), n ~ N(0, σ² I), g_i
     the two-stage linearization of ``model`` at x_i (exact method), differentiable w.r.t. the
-    model's parameters. One linearization per image (about 1.5 s for LeNet at the last ReLU,
-    float32, 1 thread, forward and backward). ``clipped``: input N(mean, diag(var)) of
-    clip(x_i + n, 0, 1) (:func:`clipped_noise_moments`) instead of N(x_i, σ² I)."""
+    model's parameters. One linearization per image (about 4 s for LeNet at the last ReLU,
+    float32, 1 thread, with the covariance and backward: ``nm bench regularizer``).
+    ``clipped``: input N(mean, diag(var)) of clip(x_i + n, 0, 1)
+    (:func:`clipped_noise_moments`) instead of N(x_i, σ² I)."""
     means, covs = [], []
     for xi in x:
         g = two_stage_linearize(model, xi, relu_index, create_graph=True)
