@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "torchbridge.experiments.tightness",
     "torchbridge.experiments.attack_figures",
     "torchbridge.experiments.targeted_pairs",
+    "torchbridge.experiments.robust",
 )
 #: Modules that contribute `nm bench ...` subcommands.
 BENCH_MODULES = (
@@ -25,6 +26,7 @@ BENCH_MODULES = (
     "torchbridge.experiments.bench_moments",
     "torchbridge.experiments.bench_attacks",
     "torchbridge.experiments.bench_propagate",
+    "torchbridge.experiments.bench_robust",
 )
 
 

@@ -26,6 +26,7 @@ mode) takes 41 s for A alone at relu_index 2.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 
@@ -238,12 +239,22 @@ def _identity_chunk(start: int, stop: int, size: int, like: torch.Tensor) -> tor
     return eye
 
 
+def _grad_mode(create_graph: bool) -> contextlib.AbstractContextManager:
+    """Autograd on (the result stays differentiable w.r.t. the parameters) or off."""
+    return torch.enable_grad() if create_graph else torch.no_grad()
+
+
 def _jacobian_functorch(
-    seq: nn.Sequential, x: torch.Tensor, in_shape: tuple[int, ...]
+    seq: nn.Sequential, x: torch.Tensor, in_shape: tuple[int, ...], create_graph: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fallback Jacobian via ``torch.func`` (vmap of JVPs / VJPs) for unusual layer shapes."""
+    """Fallback Jacobian via ``torch.func`` (vmap of JVPs / VJPs) for unusual layer shapes.
+
+    torch.func transforms compose with ordinary autograd, so with ``create_graph`` the
+    Jacobian keeps its graph back to the parameters ``seq`` closes over.
+    """
+    keep = (lambda t: t) if create_graph else (lambda t: t.detach())
     fn = _flat_fn(seq, in_shape)
-    with torch.no_grad():
+    with _grad_mode(create_graph):
         value = fn(x)
     m, k = x.numel(), value.numel()
     chunk = max(1, _CHUNK_ELEMENTS // _max_activation(seq, x.reshape(1, *in_shape)))
@@ -262,7 +273,7 @@ def _jacobian_functorch(
             )
             for start in range(0, m, chunk):
                 stop = min(m, start + chunk)
-                pieces.append(batched(_identity_chunk(start, stop, m, x)).detach())
+                pieces.append(keep(batched(_identity_chunk(start, stop, m, x))))
         jac = torch.cat(pieces, dim=0).T.contiguous()
     else:  # reverse mode: one VJP per output coordinate, batched with vmap
         _, vjp_fn = torch.func.vjp(fn, x)
@@ -273,9 +284,9 @@ def _jacobian_functorch(
         batched = torch.func.vmap(vjp_row)
         for start in range(0, k, chunk):
             stop = min(k, start + chunk)
-            pieces.append(batched(_identity_chunk(start, stop, k, value)).detach())
+            pieces.append(keep(batched(_identity_chunk(start, stop, k, value))))
         jac = torch.cat(pieces, dim=0)
-    return jac, value.detach()
+    return jac, keep(value)
 
 
 # A frozen linear op maps a batch ``v`` of shape ``(N, *per-sample in)`` to ``(N, *per-sample
@@ -289,22 +300,28 @@ _BATCHED_NDIM: tuple[tuple[tuple[type[nn.Module], ...], int], ...] = (
 )
 
 
-def _frozen_op(layer: nn.Module, x_in: torch.Tensor, x_out: torch.Tensor) -> _FrozenOp | None:
+def _frozen_op(
+    layer: nn.Module, x_in: torch.Tensor, x_out: torch.Tensor, create_graph: bool = False
+) -> _FrozenOp | None:
     """The Jacobian of ``layer`` at ``x_in`` as a batched linear op (None: use the fallback).
 
     ReLU masks and max-pool argmax indices are frozen at ``x_in``; conv/linear drop their bias;
     BatchNorm (eval) keeps only its per-channel scale. Same subgradient conventions as
-    autograd: ReLU'(0) = 0 and max-pool routes to the index the kernel returns.
+    autograd: ReLU'(0) = 0 and max-pool routes to the index the kernel returns. With
+    ``create_graph`` the weights and scales are used as they are (not detached), so the op's
+    output is differentiable w.r.t. them; masks and indices are piecewise constant in the
+    parameters (zero derivative almost everywhere) and stay frozen either way.
     """
+    keep = (lambda t: t) if create_graph else (lambda t: t.detach())
     for types, ndim in _BATCHED_NDIM:
         if isinstance(layer, types) and x_in.ndim != ndim:
             return None
     out_shape = tuple(x_out.shape[1:])
     if isinstance(layer, nn.Linear):
-        weight = layer.weight.detach()
+        weight = keep(layer.weight)
         return lambda v, inplace: functional.linear(v, weight)
     if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
-        conv, kernel = layer, layer.weight.detach()
+        conv, kernel = layer, keep(layer.weight)
         return lambda v, inplace: conv._conv_forward(v, kernel, None)
     if isinstance(layer, nn.ReLU):
         dead = x_in <= 0  # threshold_backward: zero gradient where x <= 0
@@ -340,7 +357,7 @@ def _frozen_op(layer: nn.Module, x_in: torch.Tensor, x_out: torch.Tensor) -> _Fr
         scale = torch.rsqrt(layer.running_var + layer.eps)
         if layer.weight is not None:
             scale = layer.weight * scale
-        scale = scale.detach().reshape(1, -1, *([1] * (x_in.ndim - 2)))
+        scale = keep(scale).reshape(1, -1, *([1] * (x_in.ndim - 2)))
 
         def bn_op(v: torch.Tensor, inplace: bool) -> torch.Tensor:
             return v.mul_(scale) if inplace else v * scale
@@ -357,7 +374,7 @@ def _frozen_op(layer: nn.Module, x_in: torch.Tensor, x_out: torch.Tensor) -> _Fr
 
 
 def _frozen_ops(
-    seq: nn.Sequential, x: torch.Tensor
+    seq: nn.Sequential, x: torch.Tensor, create_graph: bool = False
 ) -> tuple[list[_FrozenOp] | None, torch.Tensor, int]:
     """Forward pass at ``x`` (batch of 1) recording each layer's frozen linear op.
 
@@ -371,7 +388,7 @@ def _frozen_ops(
         largest = max(largest, y.numel())
         if ops is not None:
             batched = x.ndim >= 1 and y.ndim >= 1 and x.shape[0] == 1 and y.shape[0] == 1
-            op = _frozen_op(layer, x, y) if batched else None
+            op = _frozen_op(layer, x, y, create_graph) if batched else None
             ops = None if op is None else [*ops, op]
         x = y
     return ops, x, largest
@@ -384,34 +401,37 @@ def _apply_ops(ops: list[_FrozenOp], v: torch.Tensor, inplace: bool) -> torch.Te
 
 
 def _jacobian(
-    seq: nn.Sequential, x: torch.Tensor, in_shape: tuple[int, ...]
+    seq: nn.Sequential, x: torch.Tensor, in_shape: tuple[int, ...], create_graph: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Jacobian ``(k, m)`` and value ``(k,)`` of the flattened ``seq`` at the flat point ``x``.
 
     The network is piecewise linear, so its Jacobian at ``x`` is the linear map obtained by
     freezing ReLU masks / max-pool indices and dropping biases; it is applied to a chunked
     identity batch (forward mode, ``m <= k``) or transposed by one batched backward pass
-    (reverse mode).
+    (reverse mode). With ``create_graph`` both results keep their autograd graph to the
+    parameters of ``seq`` (reverse mode then differentiates twice: double backward); without
+    it nothing is recorded and the forward mode works in place.
     """
-    with torch.no_grad():
-        ops, out, largest = _frozen_ops(seq, x.reshape(1, *in_shape))
+    with _grad_mode(create_graph):
+        ops, out, largest = _frozen_ops(seq, x.reshape(1, *in_shape), create_graph)
     if ops is None:
-        return _jacobian_functorch(seq, x, in_shape)
+        return _jacobian_functorch(seq, x, in_shape, create_graph)
     value = out.reshape(-1)
     m, k = x.numel(), value.numel()
     chunk = max(1, _CHUNK_ELEMENTS // largest)
+    inplace = not create_graph
     if m <= k:  # forward mode: push identity columns through the frozen linear map
-        with torch.no_grad():
+        with _grad_mode(create_graph):
             if chunk >= m:  # one batch (the fastest: oneDNN convolutions like big batches)
                 eye = torch.eye(m, dtype=x.dtype, device=x.device).reshape(m, *in_shape)
-                jac_t = _apply_ops(ops, eye, inplace=True).reshape(m, k)
+                jac_t = _apply_ops(ops, eye, inplace).reshape(m, k)
             else:
-                jac_t = torch.empty(m, k, dtype=value.dtype, device=value.device)
+                pieces = []
                 for start in range(0, m, chunk):
                     stop = min(m, start + chunk)
                     eye = _identity_chunk(start, stop, m, x).reshape(stop - start, *in_shape)
-                    piece = _apply_ops(ops, eye, inplace=True)
-                    jac_t[start:stop] = piece.reshape(stop - start, k)
+                    pieces.append(_apply_ops(ops, eye, inplace).reshape(stop - start, k))
+                jac_t = torch.cat(pieces, dim=0)
         return jac_t.T.contiguous(), value
     # reverse mode: backpropagate identity rows through the frozen linear map
     pieces = []
@@ -421,14 +441,16 @@ def _jacobian(
         z.requires_grad_(True)
         with torch.enable_grad():
             y = _apply_ops(ops, z, inplace=False).reshape(stop - start, k)
-            (grad,) = torch.autograd.grad(y, z, _identity_chunk(start, stop, k, value))
+            (grad,) = torch.autograd.grad(
+                y, z, _identity_chunk(start, stop, k, value), create_graph=create_graph
+            )
         pieces.append(grad.reshape(stop - start, m))
     jac = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
     return jac, value
 
 
 def two_stage_linearize(
-    model: nn.Sequential, x0: torch.Tensor, relu_index: int = -1
+    model: nn.Sequential, x0: torch.Tensor, relu_index: int = -1, *, create_graph: bool = False
 ) -> AffineReLUAffine:
     """Two-stage linearization of ``model`` around ``x0`` at its ``relu_index``-th ReLU.
 
@@ -443,6 +465,10 @@ def two_stage_linearize(
             size 1 is taken as the batch dimension (the flattened input is the same either way).
         relu_index: index into :func:`relu_layers` (negative counts from the end). The
             default -1 (last ReLU) is the paper's choice: l = 3 for LeNet, l = 7 for AlexNet.
+        create_graph: build A, c1, B, c2 differentiably w.r.t. the model's parameters (for
+            moment-regularized training: gradients of ``.moments(...)`` reach the weights;
+            the reverse-mode Jacobian is then differentiated twice). The default False
+            records no graph, as fast as before; ``x0`` is a constant either way.
 
     Returns:
         ``AffineReLUAffine(A, c1, B, c2)`` with ``A`` (q, n), ``c1`` (q,), ``B`` (d, q),
@@ -464,12 +490,13 @@ def two_stage_linearize(
     before = nn.Sequential(*[m for _, m in leaves[:pos]])
     after = nn.Sequential(*[m for _, m in leaves[pos + 1 :]])
 
-    A, pre = _jacobian(before, x, shape)
+    A, pre = _jacobian(before, x, shape, create_graph)
     with torch.no_grad():
         pre_shape = tuple(before(x.reshape(1, *shape)).shape[1:])
+    with _grad_mode(create_graph):
         c1 = pre - A @ x
         y0 = torch.relu(pre)
-    B, out = _jacobian(after, y0, pre_shape)
-    with torch.no_grad():
+    B, out = _jacobian(after, y0, pre_shape, create_graph)
+    with _grad_mode(create_graph):
         c2 = out - B @ y0
     return AffineReLUAffine(A, c1, B, c2)
