@@ -45,6 +45,7 @@ from torchbridge.experiments.common import (
     write_json,
     write_markdown,
 )
+from torchbridge.experiments.records import RecordStore
 from torchbridge.linearize import relu_layers, two_stage_linearize
 from torchbridge.models import trained_lenet
 from torchbridge.montecarlo import monte_carlo_moments
@@ -231,6 +232,7 @@ def tightness_records(
     terms: int = 5,
     dtype: torch.dtype | None = torch.float64,
     desc: str = "tightness",
+    store: RecordStore | None = None,
 ) -> list[dict]:
     """One record per (image, σ): analytic (linearized at the image) and MC moments.
 
@@ -238,7 +240,9 @@ def tightness_records(
     Each record has keys image, sigma, mean, var{method}, mc_mean, mc_var (and mc2_* for the
     self-noise: every image when ``mc_noise`` is True, the first ``mc_noise`` images when it is
     an int), and timings ``t_lin``, ``t_moments{method}``, ``t_mc``.
-    The analytic moments are computed in ``dtype`` (see :func:`as_dtype`).
+    The analytic moments are computed in ``dtype`` (see :func:`as_dtype`). With a ``store``
+    each record is saved as soon as it is computed, and records already in it (keyed by
+    image and σ) are reused, not recomputed.
     """
     from tqdm.auto import tqdm
 
@@ -246,11 +250,20 @@ def tightness_records(
     records = []
     bar = tqdm(total=len(images) * len(sigmas), desc=desc)
     for i, x in enumerate(images):
+        done = {s: store.get(i, s) for s in sigmas} if store is not None else {}
+        if all(done.get(s) is not None for s in sigmas):
+            records += [done[s] for s in sigmas]
+            bar.update(len(sigmas))
+            continue
         t = time.perf_counter()
         g = as_dtype(two_stage_linearize(model, x, relu_index), dtype)
         t_lin = time.perf_counter() - t
         base = random_spd_cov(n, 1.0, seed_for(seed, i))
         for sigma in sigmas:
+            if done.get(sigma) is not None:
+                records.append(done[sigma])
+                bar.update(1)
+                continue
             cov = base * sigma**2
             mean, var, secs = analytic_moments(g, x, cov.to(x.device), methods, terms)
             seed_i = mc_seed(seed, i, sigma)
@@ -271,6 +284,8 @@ def tightness_records(
                 rec["mc2_mean"], rec["mc2_var"] = mc_moments(
                     model, x, cov.to(x.device), samples, seed_i + MC_NOISE_OFFSET
                 )
+            if store is not None:
+                store.add(rec)
             records.append(rec)
             bar.update(1)
     bar.close()
@@ -416,6 +431,18 @@ def run_table1(args: argparse.Namespace) -> dict:
 
 
 # --------------------------------------------------------------------------- table 2
+def _settings(args: argparse.Namespace, methods: Sequence[str]) -> dict:
+    """What a Table 2 / Table 4 record depends on besides (image, σ): checked on reuse."""
+    return {
+        "samples": args.samples,
+        "seed": args.seed,
+        "relu_index": args.relu_index,
+        "methods": list(methods),
+        "terms": 5,
+        "analytic_dtype": "float64",
+    }
+
+
 def run_table2(args: argparse.Namespace) -> dict:
     """Tightness of mean / old / new / exact variance on LeNet at l = 3 (Table 2)."""
     model, test_x, _ = _setup(args)
@@ -431,6 +458,7 @@ def run_table2(args: argparse.Namespace) -> dict:
         relu_index=args.relu_index,
         mc_noise=True if args.mc_noise_images is None else args.mc_noise_images,
         desc="table2",
+        store=RecordStore(args.records, _settings(args, methods), ("image", "sigma")),
     )
     keys = ["mean"] + [m for m in METHODS if m in methods] + ["mc_mean", "mc_var"]
     rows, summary = tightness_rows(recs, args.sigmas, keys)
@@ -813,6 +841,15 @@ def add_parser(subparsers) -> None:
         default=None,
         help="run the second Monte Carlo (other seed, for the MC self-noise columns) on the "
         "first N images only (default: every image; it doubles the Monte Carlo time)",
+    )
+    p.add_argument(
+        "--records",
+        type=Path,
+        default=None,
+        help="JSON-lines checkpoint (default: none): every (image, σ) record is appended as "
+        "soon as it is computed, records already there are reused; a run cut by a timeout "
+        "resumes, and the table of what finished is re-rendered by rerunning with --images "
+        "set to the images done",
     )
     p.set_defaults(func=run_table2)
 
