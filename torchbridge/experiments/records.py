@@ -74,6 +74,18 @@ class RecordStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps({"settings": self.settings}) + "\n")
 
+    @staticmethod
+    def read(path: Path | str) -> tuple[dict, list[dict]]:
+        """(settings, records) of a record file, read only."""
+        lines = Path(path).read_text().splitlines()
+        recs = []
+        for line in lines[1:]:
+            try:
+                recs.append(_from_json(json.loads(line)))
+            except json.JSONDecodeError:
+                continue
+        return json.loads(lines[0])["settings"], recs
+
     def key(self, rec: dict) -> tuple:
         return tuple(rec[f] for f in self.key_fields)
 
