@@ -181,9 +181,15 @@ def check_full_covariance(cov: torch.Tensor, check_psd: bool = True, name: str =
         )
     if not check_psd:
         return
+    zero_diag = (diag == 0).all(-1)  # PSD with a zero diagonal means the zero matrix
+    if bool((zero_diag & (c != 0).flatten(-2).any(-1)).any()):
+        raise ValueError(
+            f"{name} is not positive semi-definite: its diagonal is zero but not all its entries"
+        )
     tol = PSD_TOL * n * eps * top
     eye = torch.eye(n, dtype=c.dtype, device=c.device)
-    _, info = torch.linalg.cholesky_ex(c + tol * eye)
+    # zero matrices (PSD) get the identity: the tolerance would be subnormal there
+    _, info = torch.linalg.cholesky_ex(torch.where(zero_diag[..., None, None], eye, c + tol * eye))
     if bool((info != 0).any()):
         lam = torch.linalg.eigvalsh(c).amin(-1)
         rel = (lam / top[..., 0, 0]).amin()
