@@ -207,6 +207,10 @@ def test_dtype_and_empty_inputs_are_named() -> None:
         AffineReLUAffine(
             torch.ones(2, 2), torch.zeros(2), torch.ones(1, 2), torch.zeros(1)
         ).moments(torch.zeros(2), 1e300)
+    with pytest.raises(ValueError, match=r"cov = 1e-50 underflows torch.float32"):
+        AffineReLUAffine(
+            torch.ones(2, 2), torch.zeros(2), torch.ones(1, 2), torch.zeros(1)
+        ).moments(torch.zeros(2), 1e-50)
 
 
 def test_relu_moments_broadcasts_batch_shapes() -> None:

@@ -237,6 +237,8 @@ def read_covariance(
         value = torch.tensor(float(cov), dtype=torch.float64).to(like.dtype).to(like.device)
         if not bool(torch.isfinite(value)):
             raise ValueError(f"cov = {cov!r} is not finite in {like.dtype}")
+        if cov != 0 and abs(float(value)) < torch.finfo(like.dtype).tiny:
+            raise ValueError(f"cov = {cov!r} underflows {like.dtype} (use float64)")
         cov = value
     else:
         cov = require_tensor(cov, "cov")
