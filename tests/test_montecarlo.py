@@ -232,6 +232,10 @@ def test_cov_kind_states_the_reading() -> None:
         monte_carlo_moments(fn, mu, 0.1, cov_kind="diag")
     with pytest.raises(ValueError, match="cov_kind must be one of"):
         monte_carlo_moments(fn, mu, 0.1, cov_kind="diagonal")
+    with pytest.raises(ValueError, match=r"batch shape \(2,\).*one covariance"):
+        monte_carlo_moments(fn, mu, torch.ones(2, N_IN, dtype=torch.float64), cov_kind="diag")
+    with pytest.raises(ValueError, match=r"batch shape \(3,\).*one covariance"):
+        monte_carlo_moments(fn, mu, torch.ones(3, dtype=torch.float64), cov_kind="iso")
 
 
 def test_inputs_are_not_mutated() -> None:

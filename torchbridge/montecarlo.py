@@ -33,6 +33,11 @@ def _noise_factor(
     else:
         like = torch.empty((), dtype=torch.float64, device=mean.device)
     icov = read_covariance(cov, n, (), like, cov_kind)
+    if icov.batch_shape != ():
+        raise ValueError(
+            f"cov has batch shape {tuple(icov.batch_shape)} (cov_kind={icov.kind!r}); "
+            "monte_carlo_moments takes one covariance for its one mean"
+        )
     value = icov.value.to(device=mean.device, dtype=torch.float64)
     if icov.kind == "iso":
         return "iso", value.sqrt()
