@@ -194,7 +194,7 @@ def relu_moments(
     _validate(mean, cov, check_psd)
     p = mean.shape[-1]
     batch = torch.broadcast_shapes(mean.shape[:-1], cov.shape[:-2])
-    mean, cov = mean.expand(*batch, p), cov.expand(*batch, p, p)  # views: nothing is copied
+    mean, cov = mean.expand(*batch, p), cov.expand(*batch, p, p)  # views, never written to
     up = mean.new_zeros(*mean.shape[:-1], p * p)
     rmean = None
     for rm, i, j, c in relu_pair_covariances(mean, cov, method, terms, chunk):
