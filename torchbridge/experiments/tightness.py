@@ -234,8 +234,10 @@ def summarize(records: Sequence[dict]) -> dict[str, ErStats]:
 
 
 def pm(v: tuple[float, float]) -> str:
-    """'a ± b' with 3 decimals (first two entries of ``v``: mean ± SE for :class:`ErStats`)."""
-    return f"{v[0]:.3f} ± {v[1]:.3f}"
+    """'a ± b' with 3 decimals (first two entries of ``v``: mean ± SE for :class:`ErStats`);
+    a b below 0.0005 gets one significant digit instead of rounding to 0.000."""
+    b = f"{v[1]:.1g}" if 0 < abs(v[1]) < 5e-4 else f"{v[1]:.3f}"
+    return f"{v[0]:.3f} ± {b}"
 
 
 def seed_for(seed: int, image: int, sigma_index: int = 0) -> int:
