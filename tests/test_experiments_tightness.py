@@ -117,11 +117,14 @@ def test_table2_and_table3(stand_ins, tmp_path):
     for ext in ("json", "md", "png"):
         assert (tmp_path / f"table2.{ext}").is_file()
     s = out["summary"]["0.05"]
-    for k, (m, sd) in s.items():
-        assert 0 <= m <= 2 and sd >= 0, k
-    assert s["mc_mean"][0] < 0.2  # two MC runs agree
+    for k, st in s.items():
+        assert 0 <= st["mean"] <= 2 and st["se"] >= 0 and st["spread"] >= 0, k
+        assert st["images"] == 2, k
+    assert s["mc_mean"]["mean"] < 0.2  # two MC runs agree
     if HAVE_EXACT:
-        assert s["exact"][0] < 0.3
+        assert s["exact"]["mean"] < 0.3
+    md = (tmp_path / "table2.md").read_text()
+    assert "Thm 2 with the mean ignored" in md and "standard error" in md and "≈0.19" in md
     # table3 from the stored records and from scratch
     out3 = run(["table3", "--reuse", str(tmp_path / "table2.json"), "--out", str(tmp_path)])
     assert set(out3["variances"]) == {"0.05", "0.1"}
@@ -177,7 +180,7 @@ def test_table4_outputs(stand_ins, tmp_path):
         assert (tmp_path / f"table4.{ext}").is_file()
     s = out["summary"]["0.1"]
     # k = pool: every image is its own centre, so the mean error is the MC noise only
-    assert s["20"]["mean"][0] <= s["2"]["mean"][0] + 1e-12
+    assert s["20"]["mean"]["mean"] <= s["2"]["mean"]["mean"] + 1e-12
 
 
 def test_kmeans_points_farthest():
@@ -208,3 +211,89 @@ def test_layers_and_bench(stand_ins, tmp_path):
     )
     assert b["median"]["ratio_reused"] > 0 and (tmp_path / "bench_moments.json").is_file()
     assert b["median"]["max_rel_diff_vs_float64"] < 1e-3
+
+
+def _rec(image: int, mean: list[float], mc_mean: list[float]) -> dict:
+    return {
+        "image": image,
+        "sigma": 0.1,
+        "mean": np.array(mean),
+        "mc_mean": np.array(mc_mean),
+        "var": {},
+        "mc_var": np.ones(2),
+    }
+
+
+def test_summarize_mean_standard_error_and_spread_by_hand():
+    """E_r per (image, output) = 0, 1 | 1, 1 | 0, 0 (E_r(3, 1) = 2·2/4 = 1, E_r(1, 1) = 0):
+    image means 0.5, 1, 0 -> mean 0.5, SE = std([0.5, 1, 0], ddof=1)/√3 = 0.5/√3, spread =
+    population std of the six values = 0.5."""
+    recs = [
+        _rec(0, [1.0, 3.0], [1.0, 1.0]),
+        _rec(1, [3.0, 1.5], [1.0, 0.5]),
+        _rec(2, [2.0, 5.0], [2.0, 5.0]),
+    ]
+    st = tightness.summarize(recs)["mean"]
+    assert st.images == 3
+    assert st.mean == pytest.approx(0.5, rel=1e-15)
+    assert st.se == pytest.approx(0.5 / 3**0.5, rel=1e-15)
+    assert st.spread == pytest.approx(0.5, rel=1e-15)
+    one = tightness.summarize(recs[:1])["mean"]
+    assert one.se == 0.0 and one.mean == 0.5
+
+
+def test_table2_records_resume_without_recomputing(stand_ins, tmp_path, monkeypatch):
+    argv = ["table2", "--images", "2", "--sigmas", "0.1", "--samples", "300"]
+    argv += ["--records", str(tmp_path / "r.jsonl"), "--out", str(tmp_path)]
+    first = run(argv)
+    calls = []
+    monkeypatch.setattr(tightness, "mc_moments", lambda *a, **k: calls.append(a))
+    again = run(argv)
+    assert calls == [] and again["summary"] == first["summary"]
+    other = [a if a != "300" else "301" for a in argv]  # other settings, same file
+    with pytest.raises(SystemExit, match="settings"):
+        run(other)
+
+
+def test_table4_reuses_table2_monte_carlo_identically(stand_ins, tmp_path):
+    """mc_seed is keyed by (image, σ value): Table 4 computing its own Monte Carlo and Table 4
+    reusing Table 2's records give the same numbers."""
+    rec = tmp_path / "t2.jsonl"
+    run(
+        [
+            "table2",
+            "--images",
+            "2",
+            "--sigmas",
+            "0.05,0.1",
+            "--samples",
+            "300",
+            "--records",
+            str(rec),
+            "--mc-noise-images",
+            "0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    common = [
+        "table4",
+        "--images",
+        "2",
+        "--pool",
+        "10",
+        "--ks",
+        "2,10",
+        "--farthest",
+        "2",
+        "--sigmas",
+        "0.1",
+        "--samples",
+        "300",
+    ]
+    own = run([*common, "--out", str(tmp_path / "own")])
+    reused = run([*common, "--mc-records", str(rec), "--out", str(tmp_path / "reused")])
+    assert own["summary"] == reused["summary"]
+    assert "reused from" in (tmp_path / "reused" / "table4.md").read_text()
+    with pytest.raises(SystemExit, match="samples=300"):
+        run([*common[:-1], "400", "--mc-records", str(rec), "--out", str(tmp_path)])

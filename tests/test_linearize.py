@@ -237,3 +237,50 @@ def test_chunked_and_fallback_paths_match_autograd(
             torch.testing.assert_close(g.B, jac_b, rtol=0, atol=1e-12)
             want = net(x0[None]).reshape(1, -1)
             torch.testing.assert_close(g(x0.reshape(1, -1)), want, rtol=0, atol=1e-10)
+
+
+def test_x0_is_not_mutated_by_in_place_layers() -> None:
+    """ReLU(inplace=True) first: x0 keeps its values and the result equals the out-of-place
+    network's (both ReLUs of the cut in place too)."""
+    torch.manual_seed(3)
+    layers = [nn.Linear(6, 5), nn.Linear(5, 4), nn.Linear(4, 2)]
+    inplace = nn.Sequential(
+        nn.ReLU(inplace=True), layers[0], nn.ReLU(inplace=True), layers[1], nn.ReLU(), layers[2]
+    ).double()
+    plain = nn.Sequential(nn.ReLU(), layers[0], nn.ReLU(), layers[1], nn.ReLU(), layers[2]).double()
+    x0 = torch.linspace(-1, 1, 6, dtype=torch.float64)
+    kept = x0.clone()
+    for relu_index in (-1, 1):
+        g = two_stage_linearize(inplace.eval(), x0, relu_index)
+        assert torch.equal(x0, kept)
+        ref = two_stage_linearize(plain.eval(), x0, relu_index)
+        for name in ("A", "c1", "B", "c2"):
+            assert torch.equal(getattr(g, name), getattr(ref, name)), name
+        with torch.no_grad():
+            assert torch.allclose(g(x0[None]), plain(x0[None]), rtol=1e-13, atol=1e-13)
+
+
+def test_error_wrong_size_x0_names_x0_and_expected_size() -> None:
+    net = nn.Sequential(nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 2)).double().eval()
+    with pytest.raises(ValueError, match=r"x0 has shape \(10,\).*x0 must have 12 elements"):
+        two_stage_linearize(net, torch.zeros(10, dtype=torch.float64))
+    flat = nn.Sequential(nn.Flatten(0), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 2)).eval()
+    with pytest.raises(ValueError, match=r"x0 has shape \(2, 5\).*x0 must have 12 elements"):
+        two_stage_linearize(flat.double(), torch.zeros(2, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"x0 has shape \(1, 10, 10\).*'7'.*expects 54 input"):
+        two_stage_linearize(_conv_net(), torch.zeros(1, 10, 10, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"x0 has shape \(2, 12, 12\).*expects 1 input channels"):
+        two_stage_linearize(_conv_net(), torch.zeros(2, 12, 12, dtype=torch.float64))
+
+
+def test_error_batchnorm_with_batch_statistics() -> None:
+    """track_running_stats=False normalizes with each batch's statistics even in eval mode:
+    not piecewise linear in the input, so it is refused (naming the layer and its path)."""
+    for bn, x0 in ((nn.BatchNorm1d(4, track_running_stats=False), torch.randn(3)),):
+        net = nn.Sequential(nn.Linear(3, 4), bn, nn.ReLU(), nn.Linear(4, 2)).eval()
+        with pytest.raises(TypeError, match=r"BatchNorm1d.*'1'.*track_running_stats=False"):
+            two_stage_linearize(net, x0)
+    bn2 = nn.BatchNorm2d(2, track_running_stats=False)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), bn2, nn.ReLU(), nn.Flatten(), nn.Linear(8, 2)).eval()
+    with pytest.raises(TypeError, match=r"BatchNorm2d.*'1'.*not piecewise linear"):
+        two_stage_linearize(net, torch.randn(1, 4, 4))

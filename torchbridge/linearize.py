@@ -94,6 +94,14 @@ def flatten_sequential(model: nn.Module) -> list[tuple[str, nn.Module]]:
                     "piecewise-linear layers (Linear, Conv, ReLU, Max/AvgPool, Flatten, "
                     "BatchNorm (eval), Dropout (eval), Identity, nested Sequential) are allowed"
                 )
+            if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)) and (
+                child.running_mean is None or child.running_var is None
+            ):
+                raise TypeError(
+                    f"unsupported layer {type(child).__name__} at index/path '{path}': "
+                    "track_running_stats=False normalizes with the statistics of each batch, "
+                    "which is not piecewise linear in the input (even in eval mode)"
+                )
             if isinstance(child, (nn.MaxPool1d, nn.MaxPool2d)) and child.return_indices:
                 raise TypeError(
                     f"unsupported layer {type(child).__name__} at index/path '{path}': "
@@ -214,6 +222,44 @@ def _sample_shape(x0: torch.Tensor, leaves: list[tuple[str, nn.Module]]) -> tupl
             f"{k} dimension(s) (optionally with a leading batch dimension of size 1)"
         )
     return tuple(x0.shape[1:]) if batched else tuple(x0.shape)
+
+
+def _expected_input(layer: nn.Module) -> str:
+    """What ``layer`` needs of its per-sample input, in words ("" if nothing simple)."""
+    if isinstance(layer, nn.Linear):
+        return f"{layer.in_features} input features"
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+        return f"{layer.in_channels} input channels"
+    if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return f"{layer.num_features} features"
+    return ""
+
+
+def _check_input_fits(
+    leaves: list[tuple[str, nn.Module]], x0: torch.Tensor, shape: tuple[int, ...]
+) -> None:
+    """ValueError naming x0 and the size the failing layer expects if the model cannot take
+    one input of per-sample ``shape`` (one forward pass on zeros, layer by layer)."""
+    dtype, device = _model_dtype_device(nn.Sequential(*[m for _, m in leaves]), x0)
+    x = torch.zeros(1, *shape, dtype=dtype, device=device)
+    numel_kept = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout)
+    with torch.no_grad():
+        for idx, (path, layer) in enumerate(leaves):
+            try:
+                x = layer(x)
+            except RuntimeError as err:
+                want = _expected_input(layer)
+                direct = isinstance(layer, nn.Linear) and all(
+                    isinstance(m, numel_kept) for _, m in leaves[:idx]
+                )
+                raise ValueError(
+                    f"x0 has shape {tuple(x0.shape)} ({int(x0.numel())} elements) and does not "
+                    f"fit the model"
+                    + (f": x0 must have {layer.in_features} elements" if direct else "")
+                    + f"; layer {type(layer).__name__} at index/path '{path}' "
+                    + (f"expects {want} but " if want else "")
+                    + f"receives a per-sample input of shape {tuple(x.shape[1:])} ({err})"
+                ) from None
 
 
 def _flat_fn(seq: nn.Sequential, shape: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -483,20 +529,23 @@ def two_stage_linearize(
         raise TypeError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
     shape = _sample_shape(x0, leaves)
     dtype, device = _model_dtype_device(model, x0)
-    x = x0.detach().to(dtype=dtype, device=device).reshape(-1)
+    # a copy: layers such as ReLU(inplace=True) would otherwise overwrite the caller's x0
+    x = x0.detach().to(dtype=dtype, device=device).reshape(-1).clone()
     if not torch.isfinite(x).all():
         raise ValueError("x0 contains NaN or infinite values")
+    _check_input_fits(leaves, x0, shape)
 
     before = nn.Sequential(*[m for _, m in leaves[:pos]])
     after = nn.Sequential(*[m for _, m in leaves[pos + 1 :]])
 
-    A, pre = _jacobian(before, x, shape, create_graph)
+    # clones: in-place layers (e.g. ReLU(inplace=True)) see copies only
+    A, pre = _jacobian(before, x.clone(), shape, create_graph)
     with torch.no_grad():
-        pre_shape = tuple(before(x.reshape(1, *shape)).shape[1:])
+        pre_shape = tuple(before(x.clone().reshape(1, *shape)).shape[1:])
     with _grad_mode(create_graph):
         c1 = pre - A @ x
         y0 = torch.relu(pre)
-    B, out = _jacobian(after, y0, pre_shape, create_graph)
+    B, out = _jacobian(after, y0.clone(), pre_shape, create_graph)
     with _grad_mode(create_graph):
         c2 = out - B @ y0
     return AffineReLUAffine(A, c1, B, c2)

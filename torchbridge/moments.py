@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 import torch
 from nmgen.generated import torch_kernels as K
 
+from torchbridge.covariance import check_full_covariance, require_tensor
+
 METHODS = ("exact", "series", "zero_mean")
 DEFAULT_CHUNK = 1 << 20
 _KERNEL_SLICE = 1 << 16  # pairs per cross-kernel call (cache-sized temporaries)
@@ -41,32 +43,36 @@ def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
 
 
 def _validate(mean: torch.Tensor, cov: torch.Tensor, check_psd: bool) -> None:
-    if mean.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"mean has dtype {mean.dtype}; use float32 or float64")
+    """Check the arguments of ``relu_moments``; TypeError / ValueError naming the bad one.
+
+    cov must be symmetric and PSD within the tolerances of ``torchbridge.covariance``
+    (``check_full_covariance``); nothing is symmetrised or cast silently.
+    """
+    require_tensor(mean, "mean")
+    require_tensor(cov, "cov")
     if cov.dtype != mean.dtype:
         raise TypeError(f"cov has dtype {cov.dtype} but mean has {mean.dtype}")
+    if cov.device != mean.device:
+        raise ValueError(f"cov is on {cov.device} but mean is on {mean.device}")
+    if mean.ndim == 0 or mean.shape[-1] == 0:
+        raise ValueError(
+            f"mean has shape {tuple(mean.shape)}: it needs a last dimension of p >= 1 variables"
+        )
     p = mean.shape[-1]
-    if cov.shape[-2:] != (p, p):
+    if cov.ndim < 2 or cov.shape[-2:] != (p, p):
         raise ValueError(f"cov must be (..., {p}, {p}) for mean (..., {p}); got {tuple(cov.shape)}")
+    try:
+        torch.broadcast_shapes(mean.shape[:-1], cov.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"the batch shapes of mean {tuple(mean.shape[:-1])} and cov {tuple(cov.shape[:-2])} "
+            "do not broadcast"
+        ) from None
     if not bool(torch.isfinite(mean.detach()).all()):
         raise ValueError("mean contains NaN or Inf")
-    c = cov.detach()
-    if not bool(torch.isfinite(c).all()):
+    if not bool(torch.isfinite(cov.detach()).all()):
         raise ValueError("cov contains NaN or Inf")
-    scale = c.diagonal(dim1=-2, dim2=-1).abs().amax(-1, keepdim=True).unsqueeze(-1) + 1e-300
-    sym_tol = 100 * torch.finfo(c.dtype).eps * scale  # rounding of e.g. A Σ Aᵀ is fine
-    if bool(((c - c.transpose(-1, -2)).abs() > sym_tol).any()):
-        raise ValueError("cov is not symmetric")
-    if bool((c.diagonal(dim1=-2, dim2=-1) < 0).any()):
-        raise ValueError("cov is not positive semi-definite: negative variance on its diagonal")
-    top = c.diagonal(dim1=-2, dim2=-1).amax().item()
-    if check_psd and top > 0:
-        # PSD within rounding: AΣAᵀ of rank < p has eigenvalues ~ −p·eps·max diag, not 0
-        tol = 10 * p * torch.finfo(c.dtype).eps * top
-        _, info = torch.linalg.cholesky_ex(c + tol * torch.eye(p, dtype=c.dtype, device=c.device))
-        if bool((info != 0).any()):
-            lam = torch.linalg.eigvalsh(c).amin().item()
-            raise ValueError(f"cov is not positive semi-definite (min eigenvalue {lam:.3e})")
+    check_full_covariance(cov, check_psd)
 
 
 def _pair_blocks_nd(p: int, chunk: int, device) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
@@ -167,15 +173,17 @@ def relu_moments(
     """Mean and covariance of relu(z), z ~ N(mean, cov).
 
     Args:
-        mean: ``batch_shape x p`` tensor, float32 or float64.
-        cov: ``batch_shape x p x p`` symmetric PSD tensor, same dtype/device.
+        mean: ``batch_shape x p`` tensor, float32 or float64, p >= 1.
+        cov: ``batch_shape x p x p`` full covariance (always read as a matrix), symmetric and
+            PSD within the tolerances of ``torchbridge.covariance``; same dtype and device.
+            The batch shapes of mean and cov broadcast.
         method: "exact" | "series" | "zero_mean" (see module docstring).
         terms: number of series terms for "series" (1, 5, 10, 20 or 50).
             With "zero_mean" the covariance (diagonal included) is Theorem 2's, computed
             as if the mean were 0; the returned mean is still Theorem 1's.
         chunk: pairs evaluated at once (memory bound).
         check_psd: also run a Cholesky PSD check (O(p³); symmetry, finiteness and the
-            diagonal are always checked).
+            diagonal are always checked). Nothing passed in is modified.
 
     Returns:
         (out_mean ``batch_shape x p``, out_cov ``batch_shape x p x p``); out_cov is exactly
@@ -185,6 +193,8 @@ def relu_moments(
     _check_method(method, terms)
     _validate(mean, cov, check_psd)
     p = mean.shape[-1]
+    batch = torch.broadcast_shapes(mean.shape[:-1], cov.shape[:-2])
+    mean, cov = mean.expand(*batch, p), cov.expand(*batch, p, p)  # views, never written to
     up = mean.new_zeros(*mean.shape[:-1], p * p)
     rmean = None
     for rm, i, j, c in relu_pair_covariances(mean, cov, method, terms, chunk):

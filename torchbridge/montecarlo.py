@@ -6,64 +6,67 @@ from collections.abc import Callable
 
 import torch
 
+from torchbridge.covariance import CovKind, read_covariance, require_tensor
+
 __all__ = ["monte_carlo_moments"]
 
 _DEFAULT_BATCH = 1000
 
 
-def _as_tensor(value: object, like: torch.Tensor, name: str) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        t = value.detach()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        t = torch.tensor(float(value))
-    else:
-        raise TypeError(f"{name} must be a number or a torch.Tensor, got {type(value).__name__}")
-    if not t.is_floating_point():
-        t = t.to(torch.float64)
-    return t.to(device=like.device, dtype=torch.float64)
+def _noise_factor(
+    cov: torch.Tensor | float, mean: torch.Tensor, cov_kind: CovKind | None
+) -> tuple[str, torch.Tensor]:
+    """Validate ``cov`` for inputs shaped like ``mean``; return ``(kind, factor)`` in float64.
 
-
-def _noise_factor(cov: torch.Tensor, mean: torch.Tensor, eps: float) -> tuple[str, torch.Tensor]:
-    """Classify ``cov`` and return ``(kind, factor)`` in float64.
-
-    kind "scalar": factor is the std (0-dim); "diag": per-coordinate stds (n,);
-    "full": a matrix L (n, n) with L L^T = cov. ``eps`` is the machine epsilon of the
-    dtype ``cov`` was given in (sets the tolerance of the symmetry and PSD checks).
+    kind "iso": factor is the std (0-dim); "diag": per-coordinate stds (n,); "full": a matrix
+    L (n, n) with L Lᵀ = cov (Cholesky; an eigendecomposition for a singular PSD cov). cov is
+    checked in its own dtype (a Python number: float64, never through float32), then the
+    factor is computed in float64.
     """
     n = mean.numel()
-    if torch.isnan(cov).any():
-        raise ValueError("cov contains NaN")
-    if not torch.isfinite(cov).all():
-        raise ValueError("cov contains infinite values")
-    if cov.numel() == 1 and cov.ndim == 0:
-        if cov < 0:
-            raise ValueError(f"isotropic variance must be >= 0, got {cov.item()}")
-        return "scalar", cov.sqrt()
-    if cov.numel() == n and (cov.ndim == 1 or cov.shape == mean.shape):
-        if (cov < 0).any():
-            raise ValueError(f"diagonal variances must be >= 0 (min {cov.min().item():.3g})")
-        return "diag", cov.reshape(-1).sqrt()
-    if cov.shape == (n, n):
-        scale = cov.abs().max().clamp_min(1e-300)
-        if not torch.allclose(cov, cov.T, rtol=0.0, atol=100 * eps * scale.item()):
-            raise ValueError("covariance matrix is not symmetric")
-        sym = 0.5 * (cov + cov.T)
-        factor, info = torch.linalg.cholesky_ex(sym)
-        if int(info) == 0:
-            return "full", factor
-        evals, evecs = torch.linalg.eigh(sym)
-        tol = 10 * n * eps * evals.abs().max().clamp_min(1e-300)
-        if evals.min() < -tol:
-            raise ValueError(
-                "covariance is not positive semi-definite "
-                f"(min eigenvalue {evals.min().item():.6g})"
-            )
-        return "full", evecs * evals.clamp_min(0).sqrt()
-    raise ValueError(
-        f"cov of shape {tuple(cov.shape)} does not match mean of shape {tuple(mean.shape)} "
-        f"(n = {n}): expected a scalar, ({n},) / {tuple(mean.shape)} diagonal variances or a "
-        f"({n}, {n}) covariance matrix"
-    )
+    if isinstance(cov, torch.Tensor):
+        require_tensor(cov, "cov")
+        cov = cov.detach()
+        if tuple(cov.shape) == tuple(mean.shape) and mean.shape != (n,) and cov_kind != "full":
+            cov = cov.reshape(n)  # variances given in the input's own shape
+        like = cov
+    else:
+        like = torch.empty((), dtype=torch.float64, device=mean.device)
+    icov = read_covariance(cov, n, (), like, cov_kind)
+    if icov.batch_shape != ():
+        raise ValueError(
+            f"cov has batch shape {tuple(icov.batch_shape)} (cov_kind={icov.kind!r}); "
+            "monte_carlo_moments takes one covariance for its one mean"
+        )
+    value = icov.value.to(device=mean.device, dtype=torch.float64)
+    if icov.kind == "iso":
+        return "iso", value.sqrt()
+    if icov.kind == "diag":
+        return "diag", value.sqrt()
+    sym = 0.5 * (value + value.T)  # rounding only: cov was checked symmetric
+    factor, info = torch.linalg.cholesky_ex(sym)
+    if int(info) == 0:
+        return "full", factor
+    evals, evecs = torch.linalg.eigh(sym)
+    return "full", evecs * evals.clamp_min(0).sqrt()
+
+
+def _factor_in(factor: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """The float64 noise factor in mean's ``dtype``; ValueError if it overflows, or if a
+    user-given standard deviation ("iso"/"diag") underflows to a subnormal or 0."""
+    out = factor.to(dtype)
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(
+            f"cov's standard deviations (up to {float(factor.abs().max()):.3e}) overflow mean's "
+            f"dtype {dtype}; use a float64 mean"
+        )
+    lost = (factor != 0) & (out.abs() < torch.finfo(dtype).tiny) & (kind != "full")
+    if bool(lost.any()):
+        raise ValueError(
+            f"cov's standard deviations (down to {float(factor[lost].abs().min()):.3e}) underflow "
+            f"mean's dtype {dtype}; use a float64 mean"
+        )
+    return out
 
 
 def monte_carlo_moments(
@@ -74,6 +77,8 @@ def monte_carlo_moments(
     seed: int = 0,
     batch_size: int | None = None,
     full: bool = False,
+    *,
+    cov_kind: CovKind | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Monte Carlo mean and variance (or covariance) of ``fn(x)`` for ``x ~ N(mean, cov)``.
 
@@ -81,22 +86,25 @@ def monte_carlo_moments(
         fn: maps a batch ``(b, *mean.shape)`` to ``(b, d)`` (extra trailing dims are flattened).
         mean: input mean, the model-input shape (e.g. ``(1, 28, 28)``) or ``(n,)``; its dtype
             (float32 or float64) and device are used for sampling and for ``fn``'s input.
-        cov: a scalar (isotropic variance), ``n`` diagonal variances (shape ``(n,)`` or
-            ``mean.shape``), or an ``(n, n)`` symmetric PSD covariance (sampled with its
-            Cholesky factor; singular PSD matrices through an eigendecomposition).
+        cov: a Python number or 0-dim tensor (isotropic variance), ``n`` diagonal variances
+            (shape ``(n,)`` or ``mean.shape``), or an ``(n, n)`` symmetric PSD covariance
+            (sampled with its Cholesky factor; singular PSD matrices through an
+            eigendecomposition); any float dtype, validated in its own dtype as in
+            ``torchbridge.covariance`` and sampled with a factor computed in float64.
         samples: number of samples (>= 2); seed: seeds a ``torch.Generator`` on mean's device.
         batch_size: samples per call of ``fn`` (default ``min(samples, 1000)``).
         full: return the ``(d, d)`` output covariance instead of the ``(d,)`` variances.
+        cov_kind: "iso" | "diag" | "full" states how ``cov`` is read; None reads it from the
+            shape where only one reading exists (``torchbridge.covariance``).
+
+    Nothing passed in is modified (``fn`` gets fresh samples).
 
     Returns:
         ``(out_mean (d,), out_var (d,) or out_cov (d, d))`` in mean's dtype; the statistics are
         accumulated in float64 with a chunk-wise Welford/Chan update and are unbiased
         (divided by ``samples - 1``).
     """
-    if not isinstance(mean, torch.Tensor):
-        raise TypeError(f"mean must be a torch.Tensor, got {type(mean).__name__}")
-    if mean.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"mean must be float32 or float64, got {mean.dtype}")
+    require_tensor(mean, "mean")
     if mean.ndim == 0 or mean.numel() == 0:
         raise ValueError(f"mean must have at least one element and dimension, got {mean.shape}")
     if torch.isnan(mean).any():
@@ -111,11 +119,8 @@ def monte_carlo_moments(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
     dtype, device = mean.dtype, mean.device
-    cov_eps = torch.finfo(
-        cov.dtype if isinstance(cov, torch.Tensor) and cov.is_floating_point() else torch.float64
-    ).eps
-    kind, factor = _noise_factor(_as_tensor(cov, mean, "cov"), mean, cov_eps)
-    factor = factor.to(dtype)
+    kind, factor = _noise_factor(cov, mean, cov_kind)
+    factor = _factor_in(factor, kind, dtype)
     mu = mean.detach().reshape(-1)
     n = mu.numel()
     gen = torch.Generator(device=device).manual_seed(seed)

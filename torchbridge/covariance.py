@@ -1,0 +1,267 @@
+"""How a Gaussian input covariance is read, and the checks it passes before it is used.
+
+An input x ~ N(mean, Σ) with n coordinates takes its covariance in one of three kinds,
+named by ``cov_kind``:
+
+* ``"iso"``: Σ = s·I_n; ``cov`` holds the variance s (a Python number, or a tensor whose
+  shape is a batch shape: one variance per batch element);
+* ``"diag"``: Σ = diag(v); ``cov`` holds v, ``batch_shape x n``;
+* ``"full"``: ``cov`` is Σ itself, ``batch_shape x n x n``.
+
+Batch dimensions broadcast against the mean's. With ``cov_kind=None`` the kind is read from
+the shape only where no other reading exists: a Python number or a 0-dim tensor is "iso";
+otherwise each of "diag" and "full" whose batch dimensions broadcast *into* the mean's batch
+shape is a candidate, and exactly one may remain. A batch of n means (n, n) with an (n, n)
+``cov`` fits both "one shared full Σ" and "n diagonals", so it raises and asks for
+``cov_kind`` (for n = 1 both readings are the same matrix: "full").
+
+The user's Σ is validated as given, before anything maps it (e.g. A Σ Aᵀ):
+
+* finite, and float32/float64;
+* "iso"/"diag": every variance ≥ 0;
+* "full": symmetric, |Σ_ij − Σ_ji| ≤ ``SYMMETRY_TOL``·eps·max_k Σ_kk per matrix (never
+  symmetrised silently beyond that rounding level); diagonal ≥ 0; and (``check_psd``) positive
+  semi-definite within rounding, λ_min(Σ) ≥ −``PSD_TOL``·n·eps·max_k Σ_kk, checked by a
+  Cholesky factorization of Σ + that tolerance × I (eigenvalues only for the error message).
+
+eps is the machine epsilon of the dtype Σ is checked in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from numbers import Real
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "COV_KINDS",
+    "PSD_TOL",
+    "SYMMETRY_TOL",
+    "CovKind",
+    "InputCovariance",
+    "check_full_covariance",
+    "read_covariance",
+    "require_tensor",
+]
+
+CovKind = Literal["full", "diag", "iso"]
+COV_KINDS: tuple[str, ...] = ("full", "diag", "iso")
+#: Symmetry tolerance, in units of eps × (largest diagonal entry).
+SYMMETRY_TOL = 100
+#: PSD tolerance on the smallest eigenvalue, in units of n × eps × (largest diagonal entry).
+PSD_TOL = 10
+_FLOATS = (torch.float32, torch.float64)
+
+
+def require_tensor(value: object, name: str) -> torch.Tensor:
+    """``value`` if it is a float32/float64 ``torch.Tensor``; otherwise a TypeError naming it."""
+    if not isinstance(value, torch.Tensor):
+        kind = type(value).__module__.split(".")[0] + "." + type(value).__name__
+        hint = " (convert it with torch.as_tensor)" if kind.startswith("numpy.") else ""
+        if isinstance(value, (list, tuple)):
+            hint = " (convert it with torch.tensor(..., dtype=torch.float64))"
+        raise TypeError(
+            f"{name} must be a torch.Tensor, got {kind.removeprefix('builtins.')}{hint}"
+        )
+    if value.dtype not in _FLOATS:
+        raise TypeError(f"{name} has dtype {value.dtype}; use torch.float32 or torch.float64")
+    return value
+
+
+@dataclass(frozen=True)
+class InputCovariance:
+    """A validated input covariance: ``kind`` and its ``value`` (see the module docstring).
+
+    ``value`` is the user's tensor (a fresh one for a Python number), never modified;
+    ``batch_shape`` is its batch shape (for "iso": the whole shape).
+    """
+
+    kind: str
+    value: torch.Tensor
+    batch_shape: torch.Size
+
+    def project(self, A: torch.Tensor) -> torch.Tensor:
+        """A Σ Aᵀ, ``batch_shape x p x p`` for A (p, n); the n×n Σ is never formed for
+        "iso"/"diag". Symmetric up to rounding only; see ``AffineReLUAffine.hidden_gaussian``.
+        """
+        if self.kind == "iso":
+            return self.value[..., None, None] * (A @ A.T)
+        if self.kind == "diag":
+            return (A * self.value[..., None, :]) @ A.T
+        return A @ self.value @ A.T
+
+
+def _shape(t: tuple[int, ...]) -> str:
+    return str(tuple(t))
+
+
+def _broadcasts_into(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    try:
+        return tuple(torch.broadcast_shapes(shape, target)) == tuple(target)
+    except RuntimeError:
+        return False
+
+
+def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    try:
+        torch.broadcast_shapes(shape, target)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _infer_kind(cov: torch.Tensor, n: int, batch_shape: tuple[int, ...]) -> str:
+    if cov.ndim == 0:
+        return "iso"
+    shape = tuple(cov.shape)
+    candidates = []
+    if cov.ndim >= 2 and shape[-2:] == (n, n) and _broadcasts_into(shape[:-2], batch_shape):
+        candidates.append("full")
+    if shape[-1] == n and _broadcasts_into(shape[:-1], batch_shape):
+        candidates.append("diag")
+    if len(candidates) == 1 or (candidates and n == 1):
+        return candidates[0]
+    if candidates:
+        raise ValueError(
+            f"cov of shape {_shape(shape)} with means of batch shape {_shape(batch_shape)} "
+            f"(n = {n}) can be read as one {n}×{n} full covariance per batch element or as "
+            f"{n} diagonal variances per batch element: pass cov_kind='full' or cov_kind='diag'"
+        )
+    raise ValueError(
+        f"cov has shape {_shape(shape)}; for means of batch shape {_shape(batch_shape)} and "
+        f"n = {n} expected a scalar (isotropic), (..., {n}) diagonal variances or a "
+        f"(..., {n}, {n}) matrix (or pass cov_kind to state which)"
+    )
+
+
+def _check_shape(cov: torch.Tensor, kind: str, n: int, batch_shape: tuple[int, ...]) -> None:
+    shape = tuple(cov.shape)
+    if kind == "iso":
+        ok, want, batch = True, "a scalar or a batch-shaped tensor of variances", shape
+    elif kind == "diag":
+        ok, want, batch = shape[-1:] == (n,), f"(..., {n})", shape[:-1]
+    else:
+        ok, want, batch = shape[-2:] == (n, n), f"(..., {n}, {n})", shape[:-2]
+    if not ok:
+        raise ValueError(f"cov with cov_kind={kind!r} must have shape {want}; got {_shape(shape)}")
+    if not _broadcasts(batch, batch_shape):
+        raise ValueError(
+            f"cov has batch shape {_shape(batch)} (cov_kind={kind!r}), which does not broadcast "
+            f"with the means' batch shape {_shape(batch_shape)}"
+        )
+
+
+def check_full_covariance(cov: torch.Tensor, check_psd: bool = True, name: str = "cov") -> None:
+    """Raise ValueError unless ``cov`` (``batch_shape x n x n``, finite) is symmetric with a
+    non-negative diagonal and (``check_psd``) PSD within the module's stated tolerances."""
+    c = cov.detach()
+    n = c.shape[-1]
+    if n == 0:
+        return
+    eps = torch.finfo(c.dtype).eps
+    diag = c.diagonal(dim1=-2, dim2=-1)
+    top = diag.abs().amax(-1).clamp_min(torch.finfo(c.dtype).tiny)[..., None, None]
+    asym = (c - c.transpose(-1, -2)).abs()
+    bad = asym > SYMMETRY_TOL * eps * top
+    if bool(bad.any()):
+        where = [int(v) for v in bad.nonzero()[0]]
+        raise ValueError(
+            f"{name} is not symmetric: |{name}[i, j] − {name}[j, i]| = "
+            f"{float(asym[tuple(where)]):.3e} at (i, j) = {tuple(where[-2:])} exceeds "
+            f"{SYMMETRY_TOL}·eps·max diagonal = {float((SYMMETRY_TOL * eps * top).amax()):.3e}; "
+            "it is not symmetrised silently: pass (cov + cov.mT) / 2 if that is what you mean"
+        )
+    if bool((diag < 0).any()):
+        where = [int(v) for v in (diag < 0).nonzero()[0]]
+        raise ValueError(
+            f"{name} is not positive semi-definite: negative variance "
+            f"{float(diag[tuple(where)]):.6g} on its diagonal at {name}{(*where, where[-1])}"
+        )
+    if not check_psd:
+        return
+    zero_diag = (diag == 0).all(-1)  # PSD with a zero diagonal means the zero matrix
+    if bool((zero_diag & (c != 0).flatten(-2).any(-1)).any()):
+        raise ValueError(
+            f"{name} is not positive semi-definite: its diagonal is zero but not all its entries"
+        )
+    tol = PSD_TOL * n * eps * top
+    eye = torch.eye(n, dtype=c.dtype, device=c.device)
+    # zero matrices (PSD) get the identity: the tolerance would be subnormal there
+    _, info = torch.linalg.cholesky_ex(torch.where(zero_diag[..., None, None], eye, c + tol * eye))
+    if bool((info != 0).any()):
+        lam = torch.linalg.eigvalsh(c).amin(-1)
+        rel = (lam / top[..., 0, 0]).amin()
+        raise ValueError(
+            f"{name} is not positive semi-definite: smallest eigenvalue {float(lam.amin()):.3e} "
+            f"({float(rel):.3e} × its largest variance) is below the tolerance −{PSD_TOL}·n·eps"
+            f"·max diagonal (n = {n}, eps = {eps:.2e})"
+        )
+
+
+def read_covariance(
+    cov: torch.Tensor | float,
+    n: int,
+    batch_shape: tuple[int, ...],
+    like: torch.Tensor,
+    cov_kind: CovKind | None = None,
+    check_psd: bool = True,
+) -> InputCovariance:
+    """Read and validate the user's ``cov`` for inputs of n coordinates.
+
+    Args:
+        cov: a Python number (isotropic variance) or a float32/float64 tensor of the dtype and
+            device of ``like``; see the module docstring for the shapes of each kind.
+        n: number of input coordinates; batch_shape: the means' batch shape.
+        like: a tensor of the dtype and device the covariance must have (a Python number is
+            converted to it through float64, so 1e-50 and 1e300 survive in float64).
+        cov_kind: "full" | "diag" | "iso", or None to read it from the shape where the shape
+            allows a single reading.
+        check_psd: run the O(n³) PSD check of a full Σ (symmetry, finiteness and the
+            diagonal are always checked).
+
+    Returns:
+        The validated ``InputCovariance``; raises TypeError / ValueError naming ``cov`` or
+        ``cov_kind`` otherwise.
+    """
+    if cov_kind is not None and cov_kind not in COV_KINDS:
+        raise ValueError(f"cov_kind must be one of {COV_KINDS} or None; got {cov_kind!r}")
+    if isinstance(cov, Real) and not isinstance(cov, bool) and not isinstance(cov, torch.Tensor):
+        if cov_kind not in (None, "iso"):
+            raise TypeError(
+                f"cov is a Python number, which is an isotropic variance, but cov_kind="
+                f"{cov_kind!r}: pass a tensor of shape (..., {n}) for 'diag' or "
+                f"(..., {n}, {n}) for 'full'"
+            )
+        value = torch.tensor(float(cov), dtype=torch.float64).to(like.dtype).to(like.device)
+        if not bool(torch.isfinite(value)):
+            raise ValueError(f"cov = {cov!r} is not finite in {like.dtype}")
+        if cov != 0 and abs(float(value)) < torch.finfo(like.dtype).tiny:
+            raise ValueError(f"cov = {cov!r} underflows {like.dtype} (use float64)")
+        cov = value
+    else:
+        cov = require_tensor(cov, "cov")
+        if cov.dtype != like.dtype:
+            raise TypeError(
+                f"cov has dtype {cov.dtype} but the computation is in {like.dtype}; convert it "
+                "(nothing is cast silently)"
+            )
+        if cov.device != like.device:
+            raise ValueError(f"cov is on {cov.device} but the computation is on {like.device}")
+    kind = _infer_kind(cov, n, batch_shape) if cov_kind is None else cov_kind
+    _check_shape(cov, kind, n, batch_shape)
+    c = cov.detach()
+    if not bool(torch.isfinite(c).all()):
+        raise ValueError("cov contains NaN or Inf")
+    if kind in ("iso", "diag"):
+        if bool((c < 0).any()):
+            raise ValueError(
+                f"cov is not positive semi-definite: negative variance {float(c.amin()):.6g} "
+                f"(cov_kind={kind!r})"
+            )
+        batch = cov.shape if kind == "iso" else cov.shape[:-1]
+    else:
+        check_full_covariance(cov, check_psd)
+        batch = cov.shape[:-2]
+    return InputCovariance(kind, cov, torch.Size(batch))
