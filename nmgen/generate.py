@@ -19,7 +19,7 @@ import sympy as sp
 from sympy.codegen.rewriting import expm1_opt, log1p_opt, optimize
 
 from nmgen import registry
-from nmgen.derivations.functions import BVN
+from nmgen.derivations.functions import BVN, RUNTIME_CALLS
 from nmgen.derivations.spec import Case, Dispatcher, KernelSpec
 from nmgen.printers import NumpyKernelPrinter, TorchKernelPrinter, fold_numbers
 
@@ -220,6 +220,29 @@ def _bvn_prelude(backend: Backend) -> list[str]:
     return lines
 
 
+def _relu_pair_prelude(backend: Backend) -> list[str]:
+    """The printed Gauss–Legendre rule and the bindings behind ``_relu_cov`` & co."""
+    from nmgen.derivations.bvn import gauss_legendre
+    from nmgen.derivations.cross_covariance import RULE_SIZE
+
+    x, w = gauss_legendre(RULE_SIZE)
+    bind = "numpy_binding" if backend.name == "numpy" else "torch_binding"
+    extra = ", _bvn"
+    return [
+        f"from nmgen.runtime.relu_pair import {bind} as _rp_bind",
+        "",
+        f"# {RULE_SIZE}-point Gauss-Legendre rule on [-1, 1] (nodes, weights) for the ReLU pair",
+        "# integrals (derivations/cross_covariance.py), computed by derivations/bvn.py:",
+        "# gauss_legendre with mpmath at 40 digits.",
+        "_RP_RULE = (",
+        "    (" + ", ".join(repr(float(v)) for v in x) + "),",
+        "    (" + ", ".join(repr(float(v)) for v in w) + "),",
+        ")",
+        f"_relu_mean, _relu_second, _relu_var, _relu_cov, _relu_cross = _rp_bind(_RP_RULE{extra})",
+        "",
+    ]
+
+
 def render_dispatcher(d: Dispatcher) -> str:
     """Source of a dispatcher (same for both backends: it only picks a variant)."""
     argnames = [a.symbol.name for a in d.args]
@@ -262,6 +285,7 @@ def render_module(backend: Backend, specs: list[KernelSpec] | None = None) -> st
         "",
         *backend.imports,
         *(_bvn_prelude(backend) if _uses(specs, BVN) else []),
+        *(_relu_pair_prelude(backend) if any(_uses(specs, f) for f in RUNTIME_CALLS) else []),
         "",
         "__all__ = ["
         + ", ".join(f'"{k.name}"' for k in [*specs, *dispatchers] if not k.name.startswith("_"))

@@ -136,6 +136,7 @@ GRIDS: dict[str, Callable[[bool], list[tuple]]] = {
     "single": _grid_single,
     "pair_zero_mean": _grid_pair_zero_mean,
     "pair": _grid_pair,
+    "pair_cov": _grid_pair,
     "bvn": _grid_bvn,
 }
 
