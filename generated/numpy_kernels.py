@@ -2295,7 +2295,11 @@ def relu_cross_moment_series(mu1, mu2, sigma1, sigma2, rho, terms):
     ``terms`` must be one of (1, 5, 10, 20, 50): each value has its own generated kernel.
     """
     variants = {1: _relu_cross_moment_series_1, 5: _relu_cross_moment_series_5, 10: _relu_cross_moment_series_10, 20: _relu_cross_moment_series_20, 50: _relu_cross_moment_series_50}
-    if not isinstance(terms, int) or terms not in variants:
+    if (
+        not isinstance(terms, int)
+        or isinstance(terms, bool)
+        or terms not in variants
+    ):
         raise ValueError(
             f"relu_cross_moment_series: terms must be one of (1, 5, 10, 20, 50); got {terms!r}"
         )

@@ -258,7 +258,8 @@ def render_dispatcher(d: Dispatcher) -> str:
             f"    ``{d.int_arg}`` must be one of {allowed}: each value has its own generated kernel.",
             '    """',
             f"    variants = {table}",
-            f"    if not isinstance({d.int_arg}, int) or {d.int_arg} not in variants:",
+            f"    if (\n        not isinstance({d.int_arg}, int)\n        or isinstance({d.int_arg}, bool)\n"
+            f"        or {d.int_arg} not in variants\n    ):",
             "        raise ValueError(",
             f'            f"{d.name}: {d.int_arg} must be one of {allowed}; got {{{d.int_arg}!r}}"',
             "        )",
