@@ -92,16 +92,21 @@ def cov_integral_forms_mp(hv, kv, r, dps: int = 30) -> tuple[mp.mpf, mp.mpf]:
 
 
 def check_positive_forms() -> bool:
-    """The swapped (positive-term) forms equal ∫_0^ρ Φ2 dr and Cov from the closed form."""
+    """The swapped (positive-term) forms equal ∫_0^ρ Φ2 dr and Cov from the closed form
+    (``cov_expr`` evaluated by mpmath at 40 digits, Φ2 by ``bvn_cdf_mp``)."""
+    closed = sp.lambdify(
+        (mu1, mu2, rho, sp.Symbol("P2")),
+        to_elementary(
+            cov_expr.subs({sigma1: 1, sigma2: 1}).replace(BVN, lambda *a: sp.Symbol("P2"))
+        ),
+        modules="mpmath",
+    )
     for hv, kv, r in ((0.4, -0.3, 0.35), (-1.0, 2.0, -0.8), (1.5, 0.5, -0.3), (-2.0, -1.0, 0.9)):
         direct, form = cov_integral_forms_mp(hv, kv, r)
-        closed = to_elementary(
-            cov_expr.subs({mu1: hv, mu2: kv, sigma1: 1, sigma2: 1, rho: r}).replace(
-                BVN, lambda a, b, c: sp.Float(str(bvn_cdf_mp(a, b, c, 40)), 40)
-            )
-        )
+        with mp.workdps(40):
+            c = closed(mp.mpf(hv), mp.mpf(kv), mp.mpf(r), bvn_cdf_mp(hv, kv, r, 40))
         assert abs(direct - form) < mp.mpf(10) ** -25, (hv, kv, r, direct, form)
-        assert abs(sp.N(closed, 30) - form) < 1e-25, (hv, kv, r)
+        assert abs(c - form) < mp.mpf(10) ** -25, (hv, kv, r, c, form)
     return True
 
 
@@ -131,6 +136,9 @@ def relu_cross_covariance_ref(m1, m2, s1, s2, r, dps: int = DPS) -> mp.mpf:
     m1, m2, s1, s2, r = (mp.mpf(v) for v in (m1, m2, s1, s2, r))
     if s1 == 0 or s2 == 0:
         return mp.mpf(0)
+    if (s1, s2) != (1, 1):  # Cov scales with σ1σ2: evaluate at unit scale (exact in mpmath)
+        with mp.workdps(dps + 30):
+            return s1 * s2 * relu_cross_covariance_ref(m1 / s1, m2 / s2, 1, 1, r, dps)
     extra = int(mp.log10(1 + abs(m1 / s1) + abs(m2 / s2))) + 20
     with mp.workdps(dps + extra):
         e1 = relu_mean_ref(m1, s1, dps + extra)
@@ -160,7 +168,27 @@ def relu_cross_covariance_ref(m1, m2, s1, s2, r, dps: int = DPS) -> mp.mpf:
         grid = [-mp.inf, *sorted(p for p in pts if abs(p) < 60), mp.inf]
         val, err = mp.quad(f, grid, error=True, maxdegree=10)
         if err > mp.mpf(10) ** (-dps) * abs(val) + mp.mpf(10) ** (-(dps + extra + 300)):
-            raise ReferenceError(f"cov reference: error estimate {mp.nstr(err, 3)} for {val}")
+            return _cov_rho_integral_ref(m1, m2, r, dps)
+    return +val
+
+
+def _cov_rho_integral_ref(hv, kv, r, dps: int) -> mp.mpf:
+    """Fallback where the centred quadrature cannot certify itself (deep tails): C =
+    ∫_0^ρ Φ2(h, k; t) dt (Lemma 2, proved above) with Φ2 by quadrature of its definition
+    (``bvn_cdf_mp``), split geometrically towards the end where Φ2 is largest."""
+    with mp.workdps(dps + 10):
+        hv, kv, r = mp.mpf(hv), mp.mpf(kv), mp.mpf(r)
+        if r == 0:
+            return mp.mpf(0)
+        # Φ2 increases with t: its mass sits at t = ρ (ρ > 0) or at t = 0 (ρ < 0)
+        if r > 0:
+            pts = [mp.mpf(0)] + [r * (1 - mp.mpf(2) ** -j) for j in range(1, 14)] + [r]
+        else:
+            pts = [r] + [r * mp.mpf(2) ** -j for j in range(1, 14)] + [mp.mpf(0)]
+        val, err = mp.quad(lambda t: bvn_cdf_mp(hv, kv, t, dps), pts, error=True, maxdegree=8)
+        val = val if r > 0 else -val  # pts ascend, so for ρ < 0 quad gave ∫_ρ^0
+        if err > mp.mpf(10) ** (-(dps - 5)) * abs(val) + mp.mpf(10) ** (-(dps + 330)):
+            raise ReferenceError(f"cov reference (ρ-integral): error {mp.nstr(err, 3)} for {val}")
     return +val
 
 

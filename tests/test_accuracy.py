@@ -52,7 +52,9 @@ def _rel(got: float, ref) -> float:
 
 BACKENDS = {
     "numpy": lambda f, *a: float(getattr(NK, f)(*[np.float64(v) for v in a])),
-    "torch": lambda f, *a: float(getattr(TK, f)(*[torch.tensor(v, dtype=torch.float64) for v in a])),
+    "torch": lambda f, *a: float(
+        getattr(TK, f)(*[torch.tensor(v, dtype=torch.float64) for v in a])
+    ),
 }
 
 

@@ -92,12 +92,16 @@ def numpy_ops() -> SimpleNamespace:
 
 
 def _t(v, like):
-    """``v`` as a tensor of ``like``'s dtype and device (Python floats included)."""
+    """``v`` as a tensor of ``like``'s dtype and device (Python floats included); a positive
+    float below the dtype's smallest normal (the 1e-300 guards) becomes that normal, so a
+    guard never rounds to 0 in float32."""
     import torch
 
-    return (
-        v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=like.dtype, device=like.device)
-    )
+    if isinstance(v, torch.Tensor):
+        return v
+    if isinstance(v, float) and 0.0 < v < torch.finfo(like.dtype).tiny:
+        v = torch.finfo(like.dtype).tiny
+    return torch.tensor(v, dtype=like.dtype, device=like.device)
 
 
 def torch_ops() -> SimpleNamespace:
@@ -159,7 +163,7 @@ def _peak(o, h, k, a, b):
     den = c2 * c2
     g1 = o.abs(t * hh - hk * (1.0 + t * t)) / den * o.sqrt(c2)
     g2 = o.abs(hh - 2.0 * hk * t) / den * c2
-    w = 1.0 / (g1 + o.sqrt(g2) + 1.0 / o.maximum(b - a, 1e-300))
+    w = o.maximum(1.0 / (g1 + o.sqrt(g2) + 1.0 / o.maximum(b - a, 1e-300)), 1e-300)
     # the map is a change of variables: its parameters carry no gradient
     return o.stop(p), o.stop(w)
 
@@ -206,7 +210,7 @@ def _end_piece(o, h, k, va, vb, sign, weight, rule):
     pv_peak = o.clip(-o.log(o.maximum(o.cos(pa), 1e-300)), va, vb)
     pv = o.where(inside, pv_peak, o.where(far, vb, va))
     wv = o.where(inside, w_peak, o.where(far, 1.0 / (1.0 + o.abs(slope)), 1.0 + 0.0 * w_peak))
-    pv, wv = o.stop(pv), o.stop(wv)
+    pv, wv = o.stop(pv), o.stop(o.maximum(wv, 1e-300))
     ua = o.asinh((va - pv) / wv)
     ub = o.asinh((vb - pv) / wv)
     half = 0.5 * (ub - ua)
