@@ -31,7 +31,7 @@ _GL_RULES = {
 def _bvn(h, k, rho):
     return _bvn_cdf(h, k, rho, rules=_GL_RULES)
 
-from nmgen.runtime.relu_pair import torch_binding as _rp_bind
+from nmgen.runtime.relu_pair import torch_binding as _rp_bind  # noqa: E402
 
 # 32-point Gauss-Legendre rule on [-1, 1] (nodes, weights) for the ReLU pair
 # integrals (derivations/cross_covariance.py), computed by derivations/bvn.py:

@@ -229,7 +229,7 @@ def _relu_pair_prelude(backend: Backend) -> list[str]:
     bind = "numpy_binding" if backend.name == "numpy" else "torch_binding"
     extra = ", _bvn"
     return [
-        f"from nmgen.runtime.relu_pair import {bind} as _rp_bind",
+        f"from nmgen.runtime.relu_pair import {bind} as _rp_bind  # noqa: E402",
         "",
         f"# {RULE_SIZE}-point Gauss-Legendre rule on [-1, 1] (nodes, weights) for the ReLU pair",
         "# integrals (derivations/cross_covariance.py), computed by derivations/bvn.py:",
