@@ -298,21 +298,27 @@ def _cov_pos(o, h, k, r, rule):
     return r * _ncdf(o, h) * _ncdf(o, k) + j
 
 
-def _cov_neg(o, h, k, r, rule):
-    """ρ < 0: −[|ρ|(L + (1/2π)∫_{−π/2}^{asin ρ} e^G) + (1/2π)∫_{asin ρ}^0 |sin θ| e^G]."""
+def _cov_neg(o, h, k, r, rule, bvn=None):
+    """ρ < 0: −[|ρ| Φ2(h, k; ρ) + (1/2π)∫_{asin ρ}^0 |sin θ| e^G], with Φ2 = L +
+    (1/2π)∫_{−π/2}^{asin ρ} e^G (positive terms) where h + k < −8, where that integrand decays
+    fast at θ = −π/2, and the backend's Φ2 (``bvn``, accurate to a few eps) elsewhere, where
+    e^{−(h+k)²/(2cos²θ)} is too flat at −π/2 for the rule."""
     ar = o.abs(r)
     t_end = o.asin(ar)
     zero = 0.0 * h
     j_a = _integral(o, h, k, t_end, zero + _HALF_PI, -1, lambda s, c2: 1.0 + 0.0 * s, rule)
     j_b = _integral(o, h, k, zero, t_end, -1, lambda s, c2: o.abs(s), rule)
-    return -(ar * (_interval_prob(o, h, k, rule) + j_a) + j_b)
+    p2 = _interval_prob(o, h, k, rule) + j_a
+    if bvn is not None:
+        p2 = o.where(h + k < -8.0, p2, bvn(h, k, r))
+    return -(ar * p2 + j_b)
 
 
-def _cov_core(o, h, k, r, rule):
+def _cov_core(o, h, k, r, rule, bvn=None):
     """C(h, k, ρ) without the reflection (any h, k; |ρ| ≤ 1), 1-D inputs."""
     pos = r >= 0
     return _on(pos, lambda *a: _cov_pos(o, *a, rule), h, k, r) + _on(
-        ~pos, lambda *a: _cov_neg(o, *a, rule), h, k, r
+        ~pos, lambda *a: _cov_neg(o, *a, rule, bvn), h, k, r
     )
 
 
@@ -367,7 +373,7 @@ def _cov_hybrid(o, h, k, r, rule, bvn, eps_ratio):
     hm, km, rm = o.where(moderate, h, z), o.where(moderate, k, z), o.where(moderate, r, z)
     c, bound = _cov_closed(o, hm, km, rm, bvn)
     ok = moderate & (bound < eps_ratio * o.abs(c))
-    return o.where(ok, c, z) + _on(~ok, lambda *a: _cov_std(o, *a, rule), h, k, r)
+    return o.where(ok, c, z) + _on(~ok, lambda *a: _cov_std(o, *a, rule, bvn), h, k, r)
 
 
 @_flat
@@ -385,12 +391,12 @@ def relu_cov_std(o: SimpleNamespace, h, k, r, rule, bvn=None, eps_ratio=0.0):
     return _cov_hybrid(o, h, k, r, rule, bvn, eps_ratio)
 
 
-def _cov_std(o, h, k, r, rule):
+def _cov_std(o, h, k, r, rule, bvn=None):
     h, k, r = _clamped(o, h, k, r)
     both = (h > 0) & (k > 0)
     hh = o.where(both, -h, h)
     kk = o.where(both, -k, k)
-    core = _cov_core(o, hh, kk, r, rule)
+    core = _cov_core(o, hh, kk, r, rule, bvn)
     # P(−h < Z < k) for h, k > 0: (erf(h/√2) + erf(k/√2))/2, no cancellation
     p_mid = 0.5 * (o.erf(h * _SQRT1_2) + o.erf(k * _SQRT1_2))
     return o.where(both, r * p_mid + core, core)
