@@ -300,7 +300,7 @@ def _cov_pos(o, h, k, r, rule):
 
 def _cov_neg(o, h, k, r, rule, bvn=None):
     """ρ < 0: −[|ρ| Φ2(h, k; ρ) + (1/2π)∫_{asin ρ}^0 |sin θ| e^G], with Φ2 = L +
-    (1/2π)∫_{−π/2}^{asin ρ} e^G (positive terms) where h + k < −8, where that integrand decays
+    (1/2π)∫_{−π/2}^{asin ρ} e^G (positive terms) where h + k < −4, where that integrand decays
     fast at θ = −π/2, and the backend's Φ2 (``bvn``, accurate to a few eps) elsewhere, where
     e^{−(h+k)²/(2cos²θ)} is too flat at −π/2 for the rule."""
     ar = o.abs(r)
@@ -310,7 +310,7 @@ def _cov_neg(o, h, k, r, rule, bvn=None):
     j_b = _integral(o, h, k, zero, t_end, -1, lambda s, c2: o.abs(s), rule)
     p2 = _interval_prob(o, h, k, rule) + j_a
     if bvn is not None:
-        p2 = o.where(h + k < -8.0, p2, bvn(h, k, r))
+        p2 = o.where(h + k < -4.0, p2, bvn(h, k, r))
     return -(ar * p2 + j_b)
 
 
