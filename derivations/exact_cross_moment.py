@@ -23,6 +23,10 @@ Limits (the kernel's other cases), with m = min(h, k), M = max(h, k):
   both plus the exact first-order term (ρ ∓ 1)·σ1σ2·Φ2(h, k; ±1), so gradients in ρ are
   the one-sided derivatives;
 - σ1 = 0: relu(μ1)·E[relu(x2)]; σ2 = 0 symmetrically; both 0: relu(μ1)relu(μ2).
+
+The kernel itself no longer prints this form (it cancels in the tails, where it returned
+negative values, and near |ρ| = 1 with h ≈ ±k): for σ1, σ2 > 0 it evaluates the positive-term
+integral forms derived in ``derivations/cross_covariance.py``, which this closed form checks.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import mpmath as mp
 import sympy as sp
 
 from .bvn import bvn_cdf_mp
-from .functions import BVN, Phi, phi, to_elementary
+from .functions import BVN, Phi, ReluCrossMS, ReluMeanMS, phi, to_elementary
 from .lemma3 import lemma3_rho_expr
 from .lemma3 import rho as l3_rho
 from .lemma3 import s1 as l3_s1
@@ -163,32 +167,19 @@ KERNELS = (
         ),
         cases=(
             Case(
-                exact_expr.subs(_sub),
-                sp.And(_both, sp.Abs(_r) < 1),
-                {_s1: 1.0, _s2: 1.0, _r: 0.0},
-                "σ1, σ2 > 0, |ρ| < 1: Rosenbaum form with Φ2",
-            ),
-            Case(
-                rho_one_expr.subs(_sub),
-                sp.And(_both, _r > 0),
+                ReluCrossMS(_m1, _m2, _s1, _s2, _r),
+                _both,
                 {_s1: 1.0, _s2: 1.0},
-                "ρ = 1: one Gaussian drives both (plus the exact ρ-slope)",
+                "σ1, σ2 > 0: positive-term forms (derivations/cross_covariance.py)",
             ),
             Case(
-                rho_minus_one_expr.subs(_sub),
-                sp.And(_both, _m1 * _s2 + _m2 * _s1 > 0),
-                {_s1: 1.0, _s2: 1.0},
-                "ρ = −1, h + k > 0 (plus the exact ρ-slope)",
-            ),
-            Case(sp.Integer(0), _both, {}, "ρ = −1, h + k ≤ 0: never both positive"),
-            Case(
-                _relu_mean(_m1, _s1) * sp.Max(_m2, 0),
+                ReluMeanMS(_m1, _s1) * sp.Max(_m2, 0),
                 _s1 > 0,
                 {_s1: 1.0},
                 "σ2 = 0: E[relu(x1)]·relu(μ2)",
             ),
             Case(
-                _relu_mean(_m2, _s2) * sp.Max(_m1, 0),
+                ReluMeanMS(_m2, _s2) * sp.Max(_m1, 0),
                 _s2 > 0,
                 {_s2: 1.0},
                 "σ1 = 0: relu(μ1)·E[relu(x2)]",

@@ -76,3 +76,51 @@ def to_elementary(expr: sp.Expr) -> sp.Expr:
     return expr.replace(Phi, lambda x: (1 + sp.erf(x / sp.sqrt(2))) / 2).replace(
         phi, lambda x: sp.exp(-(x**2) / 2) / sp.sqrt(2 * sp.pi)
     )
+
+
+class _RuntimeCall(sp.Function):
+    """A quantity evaluated by ``nmgen.runtime.relu_pair`` (printed as a call to ``_name``).
+
+    Derived in ``derivations/cross_covariance.py`` (integral forms with positive integrands,
+    Gauss–Legendre nodes from mpmath) and verified against the mpmath references.
+    """
+
+    call_name = ""
+
+
+class ReluMeanMS(_RuntimeCall):
+    """E[relu(μ + σZ)] for σ > 0 (relatively accurate in the negative tail)."""
+
+    nargs = 2
+    call_name = "_relu_mean"
+
+
+class ReluSecondMS(_RuntimeCall):
+    """E[relu(μ + σZ)²] for σ > 0."""
+
+    nargs = 2
+    call_name = "_relu_second"
+
+
+class ReluVarMS(_RuntimeCall):
+    """Var[relu(μ + σZ)] for σ > 0."""
+
+    nargs = 2
+    call_name = "_relu_var"
+
+
+class ReluCovStd(_RuntimeCall):
+    """C(h, k, ρ) = Cov[(h + Z1)⁺, (k + Z2)⁺] = ∫_0^ρ Φ2(h, k; r) dr."""
+
+    nargs = 3
+    call_name = "_relu_cov"
+
+
+class ReluCrossMS(_RuntimeCall):
+    """E[relu(x1) relu(x2)] for σ1, σ2 > 0 (args μ1, μ2, σ1, σ2, ρ)."""
+
+    nargs = 5
+    call_name = "_relu_cross"
+
+
+RUNTIME_CALLS = (ReluMeanMS, ReluSecondMS, ReluVarMS, ReluCovStd, ReluCrossMS)

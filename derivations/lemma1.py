@@ -10,14 +10,16 @@ Variance. Writing m(h) = hΦ(h) + φ(h) (so E[max(x,0)] = σ m(h)), the identity
     Var[max(x, 0)] = σ² (Φ(h) − m(h) m(−h)),
 
 which, unlike "second moment − mean²", does not subtract two numbers ≈ μ² when h ≫ 0
-(proved equal below). σ = 0: relu(μ)², variance 0.
+(proved equal below). σ = 0: relu(μ)², variance 0. For h < −2 both forms cancel; the kernels
+use E[max(x,0)²] = σ²φ(x)·2R(x)F(x)/D(x) (x = −h, Mills ratio R, continued fraction F, D, see
+``nmgen/runtime/relu_pair.py``) and Var = second moment − mean² (mean² < 2% of it there).
 """
 
 from __future__ import annotations
 
 import sympy as sp
 
-from .functions import Phi, phi, to_elementary
+from .functions import Phi, ReluMeanMS, ReluSecondMS, ReluVarMS, phi, to_elementary
 from .reference import relu_mean_ref, relu_second_moment_ref, relu_variance_ref
 from .spec import ArgSpec, Case, KernelSpec
 from .theorem1 import gaussian_density, relu_mean_expr
@@ -88,7 +90,7 @@ KERNELS = (
         name="relu_second_moment",
         args=_ARGS,
         cases=(
-            Case(relu_second_moment_expr.subs(_sub), _s > 0, _SAFE, "σ > 0"),
+            Case(ReluSecondMS(_m, _s), _s > 0, _SAFE, "σ > 0 (tail-exact form below μ/σ = −2)"),
             Case(sp.Max(_m, 0) ** 2, sp.true, {}, "σ = 0: relu(μ)²"),
         ),
         doc="E[max(x, 0)²] for x ~ N(mu, sigma²).",
@@ -102,7 +104,12 @@ KERNELS = (
         name="relu_variance",
         args=_ARGS,
         cases=(
-            Case(relu_variance_expr.subs(_sub), _s > 0, _SAFE, "σ > 0: σ²(Φ(h) − m(h)m(−h))"),
+            Case(
+                ReluVarMS(_m, _s),
+                _s > 0,
+                _SAFE,
+                "σ > 0: σ²(Φ(h) − m(h)m(−h)); below μ/σ = −2 second moment − mean²",
+            ),
             Case(sp.Integer(0), sp.true, {}, "σ = 0: no variance"),
         ),
         doc="Var[max(x, 0)] for x ~ N(mu, sigma²).",
@@ -116,9 +123,7 @@ KERNELS = (
         name="relu_mean_variance",
         args=_ARGS,
         cases=(
-            Case(
-                (relu_mean_expr.subs(_sub), relu_variance_expr.subs(_sub)), _s > 0, _SAFE, "σ > 0"
-            ),
+            Case((ReluMeanMS(_m, _s), ReluVarMS(_m, _s)), _s > 0, _SAFE, "σ > 0"),
             Case((sp.Max(_m, 0), sp.Integer(0)), sp.true, {}, "σ = 0"),
         ),
         doc="(E[max(x, 0)], Var[max(x, 0)]) for x ~ N(mu, sigma²), sharing one CSE.",

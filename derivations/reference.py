@@ -39,6 +39,9 @@ def _quad(f: Callable, points: list, tol_digits: int, factor=1, floor=0) -> mp.m
     """
     val, err = mp.quad(f, points, error=True, maxdegree=10)
     val, err = factor * val, factor * err
+    tiny = abs(val) < mp.mpf(10) ** (-300)  # below float64's normal range: sign/size only
+    if tiny and err <= abs(val) / 10 + mp.mpf(10) ** (-330):
+        return val
     if err > mp.mpf(10) ** (-tol_digits) * max(abs(val), floor, mp.mpf(10) ** (-300)):
         raise ReferenceError(f"quadrature error estimate {mp.nstr(err, 3)} for value {val}")
     return val
@@ -73,14 +76,20 @@ def relu_mean_ref(mu, sigma, dps: int = DPS) -> mp.mpf:
     """E[max(x, 0)], x ~ N(mu, sigma²); sigma = 0 gives max(mu, 0)."""
     if sigma == 0:
         return mp.mpf(max(mu, 0))
-    return positive_part_expectation(lambda x: x, mu, sigma, dps)
+    # homogeneity E[relu(μ + σZ)] = σ E[relu(μ/σ + Z)]: the quadrature runs at unit scale
+    # (mpmath's error estimates have absolute floors that tiny σ such as 1e-300 would hit)
+    with mp.workdps(dps + 15):
+        h = mp.mpf(mu) / mp.mpf(sigma)
+        return mp.mpf(sigma) * positive_part_expectation(lambda x: x, h, 1, dps)
 
 
 def relu_second_moment_ref(mu, sigma, dps: int = DPS) -> mp.mpf:
     """E[max(x, 0)²], x ~ N(mu, sigma²)."""
     if sigma == 0:
         return mp.mpf(max(mu, 0)) ** 2
-    return positive_part_expectation(lambda x: x * x, mu, sigma, dps)
+    with mp.workdps(dps + 15):
+        h = mp.mpf(mu) / mp.mpf(sigma)
+        return mp.mpf(sigma) ** 2 * positive_part_expectation(lambda x: x * x, h, 1, dps)
 
 
 def relu_variance_ref(mu, sigma, dps: int = DPS) -> mp.mpf:

@@ -33,7 +33,7 @@ _ARGS = (
     ArgSpec(_r, "corr"),
 )
 _exact = next(k for k in _EXACT if k.name == "relu_cross_moment")
-_LIMIT_CASES = _exact.cases[1:]  # ρ = ±1 and σ = 0: exact limits
+_LIMIT_CASES = _exact.cases  # after the |ρ| < 1 series cases: ρ = ±1 and σ = 0, exact
 
 
 def _subs_lets(lets):

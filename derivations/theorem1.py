@@ -9,15 +9,17 @@ forms are proved equal below. Remark 1's special case μ = 0 gives σ/√(2π). 
 by linearity: E[g_i] = Σ_v B(i, v) E[max(z_v, 0)] + c2(i), z = Ax + c1 ~ N(Aμx + c1, AΣxAᵀ).
 
 The kernel uses ``Phi`` (printed as ``ndtr``) rather than ½(1 − erf(−h/√2)): ``ndtr`` keeps
-relative accuracy for h ≪ 0, where 1 + erf(·) cancels. σ = 0 is the deterministic limit
-relu(μ).
+relative accuracy for h ≪ 0, where 1 + erf(·) cancels. Below h = −2 even μΦ(h) + σφ(h)
+cancels (≈ h² digits lost); the kernel then uses σφ(x)R(x)F(x), x = −h, with the Mills ratio
+R (erfcx) and F = 1/R − x from Laplace's continued fraction (derivations/cross_covariance.py,
+``nmgen/runtime/relu_pair.py``). σ = 0 is the deterministic limit relu(μ).
 """
 
 from __future__ import annotations
 
 import sympy as sp
 
-from .functions import Phi, phi, to_elementary
+from .functions import Phi, ReluMeanMS, phi, to_elementary
 from .reference import relu_mean_ref
 from .spec import ArgSpec, Case, KernelSpec
 
@@ -75,10 +77,10 @@ KERNELS = (
         args=(ArgSpec(_m, "real"), ArgSpec(_s, "nonneg")),
         cases=(
             Case(
-                relu_mean_expr.subs({mu: _m, sigma: _s}),
+                ReluMeanMS(_m, _s),
                 _s > 0,
                 {_s: 1.0},
-                "σ > 0: μΦ(μ/σ) + σφ(μ/σ)",
+                "σ > 0: μΦ(μ/σ) + σφ(μ/σ) (μ/σ ≥ −2), continued-fraction tail form below",
             ),
             Case(sp.Max(_m, 0), sp.true, {}, "σ = 0: deterministic limit relu(μ)"),
         ),

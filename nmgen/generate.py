@@ -19,7 +19,7 @@ import sympy as sp
 from sympy.codegen.rewriting import expm1_opt, log1p_opt, optimize
 
 from nmgen import registry
-from nmgen.derivations.functions import BVN
+from nmgen.derivations.functions import BVN, RUNTIME_CALLS
 from nmgen.derivations.spec import Case, Dispatcher, KernelSpec
 from nmgen.printers import NumpyKernelPrinter, TorchKernelPrinter, fold_numbers
 
@@ -220,6 +220,29 @@ def _bvn_prelude(backend: Backend) -> list[str]:
     return lines
 
 
+def _relu_pair_prelude(backend: Backend) -> list[str]:
+    """The printed Gauss–Legendre rule and the bindings behind ``_relu_cov`` & co."""
+    from nmgen.derivations.bvn import gauss_legendre
+    from nmgen.derivations.cross_covariance import RULE_SIZE
+
+    x, w = gauss_legendre(RULE_SIZE)
+    bind = "numpy_binding" if backend.name == "numpy" else "torch_binding"
+    extra = ", _bvn"
+    return [
+        f"from nmgen.runtime.relu_pair import {bind} as _rp_bind  # noqa: E402",
+        "",
+        f"# {RULE_SIZE}-point Gauss-Legendre rule on [-1, 1] (nodes, weights) for the ReLU pair",
+        "# integrals (derivations/cross_covariance.py), computed by derivations/bvn.py:",
+        "# gauss_legendre with mpmath at 40 digits.",
+        "_RP_RULE = (",
+        "    (" + ", ".join(repr(float(v)) for v in x) + "),",
+        "    (" + ", ".join(repr(float(v)) for v in w) + "),",
+        ")",
+        f"_relu_mean, _relu_second, _relu_var, _relu_cov, _relu_cross = _rp_bind(_RP_RULE{extra})",
+        "",
+    ]
+
+
 def render_dispatcher(d: Dispatcher) -> str:
     """Source of a dispatcher (same for both backends: it only picks a variant)."""
     argnames = [a.symbol.name for a in d.args]
@@ -235,7 +258,8 @@ def render_dispatcher(d: Dispatcher) -> str:
             f"    ``{d.int_arg}`` must be one of {allowed}: each value has its own generated kernel.",
             '    """',
             f"    variants = {table}",
-            f"    if not isinstance({d.int_arg}, int) or {d.int_arg} not in variants:",
+            f"    if (\n        not isinstance({d.int_arg}, int)\n        or isinstance({d.int_arg}, bool)\n"
+            f"        or {d.int_arg} not in variants\n    ):",
             "        raise ValueError(",
             f'            f"{d.name}: {d.int_arg} must be one of {allowed}; got {{{d.int_arg}!r}}"',
             "        )",
@@ -262,6 +286,7 @@ def render_module(backend: Backend, specs: list[KernelSpec] | None = None) -> st
         "",
         *backend.imports,
         *(_bvn_prelude(backend) if _uses(specs, BVN) else []),
+        *(_relu_pair_prelude(backend) if any(_uses(specs, f) for f in RUNTIME_CALLS) else []),
         "",
         "__all__ = ["
         + ", ".join(f'"{k.name}"' for k in [*specs, *dispatchers] if not k.name.startswith("_"))

@@ -12,7 +12,7 @@ import sympy as sp
 from sympy.printing.numpy import SciPyPrinter
 from sympy.printing.pytorch import TorchPrinter
 
-from nmgen.derivations.functions import BVN, Phi, phi
+from nmgen.derivations.functions import BVN, RUNTIME_CALLS, Phi, _RuntimeCall, phi
 
 
 def _fold(expr: sp.Basic) -> sp.Basic:
@@ -88,6 +88,11 @@ class _KernelPrinterMixin:
 
     def _print_BVN(self, expr):
         return "_bvn(" + ", ".join(self._print(a) for a in expr.args) + ")"
+
+    def _print_Function(self, expr):
+        if isinstance(expr, _RuntimeCall):
+            return f"{expr.call_name}(" + ", ".join(self._print(a) for a in expr.args) + ")"
+        return super()._print_Function(expr)
 
     def _print_Abs(self, expr):
         return f"abs({self._print(expr.args[0])})"
@@ -187,6 +192,7 @@ SUPPORTED_FUNCTIONS = (
     Phi,
     phi,
     BVN,
+    *RUNTIME_CALLS,
     sp.exp,
     sp.erf,
     sp.erfc,

@@ -14,6 +14,7 @@ DERIVATION_MODULES = (
     "nmgen.derivations.lemma3",
     "nmgen.derivations.theorem2",
     "nmgen.derivations.exact_cross_moment",
+    "nmgen.derivations.cross_covariance",
     "nmgen.derivations.series_kernel",
     "nmgen.derivations.proposition1",
 )

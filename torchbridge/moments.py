@@ -5,8 +5,10 @@ covariance is evaluated pair by pair on the upper triangle only (so the result i
 symmetric and costs half), in row blocks of at most ``chunk`` pairs, so a call that needs only
 the output variance of g never holds more than O(p · block) temporaries.
 
-Methods for the off-diagonal cross moments E[relu(z_i) relu(z_j)]:
-- ``"exact"``: ``relu_cross_moment`` (closed form through the bivariate normal CDF; ours).
+Methods for the off-diagonal covariances Cov[relu(z_i), relu(z_j)]:
+- ``"exact"``: ``relu_cross_covariance`` (σiσj ∫_0^ρ Φ2 dr in positive-term form; ours): no
+  E[xy] − E[x]E[y] cancellation, so every entry keeps its relative accuracy, e.g. at
+  |μ|/σ = 1e8 or in float32 with small σ.
 - ``"series"``: ``relu_cross_moment_series`` (Lemma 4 truncated to ``terms`` terms; the paper).
 - ``"zero_mean"``: ``relu_cross_moment_zero_mean`` (Lemma 3 / Theorem 2: exact only when the
   mean is 0; for a non-zero mean it reproduces the paper's "old" variance, which ignores the
@@ -32,7 +34,7 @@ _KERNEL_SLICE = 1 << 16  # pairs per cross-kernel call (cache-sized temporaries)
 def _check_method(method: str, terms: int) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
-    if method == "series" and not isinstance(terms, int):
+    if method == "series" and (not isinstance(terms, int) or isinstance(terms, bool)):
         raise TypeError(f"terms must be an int; got {type(terms).__name__}")
 
 
@@ -87,10 +89,20 @@ def _pair_blocks_nd(p: int, chunk: int, device) -> Iterator[tuple[torch.Tensor, 
 
 
 def _cross_kernel(method: str, terms: int) -> Callable:
-    """The general-mean cross-moment kernel of ``method`` ("exact" or "series")."""
+    """The general-mean kernel of ``method``: the covariance ("exact") or the cross moment."""
     if method == "exact":
-        return K.relu_cross_moment
+        return K.relu_cross_covariance
     return lambda m1, m2, s1, s2, r: K.relu_cross_moment_series(m1, m2, s1, s2, r, terms)
+
+
+def _correlation(cij: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """ρ = cij/(σiσj) in [−1, 1]; within 4 eps of ±1 it is ±1 (σ = √Σii rounds, so a
+    duplicated variable gives 1 − 2⁻⁵² instead of 1)."""
+    denom = s1 * s2
+    pos = denom > 0
+    rho = torch.where(pos, cij / torch.where(pos, denom, 1.0), 0.0).clamp(-1.0, 1.0)
+    near = rho.detach().abs() >= 1.0 - 4.0 * torch.finfo(rho.dtype).eps
+    return torch.where(near, rho.detach().sign() + (rho - rho.detach()), rho)
 
 
 def _pair_covariances(
@@ -113,10 +125,7 @@ def _pair_covariances(
     si, sj, dg = i[:ns], j[:ns], i[ns:]
     p = sigma.shape[-1]
     s1, s2 = sigma[..., si], sigma[..., sj]
-    denom = s1 * s2
-    pos = denom > 0
-    cij = cov[..., si * p + sj]
-    rho = torch.where(pos, cij / torch.where(pos, denom, 1.0), 0.0).clamp(-1.0, 1.0)
+    rho = _correlation(cov[..., si * p + sj], s1, s2)
     if method == "zero_mean":  # Theorem 2: the mean of z is ignored (taken as 0)
         e = K.relu_cross_moment_zero_mean(s1, s2, rho)
         m0 = 0.3989422804014327 * sigma  # E[relu(z)] = σ/√(2π) at zero mean (Remark 1)
@@ -135,8 +144,11 @@ def _pair_covariances(
                 ],
                 dim=-1,
             )
-        off = e - rmean[..., si] * rmean[..., sj]
+        off = e if method == "exact" else e - rmean[..., si] * rmean[..., sj]
         _, var = K.relu_mean_variance(mean, sigma)
+        # a duplicated variable (same mean and variance, ρ = 1) has Cov = its variance exactly
+        dup = (rho.detach() == 1.0) & (m1 == m2) & (s1 == s2)
+        off = torch.where(dup, var[..., si], off)
     return torch.cat([off, var[..., dg]], dim=-1)
 
 
@@ -154,6 +166,8 @@ def relu_pair_covariances(
     """
     _check_method(method, terms)
     p = mean.shape[-1]
+    # symmetrised so the gradient w.r.t. cov is symmetric (exactly cov for symmetric input)
+    cov = 0.5 * (cov + cov.transpose(-1, -2))
     sigma = _safe_sqrt(cov.diagonal(dim1=-2, dim2=-1))
     rmean, _ = K.relu_mean_variance(mean, sigma)
     cflat = cov.flatten(-2)
