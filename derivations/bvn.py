@@ -13,7 +13,7 @@ whose error estimate is not tiny (relative to the value) raises ``ArithmeticErro
 
 ``gauss_legendre(n, dps)`` returns the n-point Gauss-Legendre rule on [−1, 1] as decimal
 strings (20 significant digits), computed by Newton iteration on the Legendre polynomial in
-mpmath. The PyTorch kernel ``nmgen.runtime.bvn_torch.bvn_cdf`` uses the rules of sizes 6, 12
+mpmath. The PyTorch kernel ``nmruntime.bvn_torch.bvn_cdf`` uses the rules of sizes 6, 12
 and 20 (the choice of [Genz2004]_, following [DW1990]_).
 
 References

@@ -19,9 +19,9 @@ sign of ρ), so |μ|/σ up to 1e8 and beyond keeps every digit. The cross moment
 E = E[relu x1]E[relu x2] + σ1σ2 C for ρ ≥ 0 (positive terms) and, for ρ < 0,
 E = σ1σ2[E(h, k, −1) + (1 + ρ) L + ∫_{−1}^ρ (ρ − t) φ2 dt] (positive terms).
 The one-variable moments use Laplace's continued fraction for the Mills ratio below
-μ/σ = −2 (``nmgen/runtime/relu_pair.py``), so they too keep relative accuracy to underflow.
+μ/σ = −2 (``nmruntime/relu_pair.py``), so they too keep relative accuracy to underflow.
 
-Numerics (``nmgen/runtime/relu_pair.py``): every integral is a ``RULE_SIZE``-point
+Numerics (``nmruntime/relu_pair.py``): every integral is a ``RULE_SIZE``-point
 Gauss–Legendre rule (nodes and weights computed here with mpmath, printed by nmgen) on a
 sinh-mapped variable centred at the integrand's peak, with the part near |θ| = π/2 in
 v = −log cos θ. Checks: the ρ-derivative and the value at ρ = 0 symbolically (through the

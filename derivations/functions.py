@@ -79,7 +79,7 @@ def to_elementary(expr: sp.Expr) -> sp.Expr:
 
 
 class _RuntimeCall(sp.Function):
-    """A quantity evaluated by ``nmgen.runtime.relu_pair`` (printed as a call to ``_name``).
+    """A quantity evaluated by ``nmruntime.relu_pair`` (printed as a call to ``_name``).
 
     Derived in ``derivations/cross_covariance.py`` (integral forms with positive integrands,
     Gauss–Legendre nodes from mpmath) and verified against the mpmath references.

@@ -12,7 +12,7 @@ Variance. Writing m(h) = hΦ(h) + φ(h) (so E[max(x,0)] = σ m(h)), the identity
 which, unlike "second moment − mean²", does not subtract two numbers ≈ μ² when h ≫ 0
 (proved equal below). σ = 0: relu(μ)², variance 0. For h < −2 both forms cancel; the kernels
 use E[max(x,0)²] = σ²φ(x)·2R(x)F(x)/D(x) (x = −h, Mills ratio R, continued fraction F, D, see
-``nmgen/runtime/relu_pair.py``) and Var = second moment − mean² (mean² < 2% of it there).
+``nmruntime/relu_pair.py``) and Var = second moment − mean² (mean² < 2% of it there).
 """
 
 from __future__ import annotations

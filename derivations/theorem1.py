@@ -12,7 +12,7 @@ The kernel uses ``Phi`` (printed as ``ndtr``) rather than ½(1 − erf(−h/√2
 relative accuracy for h ≪ 0, where 1 + erf(·) cancels. Below h = −2 even μΦ(h) + σφ(h)
 cancels (≈ h² digits lost); the kernel then uses σφ(x)R(x)F(x), x = −h, with the Mills ratio
 R (erfcx) and F = 1/R − x from Laplace's continued fraction (derivations/cross_covariance.py,
-``nmgen/runtime/relu_pair.py``). σ = 0 is the deterministic limit relu(μ).
+``nmruntime/relu_pair.py``). σ = 0 is the deterministic limit relu(μ).
 """
 
 from __future__ import annotations

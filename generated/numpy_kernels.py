@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy
 import scipy.special
 
-from nmgen.runtime.numpy_support import prepare as _prepare
-from nmgen.runtime.bvn_numpy import bvn_cdf as _bvn
+from nmruntime.numpy_support import prepare as _prepare
+from nmruntime.bvn_numpy import bvn_cdf as _bvn
 
-from nmgen.runtime.relu_pair import numpy_binding as _rp_bind  # noqa: E402
+from nmruntime.relu_pair import numpy_binding as _rp_bind  # noqa: E402
 
 # 32-point Gauss-Legendre rule on [-1, 1] (nodes, weights) for the ReLU pair
 # integrals (derivations/cross_covariance.py), computed by derivations/bvn.py:

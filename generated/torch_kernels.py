@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from nmgen.runtime.torch_support import prepare as _prepare
-from nmgen.runtime.bvn_torch import bvn_cdf as _bvn_cdf
+from nmruntime.torch_support import prepare as _prepare
+from nmruntime.bvn_torch import bvn_cdf as _bvn_cdf
 
 # Gauss-Legendre rules on [-1, 1] (nodes, weights), computed by
 # derivations/bvn.py:gauss_legendre with mpmath at 40 digits.
@@ -31,7 +31,7 @@ _GL_RULES = {
 def _bvn(h, k, rho):
     return _bvn_cdf(h, k, rho, rules=_GL_RULES)
 
-from nmgen.runtime.relu_pair import torch_binding as _rp_bind  # noqa: E402
+from nmruntime.relu_pair import torch_binding as _rp_bind  # noqa: E402
 
 # 32-point Gauss-Legendre rule on [-1, 1] (nodes, weights) for the ReLU pair
 # integrals (derivations/cross_covariance.py), computed by derivations/bvn.py:

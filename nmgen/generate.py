@@ -50,7 +50,7 @@ BACKENDS = (
             "import numpy",
             "import scipy.special",
             "",
-            "from nmgen.runtime.numpy_support import prepare as _prepare",
+            "from nmruntime.numpy_support import prepare as _prepare",
         ),
         "NumPy/SciPy kernels: elementwise, broadcasting, float32 and float64.",
     ),
@@ -60,7 +60,7 @@ BACKENDS = (
         TorchKernelPrinter,
         "torch.where",
         "torch.full_like",
-        ("import torch", "", "from nmgen.runtime.torch_support import prepare as _prepare"),
+        ("import torch", "", "from nmruntime.torch_support import prepare as _prepare"),
         "PyTorch kernels: elementwise, broadcasting, float32 and float64, any device, "
         "differentiable by autograd (untaken branches are evaluated on masked inputs, so "
         "their gradients are never NaN).",
@@ -193,11 +193,11 @@ def _uses(specs: list[KernelSpec], func: type) -> bool:
 def _bvn_prelude(backend: Backend) -> list[str]:
     """Imports (and, for torch, the printed Gauss–Legendre constants) behind ``_bvn``."""
     if backend.name == "numpy":
-        return ["from nmgen.runtime.bvn_numpy import bvn_cdf as _bvn", ""]
+        return ["from nmruntime.bvn_numpy import bvn_cdf as _bvn", ""]
     from nmgen.derivations.bvn import GENZ_RULE_SIZES, gauss_legendre
 
     lines = [
-        "from nmgen.runtime.bvn_torch import bvn_cdf as _bvn_cdf",
+        "from nmruntime.bvn_torch import bvn_cdf as _bvn_cdf",
         "",
         "# Gauss-Legendre rules on [-1, 1] (nodes, weights), computed by",
         "# derivations/bvn.py:gauss_legendre with mpmath at 40 digits.",
@@ -229,7 +229,7 @@ def _relu_pair_prelude(backend: Backend) -> list[str]:
     bind = "numpy_binding" if backend.name == "numpy" else "torch_binding"
     extra = ", _bvn"
     return [
-        f"from nmgen.runtime.relu_pair import {bind} as _rp_bind  # noqa: E402",
+        f"from nmruntime.relu_pair import {bind} as _rp_bind  # noqa: E402",
         "",
         f"# {RULE_SIZE}-point Gauss-Legendre rule on [-1, 1] (nodes, weights) for the ReLU pair",
         "# integrals (derivations/cross_covariance.py), computed by derivations/bvn.py:",

@@ -9,11 +9,11 @@ import mpmath as mp
 import numpy as np
 import pytest
 import torch
+from nmgen.derivations.bvn import GENZ_RULE_SIZES, bvn_cdf_mp, gauss_legendre
 from scipy.special import ndtr
 
-from derivations.bvn import GENZ_RULE_SIZES, bvn_cdf_mp, gauss_legendre
-from nmgen.runtime.bvn_numpy import bvn_cdf as bvn_np
-from nmgen.runtime.bvn_torch import bvn_cdf as bvn_t
+from nmruntime.bvn_numpy import bvn_cdf as bvn_np
+from nmruntime.bvn_torch import bvn_cdf as bvn_t
 
 S2 = 1 / math.sqrt(2)
 RHOS = [
