@@ -430,7 +430,7 @@ def add_parser(sub) -> None:
         "--train-seed", type=int, default=0, help="training seed of the models (default: 0)"
     )
     p.add_argument(
-        "--images", type=int, default=12, help="test images attacked per model (default: 12)"
+        "--images", type=int, default=10, help="test images attacked per model (default: 10)"
     )
     p.add_argument(
         "--start", type=int, default=200, help="first test index considered (default: 200)"
