@@ -56,7 +56,7 @@ from torchbridge.experiments.common import (
     write_json,
     write_markdown,
 )
-from torchbridge.experiments.robust import METHOD_NAMES, _ints, _names, build_methods
+from torchbridge.experiments.robust import _ints, add_model_args, build_methods
 from torchbridge.robust import Method, TrainSettings, cached_robust_lenet
 
 #: An image counts as fooled when at least this fraction of its noisy samples is.
@@ -235,7 +235,7 @@ def run(args: argparse.Namespace) -> dict:
         samples=args.samples,
         seed=args.seed,
     )
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     loaded, missing = load_models(model_specs(args), args.cache_dir)
     for label in missing:
         print(f"not cached, skipped: {label}", flush=True)
@@ -274,6 +274,7 @@ def run(args: argparse.Namespace) -> dict:
         "attack_settings": asdict(settings),
         "missing": missing,
         "total_seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu,
         "run": run_info(args),
         "models": models,
     }
@@ -310,7 +311,7 @@ def render_markdown(results: dict) -> str:
         f"{a['sparse_maxiter']} per round. ± = one standard error over images; 'fooled' = "
         f"≥ {FOOLED_AT:.0%} of the samples; grey levels on the 0..255 scale; "
         f"{results['run']['threads']} torch thread(s); whole run "
-        f"{results['total_seconds']:.0f} s.\n\n"
+        f"{results['total_seconds']:.0f} s wall, {results['cpu_seconds']:.0f} s CPU.\n\n"
     )
     headers = [
         "model",
@@ -390,41 +391,13 @@ def add_parser(sub) -> None:
     )
     add_common_args(p, device=False)
     p.set_defaults(bounds=list(DEFAULT_BOUNDS), func=lambda a: (run(a), 0)[1])
-    p.add_argument(
-        "--methods",
-        type=_names,
-        default=list(METHOD_NAMES),
-        help=f"comma-separated subset of {','.join(METHOD_NAMES)} (default: all)",
-    )
-    p.add_argument(
-        "--copies",
-        type=_ints,
-        default=[1, 3, 10, 21],
-        help="augmentation copies of the cached models, comma-separated (default: 1,3,10,21)",
-    )
+    add_model_args(p)
     p.add_argument(
         "--epochs",
         type=_ints,
         default=[3, 6],
         help="training epochs of the cached models, comma-separated; uncached combinations "
         "are skipped (default: 3,6)",
-    )
-    p.add_argument(
-        "--batch-size", type=int, default=64, help="training batch size of the models (default: 64)"
-    )
-    p.add_argument("--lr", type=float, default=1e-3, help="training Adam rate (default: 1e-3)")
-    p.add_argument(
-        "--sigma-train",
-        type=float,
-        default=0.25,
-        help="training noise std of the models, pixel units (default: 0.25)",
-    )
-    p.add_argument("--lam", type=float, default=1.0, help="regularizer weight λ (default: 1)")
-    p.add_argument(
-        "--probit-images",
-        type=int,
-        default=1,
-        help="probit model's regularized images per batch (default: 1)",
     )
     p.add_argument(
         "--train-seed", type=int, default=0, help="training seed of the models (default: 0)"
@@ -467,11 +440,6 @@ def add_parser(sub) -> None:
         help="clipped noisy samples per attack for the fooling rate (default: 1000)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
-    p.add_argument(
-        "--cache-dir",
-        default=None,
-        help="checkpoint folder (default: $NM_CACHE_DIR or the user cache dir)",
-    )
     p.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
