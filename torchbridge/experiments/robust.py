@@ -252,9 +252,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="noisy copies per image for augmentation, comma-separated (default: 1,3,10,21)",
     )
     p.add_argument(
-        "--batch-size", type=int, default=64, help="clean images per batch (default: 64)"
+        "--batch-size", type=int, default=64, help="training: clean images per batch (default: 64)"
     )
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    p.add_argument(
+        "--lr", type=float, default=1e-3, help="training: Adam learning rate (default: 1e-3)"
+    )
     p.add_argument(
         "--sigma-train",
         type=float,
@@ -275,15 +277,27 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_parser(sub) -> None:
-    """Register ``nm robust``."""
+def command_parser(sub, name: str, help_: str, doc: str) -> argparse.ArgumentParser:
+    """Subcommand ``name`` of the robust-training commands: ``--help`` shows ``help_`` in the
+    command list and ``doc`` minus its title line as the description; --out and --seed."""
     p = sub.add_parser(
-        "robust",
-        help="train LeNet robust to Gaussian noise (augmentation vs moment regularizer)",
-        description=__doc__.split("\n\n", 1)[1],
+        name,
+        help=help_,
+        description=doc.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_common_args(p, device=False)
+    return p
+
+
+def add_parser(sub) -> None:
+    """Register ``nm robust``."""
+    p = command_parser(
+        sub,
+        "robust",
+        "train LeNet robust to Gaussian noise (augmentation vs moment regularizer)",
+        __doc__,
+    )
     add_model_args(p)
     p.add_argument("--epochs", type=int, default=3, help="training epochs (default: 3)")
     p.add_argument(

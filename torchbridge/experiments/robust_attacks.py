@@ -49,14 +49,13 @@ from torchbridge.attacks import (
 from torchbridge.data import mnist
 from torchbridge.experiments.attack_figures import run_info
 from torchbridge.experiments.common import (
-    add_common_args,
     markdown_table,
     out_dir,
     save_figure,
     write_json,
     write_markdown,
 )
-from torchbridge.experiments.robust import _ints, add_model_args, build_methods
+from torchbridge.experiments.robust import _ints, add_model_args, build_methods, command_parser
 from torchbridge.robust import Method, TrainSettings, cached_robust_lenet
 
 #: An image counts as fooled when at least this fraction of its noisy samples is.
@@ -383,13 +382,12 @@ def plot(results: dict, out) -> None:
 
 def add_parser(sub) -> None:
     """Register ``nm robust-attacks``."""
-    p = sub.add_parser(
+    p = command_parser(
+        sub,
         "robust-attacks",
-        help="Gaussian attacks (Eq. 7, Eq. 9) against every LeNet cached by `nm robust`",
-        description=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "Gaussian attacks (Eq. 7, Eq. 9) against every LeNet cached by `nm robust`",
+        __doc__,
     )
-    add_common_args(p, device=False)
     p.set_defaults(bounds=list(DEFAULT_BOUNDS), func=lambda a: (run(a), 0)[1])
     add_model_args(p)
     p.add_argument(
