@@ -205,6 +205,15 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def paired_ratio(rows: list[dict], reference: list[dict], attack: str, key: str) -> dict:
+    """Geometric mean over images of ``rows[i][attack][key] / reference[i][attack][key]``
+    (the same images, in order) with the standard error of the mean log-ratio: the
+    ``[low, high]`` band is ``exp(mean log ± se)``."""
+    logs = [math.log(r[attack][key] / q[attack][key]) for r, q in zip(rows, reference, strict=True)]
+    mean, se = _mean_se(logs)
+    return {"ratio": math.exp(mean), "low": math.exp(mean - se), "high": math.exp(mean + se)}
+
+
 def model_specs(args: argparse.Namespace) -> list[tuple[Method, TrainSettings]]:
     """Every (method, training settings) of ``--methods`` × ``--epochs`` (`nm robust`'s)."""
     specs = []
@@ -266,6 +275,8 @@ def run(args: argparse.Namespace) -> dict:
             }
         )
     bar.close()
+    for m in models:  # paired with the first model on the same images
+        m["eq9_l1_vs_first"] = paired_ratio(m["rows"], models[0]["rows"], "eq9", "l1_grey")
     results = {
         "images": chosen,
         "image_rule": f"first {args.images} test images from index {args.start} on that every "
@@ -308,7 +319,9 @@ def render_markdown(results: dict) -> str:
         f"σ² ≤ {a['sigma2_max'] * 255**2:g}/255², SLSQP cap {a['targeted_maxiter']}. Eq. 9: "
         f"γ = {a['gamma']:g}, σ² = {a['sigma2'] * 255**2:g}/255², SLSQP cap "
         f"{a['sparse_maxiter']} per round. ± = one standard error over images; 'fooled' = "
-        f"≥ {FOOLED_AT:.0%} of the samples; grey levels on the 0..255 scale; "
+        f"≥ {FOOLED_AT:.0%} of the samples; grey levels on the 0..255 scale; ‖μ‖₁ ratio: "
+        "geometric mean over the same images of the per-image ratio to the first model's, "
+        "[ ] = ± one standard error of the mean log-ratio; "
         f"{results['run']['threads']} torch thread(s); whole run "
         f"{results['total_seconds']:.0f} s wall, {results['cpu_seconds']:.0f} s CPU.\n\n"
     )
@@ -321,6 +334,7 @@ def render_markdown(results: dict) -> str:
         "Eq. 9 fooled / success / cap / repaired",
         "Eq. 9 ‖μ‖₂",
         "Eq. 9 ‖μ‖₁ (grey)",
+        f"Eq. 9 ‖μ‖₁ / {results['models'][0]['method']}'s",
         "Eq. 9 sparsity",
         "s per image",
     ]
@@ -338,6 +352,7 @@ def render_markdown(results: dict) -> str:
                 f"{s9['restored']} of {n}",
                 _pm(s9, "l2", ".2f"),
                 _pm(s9, "l1_grey", ".0f"),
+                "{ratio:.2f} [{low:.2f}, {high:.2f}]".format(**m["eq9_l1_vs_first"]),
                 _pm(s9, "sparsity", ".3f"),
                 f"{m['seconds'] / n:.1f}",
             ]
