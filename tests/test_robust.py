@@ -408,3 +408,15 @@ def test_nm_robust_attacks_plumbing(pixel_checkpoint, tmp_path) -> None:
         assert s[name]["fooled_images"] == sum(r >= 0.5 for r in rates)
     assert (out / "robust_attacks.png").is_file()
     assert "Eq. 9 ‖μ‖₁" in (out / "robust_attacks.md").read_text()
+
+
+def test_paired_ratio_is_the_geometric_mean_of_per_image_ratios() -> None:
+    from torchbridge.experiments.robust_attacks import paired_ratio
+
+    ref = [{"eq9": {"l1_grey": v}} for v in (100.0, 200.0, 400.0)]
+    rows = [{"eq9": {"l1_grey": v}} for v in (200.0, 200.0, 1600.0)]  # ratios 2, 1, 4
+    out = paired_ratio(rows, ref, "eq9", "l1_grey")
+    assert out["ratio"] == pytest.approx(2.0, rel=1e-14)  # (2 · 1 · 4)^(1/3)
+    se = float(np.std(np.log([2.0, 1.0, 4.0]), ddof=1)) / math.sqrt(3)
+    assert out["low"] == pytest.approx(2.0 * math.exp(-se), rel=1e-14)
+    assert out["high"] == pytest.approx(2.0 * math.exp(se), rel=1e-14)
