@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import integrate, stats
-from standins import tiny_mnist, tiny_net
+from standins import pixel_class_data, pixel_class_net, tiny_mnist, tiny_net
 from torch import nn
 from torch.nn import functional
 
@@ -316,3 +316,107 @@ def test_nm_bench_regularizer_smoke(monkeypatch, tmp_path) -> None:
     res = json.loads((out / "bench_regularizer.json").read_text())
     assert len(res["rows"]) == 6 and all(r["seconds"] > 0 for r in res["rows"])
     assert res["rows"][0]["per_image_vs_plain"] == 1.0
+
+
+def test_cached_loader_never_trains(tiny_lenet, tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="never trains"):
+        robust.cached_robust_lenet(Method("plain"), TrainSettings(epochs=1), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def _recount(
+    model: nn.Module, image: torch.Tensor, mu: torch.Tensor, sigma2: float, target: int | None
+) -> float:
+    """Fooling rate re-counted here: the real network on clip(image + μ + σ z), 64 draws of
+    z ~ N(0, I) in float64 from ``torch.Generator().manual_seed(3)``; hit = classified as
+    ``target``, or (``target`` None) not as the clean image's class."""
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn((64, *image.shape), generator=gen, dtype=torch.float64)
+    x = (image.double() + mu + math.sqrt(sigma2) * z).clamp(0, 1)
+    with torch.no_grad():
+        pred = model(x.float()).argmax(1)
+        source = int(model(image[None]).argmax())
+    hit = pred == target if target is not None else pred != source
+    return float(hit.double().mean())
+
+
+@pytest.fixture
+def pixel_checkpoint(monkeypatch, tmp_path):
+    """A cached "LeNet" checkpoint that is ``pixel_class_net`` (attacks can fool it) and
+    ``pixel_class_data`` as MNIST's test split; returns (model, test_x, test_y, cache)."""
+    import torchbridge.data
+    import torchbridge.experiments.robust_attacks as cmd
+    import torchbridge.models
+
+    x, y = pixel_class_data(per_class=1)
+    monkeypatch.setattr(torchbridge.models, "lenet", lambda: pixel_class_net())
+    monkeypatch.setattr(cmd, "mnist", lambda: (x, y, x, y))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    weights, meta = robust._checkpoint_paths(Method("plain"), TrainSettings(epochs=1), cache)
+    torch.save(pixel_class_net().state_dict(), weights)
+    meta.write_text(json.dumps({"epoch_seconds": [1.0], "steps_per_epoch": 1, "final_loss": 0}))
+    return pixel_class_net(), x, y, cache
+
+
+def test_nm_robust_attacks_plumbing(pixel_checkpoint, tmp_path) -> None:
+    """1 model, 2 images, 64 samples: saved images + μ within [0, 1], fooling rates re-counted
+    here on the real network from the saved μ and σ², runner-up targets, missing models
+    listed and not trained. Large noise and a small β put rates strictly inside (0, 1), so
+    a wrong seed or sample count would change them."""
+    from torchbridge.cli import main
+
+    model, test_x, test_y, cache = pixel_checkpoint
+    out = tmp_path / "out"
+    argv = ["robust-attacks", "--methods", "plain", "--epochs", "1,2", "--images", "2"]
+    argv += ["--start", "0", "--samples", "64", "--seed", "3", "--targeted-maxiter", "10"]
+    argv += ["--sparse-maxiter", "20", "--beta", "10", "--sigma2-max", "1000"]
+    argv += ["--sigma2", "1000", "--gamma", "0"]
+    rc = main([*argv, "--cache-dir", str(cache), "--out", str(out), "--no-progress"])
+    assert rc == 0
+    res = json.loads((out / "robust_attacks.json").read_text())
+    assert res["missing"] == ["plain CE, 2 epochs"]  # listed, not trained
+    assert len(list(cache.glob("*.pt"))) == 1
+    (entry,) = res["models"]
+    sol = torch.load(out / "robust_attacks_mu.pt", weights_only=True)
+    assert sol["attacks"] == ("eq7", "eq9") and sol["mu"].shape == (1, 2, 2, 1, 8, 8)
+    with torch.no_grad():
+        logits = model(test_x)
+    assert sol["images"].tolist() == res["images"] == [0, 1]
+    assert all(int(logits[i].argmax()) == int(test_y[i]) for i in res["images"])
+    assert res["run"]["seed"] == 3 and res["run"]["threads"] == 1 and res["run"]["torch"]
+    inside = set()
+    for k, row in enumerate(entry["rows"]):
+        i = row["image"]
+        source, target = (int(c) for c in logits[i].argsort(descending=True)[:2])
+        assert (row["source"], row["target"]) == (source, target)  # runner-up target
+        for a, name in enumerate(("eq7", "eq9")):
+            mu, sigma2 = sol["mu"][0, k, a], float(sol["sigma2"][0, k, a])
+            seen = test_x[i].double() + mu
+            assert seen.min() >= -1e-12 and seen.max() <= 1 + 1e-12
+            assert -1e-12 <= row[name]["image_mu_min"] <= row[name]["image_mu_max"] <= 1 + 1e-12
+            rate = _recount(model, test_x[i], mu, sigma2, target if name == "eq7" else None)
+            assert row[name]["fooling_rate"] == rate
+            assert row[name]["l2"] == pytest.approx(float(mu.norm()), rel=1e-12)
+            if 0 < rate < 1:
+                inside.add(name)
+    assert inside == {"eq7", "eq9"}
+    s = entry["summary"]
+    for name in ("eq7", "eq9"):
+        rates = [row[name]["fooling_rate"] for row in entry["rows"]]
+        assert s[name]["fooling_rate"] == pytest.approx(sum(rates) / 2, abs=1e-15)
+        assert s[name]["fooled_images"] == sum(r >= 0.5 for r in rates)
+    assert (out / "robust_attacks.png").is_file()
+    assert "Eq. 9 ‖μ‖₁" in (out / "robust_attacks.md").read_text()
+
+
+def test_paired_ratio_is_the_geometric_mean_of_per_image_ratios() -> None:
+    from torchbridge.experiments.robust_attacks import paired_ratio
+
+    ref = [{"eq9": {"l1_grey": v}} for v in (100.0, 200.0, 400.0)]
+    rows = [{"eq9": {"l1_grey": v}} for v in (200.0, 200.0, 1600.0)]  # ratios 2, 1, 4
+    out = paired_ratio(rows, ref, "eq9", "l1_grey")
+    assert out["ratio"] == pytest.approx(2.0, rel=1e-14)  # (2 · 1 · 4)^(1/3)
+    se = float(np.std(np.log([2.0, 1.0, 4.0]), ddof=1)) / math.sqrt(3)
+    assert out["low"] == pytest.approx(2.0 * math.exp(-se), rel=1e-14)
+    assert out["high"] == pytest.approx(2.0 * math.exp(se), rel=1e-14)

@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "torchbridge.experiments.attack_figures",
     "torchbridge.experiments.targeted_pairs",
     "torchbridge.experiments.robust",
+    "torchbridge.experiments.robust_attacks",
 )
 #: Modules that contribute `nm bench ...` subcommands.
 BENCH_MODULES = (

@@ -41,6 +41,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from nmgen.generated import torch_kernels as K
@@ -54,6 +55,7 @@ __all__ = [
     "Method",
     "TrainResult",
     "TrainSettings",
+    "cached_robust_lenet",
     "clipped_noise_moments",
     "expected_logits_first_relu",
     "linearized_output_moments",
@@ -449,6 +451,51 @@ def _slug(method: Method, settings: TrainSettings) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "", text.replace("-", "m"))
 
 
+def _checkpoint_paths(
+    method: Method, settings: TrainSettings, cache_dir: str | os.PathLike[str] | None
+) -> tuple[Path, Path]:
+    """``(weights .pt, metadata .json)`` of ``method`` and ``settings`` in the cache folder."""
+    from torchbridge.models import cache_dir as resolve_cache
+
+    stem = f"lenet_mnist_robust_{_slug(method, settings)}"
+    folder = resolve_cache(cache_dir)
+    return folder / f"{stem}.pt", folder / f"{stem}.json"
+
+
+def cached_robust_lenet(
+    method: Method,
+    settings: TrainSettings = TrainSettings(),
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> tuple[nn.Sequential, TrainResult]:
+    """The LeNet cached by :func:`trained_robust_lenet` for ``method`` and ``settings``, in eval
+    mode, with its recorded training times; never trains.
+
+    Raises:
+        FileNotFoundError: no checkpoint (``.pt`` and ``.json``) for this method and these
+            settings in the cache folder (train it first with ``nm robust``).
+    """
+    from torchbridge.models import lenet
+
+    weights, meta_path = _checkpoint_paths(method, settings, cache_dir)
+    if not (weights.is_file() and meta_path.is_file()):
+        raise FileNotFoundError(
+            f"no cached checkpoint for {method.label!r} with {settings} ({weights.name} in "
+            f"{weights.parent}); train it with `nm robust` (this loader never trains)"
+        )
+    meta = json.loads(meta_path.read_text())
+    model = lenet()
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    result = TrainResult(
+        method,
+        settings,
+        epoch_seconds=list(meta["epoch_seconds"]),
+        steps_per_epoch=int(meta["steps_per_epoch"]),
+        final_loss=float(meta["final_loss"]),
+        from_cache=True,
+    )
+    return model.eval(), result
+
+
 def trained_robust_lenet(
     method: Method,
     settings: TrainSettings = TrainSettings(),
@@ -464,25 +511,12 @@ def trained_robust_lenet(
     ``torch.manual_seed(settings.seed)`` for every method.
     """
     from torchbridge.data import mnist
-    from torchbridge.models import cache_dir as resolve_cache
     from torchbridge.models import lenet
 
-    stem = f"lenet_mnist_robust_{_slug(method, settings)}"
-    folder = resolve_cache(cache_dir)
-    weights, meta_path = folder / f"{stem}.pt", folder / f"{stem}.json"
-    model = lenet()
+    weights, meta_path = _checkpoint_paths(method, settings, cache_dir)
     if not retrain and weights.is_file() and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        result = TrainResult(
-            method,
-            settings,
-            epoch_seconds=list(meta["epoch_seconds"]),
-            steps_per_epoch=int(meta["steps_per_epoch"]),
-            final_loss=float(meta["final_loss"]),
-            from_cache=True,
-        )
-        return model.eval(), result
+        return cached_robust_lenet(method, settings, cache_dir)
+    folder = weights.parent
     train_x, train_y, _, _ = mnist()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)

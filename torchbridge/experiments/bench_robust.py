@@ -20,12 +20,12 @@ from torch.nn import functional
 
 from torchbridge.data import mnist
 from torchbridge.experiments.common import (
-    add_common_args,
     markdown_table,
     median_time,
     write_json,
     write_markdown,
 )
+from torchbridge.experiments.robust import command_parser
 from torchbridge.linearize import two_stage_linearize
 from torchbridge.models import trained_lenet
 from torchbridge.robust import Method, linearized_output_moments, robust_loss
@@ -112,13 +112,12 @@ def run_bench(args: argparse.Namespace) -> dict:
 
 def add_bench_parser(bench_subparsers) -> None:
     """Register `nm bench regularizer`."""
-    p = bench_subparsers.add_parser(
+    p = command_parser(
+        bench_subparsers,
         "regularizer",
-        help="cost of the moment regularizers vs a plain training step (LeNet)",
-        description=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "cost of the moment regularizers vs a plain training step (LeNet)",
+        __doc__,
     )
-    add_common_args(p, device=False)
     p.add_argument("--batch-size", type=int, default=64, help="training digits (default 64)")
     p.add_argument("--sigma", type=float, default=0.25, help="noise std (default 0.25)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (median; default 5)")

@@ -235,26 +235,28 @@ def _names(text: str) -> list[str]:
     return names
 
 
-def add_parser(sub) -> None:
-    """Register ``nm robust``."""
-    p = sub.add_parser(
-        "robust",
-        help="train LeNet robust to Gaussian noise (augmentation vs moment regularizer)",
-        description=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_common_args(p, device=False)
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Flags that say which LeNets are meant (`nm robust` trains them, `nm robust-attacks`
+    loads them): --methods, --copies, --batch-size, --lr, --sigma-train, --lam,
+    --probit-images, --cache-dir."""
     p.add_argument(
         "--methods",
         type=_names,
         default=list(METHOD_NAMES),
         help=f"comma-separated subset of {','.join(METHOD_NAMES)} (default: all)",
     )
-    p.add_argument("--epochs", type=int, default=3, help="training epochs (default: 3)")
     p.add_argument(
-        "--batch-size", type=int, default=64, help="clean images per batch (default: 64)"
+        "--copies",
+        type=_ints,
+        default=[1, 3, 10, 21],
+        help="noisy copies per image for augmentation, comma-separated (default: 1,3,10,21)",
     )
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    p.add_argument(
+        "--batch-size", type=int, default=64, help="training: clean images per batch (default: 64)"
+    )
+    p.add_argument(
+        "--lr", type=float, default=1e-3, help="training: Adam learning rate (default: 1e-3)"
+    )
     p.add_argument(
         "--sigma-train",
         type=float,
@@ -263,17 +265,41 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--lam", type=float, default=1.0, help="regularizer weight λ (default: 1)")
     p.add_argument(
-        "--copies",
-        type=_ints,
-        default=[1, 3, 10, 21],
-        help="noisy copies per image for augmentation, comma-separated (default: 1,3,10,21)",
-    )
-    p.add_argument(
         "--probit-images",
         type=int,
         default=1,
         help="images per batch the probit regularizer is evaluated on (default: 1)",
     )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="checkpoint folder (default: $NM_CACHE_DIR or the user cache dir)",
+    )
+
+
+def command_parser(sub, name: str, help_: str, doc: str) -> argparse.ArgumentParser:
+    """Subcommand ``name`` of the robust-training commands: ``--help`` shows ``help_`` in the
+    command list and ``doc`` minus its title line as the description; --out and --seed."""
+    p = sub.add_parser(
+        name,
+        help=help_,
+        description=doc.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common_args(p, device=False)
+    return p
+
+
+def add_parser(sub) -> None:
+    """Register ``nm robust``."""
+    p = command_parser(
+        sub,
+        "robust",
+        "train LeNet robust to Gaussian noise (augmentation vs moment regularizer)",
+        __doc__,
+    )
+    add_model_args(p)
+    p.add_argument("--epochs", type=int, default=3, help="training epochs (default: 3)")
     p.add_argument(
         "--sigmas",
         type=_floats,
@@ -288,11 +314,6 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--threads", type=int, default=1, help="torch.set_num_threads (default: 1; 0: leave)"
-    )
-    p.add_argument(
-        "--cache-dir",
-        default=None,
-        help="checkpoint folder (default: $NM_CACHE_DIR or the user cache dir)",
     )
     p.add_argument(
         "--retrain", action="store_true", help="train even if a cached checkpoint exists"
