@@ -34,7 +34,8 @@ produced by ``derivations.bvn.gauss_legendre(n)``, converted to floats) are pass
 * as ``rules={6: (nodes6, weights6), 12: (nodes12, weights12), 20: (nodes20, weights20)}``:
   Genz's size selection (key 20 required; a missing 6 or 12 falls back to the next larger).
 
-With neither, the 6/12/20 rules are taken from ``numpy.polynomial.legendre.leggauss``.
+With neither, the 6/12/20 rules come from ``generated/gauss_legendre.py`` (printed by nmgen
+from ``derivations.bvn.gauss_legendre``: the one copy of the constants).
 
 .. [Genz2004] A. Genz, "Numerical computation of rectangular bivariate and trivariate normal
    and t probabilities", Statistics and Computing 14 (2004) 251-260.
@@ -48,7 +49,6 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -66,10 +66,11 @@ _SQRT1_2 = math.sqrt(0.5)
 _ONE = torch.ones(())
 
 
-@functools.cache
-def _default_rule(n: int) -> Rule:
-    x, w = np.polynomial.legendre.leggauss(n)
-    return tuple(float(v) for v in x), tuple(float(v) for v in w)
+def _default_rules() -> Mapping[int, Rule]:
+    """The 6/12/20-point rules printed by nmgen (generated/gauss_legendre.py, the one copy)."""
+    from nmgen.generated.gauss_legendre import GENZ_SIZES, RULES
+
+    return {n: RULES[n] for n in GENZ_SIZES}
 
 
 def _resolve_rules(
@@ -89,7 +90,7 @@ def _resolve_rules(
         one = (tuple(float(v) for v in nodes), tuple(float(v) for v in weights))
         return one, one, one
     if rules is None:
-        rules = {n: _default_rule(n) for n in (6, 12, 20)}
+        rules = _default_rules()
     if 20 not in rules:
         raise ValueError("bvn_cdf: rules must contain the 20-point rule (key 20)")
     conv = {

@@ -7,7 +7,13 @@ import torch
 _FLOATS = (torch.float32, torch.float64)
 
 
-def prepare(name: str, values: tuple, names: tuple[str, ...], kinds: tuple[str, ...]):
+def prepare(
+    name: str,
+    values: tuple,
+    names: tuple[str, ...],
+    kinds: tuple[str, ...],
+    validate: bool = True,
+):
     """Convert, type-check, broadcast and domain-check kernel arguments.
 
     Args:
@@ -16,6 +22,9 @@ def prepare(name: str, values: tuple, names: tuple[str, ...], kinds: tuple[str, 
             (float64 on CPU when no argument is a tensor).
         names: argument names; kinds: "real" | "extreal" (±inf allowed) | "nonneg" | "corr"
             per argument.
+        validate: check the values (finite, σ >= 0, |ρ| <= 1); False skips those checks
+            (dtypes, devices and shapes are always checked): no data-dependent Python
+            control flow, for hot loops and ``torch.compile``.
 
     Returns:
         tuple of tensors with one dtype (the promoted float dtype of the tensor arguments),
@@ -49,6 +58,8 @@ def prepare(name: str, values: tuple, names: tuple[str, ...], kinds: tuple[str, 
     except RuntimeError:
         shapes = ", ".join(f"{n}{tuple(t.shape)}" for n, t in zip(names, out, strict=True))
         raise ValueError(f"{name}: argument shapes do not broadcast: {shapes}") from None
+    if not validate:
+        return tuple(out)
     for n, t, kind in zip(names, out, kinds, strict=True):
         d = t.detach()
         if kind == "extreal" and bool(torch.isnan(d).any()):

@@ -36,6 +36,8 @@ def _check_method(method: str, terms: int) -> None:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     if method == "series" and (not isinstance(terms, int) or isinstance(terms, bool)):
         raise TypeError(f"terms must be an int; got {type(terms).__name__}")
+    if method == "series" and terms < 1:
+        raise ValueError(f"terms must be an int >= 1; got {terms}")
 
 
 def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
@@ -91,8 +93,10 @@ def _pair_blocks_nd(p: int, chunk: int, device) -> Iterator[tuple[torch.Tensor, 
 def _cross_kernel(method: str, terms: int) -> Callable:
     """The general-mean kernel of ``method``: the covariance ("exact") or the cross moment."""
     if method == "exact":
-        return K.relu_cross_covariance
-    return lambda m1, m2, s1, s2, r: K.relu_cross_moment_series(m1, m2, s1, s2, r, terms)
+        return lambda m1, m2, s1, s2, r: K.relu_cross_covariance(m1, m2, s1, s2, r, validate=False)
+    return lambda m1, m2, s1, s2, r: K.relu_cross_moment_series(
+        m1, m2, s1, s2, r, terms, validate=False
+    )
 
 
 def _correlation(cij: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
@@ -127,10 +131,10 @@ def _pair_covariances(
     s1, s2 = sigma[..., si], sigma[..., sj]
     rho = _correlation(cov[..., si * p + sj], s1, s2)
     if method == "zero_mean":  # Theorem 2: the mean of z is ignored (taken as 0)
-        e = K.relu_cross_moment_zero_mean(s1, s2, rho)
+        e = K.relu_cross_moment_zero_mean(s1, s2, rho, validate=False)
         m0 = 0.3989422804014327 * sigma  # E[relu(z)] = σ/√(2π) at zero mean (Remark 1)
         off = e - m0[..., si] * m0[..., sj]
-        var = K.relu_variance(torch.zeros_like(sigma), sigma)
+        var = K.relu_variance(torch.zeros_like(sigma), sigma, validate=False)
     else:
         m1, m2 = mean[..., si], mean[..., sj]
         kern = _cross_kernel(method, terms)
@@ -145,7 +149,7 @@ def _pair_covariances(
                 dim=-1,
             )
         off = e if method == "exact" else e - rmean[..., si] * rmean[..., sj]
-        _, var = K.relu_mean_variance(mean, sigma)
+        _, var = K.relu_mean_variance(mean, sigma, validate=False)
         # a duplicated variable (same mean and variance, ρ = 1) has Cov = its variance exactly
         dup = (rho.detach() == 1.0) & (m1 == m2) & (s1 == s2)
         off = torch.where(dup, var[..., si], off)
@@ -169,7 +173,7 @@ def relu_pair_covariances(
     # symmetrised so the gradient w.r.t. cov is symmetric (exactly cov for symmetric input)
     cov = 0.5 * (cov + cov.transpose(-1, -2))
     sigma = _safe_sqrt(cov.diagonal(dim1=-2, dim2=-1))
-    rmean, _ = K.relu_mean_variance(mean, sigma)
+    rmean, _ = K.relu_mean_variance(mean, sigma, validate=False)
     cflat = cov.flatten(-2)
     for i, j, nd in _pair_blocks_nd(p, chunk, mean.device):
         yield rmean, i, j, _pair_covariances(mean, cflat, sigma, rmean, method, terms, i, j, nd)
@@ -192,7 +196,7 @@ def relu_moments(
             PSD within the tolerances of ``torchbridge.covariance``; same dtype and device.
             The batch shapes of mean and cov broadcast.
         method: "exact" | "series" | "zero_mean" (see module docstring).
-        terms: number of series terms for "series" (1, 5, 10, 20 or 50).
+        terms: number of series terms for "series" (any int >= 1).
             With "zero_mean" the covariance (diagonal included) is Theorem 2's, computed
             as if the mean were 0; the returned mean is still Theorem 1's.
         chunk: pairs evaluated at once (memory bound).
