@@ -2,9 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 _FLOATS = (torch.float32, torch.float64)
+_FORCE_SYNC_FREE = [False]
+
+
+def sync_free(x: torch.Tensor) -> bool:
+    """True where the runtime must not branch on tensor values: ``x`` lives on an accelerator
+    (a branch would be a host-device sync), the code is traced by ``torch.compile`` (it would
+    be a graph break), or ``force_sync_free`` is active. Then every data-dependent branch is
+    masked arithmetic; on eager CPU the runtime gathers the elements of each branch instead
+    (cheaper there, with no device to wait for)."""
+    return _FORCE_SYNC_FREE[0] or x.device.type != "cpu" or torch.compiler.is_compiling()
+
+
+@contextlib.contextmanager
+def force_sync_free(on: bool = True) -> Iterator[None]:
+    """Run the sync-free (masked, accelerator/compile) code path on the CPU too (tests)."""
+    old = _FORCE_SYNC_FREE[0]
+    _FORCE_SYNC_FREE[0] = on
+    try:
+        yield
+    finally:
+        _FORCE_SYNC_FREE[0] = old
 
 
 def prepare(
