@@ -104,6 +104,33 @@ def _t(v, like):
     return torch.tensor(v, dtype=like.dtype, device=like.device)
 
 
+def _tiny(v: float, like) -> float:
+    """``v``, or the smallest normal of ``like``'s dtype if 0 < v is below it (a 1e-300 guard
+    must not round to 0 in float32)."""
+    import torch
+
+    return max(v, torch.finfo(like.dtype).tiny) if 0.0 < v else v
+
+
+def _tmin(a, b):
+    """min(a, b); a Python-float ``b`` is a clamp bound (no tensor made: no host-to-device
+    copy on an accelerator)."""
+    import torch
+
+    if isinstance(b, float):
+        return torch.clamp(a, max=_tiny(b, a))
+    return torch.minimum(a, _t(b, a))
+
+
+def _tmax(a, b):
+    """max(a, b); a Python-float ``b`` is a clamp bound (see ``_tmin``)."""
+    import torch
+
+    if isinstance(b, float):
+        return torch.clamp(a, min=_tiny(b, a))
+    return torch.maximum(a, _t(b, a))
+
+
 def torch_ops() -> SimpleNamespace:
     """Tensor operations of the PyTorch backend (the input's dtype and device)."""
     import torch
@@ -123,9 +150,9 @@ def torch_ops() -> SimpleNamespace:
         cosh=torch.cosh,
         asinh=torch.asinh,
         abs=torch.abs,
-        minimum=lambda a, b: torch.minimum(a, _t(b, a)),
-        maximum=lambda a, b: torch.maximum(a, _t(b, a)),
-        clip=lambda x, lo, hi: torch.minimum(torch.maximum(x, _t(lo, x)), _t(hi, x)),
+        minimum=_tmin,
+        maximum=_tmax,
+        clip=lambda x, lo, hi: _tmin(_tmax(x, lo), hi),
         erfc=torch.special.erfc,
         erf=torch.special.erf,
         erfcx=torch.special.erfcx,
