@@ -420,21 +420,75 @@ def _cov_closed(o, h, k, r, bvn):
     return c, bound
 
 
-def _cov_hybrid(o, h, k, r, rule, bvn, eps_ratio, bvn_slow=None):
-    """C: the closed form where it provably keeps its digits, the quadrature elsewhere
-    (which calls ``bvn_slow``, default ``bvn``, on its few elements)."""
+#: Mehler series: terms evaluated, and the |ρ| and |h|, |k| where it is tried.
+_MEHLER_TERMS = 80
+_MEHLER_RHO = 0.8
+_MEHLER_HK = 6.0
+
+
+def _cov_mehler(o, h, k, r, eps_ratio, eps):
+    """(C by Mehler's expansion, accepted) for |ρ| ≤ 0.8 (no transcendental in the loop).
+
+    Cov[f(Z1), g(Z2)] = Σ_{n≥1} ρⁿ/n! E[f⁽ⁿ⁾(Z)] E[g⁽ⁿ⁾(Z)] with f = relu(h + ·):
+    E f' = Φ(h), E f⁽ⁿ⁾ = (−1)ⁿ He_{n−2}(h) φ(h) (n ≥ 2), so
+    C = ρΦ(h)Φ(k) + φ(h)φ(k) Σ_{m≥0} ρ^{m+2} u_m(h) u_m(k)/((m + 1)(m + 2)),
+    u_m = He_m/√(m!) (u_{m+1} = (x u_m − √m u_{m−1})/√(m + 1), bounded). Accepted where the
+    rounding bound eps·(|ρΦΦ| + φφ Σ|terms|) is below eps_ratio·eps·|C| and the last two
+    terms are below eps·|C| (the terms decay like |ρ|^m once m > h², k²).
+    """
+    dom = (o.abs(r) <= _MEHLER_RHO) & (o.abs(h) <= _MEHLER_HK) & (o.abs(k) <= _MEHLER_HK)
+    z = 0.0 * h
+    h, k, r = o.where(dom, h, z), o.where(dom, k, z), o.where(dom, r, z)  # finite elsewhere
+    lin = r * _ncdf(o, h) * _ncdf(o, k)
+    pp = o.exp(-0.5 * (h * h + k * k)) * (_INV_2PI)
+    uh0, uk0 = 1.0 + 0.0 * h, 1.0 + 0.0 * k
+    uh1, uk1 = h, k
+    rp = r * r
+    t = 0.5 * rp
+    total, mag = t, o.abs(t)
+    t_prev = t
+    for m in range(1, _MEHLER_TERMS):
+        rp = rp * r
+        t_prev = t
+        t = rp * uh1 * uk1 / ((m + 1) * (m + 2))
+        total = total + t
+        mag = mag + o.abs(t)
+        c1 = 1.0 / math.sqrt(m + 1)
+        c0 = math.sqrt(m) * c1
+        uh0, uh1 = uh1, h * uh1 * c1 - uh0 * c0
+        uk0, uk1 = uk1, k * uk1 * c1 - uk0 * c0
+    c = lin + pp * total
+    ac = o.abs(c)
+    bound = o.abs(lin) + pp * mag
+    tail = pp * (o.abs(t) + o.abs(t_prev))
+    ok = dom & (bound < eps_ratio * ac) & (tail < eps * ac)
+    return c, ok
+
+
+def _cov_hybrid(o, h, k, r, rule, bvn, eps_ratio, bvn_slow=None, eps=2.0**-52):
+    """C: the closed form where it provably keeps its digits, else Mehler's series where it
+    converges and keeps its digits (|ρ| ≤ 0.8), the quadrature elsewhere (which calls
+    ``bvn_slow``, default ``bvn``, on its few elements)."""
     bvn_slow = bvn if bvn_slow is None else bvn_slow
     moderate = (o.abs(r) <= 0.99) & (h > -6.0) & (k > -6.0) & (h < 8.0) & (k < 8.0)
     z = 0.0 * h
     hm, km, rm = o.where(moderate, h, z), o.where(moderate, k, z), o.where(moderate, r, z)
     c, bound = _cov_closed(o, hm, km, rm, bvn)
     ok = moderate & (bound < eps_ratio * o.abs(c))
-    slow = _on(~ok, lambda *a: _cov_std(o, *a, rule, bvn_slow), h, k, r, safe=(0.0, 0.0, 0.5))
+
+    def series_or_quadrature(h, k, r):
+        cm, good = _cov_mehler(o, h, k, r, eps_ratio, eps)
+        quad = _on(~good, lambda *a: _cov_std(o, *a, rule, bvn_slow), h, k, r, safe=(0, 0, 0.5))
+        return o.where(good, cm, 0.0 * h) + quad
+
+    slow = _on(~ok, series_or_quadrature, h, k, r, safe=(0.0, 0.0, 0.5))
     return o.where(ok, c, z) + slow
 
 
 @_flat
-def relu_cov_std(o: SimpleNamespace, h, k, r, rule, bvn=None, eps_ratio=0.0, bvn_slow=None):
+def relu_cov_std(
+    o: SimpleNamespace, h, k, r, rule, bvn=None, eps_ratio=0.0, bvn_slow=None, eps=2.0**-52
+):
     """C(h, k, ρ) = Cov[(h + Z1)⁺, (k + Z2)⁺], corr(Z1, Z2) = ρ ∈ [−1, 1]; h, k not NaN.
 
     ``o``: ``numpy_ops()`` or ``torch_ops()``; ``rule``: (nodes, weights) of one Gauss–Legendre
@@ -446,7 +500,7 @@ def relu_cov_std(o: SimpleNamespace, h, k, r, rule, bvn=None, eps_ratio=0.0, bvn
     if bvn is None:
         return _cov_std(o, h, k, r, rule)
     h, k, r = _clamped(o, h, k, r)
-    return _cov_hybrid(o, h, k, r, rule, bvn, eps_ratio, bvn_slow)
+    return _cov_hybrid(o, h, k, r, rule, bvn, eps_ratio, bvn_slow, eps)
 
 
 def _cov_std(o, h, k, r, rule, bvn=None):
@@ -662,7 +716,10 @@ def torch_binding(rule, bvn) -> tuple:
     def cov(h, k, rho):
         r0 = rho.detach()
         ratio = _FAST_RATIO[h.element_size()]
-        out = relu_cov_std(o, h, k, r0, rule_for(h), bvn=bvn, eps_ratio=ratio, bvn_slow=bvn_slow)
+        eps = torch.finfo(h.dtype).eps
+        out = relu_cov_std(
+            o, h, k, r0, rule_for(h), bvn=bvn, eps_ratio=ratio, bvn_slow=bvn_slow, eps=eps
+        )
         if rho.requires_grad:
             out = out + (rho - r0) * bvn(h.detach(), k.detach(), r0)
         return out
