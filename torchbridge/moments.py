@@ -19,6 +19,7 @@ Theorem 1 (exact for any mean).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
@@ -29,6 +30,25 @@ from torchbridge.covariance import check_full_covariance, require_tensor
 METHODS = ("exact", "series", "zero_mean")
 DEFAULT_CHUNK = 1 << 20
 _KERNEL_SLICE = 1 << 16  # pairs per cross-kernel call (cache-sized temporaries)
+#: Intra-op threads of the pair kernels (issue #13 thread policy). Their work is many short
+#: elementwise passes over cache-sized slices, which OpenMP threads cannot amortise: on the
+#: loaded 2-core machine `nm bench floor --p 1024 --threads 1,2` measured the exact p = 1024
+#: covariance at 0.87 s with 1 thread and 9.5 s with 2 (float32: 0.79 s vs 25 s). So the pair
+#: loop runs single-threaded whatever torch's setting, and more threads are never slower.
+PAIR_THREADS = 1
+
+
+@contextlib.contextmanager
+def _pair_threads() -> Iterator[None]:
+    """torch's intra-op thread count capped at ``PAIR_THREADS`` inside, restored after."""
+    old = torch.get_num_threads()
+    if old > PAIR_THREADS:
+        torch.set_num_threads(PAIR_THREADS)
+    try:
+        yield
+    finally:
+        if old > PAIR_THREADS:
+            torch.set_num_threads(old)
 
 
 def _check_method(method: str, terms: int) -> None:
@@ -176,7 +196,9 @@ def relu_pair_covariances(
     rmean, _ = K.relu_mean_variance(mean, sigma, validate=False)
     cflat = cov.flatten(-2)
     for i, j, nd in _pair_blocks_nd(p, chunk, mean.device):
-        yield rmean, i, j, _pair_covariances(mean, cflat, sigma, rmean, method, terms, i, j, nd)
+        with _pair_threads():
+            c = _pair_covariances(mean, cflat, sigma, rmean, method, terms, i, j, nd)
+        yield rmean, i, j, c
 
 
 def relu_moments(
