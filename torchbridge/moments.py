@@ -235,12 +235,13 @@ def relu_moments(
     p = mean.shape[-1]
     batch = torch.broadcast_shapes(mean.shape[:-1], cov.shape[:-2])
     mean, cov = mean.expand(*batch, p), cov.expand(*batch, p, p)  # views, never written to
-    up = mean.new_zeros(*mean.shape[:-1], p * p)
-    rmean = None
-    for rm, i, j, c in relu_pair_covariances(mean, cov, method, terms, chunk):
-        rmean = rm
-        up.index_copy_(-1, i * p + j, c)  # in place on a fresh tensor: autograd records it
-    up = up.reshape(*mean.shape, p)
-    # exactly symmetric: the upper triangle (diagonal included) mirrored
-    tri = torch.ones(p, p, dtype=torch.bool, device=mean.device).triu_()
-    return rmean, torch.where(tri, up, up.transpose(-1, -2))
+    with _pair_threads():  # the whole assembly, not only the kernels (see PAIR_THREADS)
+        up = mean.new_zeros(*mean.shape[:-1], p * p)
+        rmean = None
+        for rm, i, j, c in relu_pair_covariances(mean, cov, method, terms, chunk):
+            rmean = rm
+            up.index_copy_(-1, i * p + j, c)  # in place on a fresh tensor: autograd records it
+        up = up.reshape(*mean.shape, p)
+        # exactly symmetric: the upper triangle (diagonal included) mirrored
+        tri = torch.ones(p, p, dtype=torch.bool, device=mean.device).triu_()
+        return rmean, torch.where(tri, up, up.transpose(-1, -2))
