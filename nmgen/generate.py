@@ -1,10 +1,13 @@
 """Generate ``generated/numpy_kernels.py`` and ``generated/torch_kernels.py`` from the specs.
 
 Pipeline per kernel case: stable rewrites (``sympy.codegen.rewriting.optimize`` with
-log1p/expm1), multi-output ``sympy.cse``, numeric folding, then one printer per backend.
-The file skeleton (header, imports, argument preparation, masked piecewise evaluation) is
-built here; the math is printed only by ``nmgen.printers``. Output is byte-identical across
-runs: no timestamps, no absolute paths; the header carries a hash of the expressions.
+log1p/expm1), numeric folding, one ``sympy.cse`` over the case's straight-line lets and its
+outputs together (a ``Loop`` is printed as a Python ``for`` over Python-float coefficients),
+then one printer per backend; the module is formatted by the pinned ``ruff format`` (line
+length 100). The file skeleton (header, imports, argument preparation, masked piecewise
+evaluation) is built here; the math is printed only by ``nmgen.printers``. Output is
+byte-identical across runs: no timestamps, no absolute paths; the header carries a hash of
+the expressions. ``generated/gauss_legendre.py`` holds the one copy of the quadrature rules.
 """
 
 from __future__ import annotations
