@@ -76,6 +76,7 @@ import mpmath
 import sympy as sp
 
 from .functions import Phi, phi
+from .spec import Loop
 
 TERMS = (1, 5, 10, 20, 50)
 
@@ -447,17 +448,19 @@ def eq5_integral_mp(
 # ----------------------------------------------------------------------------- kernel program
 
 
-def _tail_program(a: sp.Expr, b: sp.Expr, x: sp.Expr, terms: int, tag: str):
-    """exp(−b²)·I_tail_sum(a, b, x, terms) as a straight-line program (lets, result).
+def _tail_program(a: sp.Expr, b: sp.Expr, x: sp.Expr, terms: sp.Symbol, tag: str):
+    """exp(−b²)·I_tail_sum(a, b, x, terms) as a program (lets ending in a ``Loop``, result).
 
     Same truncated sum as ``I_tail_sum`` (times exp(−b²)), evaluated by recurrences so the
     cost is O(terms) and every intermediate stays O(1) (float32-safe at 50 terms):
     P_n = exp(−b²)H_n(b)/√(2ⁿn!) (P_{n+1} = b√(2/(n+1))P_n − √(n/(n+1))P_{n−1}, a scaled
     Hermite function), the coefficients (a/2)^(2u+1)/Γ(u+3/2) and (a/2)^(2u+2)/(u+1)! times
     √(2ⁿn!) by their ratios (which tend to a², so they stay bounded for |a| ≤ 1), and
-    e_k = exp(−x²)x^(2k)/k!, f_k = exp(−x²)x^(2k+1)/Γ(k+3/2).
+    e_k = exp(−x²)x^(2k)/k!, f_k = exp(−x²)x^(2k+1)/Γ(k+3/2). Term u = 0 is straight-line;
+    terms u = 1 .. terms − 1 are one ``Loop`` over u (``terms`` is the kernel's int argument),
+    whose per-u coefficients are Python floats.
     """
-    lets: list[tuple[sp.Symbol, sp.Expr]] = []
+    lets: list = []
 
     def let(name: str, expr: sp.Expr) -> sp.Symbol:
         sym = sp.Symbol(f"{tag}{name}", real=True)
@@ -465,47 +468,59 @@ def _tail_program(a: sp.Expr, b: sp.Expr, x: sp.Expr, terms: int, tag: str):
         return sym
 
     q = let("q", a * a / 4)
+    b = let("b", b)
     x2 = let("x2", x * x)
     ex = let("ex", sp.exp(-x2))
     ec = let("erfc", sp.erfc(x))
-    p_prev = let("P0", sp.exp(-b * b))
-    p_cur = let("P1", sp.sqrt(2) * b * p_prev)
-    e_k = ex
-    big_e = ex
-    f_k = let("f0", 2 * x * ex / sp.sqrt(sp.pi))
-    big_f = f_k
-    ce = let("ce0", a / sp.sqrt(sp.pi))
-    co = let("co0", sp.sqrt(2) * q)
-    total = let("S0", ce * p_prev * big_e - co * p_cur * (ec + big_f))
-    for u in range(1, terms):
-        n = 2 * u - 1  # p_cur holds P_n, p_prev holds P_{n-1}
-        p_even = let(
-            f"P{2 * u}",
-            b * sp.sqrt(sp.Rational(2, n + 1)) * p_cur - sp.sqrt(sp.Rational(n, n + 1)) * p_prev,
-        )
-        p_odd = let(
-            f"P{2 * u + 1}",
-            b * sp.sqrt(sp.Rational(2, n + 2)) * p_even
-            - sp.sqrt(sp.Rational(n + 1, n + 2)) * p_cur,
-        )
-        p_prev, p_cur = p_even, p_odd
-        e_k = let(f"e{u}", e_k * x2 / u)
-        big_e = let(f"E{u}", big_e + e_k)
-        f_k = let(f"f{u}", f_k * x2 / (u + sp.Rational(1, 2)))
-        big_f = let(f"F{u}", big_f + f_k)
-        ce = let(f"ce{u}", ce * q * 2 * sp.sqrt(2 * u * (2 * u - 1)) / (u + sp.Rational(1, 2)))
-        co = let(f"co{u}", co * q * 2 * sp.sqrt(2 * u * (2 * u + 1)) / (u + 1))
-        total = let(f"S{u}", total + ce * p_prev * big_e - co * p_cur * (ec + big_f))
+    p_prev = let("Pp", sp.exp(-b * b))  # P_{2u}
+    p_cur = let("Pc", sp.sqrt(2) * b * p_prev)  # P_{2u+1}
+    e_k = let("e", ex)
+    big_e = let("E", ex)
+    f_k = let("f", 2 * x * ex / sp.sqrt(sp.pi))
+    big_f = let("F", f_k)
+    ce = let("ce", a / sp.sqrt(sp.pi))
+    co = let("co", sp.sqrt(2) * q)
+    total = let("S", ce * p_prev * big_e - co * p_cur * (ec + big_f))
+    u = sp.Symbol("u", integer=True, positive=True)
+    scalars = []
+
+    def scalar(name: str, expr: sp.Expr) -> sp.Symbol:
+        sym = sp.Symbol(f"{tag}k_{name}", real=True)
+        scalars.append((sym, expr))
+        return sym
+
+    # n = 2u − 1: p_cur holds P_n, p_prev holds P_{n−1} on entry
+    k1 = scalar("pe1", sp.sqrt(2 / (2 * u)))
+    k2 = scalar("pe2", sp.sqrt((2 * u - 1) / (2 * u)))
+    k3 = scalar("po1", sp.sqrt(2 / (2 * u + 1)))
+    k4 = scalar("po2", sp.sqrt(2 * u / (2 * u + 1)))
+    k5 = scalar("e", 1 / u)
+    k6 = scalar("f", 1 / (u + sp.Rational(1, 2)))
+    k7 = scalar("ce", 2 * sp.sqrt(2 * u * (2 * u - 1)) / (u + sp.Rational(1, 2)))
+    k8 = scalar("co", 2 * sp.sqrt(2 * u * (2 * u + 1)) / (u + 1))
+    body = (
+        (p_prev, b * k1 * p_cur - k2 * p_prev),  # P_{2u}
+        (p_cur, b * k3 * p_prev - k4 * p_cur),  # P_{2u+1} (p_prev is P_{2u} now)
+        (e_k, e_k * x2 * k5),
+        (big_e, big_e + e_k),
+        (f_k, f_k * x2 * k6),
+        (big_f, big_f + f_k),
+        (ce, ce * q * k7),
+        (co, co * q * k8),
+        (total, total + ce * p_prev * big_e - co * p_cur * (ec + big_f)),
+    )
+    lets.append(Loop(u, 1, terms, tuple(scalars), body))
     return lets, total
 
 
 def series_program(
-    mu1: sp.Expr, mu2: sp.Expr, s1: sp.Expr, s2: sp.Expr, rho: sp.Expr, terms: int
+    mu1: sp.Expr, mu2: sp.Expr, s1: sp.Expr, s2: sp.Expr, rho: sp.Expr, terms: sp.Symbol
 ) -> tuple[tuple, sp.Expr, tuple, sp.Expr]:
-    """Both branches of ``series_branches`` as straight-line programs for code generation.
+    """Both branches of ``series_branches`` as programs (with a ``Loop`` to ``terms``).
 
     Returns (lets1, e1, lets2, e2): evaluating each ``lets`` in order, then ``e``, gives the
-    same value as ``series_branches`` (checked in tests/test_lemma4_series.py) at O(terms) cost.
+    same value as ``series_branches`` at O(terms) cost (the generated kernel is checked
+    against the mpmath truncated series for several ``terms`` in tests/test_series_loop.py).
     √(1−ρ²) is written √((1−ρ)(1+ρ)) (no cancellation near |ρ| = 1).
     """
     r = sp.sqrt((1 - rho) * (1 + rho))

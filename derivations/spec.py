@@ -25,20 +25,52 @@ class Case:
         condition: SymPy boolean in the kernel's arguments; ``sp.true`` for the last case.
         safe: argument -> value used where ``condition`` is false (keeps the branch finite).
         note: one line saying what the branch is (printed as a comment).
-        lets: optional straight-line program ``((symbol, expr), ...)`` evaluated in order
-            before ``expr`` (which may use the symbols): recurrences stay O(n) instead of
-            expanding into O(n²) expressions.
+        lets: optional program ``((symbol, expr) | Loop, ...)`` evaluated in order before
+            ``expr`` (which may use the symbols): recurrences stay O(n) instead of expanding
+            into O(n²) expressions; a ``Loop`` repeats its body a run-time number of times.
     """
 
     expr: sp.Expr | tuple[sp.Expr, ...]
     condition: sp.Basic = sp.true
     safe: dict[sp.Symbol, float] = field(default_factory=dict)
     note: str = ""
-    lets: tuple[tuple[sp.Symbol, sp.Expr], ...] = ()
+    lets: tuple = ()
 
     @property
     def outputs(self) -> tuple[sp.Expr, ...]:
         return self.expr if isinstance(self.expr, tuple) else (self.expr,)
+
+
+@dataclass(frozen=True)
+class Loop:
+    """``for index in range(start, stop):`` over a straight-line body, printed as a loop.
+
+    Args:
+        index: the loop counter (a Python int at run time).
+        start: first value of ``index`` (an int).
+        stop: a kernel's integer argument (e.g. ``terms``): the loop runs ``stop - start``
+            times (not at all when ``stop <= start``).
+        scalars: ``((symbol, expr), ...)`` in ``index`` only, evaluated per iteration as
+            Python floats (``math``), never as array operations.
+        body: ``((symbol, expr), ...)`` assigned in order; assigning a symbol defined before
+            the loop updates it (a loop-carried value, visible after the loop).
+    """
+
+    index: sp.Symbol
+    start: int
+    stop: sp.Symbol
+    scalars: tuple[tuple[sp.Symbol, sp.Expr], ...]
+    body: tuple[tuple[sp.Symbol, sp.Expr], ...]
+
+    def xreplace(self, subs: dict) -> Loop:
+        """The loop with ``subs`` applied to its scalars and body."""
+        return Loop(
+            self.index,
+            self.start,
+            self.stop,
+            tuple((s, sp.sympify(e).xreplace(subs)) for s, e in self.scalars),
+            tuple((s, sp.sympify(e).xreplace(subs)) for s, e in self.body),
+        )
 
 
 @dataclass(frozen=True)
@@ -63,6 +95,10 @@ class KernelSpec:
     and returning an mpf (or a tuple for multi-output kernels); ``scale`` maps the arguments
     to the error scale of DESIGN.md; ``grid`` names the verification grid in nmgen.verify.
     ``public=False`` kernels get a leading underscore-free name but are not re-exported.
+    ``int_args`` names trailing Python-int arguments (e.g. "terms", >= 1, a ``Loop`` bound);
+    ``bound=(kernel, values)`` makes this spec that kernel with its int arguments bound,
+    printed as one line ``name = partial(kernel, *values)`` (an entry point for ``nmgen
+    verify``; its ``cases`` are the kernel's, used only for documentation and hashing).
     """
 
     name: str
@@ -76,6 +112,8 @@ class KernelSpec:
     scale: Callable | None = None
     grid: str = ""
     public: bool = True
+    int_args: tuple[str, ...] = ()
+    bound: tuple[str, tuple[int, ...]] | None = None
 
     @property
     def symbols(self) -> tuple[sp.Symbol, ...]:
@@ -84,20 +122,3 @@ class KernelSpec:
     @property
     def n_outputs(self) -> int:
         return len(self.cases[0].outputs)
-
-
-@dataclass(frozen=True)
-class Dispatcher:
-    """A public kernel that picks one of several generated variants by an integer argument.
-
-    E.g. ``relu_cross_moment_series(..., terms)`` calls the kernel generated for that number
-    of terms; any other value raises ``ValueError`` listing the supported ones.
-    """
-
-    name: str
-    args: tuple[ArgSpec, ...]
-    int_arg: str
-    variants: dict[int, str]
-    doc: str
-    source: str
-    equation: str

@@ -20,7 +20,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else generate.GENERATED_DIR
     if args.check:
-        ok, report = generate.check(out)
+        if args.fresh:
+            ok, report = generate.compare(Path(args.fresh), out)
+        else:
+            ok, report = generate.check(out)
         print(report)
         return 0 if ok else 1
     for p in generate.write(out):
@@ -94,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
         "is stale or hand-edited",
     )
     g.add_argument("--out", help="directory to write or check (default: generated/)")
+    g.add_argument(
+        "--fresh",
+        help="with --check: compare with this already regenerated directory instead of "
+        "regenerating (default: regenerate into a temp dir)",
+    )
     g.set_defaults(func=_cmd_generate)
     v = sub.add_parser("verify", help="compare every kernel with mpmath references")
     v.add_argument("--quick", action="store_true", help="smaller grids (under ~60 s)")

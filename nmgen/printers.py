@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sympy as sp
 from sympy.printing.numpy import SciPyPrinter
+from sympy.printing.pycode import PythonCodePrinter
 from sympy.printing.pytorch import TorchPrinter
 
 from nmgen.derivations.functions import BVN, RUNTIME_CALLS, Phi, _RuntimeCall, phi
@@ -204,3 +205,11 @@ SUPPORTED_FUNCTIONS = (
     sp.Max,
     sp.log,
 )
+
+
+class ScalarPrinter(PythonCodePrinter):
+    """Python-float arithmetic on loop counters (``math.sqrt(1/u)``): per-iteration scalar
+    coefficients of a printed loop, never array operations."""
+
+    def __init__(self):
+        super().__init__({"fully_qualified_modules": True, "strict": True})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from nmgen.derivations.spec import Dispatcher, KernelSpec
+from nmgen.derivations.spec import KernelSpec
 
 #: Derivation modules, in the order their kernels appear in the generated files.
 DERIVATION_MODULES = (
@@ -41,8 +41,3 @@ def get(name: str) -> KernelSpec:
         if k.name == name:
             return k
     raise KeyError(f"no kernel {name!r}; known: {[k.name for k in kernel_specs()]}")
-
-
-def dispatchers() -> list[Dispatcher]:
-    """Registered dispatchers (public kernels that pick a variant by an int argument)."""
-    return [d for m in modules() for d in getattr(m, "DISPATCHERS", ())]

@@ -34,7 +34,8 @@ produced by ``derivations.bvn.gauss_legendre(n)``, converted to floats) are pass
 * as ``rules={6: (nodes6, weights6), 12: (nodes12, weights12), 20: (nodes20, weights20)}``:
   Genz's size selection (key 20 required; a missing 6 or 12 falls back to the next larger).
 
-With neither, the 6/12/20 rules are taken from ``numpy.polynomial.legendre.leggauss``.
+With neither, the 6/12/20 rules come from ``generated/gauss_legendre.py`` (printed by nmgen
+from ``derivations.bvn.gauss_legendre``: the one copy of the constants).
 
 .. [Genz2004] A. Genz, "Numerical computation of rectangular bivariate and trivariate normal
    and t probabilities", Statistics and Computing 14 (2004) 251-260.
@@ -48,9 +49,10 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
+
+from nmruntime.torch_support import sync_free
 
 __all__ = ["bvn_cdf"]
 
@@ -66,10 +68,11 @@ _SQRT1_2 = math.sqrt(0.5)
 _ONE = torch.ones(())
 
 
-@functools.cache
-def _default_rule(n: int) -> Rule:
-    x, w = np.polynomial.legendre.leggauss(n)
-    return tuple(float(v) for v in x), tuple(float(v) for v in w)
+def default_rules() -> Mapping[int, Rule]:
+    """The 6/12/20-point rules printed by nmgen (generated/gauss_legendre.py, the one copy)."""
+    from nmgen.generated.gauss_legendre import GENZ_SIZES, RULES
+
+    return {n: RULES[n] for n in GENZ_SIZES}
 
 
 def _resolve_rules(
@@ -89,7 +92,7 @@ def _resolve_rules(
         one = (tuple(float(v) for v in nodes), tuple(float(v) for v in weights))
         return one, one, one
     if rules is None:
-        rules = {n: _default_rule(n) for n in (6, 12, 20)}
+        rules = default_rules()
     if 20 not in rules:
         raise ValueError("bvn_cdf: rules must contain the 20-point rule (key 20)")
     conv = {
@@ -120,7 +123,9 @@ def _exp_(t: Tensor) -> Tensor:
     return t.masked_fill_(t < cut, -math.inf).exp_()
 
 
-def _low(h: Tensor, k: Tensor, r: Tensor, x: Tensor, w: Tensor, base: Tensor) -> Tensor:
+def _low(
+    h: Tensor, k: Tensor, r: Tensor, x: Tensor, w: Tensor, base: Tensor, sync_free: bool = False
+) -> Tensor:
     """|ρ| < 0.925 (1-D inputs, all valid; runs without autograd, so ops are in place).
 
     ``base`` is Φ(h)Φ(k). The exponent (hk sin θ − (h² + k²)/2)/cos²θ is bounded below by
@@ -134,7 +139,7 @@ def _low(h: Tensor, k: Tensor, r: Tensor, x: Tensor, w: Tensor, base: Tensor) ->
     den = torch.addcmul(_ONE.to(sn), sn, sn, value=-1.0)  # cos²θ
     e = torch.addcmul(hs.neg().unsqueeze(1), sn, hk.unsqueeze(1)).div_(den)
     cut = -700.0 if e.dtype == torch.float64 else -87.0
-    if bool((hs * -2.0 < cut * ((1.0 - r) * (1.0 + r))).any()):
+    if sync_free or bool((hs * -2.0 < cut * ((1.0 - r) * (1.0 + r))).any()):
         e.masked_fill_(e < cut, -math.inf)
     return torch.addcmul(base, asr, e.exp_() @ w, value=0.5 * _INV_2PI)
 
@@ -193,8 +198,11 @@ def _forward(h: Tensor, k: Tensor, r: Tensor, rules: tuple[Rule, Rule, Rule]) ->
     # |ρ| = 1 they are the result. Φ(min(h, k)) = min(Φ(h), Φ(k)) (Φ is monotone).
     upper = torch.minimum(ph, pk)
     lower = (upper - _ndtr(-torch.maximum(hc, kc))).clamp_min_(0.0)
-    out = torch.full_like(h, math.nan)
     ar = r.abs()
+    if sync_free(h):
+        out = _forward_sync_free(hc, kc, r, ar, rules, ph, pk, upper, lower)
+        return torch.minimum(torch.maximum(out, lower), upper)
+    out = torch.full_like(h, math.nan)
     # group: 0, 1, 2 (low scheme with rules 0, 1, 2), 3 (high scheme), 4 (|ρ| >= 1 or NaN)
     grp = (
         (ar >= 0.3).to(torch.int8)
@@ -228,6 +236,30 @@ def _forward(h: Tensor, k: Tensor, r: Tensor, rules: tuple[Rule, Rule, Rule]) ->
         r == 1.0, upper, torch.where(r == -1.0, lower, torch.where(grp < 4, out, math.nan))
     )
     return torch.minimum(torch.maximum(out, lower), upper)
+
+
+def _forward_sync_free(
+    hc: Tensor,
+    kc: Tensor,
+    r: Tensor,
+    ar: Tensor,
+    rules: tuple[Rule, Rule, Rule],
+    ph: Tensor,
+    pk: Tensor,
+    upper: Tensor,
+    lower: Tensor,
+) -> Tensor:
+    """``_forward`` without data-dependent control flow (accelerators, ``torch.compile``):
+    the low scheme with the 20-point rule on every element (as accurate as the 6/12-point
+    rules where those apply) and the high scheme on every element, each on masked ρ."""
+    dt, dev = hc.dtype, hc.device
+    x, w = (torch.tensor(v, dtype=dt, device=dev) for v in rules[2])
+    low = ar < _HI
+    high = (ar >= _HI) & (ar < 1.0)
+    v_low = _low(hc, kc, torch.where(low, r, 0.0), x, w, ph * pk, sync_free=True)
+    v_high = _high(hc, kc, torch.where(high, r, _HI), x, w, upper, lower)
+    out = torch.where(low, v_low, torch.where(high, v_high, math.nan))
+    return torch.where(r == 1.0, upper, torch.where(r == -1.0, lower, out))
 
 
 def _grads(h: Tensor, k: Tensor, r: Tensor) -> tuple[Tensor, Tensor, Tensor]:

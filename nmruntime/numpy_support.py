@@ -7,7 +7,13 @@ import numpy as np
 _FLOATS = (np.float32, np.float64)
 
 
-def prepare(name: str, values: tuple, names: tuple[str, ...], kinds: tuple[str, ...]):
+def prepare(
+    name: str,
+    values: tuple,
+    names: tuple[str, ...],
+    kinds: tuple[str, ...],
+    validate: bool = True,
+):
     """Convert, type-check, broadcast and domain-check kernel arguments.
 
     Args:
@@ -15,6 +21,9 @@ def prepare(name: str, values: tuple, names: tuple[str, ...], kinds: tuple[str, 
         values: the raw arguments (array_like).
         names: argument names; kinds: "real" | "extreal" (±inf allowed) | "nonneg" | "corr"
             per argument.
+        validate: check the values (finite, σ >= 0, |ρ| <= 1); False skips those checks
+            (dtypes, devices and shapes are always checked): no data-dependent Python
+            control flow, for hot loops and ``torch.compile``.
 
     Returns:
         tuple of ndarrays of one common float dtype (float32 only if every floating input is
@@ -45,6 +54,8 @@ def prepare(name: str, values: tuple, names: tuple[str, ...], kinds: tuple[str, 
     except ValueError:
         shapes = ", ".join(f"{n}{tuple(np.shape(a))}" for n, a in zip(names, cast, strict=True))
         raise ValueError(f"{name}: argument shapes do not broadcast: {shapes}") from None
+    if not validate:
+        return tuple(out)
     for n, a, kind in zip(names, out, kinds, strict=True):
         if kind == "extreal" and np.any(np.isnan(a)):
             raise ValueError(f"{name}: argument {n!r} contains NaN")

@@ -2,12 +2,42 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 _FLOATS = (torch.float32, torch.float64)
+_FORCE_SYNC_FREE = [False]
 
 
-def prepare(name: str, values: tuple, names: tuple[str, ...], kinds: tuple[str, ...]):
+def sync_free(x: torch.Tensor) -> bool:
+    """True where the runtime must not branch on tensor values: ``x`` lives on an accelerator
+    (a branch would be a host-device sync), the code is traced by ``torch.compile`` (it would
+    be a graph break), or ``force_sync_free`` is active. Then every data-dependent branch is
+    masked arithmetic; on eager CPU the runtime gathers the elements of each branch instead
+    (cheaper there, with no device to wait for)."""
+    return _FORCE_SYNC_FREE[0] or x.device.type != "cpu" or torch.compiler.is_compiling()
+
+
+@contextlib.contextmanager
+def force_sync_free(on: bool = True) -> Iterator[None]:
+    """Run the sync-free (masked, accelerator/compile) code path on the CPU too (tests)."""
+    old = _FORCE_SYNC_FREE[0]
+    _FORCE_SYNC_FREE[0] = on
+    try:
+        yield
+    finally:
+        _FORCE_SYNC_FREE[0] = old
+
+
+def prepare(
+    name: str,
+    values: tuple,
+    names: tuple[str, ...],
+    kinds: tuple[str, ...],
+    validate: bool = True,
+):
     """Convert, type-check, broadcast and domain-check kernel arguments.
 
     Args:
@@ -16,6 +46,9 @@ def prepare(name: str, values: tuple, names: tuple[str, ...], kinds: tuple[str, 
             (float64 on CPU when no argument is a tensor).
         names: argument names; kinds: "real" | "extreal" (±inf allowed) | "nonneg" | "corr"
             per argument.
+        validate: check the values (finite, σ >= 0, |ρ| <= 1); False skips those checks
+            (dtypes, devices and shapes are always checked): no data-dependent Python
+            control flow, for hot loops and ``torch.compile``.
 
     Returns:
         tuple of tensors with one dtype (the promoted float dtype of the tensor arguments),
@@ -49,6 +82,8 @@ def prepare(name: str, values: tuple, names: tuple[str, ...], kinds: tuple[str, 
     except RuntimeError:
         shapes = ", ".join(f"{n}{tuple(t.shape)}" for n, t in zip(names, out, strict=True))
         raise ValueError(f"{name}: argument shapes do not broadcast: {shapes}") from None
+    if not validate:
+        return tuple(out)
     for n, t, kind in zip(names, out, kinds, strict=True):
         d = t.detach()
         if kind == "extreal" and bool(torch.isnan(d).any()):

@@ -252,8 +252,9 @@ def test_bad_input_gives_clear_errors(mod):
         mod.relu_cross_moment_zero_mean(arr([1.0]), arr([1.0]), arr([1.5]))
     with pytest.raises(ValueError, match="broadcast"):
         mod.relu_mean(arr([0.0, 1.0]), arr([1.0, 2.0, 3.0]))
-    with pytest.raises(ValueError, match="terms must be one of"):
-        mod.relu_cross_moment_series(0.0, 0.0, 1.0, 1.0, 0.1, 7)
+    for bad_terms in (0, -3, 2.0, True):
+        with pytest.raises(ValueError, match="terms must be an int >= 1"):
+            mod.relu_cross_moment_series(0.0, 0.0, 1.0, 1.0, 0.1, bad_terms)
     with pytest.raises(TypeError, match="dtype"):
         bad = (
             np.array([1], dtype=np.complex64) if mod is NK else torch.tensor([1], dtype=torch.int64)

@@ -24,6 +24,7 @@ COMMAND_MODULES = (
 #: Modules that contribute `nm bench ...` subcommands.
 BENCH_MODULES = (
     "torchbridge.experiments.bench_kernels",
+    "torchbridge.experiments.bench_floor",
     "torchbridge.experiments.bench_moments",
     "torchbridge.experiments.bench_attacks",
     "torchbridge.experiments.bench_propagate",

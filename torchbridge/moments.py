@@ -19,6 +19,7 @@ Theorem 1 (exact for any mean).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
@@ -29,6 +30,25 @@ from torchbridge.covariance import check_full_covariance, require_tensor
 METHODS = ("exact", "series", "zero_mean")
 DEFAULT_CHUNK = 1 << 20
 _KERNEL_SLICE = 1 << 16  # pairs per cross-kernel call (cache-sized temporaries)
+#: Intra-op threads of the pair kernels (issue #13 thread policy). Their work is many short
+#: elementwise passes over cache-sized slices, which OpenMP threads cannot amortise: on the
+#: loaded 2-core machine `nm bench floor --p 1024 --threads 1,2` measured the exact p = 1024
+#: covariance at 0.87 s with 1 thread and 9.5 s with 2 (float32: 0.79 s vs 25 s). So the pair
+#: loop runs single-threaded whatever torch's setting, and more threads are never slower.
+PAIR_THREADS = 1
+
+
+@contextlib.contextmanager
+def _pair_threads() -> Iterator[None]:
+    """torch's intra-op thread count capped at ``PAIR_THREADS`` inside, restored after."""
+    old = torch.get_num_threads()
+    if old > PAIR_THREADS:
+        torch.set_num_threads(PAIR_THREADS)
+    try:
+        yield
+    finally:
+        if old > PAIR_THREADS:
+            torch.set_num_threads(old)
 
 
 def _check_method(method: str, terms: int) -> None:
@@ -36,6 +56,8 @@ def _check_method(method: str, terms: int) -> None:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     if method == "series" and (not isinstance(terms, int) or isinstance(terms, bool)):
         raise TypeError(f"terms must be an int; got {type(terms).__name__}")
+    if method == "series" and terms < 1:
+        raise ValueError(f"terms must be an int >= 1; got {terms}")
 
 
 def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
@@ -91,8 +113,10 @@ def _pair_blocks_nd(p: int, chunk: int, device) -> Iterator[tuple[torch.Tensor, 
 def _cross_kernel(method: str, terms: int) -> Callable:
     """The general-mean kernel of ``method``: the covariance ("exact") or the cross moment."""
     if method == "exact":
-        return K.relu_cross_covariance
-    return lambda m1, m2, s1, s2, r: K.relu_cross_moment_series(m1, m2, s1, s2, r, terms)
+        return lambda m1, m2, s1, s2, r: K.relu_cross_covariance(m1, m2, s1, s2, r, validate=False)
+    return lambda m1, m2, s1, s2, r: K.relu_cross_moment_series(
+        m1, m2, s1, s2, r, terms, validate=False
+    )
 
 
 def _correlation(cij: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
@@ -127,10 +151,10 @@ def _pair_covariances(
     s1, s2 = sigma[..., si], sigma[..., sj]
     rho = _correlation(cov[..., si * p + sj], s1, s2)
     if method == "zero_mean":  # Theorem 2: the mean of z is ignored (taken as 0)
-        e = K.relu_cross_moment_zero_mean(s1, s2, rho)
+        e = K.relu_cross_moment_zero_mean(s1, s2, rho, validate=False)
         m0 = 0.3989422804014327 * sigma  # E[relu(z)] = σ/√(2π) at zero mean (Remark 1)
         off = e - m0[..., si] * m0[..., sj]
-        var = K.relu_variance(torch.zeros_like(sigma), sigma)
+        var = K.relu_variance(torch.zeros_like(sigma), sigma, validate=False)
     else:
         m1, m2 = mean[..., si], mean[..., sj]
         kern = _cross_kernel(method, terms)
@@ -145,7 +169,7 @@ def _pair_covariances(
                 dim=-1,
             )
         off = e if method == "exact" else e - rmean[..., si] * rmean[..., sj]
-        _, var = K.relu_mean_variance(mean, sigma)
+        _, var = K.relu_mean_variance(mean, sigma, validate=False)
         # a duplicated variable (same mean and variance, ρ = 1) has Cov = its variance exactly
         dup = (rho.detach() == 1.0) & (m1 == m2) & (s1 == s2)
         off = torch.where(dup, var[..., si], off)
@@ -169,10 +193,12 @@ def relu_pair_covariances(
     # symmetrised so the gradient w.r.t. cov is symmetric (exactly cov for symmetric input)
     cov = 0.5 * (cov + cov.transpose(-1, -2))
     sigma = _safe_sqrt(cov.diagonal(dim1=-2, dim2=-1))
-    rmean, _ = K.relu_mean_variance(mean, sigma)
+    rmean, _ = K.relu_mean_variance(mean, sigma, validate=False)
     cflat = cov.flatten(-2)
     for i, j, nd in _pair_blocks_nd(p, chunk, mean.device):
-        yield rmean, i, j, _pair_covariances(mean, cflat, sigma, rmean, method, terms, i, j, nd)
+        with _pair_threads():
+            c = _pair_covariances(mean, cflat, sigma, rmean, method, terms, i, j, nd)
+        yield rmean, i, j, c
 
 
 def relu_moments(
@@ -192,7 +218,7 @@ def relu_moments(
             PSD within the tolerances of ``torchbridge.covariance``; same dtype and device.
             The batch shapes of mean and cov broadcast.
         method: "exact" | "series" | "zero_mean" (see module docstring).
-        terms: number of series terms for "series" (1, 5, 10, 20 or 50).
+        terms: number of series terms for "series" (any int >= 1).
             With "zero_mean" the covariance (diagonal included) is Theorem 2's, computed
             as if the mean were 0; the returned mean is still Theorem 1's.
         chunk: pairs evaluated at once (memory bound).
@@ -209,12 +235,13 @@ def relu_moments(
     p = mean.shape[-1]
     batch = torch.broadcast_shapes(mean.shape[:-1], cov.shape[:-2])
     mean, cov = mean.expand(*batch, p), cov.expand(*batch, p, p)  # views, never written to
-    up = mean.new_zeros(*mean.shape[:-1], p * p)
-    rmean = None
-    for rm, i, j, c in relu_pair_covariances(mean, cov, method, terms, chunk):
-        rmean = rm
-        up.index_copy_(-1, i * p + j, c)  # in place on a fresh tensor: autograd records it
-    up = up.reshape(*mean.shape, p)
-    # exactly symmetric: the upper triangle (diagonal included) mirrored
-    tri = torch.ones(p, p, dtype=torch.bool, device=mean.device).triu_()
-    return rmean, torch.where(tri, up, up.transpose(-1, -2))
+    with _pair_threads():  # the whole assembly, not only the kernels (see PAIR_THREADS)
+        up = mean.new_zeros(*mean.shape[:-1], p * p)
+        rmean = None
+        for rm, i, j, c in relu_pair_covariances(mean, cov, method, terms, chunk):
+            rmean = rm
+            up.index_copy_(-1, i * p + j, c)  # in place on a fresh tensor: autograd records it
+        up = up.reshape(*mean.shape, p)
+        # exactly symmetric: the upper triangle (diagonal included) mirrored
+        tri = torch.ones(p, p, dtype=torch.bool, device=mean.device).triu_()
+        return rmean, torch.where(tri, up, up.transpose(-1, -2))

@@ -1,0 +1,253 @@
+"""`nm bench floor`: the p×p ReLU covariance against this machine's elementwise floor.
+
+One seeded problem (the ``nm bench kernels`` one: μ ~ N(0, 1)^p, Σ = W Wᵀ/r + 0.05 I, r = 4)
+is timed, side by side in one run, for every thread count of ``--threads`` and every dtype
+of ``--dtypes``:
+
+* **floor**: the transcendental element-evaluations the exact covariance performs (counted
+  by a ``TorchDispatchMode`` over one call: exp, erfc, sqrt, sin, asin, … weighted by their
+  output sizes; per pair in the table) times this machine's ``torch.exp`` time per element
+  (2²⁰-element tensor, same dtype and threads). Every such call is costed as one exp, and
+  the arithmetic between them is free: a lower bound for any kernel that evaluates those
+  functions one tensor pass at a time.
+* **exact**: ``relu_moments(..., "exact", check_psd=False)`` (ours);
+* **approx**: ``torchbridge.propagate.approx.approx_relu_moments`` — the project's cheap
+  DVI-class closed form (two Mehler terms, O(ρ³) error; *not* DVI's own formula);
+* **series(5)**, **series(20)**: Lemma 4 truncated (the paper's method);
+* **MC 1e4**: ``monte_carlo_moments`` with ``--mc-samples`` samples.
+
+Times are medians of ``--repeats`` runs after one warm-up. Errors: max abs difference from
+the exact covariance of the same dtype; the float64 exact covariance is checked against
+mpmath on ``--check-entries`` random entries (as in ``nm bench kernels``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from torchbridge.experiments.bench_kernels import mpmath_check, random_problem, timed
+from torchbridge.experiments.common import (
+    add_common_args,
+    markdown_table,
+    write_json,
+    write_markdown,
+)
+from torchbridge.moments import relu_moments
+from torchbridge.montecarlo import monte_carlo_moments
+from torchbridge.propagate.approx import approx_relu_moments
+
+#: aten ops counted as one transcendental evaluation per output element
+TRANSCENDENTAL = frozenset(
+    {
+        "exp",
+        "exp_",
+        "expm1",
+        "log",
+        "log1p",
+        "sqrt",
+        "sqrt_",
+        "rsqrt",
+        "erf",
+        "erfc",
+        "special_erfcx",
+        "special_log_ndtr",
+        "special_ndtr",
+        "sin",
+        "sin_",
+        "cos",
+        "asin",
+        "acos",
+        "asinh",
+        "sinh",
+        "cosh",
+        "atan",
+    }
+)
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+class _CountTranscendental(TorchDispatchMode):
+    """Counts output elements of transcendental aten ops (see ``TRANSCENDENTAL``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in TRANSCENDENTAL and isinstance(out, torch.Tensor):
+            self.counts[name] = self.counts.get(name, 0) + out.numel()
+        return out
+
+
+def count_transcendental(fn) -> dict[str, int]:
+    """{op: output elements} of the transcendental aten ops ``fn()`` runs."""
+    with _CountTranscendental() as mode:
+        fn()
+    return dict(sorted(mode.counts.items()))
+
+
+def exp_seconds_per_element(dtype: torch.dtype, repeats: int, n: int = 1 << 20) -> float:
+    """Median seconds per element of ``torch.exp`` on an n-element tensor (out= buffer)."""
+    x = torch.linspace(-5.0, 5.0, n, dtype=dtype)
+    out = torch.empty_like(x)
+    t, _, _ = timed(lambda: torch.exp(x, out=out), max(repeats, 5), 2)
+    return t / n
+
+
+def _methods(args: argparse.Namespace) -> list[tuple[str, object]]:
+    return [
+        ("exact", lambda m, c: relu_moments(m, c, "exact", check_psd=False)),
+        ("approx (DVI-class)", approx_relu_moments),
+        ("series(5)", lambda m, c: relu_moments(m, c, "series", 5, check_psd=False)),
+        ("series(20)", lambda m, c: relu_moments(m, c, "series", 20, check_psd=False)),
+        (
+            f"MC {args.mc_samples:.0e}",
+            lambda m, c: monte_carlo_moments(
+                torch.relu, m, c, samples=args.mc_samples, seed=args.seed, full=True
+            ),
+        ),
+    ]
+
+
+def run_floor(args: argparse.Namespace) -> dict:
+    """Run the benchmark; write ``bench_floor.{json,md}``; return the JSON object."""
+    from tqdm.auto import tqdm
+
+    from torchbridge.experiments.tightness import command_line
+
+    threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
+    dtypes = [d for d in str(args.dtypes).split(",") if d.strip()]
+    for d in dtypes:
+        if d not in DTYPES:
+            raise ValueError(f"--dtypes: unknown dtype {d!r}; use float64 and/or float32")
+    mean64, cov64 = random_problem(args.p, args.seed)
+    pairs = args.p * (args.p - 1) // 2
+    old_threads = torch.get_num_threads()
+    rows, result = [], {"p": args.p, "pairs": pairs, "runs": []}
+    jobs = [(t, d) for t in threads for d in dtypes]
+    exact_ref: dict = {}
+    try:
+        for nthreads, dname in tqdm(jobs, desc="bench floor", disable=args.no_progress):
+            torch.set_num_threads(nthreads)
+            dt = DTYPES[dname]
+            mean, cov = mean64.to(dt), cov64.to(dt)
+            ops = count_transcendental(
+                lambda mean=mean, cov=cov: relu_moments(mean, cov, "exact", check_psd=False)
+            )
+            per_pair = sum(ops.values()) / pairs
+            t_exp = exp_seconds_per_element(dt, args.repeats)
+            floor = per_pair * pairs * t_exp
+            run = {
+                "threads": nthreads,
+                "dtype": dname,
+                "exp_ns_per_element": t_exp * 1e9,
+                "transcendental_per_pair": per_pair,
+                "transcendental_ops": ops,
+                "floor_seconds": floor,
+                "methods": {},
+            }
+            outs = {}
+            for label, fn in _methods(args):
+                t, times, out = timed(lambda fn=fn, m=mean, c=cov: fn(m, c), args.repeats, 1)
+                outs[label] = out[1]
+                run["methods"][label] = {"seconds": t, "times": times}
+            ex = outs["exact"]
+            exact_ref.setdefault(dname, ex)
+            for label, m in run["methods"].items():
+                m["ratio_to_exact"] = m["seconds"] / run["methods"]["exact"]["seconds"]
+                m["ratio_to_floor"] = m["seconds"] / floor
+                m["max_abs_err_vs_exact"] = float((outs[label] - ex).abs().max())
+            if dname == "float32" and "float64" in exact_ref:
+                run["exact_float32_vs_float64"] = float(
+                    (ex.double() - exact_ref["float64"]).abs().max()
+                )
+            result["runs"].append(run)
+            rows.append(
+                [nthreads, dname, "floor", floor, floor / run["methods"]["exact"]["seconds"], "—"]
+            )
+            for label, m in run["methods"].items():
+                err = m["max_abs_err_vs_exact"]
+                rows.append(
+                    [
+                        nthreads,
+                        dname,
+                        label,
+                        m["seconds"],
+                        m["ratio_to_exact"],
+                        "(reference)" if label == "exact" else err,
+                    ]
+                )
+    finally:
+        torch.set_num_threads(old_threads)
+    if "float64" in exact_ref:
+        result["exact_vs_mpmath"] = mpmath_check(
+            mean64, cov64, exact_ref["float64"], args.check_entries, args.seed
+        )
+    cmd = command_line(args)
+    heads = ["threads", "dtype", "method", "time (s)", "time / exact", "max abs err vs exact"]
+    ops_lines = [
+        f"- {r['threads']} thread(s), {r['dtype']}: exp {r['exp_ns_per_element']:.2f} ns/element, "
+        f"{r['transcendental_per_pair']:.1f} transcendental evaluations per pair "
+        f"({', '.join(f'{k} {v}' for k, v in r['transcendental_ops'].items())})"
+        for r in result["runs"]
+    ]
+    chk = result.get("exact_vs_mpmath", {})
+    md = "\n".join(
+        [
+            f"p = {args.p} ReLU covariance ({pairs} off-diagonal pairs), measured in one run.",
+            "",
+            markdown_table(heads, rows),
+            "",
+            "Floor = transcendental evaluations of the exact method × torch.exp time per element:",
+            "",
+            *ops_lines,
+            "",
+            f"Exact float64 vs mpmath on {chk.get('entries', 0)} random entries: max abs diff "
+            f"{chk.get('max_abs_diff', float('nan')):.2e}.",
+            "",
+            f"Command: `{cmd}`",
+        ]
+    )
+    result["command"] = cmd
+    write_json(args.out, "bench_floor", result)
+    write_markdown(args.out, "bench_floor", md)
+    print(md)
+    return result
+
+
+def add_bench_parser(bench_subparsers) -> None:
+    """Register `nm bench floor`."""
+    p = bench_subparsers.add_parser(
+        "floor",
+        help="p×p ReLU covariance: exact vs the elementwise floor, approx, series, Monte Carlo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common_args(p, device=False)
+    p.add_argument("--p", type=int, default=1024, help="number of variables p (default 1024)")
+    p.add_argument(
+        "--threads",
+        default="1,2",
+        help="comma-separated torch thread counts, each timed (default 1,2)",
+    )
+    p.add_argument(
+        "--dtypes", default="float64,float32", help="comma-separated dtypes (default both)"
+    )
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats, median (default 3)")
+    p.add_argument(
+        "--mc-samples", type=int, default=10_000, help="Monte Carlo samples (default 10^4)"
+    )
+    p.add_argument(
+        "--check-entries",
+        type=int,
+        default=50,
+        help="random entries of the float64 exact covariance checked against mpmath (default 50)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run_floor)
