@@ -20,6 +20,7 @@ from torchbridge.attacks import (
     DEFAULT_BOUNDS,
     UNCONSTRAINED_LABEL,
     AttackResult,
+    AugLagOptions,
     PixelSupportOptions,
     RelinearizeOptions,
     SlsqpOptions,
@@ -77,6 +78,20 @@ def add_attack_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads for verification (default: 1)"
+    )
+    p.add_argument(
+        "--eq7-solver",
+        choices=["auglag", "slsqp"],
+        default="auglag",
+        help="Eq. 7 solver (fig3, pairs): augmented Lagrangian with L-BFGS-B inner solves, or "
+        "SciPy's SLSQP capped at --maxiter (default: auglag)",
+    )
+    p.add_argument(
+        "--eq7-maxiter",
+        type=int,
+        default=300,
+        help="augmented Lagrangian: L-BFGS-B iteration cap per Eq. 7 solve, summed over its "
+        "multiplier rounds (default: 300)",
     )
 
 
@@ -211,10 +226,15 @@ def _finish(
 
 
 def targeted_options(args: argparse.Namespace, rounds: int) -> TargetedOptions:
-    """Eq. 7 options of the CLI: 20 warm steps, ``rounds`` re-linearizations."""
+    """Eq. 7 options of the CLI: 20 warm steps, ``rounds`` re-linearizations, the solver of
+    --eq7-solver (--eq7-maxiter for auglag, --maxiter for SLSQP)."""
     radius = args.trust_radius / 255 if rounds and args.trust_radius > 0 else None
+    if getattr(args, "eq7_solver", "auglag") == "slsqp":
+        solver = SlsqpOptions(maxiter=args.maxiter, ftol=1e-6)
+    else:
+        solver = AugLagOptions(maxiter=getattr(args, "eq7_maxiter", 300))
     return TargetedOptions(
-        slsqp=SlsqpOptions(maxiter=args.maxiter, ftol=1e-6),
+        solver=solver,
         warm_steps=20,
         relinearize=RelinearizeOptions(rounds=rounds, trust_radius=radius),
     )
@@ -535,9 +555,7 @@ def demo_attacks(out_dir: Path | str) -> dict:
     """One targeted (Eq. 7) and one sparse-smooth (Eq. 9) attack on a LeNet test image, in [0, 1]."""
     model, tx, ty, pred = lenet_data()
     idx = _pick(ty, pred, 9, 1)[0]
-    t = targeted(
-        model, tx[idx], 4, options=TargetedOptions(slsqp=SlsqpOptions(maxiter=10), warm_steps=20)
-    )
+    t = targeted(model, tx[idx], 4, options=TargetedOptions(warm_steps=20))
     s = sparse_smooth(model, tx[idx], gamma=0.5)
     attack_grid([t, s], Path(out_dir), "demo_attacks")
     report = {}
