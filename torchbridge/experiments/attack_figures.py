@@ -289,6 +289,12 @@ def fig3(args: argparse.Namespace) -> dict:
             "network's expected margin is >= -0.25."
         )
     )
+    solver = getattr(args, "eq7_solver", "auglag")
+    note += (
+        f" Solver: augmented Lagrangian + L-BFGS-B (cap {args.eq7_maxiter} iterations)."
+        if solver == "auglag"
+        else f" Solver: SLSQP (cap {args.maxiter} iterations)."
+    )
     _finish(args.out, "fig3", "Fig. 3: targeted Gaussian attacks", rows, note, args)
     return {"rows": rows}
 
@@ -575,13 +581,13 @@ def demo_attacks(out_dir: Path | str) -> dict:
 def add_parser(sub) -> None:
     """Register fig3, fig4, fig6, fig7, fig8 and table5."""
 
-    def common(name: str, fn, help_: str, maxiter: int) -> argparse.ArgumentParser:
+    def common(
+        name: str, fn, help_: str, maxiter: int, what: str = "SLSQP iteration cap"
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         add_common_args(p, device=False)
         add_attack_args(p)
-        p.add_argument(
-            "--maxiter", type=int, default=maxiter, help=f"SLSQP iteration cap (default: {maxiter})"
-        )
+        p.add_argument("--maxiter", type=int, default=maxiter, help=f"{what} (default: {maxiter})")
         p.set_defaults(func=lambda a: (fn(a), 0)[1])  # the CLI wants an int exit code
         return p
 
@@ -608,7 +614,13 @@ def add_parser(sub) -> None:
             help="largest fraction of non-zero pixels of mu (default: 0.2)",
         )
 
-    p = common("fig3", fig3, "targeted Gaussian attacks on a digit 9 (Eq. 7)", 20)
+    p = common(
+        "fig3",
+        fig3,
+        "targeted Gaussian attacks on a digit 9 (Eq. 7)",
+        20,
+        "SLSQP iteration cap, used with --eq7-solver slsqp",
+    )
     p.add_argument(
         "--targets", type=int, nargs="+", default=[2, 3, 4, 7, 8], help="(default: 2 3 4 7 8)"
     )
