@@ -38,8 +38,10 @@ _FEAS_TOL = 1e-8
 @dataclass(frozen=True)
 class AugLagOptions:
     """``maxiter``: cap on L-BFGS-B iterations summed over all rounds; ``rounds``: cap on
-    multiplier updates; ``tol``: stop when the constraint violation and the complementarity
-    ``max_k |min(c_k, lam_k)|`` are below it and an inner solve converged; ``rho``: initial
+    multiplier updates; ``inner_maxiter``: cap on the L-BFGS-B iterations of one round (its
+    subproblem need not be solved exactly before the multipliers move); ``tol``: L-BFGS-B's
+    projected-gradient tolerance; converged when, after a converged inner solve, the
+    constraint violation and the complementarity ``max_k |min(c_k, lam_k)|`` are below it; ``rho``: initial
     penalty; ``exact``: autograd gradients (else 2-point finite differences); ``time_limit``:
     seconds, checked at each evaluation (``None`` = no limit)."""
 
@@ -74,8 +76,11 @@ def run_auglag(
     with the lowest objective, else the least infeasible).
     """
     opt = options or AugLagOptions()
-    if opt.maxiter < 1 or opt.rounds < 1:
-        raise ValueError(f"maxiter and rounds must be >= 1, got {opt.maxiter}, {opt.rounds}")
+    if min(opt.maxiter, opt.rounds, opt.inner_maxiter) < 1:
+        raise ValueError(
+            "maxiter, rounds and inner_maxiter must be >= 1, got "
+            f"{opt.maxiter}, {opt.rounds}, {opt.inner_maxiter}"
+        )
     if not opt.rho > 0:
         raise ValueError(f"rho must be > 0, got {opt.rho}")
     start = time.perf_counter()
