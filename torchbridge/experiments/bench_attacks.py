@@ -125,7 +125,7 @@ def _exact_vs_fd(lin, x, bounds, args: argparse.Namespace) -> dict:
             r.nfev,
             r.margin,
             r.converged,
-            r.hit_iteration_cap,
+            r.message,
         ]
         for name, (t, r) in runs.items()
     ]
@@ -141,7 +141,7 @@ def _exact_vs_fd(lin, x, bounds, args: argparse.Namespace) -> dict:
                 "evaluations",
                 "margin",
                 "converged",
-                "iteration cap hit",
+                "stopped because",
             ],
             rows,
         )
