@@ -13,6 +13,7 @@ from torch import nn
 from torchbridge.attacks import (
     UNCONSTRAINED_LABEL,
     AttackResult,
+    AugLagOptions,
     ExpectedLogits,
     PixelBox,
     PixelSupportOptions,
@@ -22,6 +23,7 @@ from torchbridge.attacks import (
     TargetedOptions,
     pgd_targeted,
     pixel_support,
+    run_auglag,
     run_slsqp,
     sparse_smooth,
     targeted,
@@ -131,6 +133,46 @@ def test_run_slsqp_toy_closed_form() -> None:
     assert capped.hit_iteration_cap and not capped.converged
     timed = run_slsqp(fn, np.zeros(4), options=SlsqpOptions(exact=False, time_limit=0.0))
     assert timed.status == -1 and "time limit" in timed.message
+
+
+def test_run_auglag_toy_closed_form() -> None:
+    """The same KKT toy as SLSQP: min ||x - a||^2 s.t. sum x <= 1 -> x = a - lambda 1."""
+    a = torch.tensor([0.9, 0.6, -0.1, 0.4], dtype=torch.float64)
+
+    def fn(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return ((x - a) ** 2).sum(-1), (1 - x.sum(-1))[..., None]
+
+    lam = (float(a.sum()) - 1) / 4
+    for exact in (True, False):  # the finite-difference variant is the same algorithm
+        fit = run_auglag(fn, np.zeros(4), options=AugLagOptions(tol=1e-9, exact=exact))
+        assert fit.converged and not fit.hit_iteration_cap and fit.status == 0
+        assert np.allclose(fit.x, (a - lam).numpy(), atol=1e-6)
+        assert fit.violation <= 1e-9 and (fit.njev > 0) == exact
+    # Bounds x <= 0.3 (L-BFGS-B's own): min(a, 0.3), the constraint inactive; exactly in bounds.
+    fit_b = run_auglag(fn, np.zeros(4), [(None, 0.3)] * 4, AugLagOptions(tol=1e-9))
+    assert np.allclose(fit_b.x, [0.3, 0.3, -0.1, 0.3], atol=1e-7) and fit_b.x.max() <= 0.3
+    capped = run_auglag(fn, np.full(4, 5.0), options=AugLagOptions(maxiter=1))
+    assert capped.hit_iteration_cap and not capped.converged and capped.nit == 1
+    timed = run_auglag(fn, np.zeros(4), options=AugLagOptions(exact=False, time_limit=0.0))
+    assert timed.status == -1 and "time limit" in timed.message
+    with pytest.raises(ValueError, match="maxiter"):
+        run_auglag(fn, np.zeros(4), options=AugLagOptions(maxiter=0))
+
+
+def test_targeted_auglag_matches_converged_slsqp() -> None:
+    """Eq. 7 on a 16-pixel net: the default augmented-Lagrangian solve reaches the margin of a
+    fully converged SLSQP solve (an independent solver), within the range."""
+    net, img = _net(), _image()
+    _, tgt = _source_and_runner_up(net, img)
+    ref = targeted(
+        net, img, tgt, beta=0.2, options=TargetedOptions(solver=SlsqpOptions(500, 1e-12))
+    )
+    res = targeted(net, img, tgt, beta=0.2)
+    assert ref.converged and res.converged and res.extra["solver"] == "auglag"
+    assert res.margin == pytest.approx(ref.margin, abs=1e-5)
+    assert _in_range(res) and float(res.mu.abs().max()) <= 0.2 + 1e-12
+    with pytest.raises(TypeError, match="solver"):
+        targeted(net, img, tgt, options=TargetedOptions(solver=None))
 
 
 def test_value_and_jacobian_match_central_differences() -> None:

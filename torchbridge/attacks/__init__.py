@@ -1,4 +1,4 @@
-"""Gaussian adversarial attacks (Eqs. 7-10 of the paper), solved with SLSQP + exact gradients.
+"""Gaussian adversarial attacks (Eqs. 7-10 of the paper), solved with exact gradients.
 
 ``targeted`` (Eq. 7), ``pixel_support`` (Eq. 8), ``sparse_smooth`` (Eq. 9; with ``target``
 Eq. 10). Every attack keeps the attacked image in the model's valid input range
@@ -7,11 +7,13 @@ Eq. 10). Every attack keeps the attacked image in the model's valid input range
 real network (not the paper's). Each solver returns an :class:`AttackResult` whose
 ``.verify(samples, seed)`` classifies noisy images clipped to the bounds with the real network.
 
-Modules: :mod:`.box` (feasible set), :mod:`.slsqp` (thin driver), :mod:`.problems` (one
+Modules: :mod:`.box` (feasible set), :mod:`.slsqp` (thin SLSQP driver), :mod:`.auglag`
+(augmented Lagrangian with L-BFGS-B, Eq. 7's default), :mod:`.problems` (one
 object per equation), :mod:`.strategies` (support, pruning, re-linearization, checks),
 :mod:`.solvers` (the public entry points).
 """
 
+from torchbridge.attacks.auglag import AugLagOptions, run_auglag
 from torchbridge.attacks.box import DEFAULT_BOUNDS, UNCONSTRAINED_LABEL, PixelBox
 from torchbridge.attacks.expected import ExpectedLogits, expected_logits, total_variation
 from torchbridge.attacks.pgd import pgd_targeted
@@ -32,6 +34,7 @@ __all__ = [
     "UNCONSTRAINED_LABEL",
     "ZERO_THRESHOLD",
     "AttackResult",
+    "AugLagOptions",
     "ExpectedLogits",
     "PixelBox",
     "PixelSupportOptions",
@@ -43,6 +46,7 @@ __all__ = [
     "expected_logits",
     "pgd_targeted",
     "pixel_support",
+    "run_auglag",
     "run_slsqp",
     "sparse_smooth",
     "targeted",

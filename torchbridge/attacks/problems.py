@@ -110,6 +110,16 @@ class TargetedProblem:
     def mu(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
         return self.scale * torch.as_tensor(x, dtype=_F64)[..., : self.n]
 
+    def repair(self, x: np.ndarray) -> np.ndarray:
+        """``x`` with the epigraph variable set to ``max_{k != j} E_k`` (feasible; the
+        objective is then the exact margin of ``(mu, sigma)``)."""
+        xt = torch.as_tensor(x, dtype=_F64)
+        with torch.no_grad():
+            e = self.f(self.mu(xt), xt[self.n])
+        out = np.array(x, dtype=float, copy=True)
+        out[self.n + 1] = float(e[self.others].max())
+        return out
+
     def sigma(self, x: np.ndarray | torch.Tensor) -> float:
         return float(torch.as_tensor(x, dtype=_F64)[self.n])
 
