@@ -151,7 +151,7 @@ def attack_image(
         logits = model.eval()(image[None])[0]
     source, runner_up = (int(k) for k in logits.argsort(descending=True)[:2])
     t_opts = TargetedOptions(
-        slsqp=SlsqpOptions(maxiter=settings.targeted_maxiter, ftol=1e-6), warm_steps=20
+        solver=SlsqpOptions(maxiter=settings.targeted_maxiter, ftol=1e-6), warm_steps=20
     )
     s_opts = SparseSmoothOptions(slsqp=SlsqpOptions(maxiter=settings.sparse_maxiter, ftol=1e-7))
     results = {

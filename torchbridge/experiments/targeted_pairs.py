@@ -146,18 +146,38 @@ def add_parser(sub) -> None:
     p.add_argument("--pairs", type=int, default=10, help="number of pairs (default: 10)")
     p.add_argument("--start", type=int, default=100, help="first test index (default: 100)")
     p.add_argument(
-        "--target-rule", choices=["runner-up", "next"], default="runner-up", help="target class"
+        "--target-rule",
+        choices=["runner-up", "next"],
+        default="runner-up",
+        help="target class (default: runner-up)",
     )
-    p.add_argument("--beta", type=float, default=30.0, help="box on the 0..255 scale")
-    p.add_argument("--maxiter", type=int, default=20, help="SLSQP iteration cap per solve")
+    p.add_argument(
+        "--beta", type=float, default=30.0, help="±β box, grey levels 0..255 (default: 30)"
+    )
+    p.add_argument(
+        "--maxiter",
+        type=int,
+        default=20,
+        help="SLSQP iteration cap per solve, used with --eq7-solver slsqp (default: 20)",
+    )
     p.add_argument(
         "--relinearize",
         type=int,
         default=10,
-        help="re-linearization rounds of the extension (0: paper procedure only)",
+        help="re-linearization rounds of the extension (0: paper procedure only; default: 10)",
     )
-    p.add_argument("--trust-radius", type=float, default=10.0, help="0..255 scale, per round")
-    p.add_argument("--samples", type=int, default=1000, help="verification samples")
+    p.add_argument(
+        "--trust-radius",
+        type=float,
+        default=10.0,
+        help="trust radius per round, grey levels 0..255 (default: 10)",
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=1000,
+        help="clipped noisy samples per verification (default: 1000)",
+    )
     p.add_argument(
         "--pgd",
         action=argparse.BooleanOptionalAction,
