@@ -131,7 +131,8 @@ def relu_cross_covariance_ref(m1, m2, s1, s2, r, dps: int = DPS) -> mp.mpf:
     conditional mean of a Gaussian's ReLU, evaluated by mpmath), by quadrature over z2
     (split at the kink x2 = 0, at the kink of g and around the bulk), at dps + 20 +
     log10(1 + |h| + |k|) working digits so the centred factors keep ``dps`` digits.
-    Rejected (``ReferenceError``) when the quadrature's error estimate exceeds 10^−dps·|value|.
+    Where that quadrature's error estimate exceeds 10^−dps·|value| (deep tails), the closed
+    form at dps + 60 digits (``_cov_closed_ref``; |ρ| < 1) or ∫_0^ρ Φ2 (|ρ| = 1) is used.
     """
     m1, m2, s1, s2, r = (mp.mpf(v) for v in (m1, m2, s1, s2, r))
     if s1 == 0 or s2 == 0:
@@ -168,8 +169,30 @@ def relu_cross_covariance_ref(m1, m2, s1, s2, r, dps: int = DPS) -> mp.mpf:
         grid = [-mp.inf, *sorted(p for p in pts if abs(p) < 60), mp.inf]
         val, err = mp.quad(f, grid, error=True, maxdegree=10)
         if err > mp.mpf(10) ** (-dps) * abs(val) + mp.mpf(10) ** (-(dps + extra + 300)):
+            if abs(r) < 1:
+                return _cov_closed_ref(m1, m2, r, dps)
             return _cov_rho_integral_ref(m1, m2, r, dps)
     return +val
+
+
+def _cov_closed_ref(hv, kv, r, dps: int, guard: int = 60) -> mp.mpf:
+    """Fallback where the centred quadrature cannot certify itself (deep tails), |ρ| < 1:
+    σ1σ2 = 1, C = E − m(h)m(k) with Rosenbaum's E and Φ2 by quadrature of its definition
+    (``bvn_cdf_mp``), all at dps + ``guard`` digits; rejected when the subtraction cancels
+    more than ``guard`` − 5 digits (|C| < 10^{5−guard} E)."""
+    with mp.workdps(dps + guard):
+        h, k, r = mp.mpf(hv), mp.mpf(kv), mp.mpf(r)
+        s = mp.sqrt((1 - r) * (1 + r))
+        e = (
+            (h * k + r) * bvn_cdf_mp(h, k, r, dps + guard)
+            + h * mp.npdf(k) * mp.ncdf((h - r * k) / s)
+            + k * mp.npdf(h) * mp.ncdf((k - r * h) / s)
+            + s * mp.npdf(h) * mp.npdf((k - r * h) / s)
+        )
+        c = e - (h * mp.ncdf(h) + mp.npdf(h)) * (k * mp.ncdf(k) + mp.npdf(k))
+        if abs(c) < mp.mpf(10) ** (5 - guard) * abs(e):
+            raise ReferenceError(f"cov reference (closed form): cancels beyond {guard} digits")
+    return +c
 
 
 def _cov_rho_integral_ref(hv, kv, r, dps: int) -> mp.mpf:

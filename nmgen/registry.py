@@ -15,6 +15,7 @@ DERIVATION_MODULES = (
     "nmgen.derivations.theorem2",
     "nmgen.derivations.exact_cross_moment",
     "nmgen.derivations.cross_covariance",
+    "nmgen.derivations.pair_tail",
     "nmgen.derivations.series_kernel",
     "nmgen.derivations.proposition1",
 )

@@ -42,6 +42,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from nmruntime.pair_tail import tail_or
+
 __all__ = [
     "numpy_ops",
     "relu_cov_std",
@@ -359,6 +361,9 @@ def _cov_neg(o, h, k, r, rule, bvn=None):
     zero = 0.0 * h
     j_a = _integral(o, h, k, t_end, zero + _HALF_PI, -1, lambda s, c2: 1.0 + 0.0 * s, rule)
     j_b = _integral(o, h, k, zero, t_end, -1, lambda s, c2: o.abs(s), rule)
+    # joint tail (hk > 0): the exact inversion of G (nmruntime/pair_tail.py) keeps 1e-13
+    j_a = tail_or(o, h, k, r, zero - 1.0, "one", rule, j_a)
+    j_b = tail_or(o, h, k, zero, r, "abs", rule, j_b)
     p2 = _interval_prob(o, h, k, rule) + j_a
     if bvn is not None:
         p2 = o.where(h + k < -4.0, p2, bvn(h, k, r))
@@ -590,6 +595,7 @@ def _cross_neg(o, h, k, hc, kc, r, rule):
     # |sin θ| − |ρ| = (1 − |ρ|) − cos²θ/(1 + |sin θ|): exact near |ρ| = 1
     omr = (1.0 - ar)[..., None]
     j = _integral(o, hc, kc, t_end, half_pi, -1, lambda s, c2: omr - c2 / (1.0 + o.abs(s)), rule)
+    j = tail_or(o, hc, kc, r, 0.0 * r - 1.0, "gap", rule, j)
     return _cross_minus_one(o, h, k, rule) + (1.0 - ar) * lval + j
 
 
