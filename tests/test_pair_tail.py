@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 from nmgen.derivations.pair_tail import tail_integral_ref
-from nmgen.generated import numpy_kernels as NK
+from nmgen.generated.gauss_legendre import PAIR_SIZE, RULES
 
 from nmruntime import pair_tail, relu_pair
 
-RULE = tuple(np.asarray(v, dtype=np.float64) for v in NK._RP_RULE)
+RULE = tuple(np.asarray(v, dtype=np.float64) for v in RULES[PAIR_SIZE])
 OPS = {"numpy": relu_pair.numpy_ops, "torch": relu_pair.torch_ops}
 
 
