@@ -158,10 +158,12 @@ def propagate_one(
     options: PropagateOptions,
     exact_relu: Callable[[fx.Node], bool] = lambda node: True,
     full: bool = False,
+    after_node: Callable | None = None,
 ) -> PropagationResult:
     """Propagate N(mean, cov) through ``gm``; ``mean`` has the model's input shape with batch
     dimension 1; ``cov`` is a 0-d tensor (isotropic), (n,) (diagonal) or (n, n) (full), as
-    named by ``cov_kind`` ("scalar" | "diag" | "full")."""
+    named by ``cov_kind`` ("scalar" | "diag" | "full"); ``after_node``: the diagnostic hook of
+    ``lowering.Lowerer``."""
     n = mean.numel()
     pre = Lowerer(gm, None, exact_relu=exact_relu)
     pre.run(mean, lambda s, nid: None)
@@ -208,6 +210,7 @@ def propagate_one(
         relu_method=options.relu_method,
         exact_relu=exact_relu,
         before_primitive=before,
+        after_node=after_node,
     )
     out = lw.run(mean, add)
     final = lw.state

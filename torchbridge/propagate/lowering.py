@@ -182,8 +182,10 @@ class Lowerer:
     ``exact_relu(node)`` says whether the ReLUs lowered from ``node`` use the exact moments
     (True) or are linearized at the reference point (False: frozen mask, as in two-stage
     linearization). ``before_primitive(k, state)`` may return a replacement state (used to
-    switch to the full covariance when the remaining tensors are small); ``sizes`` records
-    the size of every primitive's output in order.
+    switch to the full covariance when the remaining tensors are small); ``after_node(node,
+    handle, lowerer)`` is called after each node with a random output (diagnostics: read or
+    replace that tensor's moments in ``lowerer.state``); ``sizes`` records the size of every
+    primitive's output in order.
     """
 
     def __init__(
@@ -193,8 +195,10 @@ class Lowerer:
         relu_method: str = "exact",
         exact_relu: Callable[[fx.Node], bool] = lambda node: True,
         before_primitive: Callable | None = None,
+        after_node: Callable | None = None,
     ) -> None:
         self.gm = gm
+        self.after_node = after_node
         self.state = state
         self.relu_method = relu_method
         self.exact_relu = exact_relu
@@ -397,6 +401,8 @@ class Lowerer:
                 args = fx.node.map_arg(node.args, lambda n: env[n])
                 kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
                 env[node] = self._lower(node, args, kwargs)
+                if self.after_node is not None and _is_handle(env[node]):
+                    self.after_node(node, env[node], self)
             if node.op == "output":
                 break
             for a in node.all_input_nodes:  # free tensors no later node needs
