@@ -36,7 +36,15 @@ from torchbridge.propagate import PropagateOptions, propagate_one, trace
 from torchbridge.propagate.lowering import commute_relu_max_pool
 from torchbridge.propagate.pooling import max_pool_windows
 
-VARIANTS = ("lowrank", "auto", "full", "diagonal", "lowrank+pool-oracle", "auto+pool-oracle")
+VARIANTS = (
+    "lowrank",
+    "auto",
+    "full",
+    "diagonal",
+    "lowrank+pool-oracle",
+    "auto+pool-oracle",
+    "full+pool-oracle",
+)
 
 
 class _Recorder(fx.Interpreter):
@@ -65,7 +73,9 @@ class _Recorder(fx.Interpreter):
             hw = z.shape[2] * z.shape[3]
             chan = torch.arange(z.shape[1])[None, :, None, None] * hw
             wins = torch.zeros(z[0].numel(), dtype=torch.float64)
-            wins.index_add_(0, (idx + chan).reshape(-1), torch.ones(idx.numel(), dtype=torch.float64))
+            wins.index_add_(
+                0, (idx + chan).reshape(-1), torch.ones(idx.numel(), dtype=torch.float64)
+            )
             acc[2] = acc[2] + wins
         return out
 
@@ -271,8 +281,7 @@ def _table(entry: dict, gm: fx.GraphModule) -> str:
         )
     noise = " | ".join(f"{a:.1g} / {b:.1g}" for a, b in entry["mc_noise"].values())
     lines.append(
-        f"| MC noise | {noise} | {entry['mc_noise_er_var_out']:.3g} | | "
-        f"{entry['mc_seconds']:.0f} |"
+        f"| MC noise | {noise} | {entry['mc_noise_er_var_out']:.3g} | | {entry['mc_seconds']:.0f} |"
     )
     return "\n".join(lines)
 

@@ -27,6 +27,7 @@ from torchbridge.propagate.state import FactorState, FullState
 
 COVARIANCES = ("auto", "full", "lowrank", "diagonal")
 RELU_METHODS_ALL = ("exact", "series", "zero_mean", "approx")
+POOL_PAIRINGS = ("adaptive", "fixed")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,11 @@ class PropagateOptions:
         relu_method: ReLU covariance in full-covariance stages: "exact" (default; our closed
             form), "series" (the paper's Lemma 4, 5 terms), "zero_mean" (Theorem 2) or
             "approx" (benchmark-only 2-term expansion in ρ, ``propagate.approx``).
+        pool_pairing: "adaptive" (default) | "fixed": order of the pairwise maxima of a
+            4-element max-pooling window (2×2). "adaptive" pairs, per window, the two pairs
+            whose maxima are closest to linear (``Lowerer._most_linear_pairing``), so that the
+            second level's Gaussian re-fit is of nearly Gaussian units; "fixed" pairs the
+            window's elements in reading order (rows first).
         differentiable: keep the autograd graph, so the moments can be differentiated with
             respect to the model's parameters and the input (moment-regularized training);
             memory grows with every intermediate covariance kept for the backward pass.
@@ -49,6 +55,7 @@ class PropagateOptions:
     covariance: str = "auto"
     max_full: int = 4096
     relu_method: str = "exact"
+    pool_pairing: str = "adaptive"
     differentiable: bool = False
 
     def __post_init__(self) -> None:
@@ -57,6 +64,10 @@ class PropagateOptions:
         if self.relu_method not in RELU_METHODS_ALL:
             raise ValueError(
                 f"relu_method must be one of {RELU_METHODS_ALL}; got {self.relu_method!r}"
+            )
+        if self.pool_pairing not in POOL_PAIRINGS:
+            raise ValueError(
+                f"pool_pairing must be one of {POOL_PAIRINGS}; got {self.pool_pairing!r}"
             )
         if isinstance(self.max_full, bool) or not isinstance(self.max_full, int):
             raise TypeError(f"max_full must be an int; got {type(self.max_full).__name__}")
@@ -211,6 +222,7 @@ def propagate_one(
         exact_relu=exact_relu,
         before_primitive=before,
         after_node=after_node,
+        pool_pairing=options.pool_pairing,
     )
     out = lw.run(mean, add)
     final = lw.state

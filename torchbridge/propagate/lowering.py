@@ -196,8 +196,10 @@ class Lowerer:
         exact_relu: Callable[[fx.Node], bool] = lambda node: True,
         before_primitive: Callable | None = None,
         after_node: Callable | None = None,
+        pool_pairing: str = "adaptive",
     ) -> None:
         self.gm = gm
+        self.pool_pairing = pool_pairing
         self.after_node = after_node
         self.state = state
         self.relu_method = relu_method
@@ -341,6 +343,8 @@ class Lowerer:
         rows = windows.to(h.ref.device)
         level = h
         while rows.shape[0] > 1:
+            if rows.shape[0] == 4 and self.pool_pairing == "adaptive" and self.state is not None:
+                rows = self._most_linear_pairing(level, rows)
             half = rows.shape[0] // 2
             ia, ib, odd = rows[0 : 2 * half : 2], rows[1 : 2 * half : 2], rows[2 * half :]
 
@@ -373,6 +377,23 @@ class Lowerer:
         if level is not h:
             self.free(level)
         return y
+
+    def _most_linear_pairing(self, level: Handle, rows: torch.Tensor) -> torch.Tensor:
+        """Reorder the 4 rows of ``rows`` (4, q_out) per window so that the first level pairs
+        (rows 0-1 and 2-3) are the pairing whose maxima are closest to linear functions of
+        the inputs: the smallest total nonlinear variance Var(relu(a − b)) − Φ(α)²θ² (the
+        part a Gaussian re-fit of max(a, b) has to invent), so that the second level takes
+        the maximum of two nearly Gaussian units."""
+        orders = torch.tensor([[0, 1, 2, 3], [0, 2, 1, 3], [0, 3, 1, 2]], device=rows.device)
+        score = torch.stack(
+            [
+                self.state.pair_nonlinearity(level.nid, rows[o[0]], rows[o[1]])
+                + self.state.pair_nonlinearity(level.nid, rows[o[2]], rows[o[3]])
+                for o in orders
+            ]
+        )  # (3, q_out)
+        best = orders[score.argmin(0)].T  # (4, q_out)
+        return torch.gather(rows, 0, best)
 
     # ---- the graph walk ---------------------------------------------------------------
     def run(self, ref_input: torch.Tensor, add_input: Callable[[object, int], None]) -> Handle:

@@ -133,6 +133,13 @@ class FullState:
         self.shape[nid] = self.shape[src]
         return rm.reshape(self.shape[src])
 
+    def pair_nonlinearity(self, nid: int, ia: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
+        """Nonlinear variance of relu(x[ia] − x[ib]) of tensor ``nid`` (see ``_nonlinear``)."""
+        S = self.cov[(nid, nid)]
+        var = S[ia, ia] + S[ib, ib] - 2 * S[ia, ib]
+        m = self.mean[nid]
+        return _nonlinear(m[ia] - m[ib], var)
+
     def free(self, nid: int) -> None:
         self.mean.pop(nid)
         self.shape.pop(nid)
@@ -227,6 +234,12 @@ class FactorState:
         self.shape[nid] = self.shape[src]
         return rm.reshape(self.shape[src])
 
+    def pair_nonlinearity(self, nid: int, ia: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
+        """Nonlinear variance of relu(x[ia] − x[ib]) of tensor ``nid`` (see ``_nonlinear``)."""
+        F, D, m = self.factor[nid], self.resid[nid], self.mean[nid]
+        var = (F[ia] - F[ib]).square().sum(1) + D[ia] + D[ib]
+        return _nonlinear(m[ia] - m[ib], var)
+
     def free(self, nid: int) -> None:
         for d in (self.mean, self.shape, self.factor, self.resid):
             d.pop(nid)
@@ -257,6 +270,15 @@ class FactorState:
             f.numel() + d.numel()
             for f, d in zip(self.factor.values(), self.resid.values(), strict=True)
         )
+
+
+def _nonlinear(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """Var(relu(d)) − Φ(μ/θ)²θ² for d ~ N(μ, θ²): the variance of relu(d) not explained by
+    its best linear function of d (Stein), elementwise; 0 where θ = 0."""
+    theta = _safe_sqrt(var.clamp_min(0))
+    _, rv = K.relu_mean_variance(mean, theta)
+    phi = stein_factor(mean, theta.square())
+    return (rv - phi.square() * theta.square()).clamp_min(0)
 
 
 def relu_covariance(
