@@ -197,9 +197,11 @@ class Lowerer:
         before_primitive: Callable | None = None,
         after_node: Callable | None = None,
         pool_pairing: str = "adaptive",
+        pool_window: bool = True,
     ) -> None:
         self.gm = gm
         self.pool_pairing = pool_pairing
+        self.pool_window = pool_window
         self.after_node = after_node
         self.state = state
         self.relu_method = relu_method
@@ -341,6 +343,26 @@ class Lowerer:
         ``relu`` (their cross-covariances are the exact bivariate ones); the Gaussian re-fit
         happens once per level."""
         rows = windows.to(h.ref.device)
+        if not self.pool_window:
+            return self._pool_tree(h, rows, out_shape)
+        # one step of the walk whatever the representation (``sizes`` must not depend on it)
+        ref = torch.amax(h.ref.reshape(-1)[rows], dim=0).reshape(out_shape)
+        nid = self._new_id(ref.numel())
+        st = self.state
+        if st is not None and st.kind == "factor" and not st.diagonal:
+            st.max_pool(nid, h.nid, rows, self.relu_method, self.pool_pairing == "adaptive")
+            st.shape[nid] = tuple(ref.shape)
+            return Handle(nid, ref)
+        hook, mark = self.before_primitive, len(self.sizes)
+        self.before_primitive = None
+        try:
+            return self._pool_tree(h, rows, out_shape)
+        finally:
+            self.before_primitive = hook
+            del self.sizes[mark:]
+
+    def _pool_tree(self, h: Handle, rows: torch.Tensor, out_shape: tuple[int, ...]) -> Handle:
+        """The pairwise-maximum tree of ``max_pool`` as primitives of the state."""
         level = h
         while rows.shape[0] > 1:
             if rows.shape[0] == 4 and self.pool_pairing == "adaptive" and self.state is not None:
