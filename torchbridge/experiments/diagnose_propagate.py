@@ -8,7 +8,10 @@ table gives the aggregate relative error Σ|x − y| / Σ|y| of the mean and of 
 (robust to the many units of tiny variance), at the output also E_r (the bench's measure),
 and Monte Carlo's own noise (the same errors between its two independent halves, / 2).
 
-Variants: ``lowrank`` (diagonal-plus-low-rank everywhere), ``auto`` (the default), ``full``
+Variants: ``linearize`` (two-stage linearization, output only), ``lowrank-tree``
+(diagonal-plus-low-rank everywhere, max-pooling as a tree of separate pairwise maxima: the
+form before issue #11's diagnosis), ``lowrank`` (the same with each max-pooling window's
+covariance held in full), ``auto`` (the default), ``full``
 (full covariance as soon as the live tensors have at most ``--full-units`` units), ``diagonal``
 (ADF), and ``+pool-oracle`` versions in which the output of every max-pooling layer (the
 re-fitted maximum) is replaced by Monte Carlo's moments of that layer: its mean, variance
@@ -37,6 +40,8 @@ from torchbridge.propagate.lowering import commute_relu_max_pool
 from torchbridge.propagate.pooling import max_pool_windows
 
 VARIANTS = (
+    "linearize",
+    "lowrank-tree",
     "lowrank",
     "auto",
     "full",
@@ -219,7 +224,20 @@ def run(args: argparse.Namespace) -> dict:
         entry["mc_noise_er_var_out"] = mc[layers[-1]]["noise_er_var"]
         for variant in args.variants:
             base, _, orc = variant.partition("+")
+            if base == "linearize":  # output only: two-stage linearization at the last ReLU
+                from torchbridge.experiments.bench_propagate import _run_method
+
+                t = time.perf_counter()
+                lm, lv, _, _ = _run_method("linearize", model, x, sigma**2, 4096)
+                entry[variant] = {
+                    "layers": {},
+                    "er_var_out": float(relative_difference(lv, mc[layers[-1]]["var"]).mean()),
+                    "er_mean_out": float(relative_difference(lm, mc[layers[-1]]["mean"]).mean()),
+                    "seconds": time.perf_counter() - t,
+                }
+                continue
             opts = {
+                "lowrank-tree": PropagateOptions(covariance="lowrank", pool_window=False),
                 "lowrank": PropagateOptions(covariance="lowrank"),
                 "auto": PropagateOptions(),
                 "full": PropagateOptions(max_full=args.full_units, relu_method=args.full_relu),
@@ -244,7 +262,8 @@ def run(args: argparse.Namespace) -> dict:
         report["results"].append(entry)
         print(_table(entry, gm), flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / f"diagnose_propagate_{args.model}.json"
+    tag = "_".join(str(i) for i in args.images)
+    path = Path(args.out) / f"diagnose_propagate_{args.model}_{tag}.json"
     path.write_text(json.dumps(report, indent=1))
     return report
 
@@ -274,7 +293,10 @@ def _table(entry: dict, gm: fx.GraphModule) -> str:
         if v not in entry:
             continue
         e = entry[v]
-        cells = " | ".join(f"{e['layers'][n][0]:.2g} / {e['layers'][n][1]:.2g}" for n in layers)
+        cells = " | ".join(
+            f"{e['layers'][n][0]:.2g} / {e['layers'][n][1]:.2g}" if n in e["layers"] else ""
+            for n in layers
+        )
         lines.append(
             f"| {v} | {cells} | {e['er_var_out']:.3g} | {e['er_mean_out']:.3g} | "
             f"{e['seconds']:.1f} |"

@@ -46,6 +46,10 @@ class PropagateOptions:
             whose maxima are closest to linear (``Lowerer._most_linear_pairing``), so that the
             second level's Gaussian re-fit is of nearly Gaussian units; "fixed" pairs the
             window's elements in reading order (rows first).
+        pool_window: in the diagonal-plus-low-rank form, evaluate each max-pooling window
+            with its own covariance in full (default True; ``FactorState.max_pool``); False:
+            the tree of pairwise maxima as separate primitives, whose within-window residual
+            covariances are dropped like any other (the earlier behaviour, for comparison).
         differentiable: keep the autograd graph, so the moments can be differentiated with
             respect to the model's parameters and the input (moment-regularized training);
             memory grows with every intermediate covariance kept for the backward pass.
@@ -56,6 +60,7 @@ class PropagateOptions:
     max_full: int = 4096
     relu_method: str = "exact"
     pool_pairing: str = "adaptive"
+    pool_window: bool = True
     differentiable: bool = False
 
     def __post_init__(self) -> None:
@@ -223,6 +228,7 @@ def propagate_one(
         before_primitive=before,
         after_node=after_node,
         pool_pairing=options.pool_pairing,
+        pool_window=options.pool_window,
     )
     out = lw.run(mean, add)
     final = lw.state
