@@ -378,3 +378,24 @@ def test_differentiable_moments_match_affine_relu_affine_gradients():
     g.moments(mu, S)[1].sum().backward()
     torch.testing.assert_close(got, A.grad, rtol=1e-10, atol=1e-12)
     assert not tb.output_moments(net, mu[None], S).var.requires_grad  # default: no graph
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("covariance", ["auto", "lowrank", "diagonal"])
+def test_cuda_path_matches_cpu(covariance):
+    """The same propagation on a CUDA device (float64) equals the CPU's to rounding, with the
+    windowed max-pool, conv, ReLU and linear layers; float32 on the device runs and is close."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 5)
+    )
+    model = model.to(D).eval()
+    x = torch.rand(2, 1, 8, 8, dtype=D)
+    opts = tb.PropagateOptions(covariance=covariance, max_full=100)
+    cpu = tb.output_moments(model, x, 0.1**2, options=opts)
+    dev = tb.output_moments(model.cuda(), x.cuda(), 0.1**2, options=opts)
+    torch.testing.assert_close(dev.mean.cpu(), cpu.mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dev.var.cpu(), cpu.var, rtol=1e-10, atol=1e-12)
+    f32 = tb.output_moments(model.float(), x.float().cuda(), 0.1**2, options=opts)
+    assert f32.mean.device.type == "cuda" and f32.mean.dtype == torch.float32
+    torch.testing.assert_close(f32.var.double().cpu(), cpu.var, rtol=1e-3, atol=1e-6)
