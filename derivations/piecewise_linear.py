@@ -37,6 +37,12 @@ pairwise maxima, re-fitted after each level.
    the most nearly Gaussian pair of maxima to the second level's re-fit. A selection rule
    only (no moment depends on it being optimal); the reference below integrates the
    definition.
+8. Max-pooling in the diagonal-plus-low-rank form (Cov = F Fᵀ + diag D): a window's K × K
+   covariance F_w F_wᵀ + diag D_w is formed in full and its tree evaluated with items 4 and 6
+   exactly as with a full covariance (no new formula); its output keeps the factor row
+   F_out (the exact cross-covariance with the input noise, by 6. through the tree) and
+   D_out = Var[out] − |F_out|². ``tests/test_propagate.py`` checks that its marginals equal
+   the full-covariance tree's to 1e-12.
 
 References here are mpmath quadratures of the definition (kinks split, ≥ 25 digits).
 """

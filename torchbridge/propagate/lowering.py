@@ -9,7 +9,9 @@ of ``torchbridge.propagate.state``: ``affine`` and elementwise ``relu``.
   clamp(lo, hi): lo + relu(z − lo) − relu(z − hi), both ReLUs taken jointly (one ``relu`` of
   the concatenation, so their cross-covariance is the exact bivariate one). abs: 2 relu(z) − z.
 * max(a, b) = b + relu(a − b), min(a, b) = a − relu(a − b); max-pooling is a tree of pairwise
-  maxima over the window elements (``pooling.max_pool_windows``).
+  maxima over the window elements (``pooling.max_pool_windows``): primitives of a full
+  covariance state, one windowed step of a factor state (``FactorState.max_pool``); a
+  4-element window is paired adaptively (``Lowerer._most_linear_pairing``).
   The identities are derived and checked in ``derivations/piecewise_linear.py``.
 
 Any other operation on a random tensor raises :class:`NotPiecewiseLinearError` naming it.
@@ -341,7 +343,8 @@ class Lowerer:
         """Max over the rows of ``windows`` (K, q_out) of flat indices into ``h``: a tree of
         pairwise maxima max(a, b) = b + relu(a − b). All pairs of one level share one
         ``relu`` (their cross-covariances are the exact bivariate ones); the Gaussian re-fit
-        happens once per level."""
+        happens once per level. In a diagonal-plus-low-rank state (``pool_window``) the whole
+        tree is one step with each window's covariance in full (``FactorState.max_pool``)."""
         rows = windows.to(h.ref.device)
         if not self.pool_window:
             return self._pool_tree(h, rows, out_shape)

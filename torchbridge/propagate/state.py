@@ -23,7 +23,11 @@ Three representations of the joint covariance:
   on F; for D only the diagonal of L diag(D) Lᵀ is kept. At a ReLU, F ← diag(Φ) F (the exact
   cross-covariance with the input noise, Stein) and D takes the rest of the exact marginal
   variance: memory O(q r) instead of O(q²). With r = 0 this is diagonal assumed density
-  filtering (ADF, Gast & Roth 2018).
+  filtering (ADF, Gast & Roth 2018). Max-pooling is one step (``FactorState.max_pool``):
+  each window's K × K covariance is formed in full and its tree of pairwise maxima computed
+  as in ``FullState`` (the within-window residual covariances are kept: the maxima of a
+  window are strongly correlated, and dropping them overstated LeNet's pooled variances by
+  15–35%); only the window's factor row and residual variance leave it.
 * A ``FactorState`` can be converted to a ``FullState`` (F Fᵀ + diag D) when the remaining
   layers are small enough (``PropagateOptions.max_full``).
 """
