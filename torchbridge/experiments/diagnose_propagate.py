@@ -11,7 +11,8 @@ and Monte Carlo's own noise (the same errors between its two independent halves,
 Variants: ``linearize`` (two-stage linearization, output only), ``lowrank-tree``
 (diagonal-plus-low-rank everywhere, max-pooling as a tree of separate pairwise maxima: the
 form before issue #11's diagnosis), ``lowrank`` (the same with each max-pooling window's
-covariance held in full), ``auto`` (the default), ``full``
+covariance held in full), ``auto`` (the default), ``auto-tree`` (the default before:
+pairwise tree, reading-order pairs), ``full``
 (full covariance as soon as the live tensors have at most ``--full-units`` units), ``diagonal``
 (ADF), and ``+pool-oracle`` versions in which the output of every max-pooling layer (the
 re-fitted maximum) is replaced by Monte Carlo's moments of that layer: its mean, variance
@@ -44,6 +45,7 @@ VARIANTS = (
     "lowrank-tree",
     "lowrank",
     "auto",
+    "auto-tree",
     "full",
     "diagonal",
     "lowrank+pool-oracle",
@@ -240,6 +242,7 @@ def run(args: argparse.Namespace) -> dict:
                 "lowrank-tree": PropagateOptions(covariance="lowrank", pool_window=False),
                 "lowrank": PropagateOptions(covariance="lowrank"),
                 "auto": PropagateOptions(),
+                "auto-tree": PropagateOptions(pool_window=False, pool_pairing="fixed"),
                 "full": PropagateOptions(max_full=args.full_units, relu_method=args.full_relu),
                 "diagonal": PropagateOptions(covariance="diagonal"),
             }[base]
