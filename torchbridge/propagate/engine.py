@@ -181,7 +181,7 @@ def propagate_one(
     named by ``cov_kind`` ("scalar" | "diag" | "full"); ``after_node``: the diagnostic hook of
     ``lowering.Lowerer``."""
     n = mean.numel()
-    pre = Lowerer(gm, None, exact_relu=exact_relu)
+    pre = Lowerer(gm, None, exact_relu=exact_relu, pool_window=options.pool_window)
     pre.run(mean, lambda s, nid: None)
     sizes = pre.sizes
     suffix = sizes[:]

@@ -346,7 +346,8 @@ class Lowerer:
         happens once per level. In a diagonal-plus-low-rank state (``pool_window``) the whole
         tree is one step with each window's covariance in full (``FactorState.max_pool``)."""
         rows = windows.to(h.ref.device)
-        if not self.pool_window:
+        frozen = self.node is not None and not self.exact_relu(self.node)
+        if not self.pool_window or frozen:  # linearized maxima: the tree freezes each one
             return self._pool_tree(h, rows, out_shape)
         # one step of the walk whatever the representation (``sizes`` must not depend on it)
         ref = torch.amax(h.ref.reshape(-1)[rows], dim=0).reshape(out_shape)
