@@ -399,3 +399,17 @@ def test_cuda_path_matches_cpu(covariance):
     f32 = tb.output_moments(model.float(), x.float().cuda(), 0.1**2, options=opts)
     assert f32.mean.device.type == "cuda" and f32.mean.dtype == torch.float32
     torch.testing.assert_close(f32.var.double().cpu(), cpu.var, rtol=1e-3, atol=1e-6)
+
+
+def test_models_without_max_pool_are_unchanged_by_the_pool_options():
+    """The MLP and residual CNN of the benchmark have no max-pooling: the windowed max-pool
+    and the adaptive pairing cannot change their moments (bit for bit)."""
+    from torchbridge.extra_models import mlp, residual_cnn
+
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 28, 28, dtype=D)
+    old = tb.PropagateOptions(pool_window=False, pool_pairing="fixed")
+    for model in (mlp(8).to(D).eval(), residual_cnn(1).to(D).eval()):
+        new = tb.output_moments(model, x, 0.1**2)
+        ref = tb.output_moments(model, x, 0.1**2, options=old)
+        assert torch.equal(new.mean, ref.mean) and torch.equal(new.var, ref.var)
