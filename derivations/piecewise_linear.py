@@ -28,6 +28,22 @@ output of each ReLU (and so of each operation above) is replaced by the Gaussian
 exact mean and covariance before the next layer. Max-pooling over k > 2 elements is a tree of
 pairwise maxima, re-fitted after each level.
 
+7. Pairing of a 4-element window. The part of relu(d), d ~ N(μ, θ²), that no linear
+   function of d explains has variance
+                                     N(μ, θ²) = Var[relu(d)] − Cov[relu(d), d]²/θ²
+                                              = Var[relu(d)] − Φ(μ/θ)² θ²      (by 6.)
+   (≥ 0 by Cauchy–Schwarz). max(a, b) = b + relu(a − b) is Gaussian exactly when N = 0, so of
+   the three pairings of a window {z1..z4} the one with the smallest N(a−b) + N(c−d) sends
+   the most nearly Gaussian pair of maxima to the second level's re-fit. A selection rule
+   only (no moment depends on it being optimal); the reference below integrates the
+   definition.
+8. Max-pooling in the diagonal-plus-low-rank form (Cov = F Fᵀ + diag D): a window's K × K
+   covariance F_w F_wᵀ + diag D_w is formed in full and its tree evaluated with items 4 and 6
+   exactly as with a full covariance (no new formula); its output keeps the factor row
+   F_out (the exact cross-covariance with the input noise, by 6. through the tree) and
+   D_out = Var[out] − |F_out|². ``tests/test_propagate.py`` checks that its marginals equal
+   the full-covariance tree's to 1e-12.
+
 References here are mpmath quadratures of the definition (kinks split, ≥ 25 digits).
 """
 
@@ -185,6 +201,16 @@ def relu_linear_covariance_ref(mu1, mu2, s1, s2, rho, dps: int = DPS) -> mp.mpf:
         mu1, s1, s2, rho = (mp.mpf(t) for t in (mu1, s1, s2, rho))
         del mu2  # the covariance does not depend on E[x2]
         return _gauss_expect(lambda x: max(x, 0) * rho * s2 * (x - mu1) / s1, mu1, s1, [0])
+
+
+def relu_nonlinear_variance_ref(mu, theta, dps: int = DPS) -> mp.mpf:
+    """Var[relu(d)] − Cov[relu(d), d]²/θ² for d ~ N(mu, theta²), every expectation by
+    quadrature of the definition (item 7 of the module docstring)."""
+    with mp.workdps(dps):
+        m = _gauss_expect(lambda t: max(t, 0), mu, theta, [0])
+        s = _gauss_expect(lambda t: max(t, 0) ** 2, mu, theta, [0])
+        c = _gauss_expect(lambda t: max(t, 0) * (t - mp.mpf(mu)), mu, theta, [0])
+        return s - m * m - c * c / mp.mpf(theta) ** 2
 
 
 def max_moments_ref(mu_a, mu_b, s_a, s_b, rho, dps: int = DPS) -> tuple[mp.mpf, mp.mpf]:

@@ -121,3 +121,13 @@ def test_relu6_pair_covariance_exact():
     g = lambda t: min(max(t, 0), 6)  # noqa: E731
     ref = P.pair_covariance_ref(g, g, *mu, s1, s2, rho, [0, 6], [0, 6], dps=12)
     assert abs(out.cov[0, 0, 1].item() - float(ref)) <= 1e-9 * abs(float(ref))
+
+
+@pytest.mark.parametrize("mu, theta", [(0.0, 1.0), (0.8, 0.3), (-2.5, 1.7), (3.0, 0.5)])
+def test_pair_nonlinear_variance_against_quadrature(mu, theta):
+    """The pairing score of a 4-element max-pool window vs quadrature of its definition."""
+    from torchbridge.propagate.state import _nonlinear
+
+    got = _nonlinear(torch.tensor([mu], dtype=D), torch.tensor([theta**2], dtype=D)).item()
+    ref = float(P.relu_nonlinear_variance_ref(mu, theta))
+    assert abs(got - ref) <= 1e-12 * theta**2, (got, ref)

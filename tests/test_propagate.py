@@ -224,6 +224,37 @@ def test_max_of_two_pair_is_exact_against_monte_carlo():
     assert abs(out.var - mc.var).item() <= 5 * mc.var_se.item()
 
 
+def test_max_pool_pairing_puts_near_identical_elements_together():
+    """Window [a, c, b, d] with b ≈ a (correlation 0.999), c and d independent: the adaptive
+    pairing sends (a, b) to one pair — max(a, b) ≈ a is nearly Gaussian — and (c, d) to the
+    other; the same rule on a window already in that order keeps it."""
+    from torchbridge.propagate.state import _pair_window
+
+    cov = torch.eye(4, dtype=D)
+    cov[0, 2] = cov[2, 0] = 0.999
+    mu = torch.zeros(1, 4, dtype=D)
+    F = torch.arange(4, dtype=D).reshape(1, 4, 1)
+    _, S2, F2 = _pair_window(mu, cov[None], F)
+    pairs = {frozenset(F2[0, :2, 0].tolist()), frozenset(F2[0, 2:, 0].tolist())}
+    assert pairs == {frozenset({0.0, 2.0}), frozenset({1.0, 3.0})}
+    assert torch.equal(S2[0, 0, 1], cov[0, 2])
+
+
+@pytest.mark.parametrize("pairing", ["adaptive", "fixed"])
+def test_factor_form_max_pool_has_the_full_trees_marginals(pairing):
+    """In the diagonal-plus-low-rank form a max-pooling window is evaluated with its own
+    covariance held in full, so on a Gaussian input each pooled unit's mean and variance equal
+    the full-covariance tree's (only cross-window residual covariances are dropped)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.MaxPool2d(2)).to(D).eval()
+    x = torch.randn(1, 1, 6, 6, dtype=D)
+    opts = {c: tb.PropagateOptions(covariance=c, pool_pairing=pairing) for c in ("full", "lowrank")}
+    full = tb.output_moments(model, x, 0.3, options=opts["full"])
+    low = tb.output_moments(model, x, 0.3, options=opts["lowrank"])
+    torch.testing.assert_close(low.mean, full.mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(low.var, full.var, rtol=1e-12, atol=0)
+
+
 def test_demo_shows_propagation(monkeypatch, tmp_path):
     from test_demo import _run
 
@@ -347,3 +378,38 @@ def test_differentiable_moments_match_affine_relu_affine_gradients():
     g.moments(mu, S)[1].sum().backward()
     torch.testing.assert_close(got, A.grad, rtol=1e-10, atol=1e-12)
     assert not tb.output_moments(net, mu[None], S).var.requires_grad  # default: no graph
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("covariance", ["auto", "lowrank", "diagonal"])
+def test_cuda_path_matches_cpu(covariance):
+    """The same propagation on a CUDA device (float64) equals the CPU's to rounding, with the
+    windowed max-pool, conv, ReLU and linear layers; float32 on the device runs and is close."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 5)
+    )
+    model = model.to(D).eval()
+    x = torch.rand(2, 1, 8, 8, dtype=D)
+    opts = tb.PropagateOptions(covariance=covariance, max_full=100)
+    cpu = tb.output_moments(model, x, 0.1**2, options=opts)
+    dev = tb.output_moments(model.cuda(), x.cuda(), 0.1**2, options=opts)
+    torch.testing.assert_close(dev.mean.cpu(), cpu.mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dev.var.cpu(), cpu.var, rtol=1e-10, atol=1e-12)
+    f32 = tb.output_moments(model.float(), x.float().cuda(), 0.1**2, options=opts)
+    assert f32.mean.device.type == "cuda" and f32.mean.dtype == torch.float32
+    torch.testing.assert_close(f32.var.double().cpu(), cpu.var, rtol=1e-3, atol=1e-6)
+
+
+def test_models_without_max_pool_are_unchanged_by_the_pool_options():
+    """The MLP and residual CNN of the benchmark have no max-pooling: the windowed max-pool
+    and the adaptive pairing cannot change their moments (bit for bit)."""
+    from torchbridge.extra_models import mlp, residual_cnn
+
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 28, 28, dtype=D)
+    old = tb.PropagateOptions(pool_window=False, pool_pairing="fixed")
+    for model in (mlp(8).to(D).eval(), residual_cnn(1).to(D).eval()):
+        new = tb.output_moments(model, x, 0.1**2)
+        ref = tb.output_moments(model, x, 0.1**2, options=old)
+        assert torch.equal(new.mean, ref.mean) and torch.equal(new.var, ref.var)

@@ -6,6 +6,8 @@ Per model, noise level σ and held-out test image M (input N(M, σ²I), pixels i
 * ``propagate``: ``output_moments(..., method="propagate")`` (exact ReLU kernels, full
   covariance where the live tensors have at most ``--max-full`` units, diagonal-plus-low-rank
   before that: LeNet's convolution stages);
+* ``propagate (fixed pool pairing)`` (``--methods``, not by default): the max-pooling pairs
+  in reading order instead of the adaptive pairing (``PropagateOptions.pool_pairing``);
 * ``propagate (approx. ReLU cov)``: the same with the benchmark-only approximate ReLU
   covariance (``torchbridge.propagate.approx``, a DVI-style cheap closed form);
 * ``propagate (low-rank)``: the diagonal-plus-low-rank form in every layer (the
@@ -48,9 +50,18 @@ from torchbridge.output import output_moments
 from torchbridge.propagate import PropagateOptions, trace
 from torchbridge.propagate.lowering import Lowerer, commute_relu_max_pool
 
-METHODS = ("propagate", "propagate-approx", "propagate-lowrank", "linearize", "adf")
+METHODS = (
+    "propagate",
+    "propagate-fixedpool",
+    "propagate-approx",
+    "propagate-lowrank",
+    "linearize",
+    "adf",
+)
+DEFAULT_METHODS = ("propagate", "propagate-approx", "propagate-lowrank", "linearize", "adf")
 LABELS = {
     "propagate": "layer-wise propagation (exact kernels)",
+    "propagate-fixedpool": "layer-wise, max-pool pairs in reading order",
     "propagate-approx": "layer-wise, approx. ReLU cov (DVI-style)",
     "propagate-lowrank": "layer-wise, diagonal-plus-low-rank everywhere",
     "linearize": "two-stage linearization (paper)",
@@ -88,6 +99,7 @@ def _run_method(method: str, model, x, var: float, max_full: int):
         return m, v, secs, g.A.numel() + g.B.numel()
     opts = {
         "propagate": PropagateOptions(max_full=max_full),
+        "propagate-fixedpool": PropagateOptions(max_full=max_full, pool_pairing="fixed"),
         "propagate-approx": PropagateOptions(max_full=max_full, relu_method="approx"),
         "propagate-lowrank": PropagateOptions(covariance="lowrank"),
         "adf": PropagateOptions(covariance="diagonal"),
@@ -134,7 +146,8 @@ def run_bench(args: argparse.Namespace) -> dict:
         for si, sigma in enumerate(args.sigmas):
             var = sigma**2
             cell = {
-                m: {"er_mean": [], "er_var": [], "seconds": [], "elements": []} for m in METHODS
+                m: {"er_mean": [], "er_var": [], "seconds": [], "elements": []}
+                for m in args.methods
             }
             cell["mc"] = {"noise_mean": [], "noise_var": [], "seconds": []}
             for i, x in enumerate(images):
@@ -145,7 +158,7 @@ def run_bench(args: argparse.Namespace) -> dict:
                 cell["mc"]["noise_mean"].append(nm_)
                 cell["mc"]["noise_var"].append(nv_)
                 cell["mc"]["seconds"].append(mc_s)
-                for meth in METHODS:
+                for meth in args.methods:
                     m, v, secs, elems = _run_method(meth, model, x, var, args.max_full)
                     c = cell[meth]
                     c["er_mean"].append(float(relative_difference(m, mc_m).mean()))
@@ -174,7 +187,7 @@ def _model_table(name: str, rec: dict, args: argparse.Namespace) -> str:
         + ["s / image", "peak cov. MiB"]
     )
     rows = []
-    for meth in METHODS:
+    for meth in args.methods:
         cells = [rec["sigmas"][s][meth] for s in sig]
         rows.append(
             [LABELS[meth]]
@@ -201,6 +214,14 @@ def _model_table(name: str, rec: dict, args: argparse.Namespace) -> str:
     )
 
 
+def _methods(s: str) -> list[str]:
+    out = [v for v in s.split(",") if v]
+    bad = [v for v in out if v not in METHODS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; choose from {METHODS}")
+    return out
+
+
 def _floats(s: str) -> list[float]:
     return [float(v) for v in s.split(",") if v]
 
@@ -218,6 +239,13 @@ def add_bench_parser(bench_subparsers) -> None:
         type=lambda s: [v for v in s.split(",") if v],
         default=["mlp", "lenet", "rescnn"],
         help="comma-separated models among mlp, lenet, rescnn (default: all three)",
+    )
+    p.add_argument(
+        "--methods",
+        type=_methods,
+        default=list(DEFAULT_METHODS),
+        help=f"comma-separated rows among {','.join(METHODS)} "
+        f"(default {','.join(DEFAULT_METHODS)}); Monte Carlo always runs",
     )
     p.add_argument(
         "--sigmas",

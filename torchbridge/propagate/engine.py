@@ -27,6 +27,7 @@ from torchbridge.propagate.state import FactorState, FullState
 
 COVARIANCES = ("auto", "full", "lowrank", "diagonal")
 RELU_METHODS_ALL = ("exact", "series", "zero_mean", "approx")
+POOL_PAIRINGS = ("adaptive", "fixed")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,15 @@ class PropagateOptions:
         relu_method: ReLU covariance in full-covariance stages: "exact" (default; our closed
             form), "series" (the paper's Lemma 4, 5 terms), "zero_mean" (Theorem 2) or
             "approx" (benchmark-only 2-term expansion in ρ, ``propagate.approx``).
+        pool_pairing: "adaptive" (default) | "fixed": order of the pairwise maxima of a
+            4-element max-pooling window (2×2). "adaptive" pairs, per window, the two pairs
+            whose maxima are closest to linear (``Lowerer._most_linear_pairing``), so that the
+            second level's Gaussian re-fit is of nearly Gaussian units; "fixed" pairs the
+            window's elements in reading order (rows first).
+        pool_window: in the diagonal-plus-low-rank form, evaluate each max-pooling window
+            with its own covariance in full (default True; ``FactorState.max_pool``); False:
+            the tree of pairwise maxima as separate primitives, whose within-window residual
+            covariances are dropped like any other (the earlier behaviour, for comparison).
         differentiable: keep the autograd graph, so the moments can be differentiated with
             respect to the model's parameters and the input (moment-regularized training);
             memory grows with every intermediate covariance kept for the backward pass.
@@ -49,6 +59,8 @@ class PropagateOptions:
     covariance: str = "auto"
     max_full: int = 4096
     relu_method: str = "exact"
+    pool_pairing: str = "adaptive"
+    pool_window: bool = True
     differentiable: bool = False
 
     def __post_init__(self) -> None:
@@ -57,6 +69,10 @@ class PropagateOptions:
         if self.relu_method not in RELU_METHODS_ALL:
             raise ValueError(
                 f"relu_method must be one of {RELU_METHODS_ALL}; got {self.relu_method!r}"
+            )
+        if self.pool_pairing not in POOL_PAIRINGS:
+            raise ValueError(
+                f"pool_pairing must be one of {POOL_PAIRINGS}; got {self.pool_pairing!r}"
             )
         if isinstance(self.max_full, bool) or not isinstance(self.max_full, int):
             raise TypeError(f"max_full must be an int; got {type(self.max_full).__name__}")
@@ -158,12 +174,14 @@ def propagate_one(
     options: PropagateOptions,
     exact_relu: Callable[[fx.Node], bool] = lambda node: True,
     full: bool = False,
+    after_node: Callable | None = None,
 ) -> PropagationResult:
     """Propagate N(mean, cov) through ``gm``; ``mean`` has the model's input shape with batch
     dimension 1; ``cov`` is a 0-d tensor (isotropic), (n,) (diagonal) or (n, n) (full), as
-    named by ``cov_kind`` ("scalar" | "diag" | "full")."""
+    named by ``cov_kind`` ("scalar" | "diag" | "full"); ``after_node``: the diagnostic hook of
+    ``lowering.Lowerer``."""
     n = mean.numel()
-    pre = Lowerer(gm, None, exact_relu=exact_relu)
+    pre = Lowerer(gm, None, exact_relu=exact_relu, pool_window=options.pool_window)
     pre.run(mean, lambda s, nid: None)
     sizes = pre.sizes
     suffix = sizes[:]
@@ -208,6 +226,9 @@ def propagate_one(
         relu_method=options.relu_method,
         exact_relu=exact_relu,
         before_primitive=before,
+        after_node=after_node,
+        pool_pairing=options.pool_pairing,
+        pool_window=options.pool_window,
     )
     out = lw.run(mean, add)
     final = lw.state

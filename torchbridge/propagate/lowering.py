@@ -9,7 +9,9 @@ of ``torchbridge.propagate.state``: ``affine`` and elementwise ``relu``.
   clamp(lo, hi): lo + relu(z − lo) − relu(z − hi), both ReLUs taken jointly (one ``relu`` of
   the concatenation, so their cross-covariance is the exact bivariate one). abs: 2 relu(z) − z.
 * max(a, b) = b + relu(a − b), min(a, b) = a − relu(a − b); max-pooling is a tree of pairwise
-  maxima over the window elements (``pooling.max_pool_windows``).
+  maxima over the window elements (``pooling.max_pool_windows``): primitives of a full
+  covariance state, one windowed step of a factor state (``FactorState.max_pool``); a
+  4-element window is paired adaptively (``Lowerer._most_linear_pairing``).
   The identities are derived and checked in ``derivations/piecewise_linear.py``.
 
 Any other operation on a random tensor raises :class:`NotPiecewiseLinearError` naming it.
@@ -182,8 +184,10 @@ class Lowerer:
     ``exact_relu(node)`` says whether the ReLUs lowered from ``node`` use the exact moments
     (True) or are linearized at the reference point (False: frozen mask, as in two-stage
     linearization). ``before_primitive(k, state)`` may return a replacement state (used to
-    switch to the full covariance when the remaining tensors are small); ``sizes`` records
-    the size of every primitive's output in order.
+    switch to the full covariance when the remaining tensors are small); ``after_node(node,
+    handle, lowerer)`` is called after each node with a random output (diagnostics: read or
+    replace that tensor's moments in ``lowerer.state``); ``sizes`` records the size of every
+    primitive's output in order.
     """
 
     def __init__(
@@ -193,8 +197,14 @@ class Lowerer:
         relu_method: str = "exact",
         exact_relu: Callable[[fx.Node], bool] = lambda node: True,
         before_primitive: Callable | None = None,
+        after_node: Callable | None = None,
+        pool_pairing: str = "adaptive",
+        pool_window: bool = True,
     ) -> None:
         self.gm = gm
+        self.pool_pairing = pool_pairing
+        self.pool_window = pool_window
+        self.after_node = after_node
         self.state = state
         self.relu_method = relu_method
         self.exact_relu = exact_relu
@@ -333,10 +343,34 @@ class Lowerer:
         """Max over the rows of ``windows`` (K, q_out) of flat indices into ``h``: a tree of
         pairwise maxima max(a, b) = b + relu(a − b). All pairs of one level share one
         ``relu`` (their cross-covariances are the exact bivariate ones); the Gaussian re-fit
-        happens once per level."""
+        happens once per level. In a diagonal-plus-low-rank state (``pool_window``) the whole
+        tree is one step with each window's covariance in full (``FactorState.max_pool``)."""
         rows = windows.to(h.ref.device)
+        frozen = self.node is not None and not self.exact_relu(self.node)
+        if not self.pool_window or frozen:  # linearized maxima: the tree freezes each one
+            return self._pool_tree(h, rows, out_shape)
+        # one step of the walk whatever the representation (``sizes`` must not depend on it)
+        ref = torch.amax(h.ref.reshape(-1)[rows], dim=0).reshape(out_shape)
+        nid = self._new_id(ref.numel())
+        st = self.state
+        if st is not None and st.kind == "factor" and not st.diagonal:
+            st.max_pool(nid, h.nid, rows, self.relu_method, self.pool_pairing == "adaptive")
+            st.shape[nid] = tuple(ref.shape)
+            return Handle(nid, ref)
+        hook, mark = self.before_primitive, len(self.sizes)
+        self.before_primitive = None
+        try:
+            return self._pool_tree(h, rows, out_shape)
+        finally:
+            self.before_primitive = hook
+            del self.sizes[mark:]
+
+    def _pool_tree(self, h: Handle, rows: torch.Tensor, out_shape: tuple[int, ...]) -> Handle:
+        """The pairwise-maximum tree of ``max_pool`` as primitives of the state."""
         level = h
         while rows.shape[0] > 1:
+            if rows.shape[0] == 4 and self.pool_pairing == "adaptive" and self.state is not None:
+                rows = self._most_linear_pairing(level, rows)
             half = rows.shape[0] // 2
             ia, ib, odd = rows[0 : 2 * half : 2], rows[1 : 2 * half : 2], rows[2 * half :]
 
@@ -370,6 +404,23 @@ class Lowerer:
             self.free(level)
         return y
 
+    def _most_linear_pairing(self, level: Handle, rows: torch.Tensor) -> torch.Tensor:
+        """Reorder the 4 rows of ``rows`` (4, q_out) per window so that the first level pairs
+        (rows 0-1 and 2-3) are the pairing whose maxima are closest to linear functions of
+        the inputs: the smallest total nonlinear variance Var(relu(a − b)) − Φ(α)²θ² (the
+        part a Gaussian re-fit of max(a, b) has to invent), so that the second level takes
+        the maximum of two nearly Gaussian units."""
+        orders = torch.tensor([[0, 1, 2, 3], [0, 2, 1, 3], [0, 3, 1, 2]], device=rows.device)
+        score = torch.stack(
+            [
+                self.state.pair_nonlinearity(level.nid, rows[o[0]], rows[o[1]])
+                + self.state.pair_nonlinearity(level.nid, rows[o[2]], rows[o[3]])
+                for o in orders
+            ]
+        )  # (3, q_out)
+        best = orders[score.argmin(0)].T  # (4, q_out)
+        return torch.gather(rows, 0, best)
+
     # ---- the graph walk ---------------------------------------------------------------
     def run(self, ref_input: torch.Tensor, add_input: Callable[[object, int], None]) -> Handle:
         """Lower the whole graph; returns the Handle of the output."""
@@ -397,6 +448,8 @@ class Lowerer:
                 args = fx.node.map_arg(node.args, lambda n: env[n])
                 kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
                 env[node] = self._lower(node, args, kwargs)
+                if self.after_node is not None and _is_handle(env[node]):
+                    self.after_node(node, env[node], self)
             if node.op == "output":
                 break
             for a in node.all_input_nodes:  # free tensors no later node needs
