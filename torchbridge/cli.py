@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "torchbridge.experiments.targeted_pairs",
     "torchbridge.experiments.robust",
     "torchbridge.experiments.robust_attacks",
+    "torchbridge.experiments.diagnose_propagate",
 )
 #: Modules that contribute `nm bench ...` subcommands.
 BENCH_MODULES = (

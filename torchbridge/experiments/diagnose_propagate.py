@@ -311,8 +311,24 @@ def _table(entry: dict, gm: fx.GraphModule) -> str:
     return "\n".join(lines)
 
 
+def add_parser(sub) -> None:
+    """Register ``nm diagnose-propagate``."""
+    p = sub.add_parser(
+        "diagnose-propagate",
+        help="per-layer propagated moments vs Monte Carlo, per approximation variant",
+        description=__doc__.split("\n\n")[0],
+    )
+    _add_args(p)
+    p.set_defaults(func=run)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    _add_args(p)
+    return run(p.parse_args(argv))
+
+
+def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="lenet", help="mlp | lenet | rescnn (default lenet)")
     p.add_argument(
         "--images",
@@ -349,7 +365,6 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--out", default="results", help="output folder (default results)")
-    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":
