@@ -474,6 +474,13 @@ def _tail_program(a: sp.Expr, b: sp.Expr, x: sp.Expr, terms: sp.Symbol, tag: str
     ec = let("erfc", sp.erfc(x))
     p_prev = let("Pp", sp.exp(-b * b))  # P_{2u}
     p_cur = let("Pc", sp.sqrt(2) * b * p_prev)  # P_{2u+1}
+    # Where exp(−x²) or exp(−b²) underflows to 0, every term of its recurrence is exactly 0,
+    # but the products of the multipliers x² and b can overflow, and 0·inf would make the
+    # gradient NaN (at small σ). sign(·) of a value ≥ 0 is 1, or 0 where it underflowed, and has
+    # zero derivative, so the loop sees the multiplier 0 there: the same values, finite
+    # gradients. (0·x² is 0 unless x² itself overflowed, where the old form was NaN too.)
+    x2 = let("x2l", x2 * sp.sign(ex))
+    b = let("bl", b * sp.sign(p_prev))
     e_k = let("e", ex)
     big_e = let("E", ex)
     f_k = let("f", 2 * x * ex / sp.sqrt(sp.pi))
