@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from nmgen import registry
+from nmgen.derivations.reference import ReferenceError as _UncertifiedReference
 from nmgen.derivations.reference import to_float
 from nmgen.derivations.spec import KernelSpec
 
@@ -269,14 +270,20 @@ class Row:
     rel_tol: float = 0.0
     negative: int = 0
     known_hard: str = ""
+    uncertified: str = ""
 
 
 def _as_tuple(v) -> tuple:
     return v if isinstance(v, tuple) else (v,)
 
 
-def _reference_floats(ref: Callable, pt: tuple) -> tuple[float, ...]:
-    return tuple(to_float(v) for v in _as_tuple(ref(*pt)))
+def _reference_floats(ref: Callable, pt: tuple) -> tuple[float, ...] | None:
+    """The oracle's value at ``pt``, or None where its quadrature cannot certify itself (such
+    points are skipped and listed by ``format_table``, never counted as passed)."""
+    try:
+        return tuple(to_float(v) for v in _as_tuple(ref(*pt)))
+    except _UncertifiedReference:
+        return None
 
 
 class _References:
@@ -333,7 +340,16 @@ def verify_kernel(k: KernelSpec, refs: _References, quick: bool) -> list[Row]:
         if dtype == "float32":
             pts = pts.astype(np.float32).astype(np.float64)
         tuples = [tuple(float(v) for v in p) for p in pts]
-        ref = np.array([refs.get(k, t) for t in tuples])  # (points, outputs)
+        got_refs = [refs.get(k, t) for t in tuples]
+        skipped = [t for t, r in zip(tuples, got_refs, strict=True) if r is None]
+        keep = [n for n, r in enumerate(got_refs) if r is not None]
+        pts, tuples = pts[keep], [tuples[n] for n in keep]
+        ref = np.array([got_refs[n] for n in keep])  # (points, outputs)
+        uncertified = (
+            f"{len(skipped)} points skipped, e.g. ({', '.join(f'{v:.4g}' for v in skipped[0])})"
+            if skipped
+            else ""
+        )
         scale = np.array([_as_tuple(k.scale(*t)) for t in tuples], dtype=np.float64)
         scale = np.broadcast_to(scale, ref.shape)
         for backend in ("numpy", "torch"):
@@ -391,6 +407,7 @@ def verify_kernel(k: KernelSpec, refs: _References, quick: bool) -> list[Row]:
                     rel_tol,
                     negative + int(flipped.sum()),
                     hard_txt,
+                    uncertified,
                 )
             )
     return rows
@@ -430,6 +447,14 @@ def format_table(rows: list[Row]) -> str:
     if hard:
         lines += ["", "Known-hard regions (excluded from the rel tol above, not hidden):", ""]
         lines += [f"- {r.kernel} {r.backend} {r.dtype}: {r.known_hard}" for r in hard]
+    skipped = [r for r in rows if r.uncertified]
+    if skipped:
+        lines += [
+            "",
+            "Points whose mpmath reference could not certify itself (NOT verified, listed):",
+            "",
+        ]
+        lines += [f"- {r.kernel} {r.backend} {r.dtype}: {r.uncertified}" for r in skipped]
     return "\n".join(lines)
 
 
