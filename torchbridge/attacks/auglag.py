@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 
-from torchbridge.attacks.slsqp import ITERATION_CAP_STATUS, Problem, SlsqpFit
+from torchbridge.attacks.slsqp import ITERATION_CAP_STATUS, Problem, SlsqpFit, final_fit
 
 __all__ = ["AugLagOptions", "run_auglag"]
 
@@ -182,19 +182,4 @@ def run_auglag(
         x = best["x"]
     elif repair is not None:
         x = repair(x)
-    with torch.no_grad():
-        obj, cons = fn(torch.tensor(x, dtype=torch.float64)[None])
-    c = cons[0].numpy()
-    return SlsqpFit(
-        x=x,
-        objective=float(obj[0]),
-        violation=float(max(0.0, -c.min())) if c.size else 0.0,
-        status=status,
-        message=message,
-        converged=converged,
-        nit=nit,
-        nfev=counts["nfev"],
-        njev=counts["njev"],
-        wall=time.perf_counter() - start,
-        eval_wall=counts["eval_wall"],
-    )
+    return final_fit(fn, x, status, message, converged, nit, counts, start)

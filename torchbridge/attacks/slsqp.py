@@ -176,6 +176,21 @@ def run_slsqp(
         lo = np.array([-np.inf if b[0] is None else b[0] for b in bounds])
         hi = np.array([np.inf if b[1] is None else b[1] for b in bounds])
         x = np.clip(x, lo, hi)
+    return final_fit(fn, x, status, message, converged, nit, counts, start)
+
+
+def final_fit(
+    fn: Problem,
+    x: np.ndarray,
+    status: int,
+    message: str,
+    converged: bool,
+    nit: int,
+    counts: dict,
+    start: float,
+) -> SlsqpFit:
+    """The typed result at the final ``x``: objective and worst violation re-evaluated once;
+    ``counts`` holds ``nfev``, ``njev`` and ``eval_wall``, ``start`` the solve's perf_counter."""
     with torch.no_grad():
         out = _stacked(fn, torch.tensor(x, dtype=torch.float64)[None])[0].numpy()
     c = out[1:]
