@@ -425,10 +425,13 @@ def _cov_closed(o, h, k, r, bvn):
     return c, bound
 
 
-#: Mehler series: terms evaluated, and the |ρ| and |h|, |k| where it is tried.
+#: Mehler series: terms evaluated, and the |ρ|, |h|, |k| and |ρ|(h² + k²) where it is tried.
 _MEHLER_TERMS = 80
 _MEHLER_RHO = 0.8
-_MEHLER_HK = 6.0
+_MEHLER_HK = 38.5
+#: |ρ|(h² + k²) ≤ _MEHLER_SPREAD keeps every scaled term below e^{60}·(a few): finite in float32
+#: (the sum needs ≈ e·|ρhk| ≤ 80 terms anyway, |ρhk| ≤ |ρ|(h² + k²)/2).
+_MEHLER_SPREAD = 120.0
 
 
 def _cov_mehler(o, h, k, r, eps_ratio, eps):
@@ -437,43 +440,134 @@ def _cov_mehler(o, h, k, r, eps_ratio, eps):
     Cov[f(Z1), g(Z2)] = Σ_{n≥1} ρⁿ/n! E[f⁽ⁿ⁾(Z)] E[g⁽ⁿ⁾(Z)] with f = relu(h + ·):
     E f' = Φ(h), E f⁽ⁿ⁾ = (−1)ⁿ He_{n−2}(h) φ(h) (n ≥ 2), so
     C = ρΦ(h)Φ(k) + φ(h)φ(k) Σ_{m≥0} ρ^{m+2} u_m(h) u_m(k)/((m + 1)(m + 2)),
-    u_m = He_m/√(m!) (u_{m+1} = (x u_m − √m u_{m−1})/√(m + 1), bounded). Accepted where the
-    rounding bound eps·(|ρΦΦ| + φφ Σ|terms|) is below eps_ratio·eps·|C| and the last two
-    terms are below eps·|C| (the terms decay like |ρ|^m once m > h², k²).
+    u_m = He_m/√(m!) (u_{m+1} = (x u_m − √m u_{m−1})/√(m + 1)). The loop carries the scaled
+    v_m(h) = a^m u_m(h), v_m(k) = (sa)^m u_m(k) (a = √|ρ|, s = sign ρ; |v_m| ≤ e^{|ρ|x²/2}), and
+    φ(h)φ(k) is applied as e^{−(h² + k²)/2 + S}·e^{−S}, S = |ρ|(h² + k²)/2, so deep |h|, |k|
+    (to 38.5) neither overflow the terms nor underflow φ(h)φ(k) before the product. Accepted
+    where the rounding bound eps·(|ρΦΦ| + φφ Σ|terms|) is below eps_ratio·eps·|C| and the last
+    two terms are below eps·|C| (the terms decay once m exceeds |ρhk| and, for the oscillating
+    u_m, h²/4 and k²/4; checked against mpmath in tests/test_pair_mehler.py and
+    tests/test_pair_routes.py).
     """
-    dom = (o.abs(r) <= _MEHLER_RHO) & (o.abs(h) <= _MEHLER_HK) & (o.abs(k) <= _MEHLER_HK)
-    z = 0.0 * h
-    h, k, r = o.where(dom, h, z), o.where(dom, k, z), o.where(dom, r, z)  # finite elsewhere
+    ar = o.abs(r)
+    hh = h * h + k * k
+    dom = (
+        (ar <= _MEHLER_RHO)
+        & (o.abs(h) <= _MEHLER_HK)
+        & (o.abs(k) <= _MEHLER_HK)
+        & (ar * hh <= _MEHLER_SPREAD)
+    )
+    # finite elsewhere (each masked from itself, so no gradient crosses between them)
+    h, k, r = o.where(dom, h, 0.0 * h), o.where(dom, k, 0.0 * k), o.where(dom, r, 0.0 * r)
+    ar = o.abs(r)
+    hh = h * h + k * k
     lin = r * _ncdf(o, h) * _ncdf(o, k)
-    pp = o.exp(-0.5 * (h * h + k * k)) * (_INV_2PI)
-    uh0, uk0 = 1.0 + 0.0 * h, 1.0 + 0.0 * k
-    uh1, uk1 = h, k
-    rp = r * r
-    t = 0.5 * rp
-    total, mag = t, o.abs(t)
+    a = o.sqrt(o.maximum(ar, 1e-300))  # > 0: a finite derivative at ρ = 0
+    ah = a * h
+    sak = o.where(r < 0, -a, a) * k
+    vh0, vk0 = 1.0 + 0.0 * h, 1.0 + 0.0 * k
+    vh1, vk1 = ah, sak
+    t = 0.5 + 0.0 * h
+    total, mag = t, t
     t_prev = t
     for m in range(1, _MEHLER_TERMS):
-        rp = rp * r
         t_prev = t
-        t = rp * uh1 * uk1 / ((m + 1) * (m + 2))
+        t = vh1 * vk1 * (1.0 / ((m + 1) * (m + 2)))
         total = total + t
         mag = mag + o.abs(t)
         c1 = 1.0 / math.sqrt(m + 1)
         c0 = math.sqrt(m) * c1
-        uh0, uh1 = uh1, h * uh1 * c1 - uh0 * c0
-        uk0, uk1 = uk1, k * uk1 * c1 - uk0 * c0
-    c = lin + pp * total
+        vh0, vh1 = vh1, ah * vh1 * c1 - ar * vh0 * c0
+        vk0, vk1 = vk1, sak * vk1 * c1 - ar * vk0 * c0
+    s = 0.5 * ar * hh
+    scale = o.exp(-s)
+    pp = (r * r) * o.exp(s - 0.5 * hh) * _INV_2PI
+    c = lin + pp * (total * scale)
     ac = o.abs(c)
-    bound = o.abs(lin) + pp * mag
-    tail = pp * (o.abs(t) + o.abs(t_prev))
+    bound = o.abs(lin) + pp * (mag * scale)
+    tail = pp * ((o.abs(t) + o.abs(t_prev)) * scale)
     ok = dom & (bound < eps_ratio * ac) & (tail < eps * ac)
     return c, ok
 
 
+#: log of half the dtype's smallest subnormal (float64: 2⁻¹⁰⁷⁵, float32: 2⁻¹⁵⁰), less a margin
+#: of 1 for the rounding of the bound itself; keyed by "float64 or not" through eps.
+_LOG_HALF_SUBNORMAL = {True: -1075.0 * math.log(2.0) - 1.0, False: -150.0 * math.log(2.0) - 1.0}
+
+
+def _underflows(o, h, k, r, eps):
+    """Mask where |C(h, k, ρ)| is below half the smallest subnormal, so C rounds to 0.
+
+    C = ∫_0^ρ Φ2(h, k; t) dt with 0 ≤ Φ2 increasing in t, so |C| ≤ |ρ| Φ2(h, k; t*),
+    t* = max(ρ, 0), and Φ2(h, k; t*) ≤ Φ(−d) ≤ φ(d)/d (d > 0), d the Mahalanobis distance
+    (correlation t*) from 0 to the orthant {z1 ≤ h, z2 ≤ k}: it lies in the half-space tangent
+    to the Mahalanobis ball at the orthant's nearest point. For h, k < 0 that point is the
+    corner, d² = (h² − 2t*hk + k²)/(1 − t*²), where |h| ≥ t*|k| and |k| ≥ t*|h|, else on a
+    face, d = max(|h|, |k|); if one of h, k is ≥ 0, d = max(−h, −k, 0).
+    """
+    ts = o.maximum(r, 0.0 * r)
+    hn, kn = o.maximum(-h, 0.0 * h), o.maximum(-k, 0.0 * k)
+    face = o.maximum(hn, kn)
+    om = o.maximum((1.0 - ts) * (1.0 + ts), 1e-300)
+    corner = (h * h - 2.0 * ts * h * k + k * k) / om
+    use_corner = (h < 0) & (k < 0) & (hn >= ts * kn) & (kn >= ts * hn)
+    d = o.where(use_corner, o.sqrt(o.maximum(corner, 0.0 * h)), face)
+    dd = o.maximum(d, 1.0 + 0.0 * d)
+    log_bound = (
+        o.log(o.maximum(o.abs(r), 1e-300)) - 0.5 * dd * dd - o.log(dd * math.sqrt(2 * math.pi))
+    )
+    return (d > 1.0) & (log_bound < _LOG_HALF_SUBNORMAL[eps < 1e-10])
+
+
+def _linear_ok(o, h, k, r, eps):
+    """Mask where C(h, k, ρ) = ρΦ(k)(1 + δ), |δ| ≤ eps/4 (unit 1 is on almost surely).
+
+    relu(x) = x + relu(−x) gives C(h, k, ρ) = ρΦ(k) + C(−h, k, −ρ) (Stein: Cov[Z1, (k + Z2)⁺]
+    = ρΦ(k)). The correction is ∫_0^{−ρ} Φ2(−h, k; t) dt with Φ2 increasing in t, so
+    |C(−h, k, −ρ)| ≤ |ρ| Φ2(−h, k; r*), r* = max(−ρ, 0), and |δ| ≤ Φ2(−h, k; r*)/Φ(k) ≤ e^{−E/2}:
+
+    * k ≥ 0: Φ2 ≤ Φ(−h) ≤ e^{−h²/2}/2 and Φ(k) ≥ 1/2, so E = h².
+    * k < 0, h ≥ r*|k|: the orthant {z1 ≤ −h, z2 ≤ k} lies in the half-space tangent to the
+      Mahalanobis ball at its nearest point, at distance d, so Φ2 ≤ Φ(−d); and
+      Φ(−d)/Φ(−|k|) ≤ e^{−(d² − k²)/2} for d ≥ |k| (log Φ(−x) has slope −φ(x)/Φ(−x) ≤ −x).
+      The nearest point is the corner, d² = k² + (h − r*|k|)²/(1 − r*²), where |k| ≥ r*h;
+      otherwise the face z1 = −h, d = h, E = h² − k².
+    * k < 0, h < r*|k|: given the rare z2 > −k the other unit is off: no bound (E = 0).
+
+    Routed where E ≥ 2 log(4/eps) (float64: 74.9, h ≥ 8.65 at least).
+    """
+    rs = o.maximum(-r, 0.0 * r)
+    ak = o.abs(k)
+    om = o.maximum((1.0 - rs) * (1.0 + rs), 1e-300)
+    x = (h - rs * ak) ** 2 / om
+    e = o.where(k >= 0, h * h, o.where(ak >= rs * h, x, h * h - k * k))
+    return (h >= 0) & ((k >= 0) | (h >= rs * ak)) & (e >= 2.0 * math.log(4.0 / eps))
+
+
 def _cov_hybrid(o, h, k, r, rule, bvn, eps_ratio, bvn_slow=None, eps=2.0**-52):
-    """C: the closed form where it provably keeps its digits, else Mehler's series where it
-    converges and keeps its digits (|ρ| ≤ 0.8), the quadrature elsewhere (which calls
-    ``bvn_slow``, default ``bvn``, on its few elements)."""
+    """C: 0 where it underflows, ρΦ(k) (or ρΦ(h)) where one unit is on almost surely
+    (``_linear_ok``: the neglected term is below eps/4 relative), else the closed form where it
+    provably keeps its digits, else Mehler's series where it converges and keeps its digits
+    (|ρ| ≤ 0.8), the quadrature elsewhere (which calls ``bvn_slow``, default ``bvn``, on its
+    few elements)."""
+    under = _underflows(o, h, k, r, eps)
+    lin_h = _linear_ok(o, h, k, r, eps)
+    lin_k = _linear_ok(o, k, h, r, eps)
+    cheap = under | lin_h | lin_k
+    v_cheap = o.where(under, 0.0 * h, r * _ncdf(o, o.where(lin_h, k, h)))
+    rest = _on(
+        ~cheap,
+        lambda *a: _cov_general(o, *a, rule, bvn, eps_ratio, bvn_slow, eps),
+        h,
+        k,
+        r,
+        safe=(0.0, 0.0, 0.5),
+    )
+    return o.where(cheap, v_cheap, rest)
+
+
+def _cov_general(o, h, k, r, rule, bvn, eps_ratio, bvn_slow, eps):
+    """C by the closed form, Mehler's series or the quadrature (see ``_cov_hybrid``)."""
     bvn_slow = bvn if bvn_slow is None else bvn_slow
     moderate = (o.abs(r) <= 0.99) & (h > -6.0) & (k > -6.0) & (h < 8.0) & (k < 8.0)
     z = 0.0 * h

@@ -29,10 +29,11 @@ def test_accepted_mehler_values_match_mpmath():
 
 
 def test_mehler_route_rejects_where_it_cannot_converge():
-    """Outside |ρ| ≤ 0.8, |h|, |k| ≤ 6 nothing is accepted and every value stays finite."""
-    h = torch.tensor([1e4, 0.5, -7.0, 0.3])
-    k = torch.tensor([2e4, 0.5, 0.0, 0.2])
-    r = torch.tensor([-0.5, 0.95, 0.3, 0.1])
+    """Outside |ρ| ≤ 0.8, |h|, |k| ≤ 38.5, |ρ|(h² + k²) ≤ 120 nothing is accepted and every
+    value stays finite (float32: the scaled terms must not overflow)."""
+    h = torch.tensor([1e4, 0.5, -40.0, 20.0, 0.3, -7.0])
+    k = torch.tensor([2e4, 0.5, 0.0, -20.0, 0.2, 0.0])
+    r = torch.tensor([-0.5, 0.95, 0.3, 0.5, 0.1, 0.3])
     c, ok = rp._cov_mehler(rp.torch_ops(), h, k, r, 32.0, 2.0**-23)
     assert torch.isfinite(c).all()
-    assert ok.tolist() == [False, False, False, True]
+    assert ok.tolist() == [False, False, False, False, True, True]
