@@ -447,7 +447,8 @@ def _cov_mehler(o, h, k, r, eps_ratio, eps):
     where the rounding bound eps·(|ρΦΦ| + φφ Σ|terms|) is below eps_ratio·eps·|C| and the last
     two terms are below eps·|C| (the terms decay once m exceeds |ρhk| and, for the oscillating
     u_m, h²/4 and k²/4; checked against mpmath in tests/test_pair_mehler.py and
-    tests/test_pair_routes.py).
+    tests/test_pair_routes.py). Below the smallest normal number |C| counts as that number:
+    there the result is accurate to a few subnormal ulps, and its sign is right.
     """
     ar = o.abs(r)
     hh = h * h + k * k
@@ -486,8 +487,18 @@ def _cov_mehler(o, h, k, r, eps_ratio, eps):
     ac = o.abs(c)
     bound = o.abs(lin) + pp * (mag * scale)
     tail = pp * ((o.abs(t) + o.abs(t_prev)) * scale)
-    ok = dom & (bound < eps_ratio * ac) & (tail < eps * ac)
+    # below the normal range (|C| < tiny) only absolute accuracy exists: a few subnormal ulps
+    # (tiny·eps each) from the last products; accepted where that error is still below
+    # eps_ratio·eps·tiny and below |C| (so the sign is right)
+    tiny = _TINY_NORMAL[eps < 1e-10]
+    err = eps * bound + 4.0 * tiny * eps
+    floor = o.maximum(ac, tiny + 0.0 * ac)
+    ok = dom & (err < eps_ratio * eps * floor) & (tail < eps * floor) & (err < ac)
     return c, ok
+
+
+#: The smallest normal number (float64, float32), keyed by "float64 or not" through eps.
+_TINY_NORMAL = {True: 2.2250738585072014e-308, False: 1.1754943508222875e-38}
 
 
 #: log of half the dtype's smallest subnormal (float64: 2⁻¹⁰⁷⁵, float32: 2⁻¹⁵⁰), less a margin
