@@ -512,11 +512,12 @@ def _underflows(o, h, k, r, eps):
     """Mask where |C(h, k, ρ)| is below half the smallest subnormal, so C rounds to 0.
 
     C = ∫_0^ρ Φ2(h, k; t) dt with 0 ≤ Φ2 increasing in t, so |C| ≤ |ρ| Φ2(h, k; t*),
-    t* = max(ρ, 0), and Φ2(h, k; t*) ≤ Φ(−d) ≤ φ(d)/d (d > 0), d the Mahalanobis distance
-    (correlation t*) from 0 to the orthant {z1 ≤ h, z2 ≤ k}: it lies in the half-space tangent
-    to the Mahalanobis ball at the orthant's nearest point. For h, k < 0 that point is the
-    corner, d² = (h² − 2t*hk + k²)/(1 − t*²), where |h| ≥ t*|k| and |k| ≥ t*|h|, else on a
-    face, d = max(|h|, |k|); if one of h, k is ≥ 0, d = max(−h, −k, 0).
+    t* = max(ρ, 0), and Φ2(h, k; t*) ≤ Φ(−d) ≤ φ(d)/d ≤ φ(d) (d ≥ 1), d the Mahalanobis
+    distance (correlation t*) from 0 to the orthant {z1 ≤ h, z2 ≤ k}: it lies in the half-space
+    tangent to the Mahalanobis ball at the orthant's nearest point. For h, k < 0 that point is
+    the corner, d² = (h² − 2t*hk + k²)/(1 − t*²), where |h| ≥ t*|k| and |k| ≥ t*|h|, else on a
+    face, d = max(|h|, |k|); if one of h, k is ≥ 0, d = max(−h, −k, 0). The test
+    log(ρ²/d²)/2 − d²/2 − log √(2π) < log(half subnormal) − 1 takes one log (no square root).
     """
     ts = o.maximum(r, 0.0 * r)
     hn, kn = o.maximum(-h, 0.0 * h), o.maximum(-k, 0.0 * k)
@@ -524,12 +525,9 @@ def _underflows(o, h, k, r, eps):
     om = o.maximum((1.0 - ts) * (1.0 + ts), 1e-300)
     corner = (h * h - 2.0 * ts * h * k + k * k) / om
     use_corner = (h < 0) & (k < 0) & (hn >= ts * kn) & (kn >= ts * hn)
-    d = o.where(use_corner, o.sqrt(o.maximum(corner, 0.0 * h)), face)
-    dd = o.maximum(d, 1.0 + 0.0 * d)
-    log_bound = (
-        o.log(o.maximum(o.abs(r), 1e-300)) - 0.5 * dd * dd - o.log(dd * math.sqrt(2 * math.pi))
-    )
-    return (d > 1.0) & (log_bound < _LOG_HALF_SUBNORMAL[eps < 1e-10])
+    d2 = o.maximum(o.where(use_corner, corner, face * face), 1.0 + 0.0 * h)
+    log_bound = 0.5 * (o.log(o.maximum(r * r, 1e-300) / d2) - d2 - math.log(2.0 * math.pi))
+    return (d2 > 1.0) & (log_bound < _LOG_HALF_SUBNORMAL[eps < 1e-10])
 
 
 def _linear_ok(o, h, k, r, eps):
@@ -567,7 +565,10 @@ def _cov_hybrid(o, h, k, r, rule, bvn, eps_ratio, bvn_slow=None, eps=2.0**-52):
     lin_h = _linear_ok(o, h, k, r, eps)
     lin_k = _linear_ok(o, k, h, r, eps)
     cheap = under | lin_h | lin_k
-    v_cheap = o.where(under, 0.0 * h, r * _ncdf(o, o.where(lin_h, k, h)))
+    # ρΦ(k) where unit 1 is on, ρΦ(h) where unit 2 is (eager CPU: only on those elements)
+    other = o.where(lin_h, k, h)
+    lin = cheap & ~under
+    v_cheap = _on(lin, lambda s, rr: rr * _ncdf(o, s), other, r, safe=(0.0, 0.5))
     rest = _on(
         ~cheap,
         lambda *a: _cov_general(o, *a, rule, bvn, eps_ratio, bvn_slow, eps),
