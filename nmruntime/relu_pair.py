@@ -33,6 +33,12 @@ cos θ < ``_COS_SPLIT`` is integrated in v = −log cos θ, which maps the flat 
 singularity e^{−c/cos²θ} at |θ| = π/2 (|ρ| → 1) to a smooth decay.
 
 h, k are clamped to ±``_CLIP``: beyond it every Gaussian factor underflows in float64.
+
+Routing of C (``_cov_hybrid``, each route a mask): 0 where a bound puts |C| below half the
+smallest subnormal (``_underflows``); ρΦ(k) (or ρΦ(h)) where one unit is on almost surely and
+the neglected term is provably below eps/4 relative (``_linear_ok``); the closed form
+E − m(h)m(k) where its rounding bound allows; Mehler's series (``_cov_mehler``, |h|, |k| ≤ 38.5)
+where it converges and keeps its digits; the quadrature above elsewhere.
 """
 
 from __future__ import annotations
