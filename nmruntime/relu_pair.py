@@ -529,7 +529,9 @@ def _underflows(o, h, k, r, eps):
     hn, kn = o.maximum(-h, 0.0 * h), o.maximum(-k, 0.0 * k)
     face = o.maximum(hn, kn)
     om = o.maximum((1.0 - ts) * (1.0 + ts), 1e-300)
-    corner = (h * h - 2.0 * ts * h * k + k * k) / om
+    # h² − 2t*hk + k² = (h − k)² + 2(1 − t*)hk: terms ≥ 0 where the corner is used (hk > 0),
+    # so no cancellation as t* → 1
+    corner = ((h - k) ** 2 + 2.0 * (1.0 - ts) * (h * k)) / om
     use_corner = (h < 0) & (k < 0) & (hn >= ts * kn) & (kn >= ts * hn)
     d2 = o.maximum(o.where(use_corner, corner, face * face), 1.0 + 0.0 * h)
     log_bound = 0.5 * (o.log(o.maximum(r * r, 1e-300) / d2) - d2 - math.log(2.0 * math.pi))

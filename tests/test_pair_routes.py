@@ -155,3 +155,13 @@ def test_routes_float32_match_float64():
     bar = np.maximum(1e-5, 8 * 2.0**-23 * np.maximum(h, k) ** 2)
     bar = torch.tensor(np.maximum(bar, 8 * 2.0**-23 * np.minimum(h, k) ** 2))
     assert (rel[normal] <= bar[normal]).all(), float((rel / bar)[normal].max())
+
+
+def test_underflow_test_does_not_cancel_near_rho_one():
+    """float32, ρ = 1 − 2⁻²³, h ≈ k = −10: C ≈ 1.45e-25 (a normal float32) must not be
+    routed to 0 by a rounded h² − 2ρhk + k² (the test uses (h − k)² + 2(1 − ρ)hk)."""
+    h, k, r = (torch.tensor([v], dtype=torch.float32) for v in (-10.0, -10.0001, 1 - 2.0**-23))
+    assert not bool(rp._underflows(OPS, h, k, r, 2.0**-23))
+    got = float(TK.relu_cross_covariance(h, k, 1.0, 1.0, r))
+    want = float(TK.relu_cross_covariance(h.double(), k.double(), 1.0, 1.0, r.double()))
+    assert abs(got - want) <= 1e-5 * abs(want) and want > 1e-30
