@@ -39,7 +39,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         f"nmgen verify{' --quick' if args.quick else ''}: kernels vs mpmath references "
         "(quadrature of the definition, 30 digits)"
     )
-    rows = verify.run(quick=args.quick, kernels=args.kernel or None)
+    rows = verify.run(quick=args.quick, kernels=args.kernel or None, jobs=args.jobs)
     table = verify.format_table(rows)
     print(table)
     failed = [r for r in rows if not r.passed]
@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--kernel", action="append", help="only this kernel (repeatable)")
     v.add_argument("--json", help="also write the rows as JSON to this path")
     v.add_argument("--markdown", help="also write the table as markdown to this path")
+    v.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="processes computing the mpmath references (default: all CPU cores)",
+    )
     v.set_defaults(func=_cmd_verify)
     sub.add_parser("list", help="list registered kernels").set_defaults(func=_cmd_list)
     pr = sub.add_parser("prove", help="run the derivations' symbolic/numeric checks")

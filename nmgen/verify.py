@@ -286,25 +286,37 @@ def _reference_floats(ref: Callable, pt: tuple) -> tuple[float, ...] | None:
         return None
 
 
-class _References:
-    """Cache of oracle values per (kernel reference, point), filled on all cores."""
+def _timed_reference(ref: Callable, pt: tuple) -> tuple[tuple[float, ...] | None, float]:
+    """(``_reference_floats(ref, pt)``, its wall time in seconds)."""
+    t = time.perf_counter()
+    val = _reference_floats(ref, pt)
+    return val, time.perf_counter() - t
 
-    def __init__(self) -> None:
+
+class _References:
+    """Cache of oracle values per (kernel reference, point), filled by ``jobs`` processes
+    (default: all cores); ``slowest`` keeps the slowest reference points per kernel."""
+
+    def __init__(self, jobs: int | None = None) -> None:
         self._cache: dict = {}
+        self.jobs = jobs or os.cpu_count() or 1
+        self.slowest: dict[str, list[tuple[float, tuple]]] = {}
 
     def prefetch(self, k: KernelSpec, pts: list[tuple]) -> None:
         todo = sorted({p for p in pts if (k.reference, p) not in self._cache})
         if not todo:
             return
-        workers = min(os.cpu_count() or 1, len(todo))
+        workers = min(self.jobs, len(todo))
         if workers > 1:
             ctx = multiprocessing.get_context("fork")
             with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
-                vals = list(ex.map(_reference_floats, [k.reference] * len(todo), todo, chunksize=4))
+                out = list(ex.map(_timed_reference, [k.reference] * len(todo), todo, chunksize=4))
         else:
-            vals = [_reference_floats(k.reference, p) for p in todo]
-        for p, v in zip(todo, vals, strict=True):
+            out = [_timed_reference(k.reference, p) for p in todo]
+        for p, (v, _) in zip(todo, out, strict=True):
             self._cache[(k.reference, p)] = v
+        times = sorted(((dt, p) for p, (_, dt) in zip(todo, out, strict=True)), reverse=True)
+        self.slowest[k.name] = times[:3]
 
     def get(self, k: KernelSpec, pt: tuple) -> tuple[float, ...]:
         key = (k.reference, pt)
@@ -413,18 +425,32 @@ def verify_kernel(k: KernelSpec, refs: _References, quick: bool) -> list[Row]:
     return rows
 
 
-def run(quick: bool = False, kernels: list[str] | None = None, progress: bool = True) -> list[Row]:
-    """Verify the registered kernels; returns all rows."""
+def run(
+    quick: bool = False,
+    kernels: list[str] | None = None,
+    progress: bool = True,
+    jobs: int | None = None,
+) -> list[Row]:
+    """Verify the registered kernels (references on ``jobs`` processes, default all cores);
+    returns all rows."""
     specs = [k for k in registry.kernel_specs() if k.reference is not None]
     if kernels:
         specs = [k for k in specs if k.name in kernels]
-    refs = _References()
+    refs = _References(jobs)
     rows: list[Row] = []
     for k in specs:
         t = time.perf_counter()
         rows += verify_kernel(k, refs, quick)
         if progress:
-            print(f"  verified {k.name} in {time.perf_counter() - t:.1f} s", flush=True)
+            slow = ", ".join(
+                f"{dt:.1f} s at ({', '.join(f'{v:.4g}' for v in p)})"
+                for dt, p in refs.slowest.get(k.name, [])
+            )
+            print(
+                f"  verified {k.name} in {time.perf_counter() - t:.1f} s"
+                + (f" (slowest references: {slow})" if slow else ""),
+                flush=True,
+            )
     return rows
 
 

@@ -348,6 +348,7 @@ def _cov_pos(o, h, k, r, rule):
     # ρ − sin θ = (1 − sin θ) − (1 − ρ) = cos²θ/(1 + sin θ) − (1 − ρ): exact near ρ = 1
     omr = (1.0 - r)[..., None]
     j = _integral(o, h, k, zero, o.asin(r), +1, lambda s, c2: c2 / (1.0 + s) - omr, rule)
+    j = tail_or(o, h, k, r, zero, "gap", rule, j)  # interior peaks: pair_tail.gauss_integral
     return r * _ncdf(o, h) * _ncdf(o, k) + j
 
 
@@ -602,16 +603,18 @@ def _cross_neg(o, h, k, hc, kc, r, rule):
 def _cross_minus_one(o, h, k, rule):
     """E(h, k, −1) = ∫_{−h}^{k} (h + z)(k − z) φ(z) dz for h + k > 0, else 0.
 
-    The interval is cut to 12 beyond its point c nearest 0 (φ(z)/φ(c) < e^{−72} there) and
-    sinh-mapped around c with width 1/(|c| + 1).
+    The interval is cut at distance d = 90/(√(c² + 90) + |c|) beyond its point c nearest 0
+    (where φ(z)/φ(c) = e^{−c·d − d²/2} = e^{−45}: a far-tail interval is not wasted on the rule)
+    and sinh-mapped around c with width 1/(|c| + 1).
     """
     x, w = rule
     ok = h + k > 0
     a0 = o.where(ok, -h, 0.0 * h)
     b0 = o.where(ok, k, 0.0 * h + 1.0)
     c = o.stop(o.clip(0.0 * a0, a0, b0))
-    a = o.maximum(a0, c - 12.0)
-    b = o.minimum(b0, c + 12.0)
+    cut = 90.0 / (o.sqrt(c * c + 90.0) + o.abs(c))
+    a = o.maximum(a0, c - cut)
+    b = o.minimum(b0, c + cut)
     hh = o.where(ok, h, 0.0 * h)
     kk = o.where(ok, k, 0.0 * h)
     wd = 1.0 / (o.abs(c) + 1.0)

@@ -33,7 +33,7 @@ def _closed_mp(h, k, r, dps=50):
             return x * mp.ncdf(x) + mp.npdf(x)
 
         if r == -1:
-            e = (h * k - 1) * (mp.ncdf(h) + mp.ncdf(k) - 1) + k * mp.npdf(h) + h * mp.npdf(k)
+            e = (h * k - 1) * (mp.ncdf(h) - mp.ncdf(-k)) + k * mp.npdf(h) + h * mp.npdf(k)
             e = e if h + k > 0 else mp.mpf(0)
         else:
             s = mp.sqrt((1 - r) * (1 + r))
