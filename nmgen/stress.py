@@ -44,10 +44,14 @@ SINGLE_KERNELS = ("relu_mean", "relu_second_moment", "relu_variance")
 POSITIVE = {"relu_cross_moment", "relu_mean", "relu_second_moment", "relu_variance"}
 
 
-def draw_points(n: int, seed: int) -> list[tuple[float, float, float, float, float]]:
+def draw_points(
+    n: int, seed: int, pow2_sigma: bool = False
+) -> list[tuple[float, float, float, float, float]]:
     """``n`` seeded points (μ1, μ2, σ1, σ2, ρ): h = μ/σ from a mixture of [−38, 10] (half),
     the deep tail [−38, −10], log-uniform [1, 1e8] and [−3, 3]; ρ uniform on (−1, 1) (40%),
-    ±(1 − 10^−U(1, 8)) (30%), ±U(0.9, 1) (20%), ±1 (10%); σ log-uniform on [1e-3, 1e3]."""
+    ±(1 − 10^−U(1, 8)) (30%), ±U(0.9, 1) (20%), ±1 (10%); σ log-uniform on [1e-3, 1e3], or
+    with ``pow2_sigma`` rounded to a power of 2 (then μ/σ is exact in floating point and the
+    error excludes the rounding of μ/σ, whose condition number is ≈ h²)."""
     rng = np.random.default_rng(seed)
 
     def draw_h() -> float:
@@ -74,6 +78,8 @@ def draw_points(n: int, seed: int) -> list[tuple[float, float, float, float, flo
     for _ in range(n):
         h, k, r = draw_h(), draw_h(), draw_rho()
         s1, s2 = (float(10.0 ** rng.uniform(-3.0, 3.0)) for _ in range(2))
+        if pow2_sigma:
+            s1, s2 = (2.0 ** round(math.log2(v)) for v in (s1, s2))
         pts.append((h * s1, k * s2, s1, s2, r))
     return pts
 
@@ -170,10 +176,12 @@ class StressRow:
     uncertified: int
 
 
-def run(n: int = 200, seed: int = 20261130, jobs: int | None = None) -> list[StressRow]:
-    """Rows (kernel, backend, dtype) of the stress set's relative errors."""
+def run(
+    n: int = 200, seed: int = 20261130, jobs: int | None = None, pow2_sigma: bool = False
+) -> list[StressRow]:
+    """Rows (kernel, backend, dtype) of the stress set's relative errors (``draw_points``)."""
     jobs = jobs or os.cpu_count() or 1
-    base = draw_points(n, seed)
+    base = draw_points(n, seed, pow2_sigma)
     rows = []
     for dtype in ("float64", "float32"):
         pts = np.array(base, dtype=np.float64)
