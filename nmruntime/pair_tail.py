@@ -134,23 +134,40 @@ _SAFE = (-10.0, -10.0, -0.5, -1.0)  # a point inside the domain for the masked-o
 _GAUSS_SAFE = (-10.0, -5.0, -0.5, -1.0)  # the same for ``gauss_integral`` (needs |h| ≠ |k|)
 
 
+def _on_mask(o, mask, fn, args: tuple, safe: tuple):
+    """fn(*args) where ``mask`` holds (1-D inputs), zeros elsewhere. Eager CPU and NumPy: on
+    the gathered elements only; ``sync_free`` tensors: masked arithmetic, the arguments
+    replaced by the finite point ``safe`` outside ``mask`` (no NaN values or gradients)."""
+    from nmruntime.relu_pair import sync_free
+
+    if sync_free(args[0]):
+        z = 0.0 * args[0]
+        val = fn(*(o.where(mask, a, z + v) for a, v in zip(args, safe, strict=True)))
+        return o.where(mask, val, 0.0 * val)
+    out = 0.0 * args[0]
+    if mask.sum() == 0:
+        return out
+    out[mask] = fn(*(a[mask] for a in args))
+    return out
+
+
 def tail_or(o, h, k, te, ta, weight: str, rule, fallback):
     """∫_{t_a}^{t_e} w φ2 dt: ``tail_integral`` where ``tail_ok(h, k, t_e)`` holds, else
     ``gauss_integral`` where ``gauss_ok`` holds, ``fallback`` elsewhere.
 
     ``weight``: "one" (w = 1), "abs" (w = −t, with t_e = 0) or "gap" (w = t_e − t).
-    Masked arithmetic (no data-dependent control flow): the masked-out elements are evaluated
-    at a safe interior point, so neither their values nor their gradients can be NaN.
+    Each route runs on its own elements (``_on_mask``: gathered in eager mode, masked
+    arithmetic at a safe interior point under ``sync_free``, so no NaN values or gradients).
     """
     ok = tail_ok(o, h, k, te)
-    z = 0.0 * h
-    hs, ks, tes, tas = (o.where(ok, v, z + s) for v, s in zip((h, k, te, ta), _SAFE, strict=True))
     g_ok = gauss_ok(o, h, k, ta, te) & ~ok
-    safe = zip((h, k, te, ta), _GAUSS_SAFE, strict=True)
-    hg, kg, teg, tag = (o.where(g_ok, v, z + s) for v, s in safe)
     g_weight = "one" if weight == "one" else "gap"
-    out = o.where(g_ok, gauss_integral(o, hg, kg, tag, teg, g_weight, rule), fallback)
-    return o.where(ok, tail_integral(o, hs, ks, tes, tas, weight, rule), out)
+    args = (h, k, te, ta)
+    tail = _on_mask(o, ok, lambda *a: tail_integral(o, *a, weight, rule), args, _SAFE)
+    gauss = _on_mask(
+        o, g_ok, lambda a, b, e, s: gauss_integral(o, a, b, s, e, g_weight, rule), args, _GAUSS_SAFE
+    )
+    return o.where(ok, tail, o.where(g_ok, gauss, fallback))
 
 
 # --- the whole t-range by the Gaussian substitution (interior peaks; issue #10) -------------
