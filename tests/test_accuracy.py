@@ -224,9 +224,19 @@ INTERIOR_PEAK_FOUND = (
 
 
 def _interior_peak_draws():
+    """3 seeded interior-peak draws (the verify grid uses another seed) and one seeded point
+    near each found point (h, k ± 0.5, ρ ± 0.05, rounded to 3 decimals)."""
     from nmgen.verify import interior_peak_points
 
-    return interior_peak_points(n=3, seed=77)  # the verify grid uses seed 1010
+    rng = np.random.default_rng(78)
+    near = [
+        tuple(
+            round(float(v + d), 3)
+            for v, d in zip(p, (*rng.uniform(-0.5, 0.5, 2), rng.uniform(-0.05, 0.05)), strict=True)
+        )
+        for p in INTERIOR_PEAK_FOUND
+    ]
+    return interior_peak_points(n=3, seed=77) + near
 
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
