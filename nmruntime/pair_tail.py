@@ -207,11 +207,20 @@ def gauss_ok(o, h, k, ta, tb):
     return (root2 >= GAUSS_MIN_ROOT**2) & (ta >= -1.0) & (ta <= tb) & (tb < 1.0)
 
 
-def _u_of_t(o, big, ts, t):
+def _t_minus_ts(o, t, ts, gap_s):
+    """t − ts without cancelling near t, ts = ±1: (1 + t) − (1 + ts) or (1 − ts) − (1 − t),
+    with 1 ∓ ts = ``gap_s`` = (M − m)/M exact (ts = ∓m/M), where |ts| > 1/2 and t is on the
+    same side; t − ts elsewhere."""
+    near_minus = (ts < -0.5) & (t < -0.5)
+    near_plus = (ts > 0.5) & (t > 0.5)
+    return o.where(near_minus, (1.0 + t) - gap_s, o.where(near_plus, gap_s - (1.0 - t), t - ts))
+
+
+def _u_of_t(o, big, ts, gap_s, t):
     """u = M(t − ts)/√(1 − t²), ±``_U_CAP`` at t = ±1 (clipped there)."""
     om = (1.0 - t) * (1.0 + t)
     safe = o.where(om > 0, om, 1.0 + 0.0 * om)
-    u = big * (t - ts) / o.sqrt(safe)
+    u = big * _t_minus_ts(o, t, ts, gap_s) / o.sqrt(safe)
     u = o.where(om > 0, u, o.where(t > 0, 0.0 * t + _U_CAP, 0.0 * t - _U_CAP))
     return o.clip(u, -_U_CAP, _U_CAP)
 
@@ -280,15 +289,16 @@ def gauss_integral(o, h, k, ta, tb, weight: str, rule):
     diff = big - small
     om_s = o.maximum(diff * (big + small) / (big * big), 1e-300)  # 1 − ts²
     root = o.maximum(o.sqrt(diff * (big + small)), 1e-300)  # √Δ
-    ua = _u_of_t(o, big, ts, ta)
-    ub = _u_of_t(o, big, ts, tb)
+    gap_s = diff / big  # 1 − |ts|
+    ua = _u_of_t(o, big, ts, gap_s, ta)
+    ub = _u_of_t(o, big, ts, gap_s, tb)
     u0 = o.clip(0.0 * ua, ua, ub)
     t_info = None
     if weight == "gap":
         x0 = u0 / root
         a0 = o.sqrt(1.0 + x0 * x0)
         cw0 = _cosh_w(o, u0, x0, big, ts, om_s, a0)
-        tb_minus_ts = tb - ts
+        tb_minus_ts = _t_minus_ts(o, tb, ts, gap_s)
         # left piece: t_b − t = (t_b − t0) + (t0 − t), t0 = ts (interior peak) or t_b (u0 = u_b)
         left_const = o.where(u0 < ub, tb_minus_ts, 0.0 * tb)
         t_info = (tb_minus_ts, x0, a0, cw0, left_const)
