@@ -489,8 +489,10 @@ def run(
     rows: list[Row] = []
     for k in specs:
         t = time.perf_counter()
-        rows += verify_kernel(k, refs, quick)
-        if progress:
+        krows = verify_kernel(k, refs, quick)
+        rows += krows
+        if progress:  # each kernel's rows as soon as they exist (a timed-out run keeps them)
+            print(format_table(krows), flush=True)
             slow = ", ".join(
                 f"{dt:.1f} s at ({', '.join(f'{v:.4g}' for v in p)})"
                 for dt, p in refs.slowest.get(k.name, [])
