@@ -37,7 +37,7 @@ from nmgen.derivations.reference import (
     relu_variance_ref,
 )
 
-DPS_LO, DPS_HI = 45, 75
+DPS_LO, DPS_HI = 40, 55
 NORMAL = {"float64": 1e-300, "float32": 1e-35}
 PAIR_KERNELS = ("relu_cross_moment", "relu_cross_covariance")
 SINGLE_KERNELS = ("relu_mean", "relu_second_moment", "relu_variance")
