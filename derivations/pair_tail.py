@@ -37,7 +37,7 @@ import sympy as sp
 
 from .bvn import bvn_cdf_mp
 
-__all__ = ["CHECKS", "WEIGHTS", "tail_integral_ref"]
+__all__ = ["CHECKS", "WEIGHTS", "interval_integral_ref", "tail_integral_ref"]
 
 h, k, t, te, ta, y, c = sp.symbols("h k t t_e t_a y c", real=True)
 _q = h**2 - 2 * h * k * t + k**2
@@ -147,4 +147,155 @@ def check_oracle() -> bool:
     return True
 
 
-CHECKS = (check_g_prime, check_root, check_gap, check_identities, check_oracle)
+# --- the Gaussian substitution (interior peaks; ``nmruntime.pair_tail.gauss_integral``) -----
+#
+# Result (ours; issue #10). M = max(|h|, |k|), m = min(|h|, |k|), sg = sign(hk), ts = sg·m/M,
+# Δ = M² − m² = M²(1 − ts²). For every t ∈ (−1, 1):
+#
+#     q(t) = M²(1 − t²) + M²(t − ts)²,  hence  G(t) = −M²/2 − u²/2,  u = M(t − ts)/√(1 − t²).
+#
+# With t = tanh w, ts = tanh a and x = sinh(w − a): u = √Δ·x, du = √Δ √(1 + x²) dw and
+# φ2 dt = e^G sech w dw/(2π), so
+#
+#     ∫_{t_a}^{t_b} w(t) φ2(h, k; t) dt = e^{−M²/2}/(2π√Δ) ∫_{u_a}^{u_b} w(t) e^{−u²/2}
+#                                                           / (cosh w √(1 + x²)) du,
+#
+#     cosh w = (√(1 + x²) + ts·x)/√(1 − ts²) = (1 + (u/M)²)/((√(1 + x²) − ts·x)√(1 − ts²)),
+#     t − ts = u/(M cosh w),  t0 − t = sinh(w0 − w)/(cosh w0 cosh w),
+#     sinh(w0 − w) = x0√(1 + x²) − x√(1 + x0²) = (x0² − x²)/(x0√(1 + x²) + x√(1 + x0²)).
+#
+# Proof: ``check_gauss_square`` (the completed square), ``check_gauss_substitution`` (u in
+# terms of w, the density in w and the Jacobian), ``check_gauss_forms`` (the one-sign forms).
+# u is increasing in t (du/dt = M(1 − t·ts)/(1 − t²)^{3/2} > 0), so e^{−u²/2} is largest on
+# [u_a, u_b] at u0 = clip(0, u_a, u_b): the runtime splits there.
+
+_mm, _m_small = sp.symbols("M m", positive=True)
+_sg = sp.Symbol("sg")
+_w, _a, _x, _x0 = sp.symbols("w a x x0", real=True)
+
+
+def check_gauss_square() -> bool:
+    """q(t) = M²(1 − t²) + M²(t − ts)² with hk = sg·M·m, h² + k² = M² + m², sg² = 1."""
+    q = _mm**2 + _m_small**2 - 2 * _sg * _mm * _m_small * t
+    ts = _sg * _m_small / _mm
+    rhs = _mm**2 * (1 - t**2) + _mm**2 * (t - ts) ** 2
+    assert sp.expand(sp.expand(q - rhs).subs(_sg**2, 1)) == 0
+    # so G = −q/(2(1 − t²)) = −M²/2 − u²/2 with u = M(t − ts)/√(1 − t²)
+    u = _mm * (t - ts) / sp.sqrt(1 - t**2)
+    g = -q / (2 * (1 - t**2))
+    assert sp.simplify(sp.expand(g + _mm**2 / 2 + u**2 / 2).subs(_sg**2, 1)) == 0
+    return True
+
+
+def check_gauss_substitution() -> bool:
+    """t = tanh w, ts = tanh a: (t − ts)/√(1 − t²) = sinh(w − a)/cosh a (so u = √Δ sinh(w − a),
+    √Δ = M/cosh a), dt/√(1 − t²) = sech w dw, and d/dw sinh(w − a) = √(1 + sinh²(w − a))."""
+    tt, tsa = sp.tanh(_w), sp.tanh(_a)
+    lhs = (tt - tsa) * sp.cosh(_w)  # 1/√(1 − tanh²w) = cosh w
+    assert sp.simplify((lhs - sp.sinh(_w - _a) / sp.cosh(_a)).rewrite(sp.exp)) == 0
+    assert sp.simplify((1 - tsa**2) - 1 / sp.cosh(_a) ** 2) == 0  # √Δ = M√(1 − ts²) = M/cosh a
+    assert sp.simplify(sp.diff(tt, _w) * sp.cosh(_w) - 1 / sp.cosh(_w)) == 0
+    assert sp.simplify(sp.cosh(_w - _a) ** 2 - (1 + sp.sinh(_w - _a) ** 2)) == 0
+    return True
+
+
+def check_gauss_forms() -> bool:
+    """The runtime's one-sign forms: cosh w from x = sinh(w − a) (both forms), t − ts,
+    the tanh difference and sinh(asinh x0 − asinh x)."""
+    tsv = sp.Symbol("t_s", real=True)
+    ax, ax0 = sp.sqrt(1 + _x**2), sp.sqrt(1 + _x0**2)
+    # cosh(a + asinh x) = cosh a √(1 + x²) + sinh a x, cosh a = 1/√(1 − ts²), sinh a = ts cosh a
+    ca = 1 / sp.sqrt(1 - tsv**2)
+    direct = ca * ax + tsv * ca * _x
+    assert sp.simplify(direct - (ax + tsv * _x) / sp.sqrt(1 - tsv**2)) == 0
+    other = (1 + _x**2 * (1 - tsv**2)) / ((ax - tsv * _x) * sp.sqrt(1 - tsv**2))
+    assert sp.simplify(sp.radsimp(direct - other)) == 0
+    e = sp.exp
+    addition = sp.expand_trig(sp.cosh(_a + sp.asinh(_x)))  # cosh(a + asinh x)
+    assert sp.simplify(addition - (sp.cosh(_a) * ax + sp.sinh(_a) * _x)) == 0
+    # t − ts = sinh(w − a)/(cosh w cosh a) and tanh w0 − tanh w = sinh(w0 − w)/(cosh w0 cosh w)
+    for lhs, rhs in (
+        (sp.tanh(_w) - sp.tanh(_a), sp.sinh(_w - _a) / (sp.cosh(_w) * sp.cosh(_a))),
+        (sp.tanh(_x0) - sp.tanh(_x), sp.sinh(_x0 - _x) / (sp.cosh(_x0) * sp.cosh(_x))),
+    ):
+        assert sp.simplify((lhs - rhs).rewrite(e)) == 0
+    # sinh(asinh x0 − asinh x) = x0√(1 + x²) − x√(1 + x0²) and its difference-of-squares form
+    sd = sp.sinh(sp.asinh(_x0) - sp.asinh(_x))
+    assert sp.simplify(sp.expand_trig(sd) - (_x0 * ax - _x * ax0)) == 0
+    assert sp.simplify((_x0 * ax - _x * ax0) * (_x0 * ax + _x * ax0) - (_x0**2 - _x**2)) == 0
+    return True
+
+
+def interval_integral_ref(hv, kv, tav, tbv, weight: str, dps: int = 30) -> mp.mpf:
+    """∫_{t_a}^{t_b} w(t) φ2(h, k; t) dt from the definition (quadrature over t), any h, k,
+    −1 ≤ t_a ≤ t_b ≤ 1, w = 1 ("one") or t_b − t ("gap"); ``ArithmeticError`` when the
+    quadrature cannot certify ``dps`` digits.
+
+    e^{G(p)} is factored out at the maximum p of G on the interval (ts = sg·m/M clipped), and
+    the quadrature is split at p ± j·1.1^j·ℓ, ℓ the integrand's decay length there, so its
+    (absolute) error criterion sees the peak at unit size.
+    """
+    with mp.workdps(dps + 15):
+        hv, kv, tav, tbv = (mp.mpf(v) for v in (hv, kv, tav, tbv))
+        if tav >= tbv:
+            return mp.mpf(0)
+        big, small = max(abs(hv), abs(kv)), min(abs(hv), abs(kv))
+        ts = mp.sign(hv * kv) * small / big if big > 0 else mp.mpf(0)
+        p = min(max(ts, tav), tbv)
+
+        def g(tt):
+            return -(hv * hv - 2 * hv * kv * tt + kv * kv) / (2 * (1 - tt) * (1 + tt))
+
+        if abs(p) == 1:  # the maximum sits at t = ±1 (only if h = ±k): no factoring
+            g0 = mp.mpf(0)
+        else:
+            g0 = g(p)
+
+        def f(tt):
+            s2 = (1 - tt) * (1 + tt)
+            if s2 <= 0:
+                return mp.mpf(0)
+            wv = 1 if weight == "one" else tbv - tt
+            return wv * mp.exp(g(tt) - g0) / (2 * mp.pi * mp.sqrt(s2))
+
+        # decay length at p: 1/(|G'| + √|G''|) in t, from u: dt/du·1/(1 + |u|)
+        if abs(p) < 1 and big > 0:
+            up = big * (p - ts) / mp.sqrt((1 - p) * (1 + p))
+            dtdu = ((1 - p) * (1 + p)) ** mp.mpf(1.5) / (big * (1 - p * ts))
+            scale = dtdu / (1 + abs(up))
+        else:
+            scale = mp.mpf(1) / 16
+        pts = {tav, tbv, p}
+        for j in range(1, 400):
+            d = scale * j * mp.mpf("1.1") ** j
+            if p - d <= tav and p + d >= tbv:
+                break
+            pts |= {v for v in (p - d, p + d) if tav < v < tbv}
+        val, err = mp.quad(f, sorted(pts), error=True, maxdegree=10)
+        if not err <= mp.mpf(10) ** (-dps) * abs(val):
+            raise ArithmeticError(f"interval_integral_ref({hv}, {kv}, {tav}, {tbv}): error {err}")
+        return val * mp.exp(g0)
+
+
+def check_interval_oracle() -> bool:
+    """∫_{−1}^{ρ} φ2 dt = Φ2(h, k; ρ) − Φ2(h, k; −1) against the independent bvn oracle, at
+    interior peaks of both signs of hk."""
+    for hv, kv, r in ((-8.005, 7.865, -0.3), (-3.0, -1.2, 0.6), (0.3, -5.0, -0.7)):
+        got = interval_integral_ref(hv, kv, -1, r, "one")
+        with mp.workdps(40):
+            ref = bvn_cdf_mp(hv, kv, r, 35) - bvn_cdf_mp(hv, kv, -1, 35)
+            assert abs(got - ref) <= mp.mpf(10) ** -25 * abs(ref), (hv, kv, r, got, ref)
+    return True
+
+
+CHECKS = (
+    check_g_prime,
+    check_root,
+    check_gap,
+    check_identities,
+    check_oracle,
+    check_gauss_square,
+    check_gauss_substitution,
+    check_gauss_forms,
+    check_interval_oracle,
+)

@@ -148,9 +148,38 @@ def relu_cross_moment_ref(
         def integrand(u):
             return g(s2 * u) * mp.exp(-t0 * u - u * u / 2)
 
-        floor = (abs(mu1) + s1) * (abs(mu2) + s2)  # 1e-32 × scale is plenty
-        val = _quad(integrand, pts, dps + 2, factor=mp.npdf(t0), floor=floor)
+        try:  # relative certification (issue #10): no absolute floor
+            val = _quad(integrand, pts, dps + 2, factor=mp.npdf(t0))
+        except ReferenceError:
+            if not (s1 > 0 and s2 > 0 and abs(rho) < 1):
+                raise
+            try:  # 30 guard digits first: Φ2 at dps + 60 digits costs ~70x more
+                val = s1 * s2 * _cross_closed_ref(mu1 / s1, mu2 / s2, rho, dps, guard=30)
+            except ReferenceError:
+                val = s1 * s2 * _cross_closed_ref(mu1 / s1, mu2 / s2, rho, dps)
     return +val
+
+
+def _cross_closed_ref(hv, kv, r, dps: int, guard: int = 60) -> mp.mpf:
+    """Fallback where the quadrature above cannot certify ``dps`` relative digits (deep tails,
+    where its absolute error criterion meets a tiny value): E(h, k, ρ) for σ1 = σ2 = 1, |ρ| < 1,
+    by Rosenbaum's closed form with Φ2 by quadrature of its definition (``bvn_cdf_mp``), at
+    dps + ``guard`` digits; rejected when its terms cancel more than ``guard`` − 5 digits."""
+    from .bvn import bvn_cdf_mp
+
+    with mp.workdps(dps + guard):
+        h, k, r = mp.mpf(hv), mp.mpf(kv), mp.mpf(r)
+        s = mp.sqrt((1 - r) * (1 + r))
+        terms = (
+            (h * k + r) * bvn_cdf_mp(h, k, r, dps + guard),
+            h * mp.npdf(k) * mp.ncdf((h - r * k) / s),
+            k * mp.npdf(h) * mp.ncdf((k - r * h) / s),
+            s * mp.npdf(h) * mp.npdf((k - r * h) / s),
+        )
+        e = mp.fsum(terms)
+        if abs(e) < mp.mpf(10) ** (5 - guard) * max(abs(t) for t in terms):
+            raise ReferenceError(f"cross moment reference (closed form): cancels beyond {guard}")
+    return +e
 
 
 def relu_cross_moment_zero_mean_ref(sigma1, sigma2, rho, dps: int = DPS) -> mp.mpf:

@@ -3,6 +3,7 @@
 nmgen generate            write generated/numpy_kernels.py and generated/torch_kernels.py
 nmgen generate --check    regenerate into a temp dir; fail with a diff if generated/ differs
 nmgen verify [--quick]    every kernel, both backends, float64/float32, vs mpmath references
+nmgen stress              relative errors on a seeded held-out random stress set
 nmgen list                registered kernels with their source derivations
 nmgen prove               run the derivations' symbolic and numeric checks
 """
@@ -39,7 +40,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         f"nmgen verify{' --quick' if args.quick else ''}: kernels vs mpmath references "
         "(quadrature of the definition, 30 digits)"
     )
-    rows = verify.run(quick=args.quick, kernels=args.kernel or None)
+    rows = verify.run(quick=args.quick, kernels=args.kernel or None, jobs=args.jobs)
     table = verify.format_table(rows)
     print(table)
     failed = [r for r in rows if not r.passed]
@@ -51,6 +52,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
     return 1 if failed else 0
+
+
+def _cmd_stress(args: argparse.Namespace) -> int:
+    from nmgen import stress
+
+    t = time.perf_counter()
+    rows = stress.run(n=args.n, seed=args.seed, jobs=args.jobs, pow2_sigma=args.pow2_sigma)
+    print(stress.format_rows(rows))
+    print(f"{args.n} points, seed {args.seed} ({time.perf_counter() - t:.0f} s)")
+    return 0
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -108,7 +119,34 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--kernel", action="append", help="only this kernel (repeatable)")
     v.add_argument("--json", help="also write the rows as JSON to this path")
     v.add_argument("--markdown", help="also write the table as markdown to this path")
+    v.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="processes computing the mpmath references (default: all CPU cores)",
+    )
     v.set_defaults(func=_cmd_verify)
+    st = sub.add_parser(
+        "stress",
+        help="relative errors on a seeded held-out random stress set (issue #10)",
+        description="Seeded random points (μ/σ from −38 to 1e8, |ρ| to 1, σ from 1e-3 to 1e3): "
+        "max relative error per pair/one-variable kernel, backend and dtype against mpmath "
+        "(see nmgen/stress.py). Reports only; exit status 0.",
+    )
+    st.add_argument("--n", type=int, default=200, help="number of points (default: 200)")
+    st.add_argument("--seed", type=int, default=20261130, help="random seed (default: 20261130)")
+    st.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="processes computing the mpmath references (default: all CPU cores)",
+    )
+    st.add_argument(
+        "--pow2-sigma",
+        action="store_true",
+        help="round σ to powers of 2 so μ/σ is exact (default: off)",
+    )
+    st.set_defaults(func=_cmd_stress)
     sub.add_parser("list", help="list registered kernels").set_defaults(func=_cmd_list)
     pr = sub.add_parser("prove", help="run the derivations' symbolic/numeric checks")
     pr.add_argument("--slow", action="store_true", help="also the slow checks (minutes)")

@@ -354,6 +354,7 @@ def _cov_pos(o, h, k, r, rule):
     # ρ − sin θ = (1 − sin θ) − (1 − ρ) = cos²θ/(1 + sin θ) − (1 − ρ): exact near ρ = 1
     omr = (1.0 - r)[..., None]
     j = _integral(o, h, k, zero, o.asin(r), +1, lambda s, c2: c2 / (1.0 + s) - omr, rule)
+    j = tail_or(o, h, k, r, zero, "gap", rule, j)  # interior peaks: pair_tail.gauss_integral
     return r * _ncdf(o, h) * _ncdf(o, k) + j
 
 
@@ -656,11 +657,59 @@ def _cf(o, x):
     return 1.0 / (x + 2.0 / d), d
 
 
-def _tail_moments(o, x):
+def _split_const(v) -> float:
+    """Veltkamp's splitting constant 2^⌈p/2⌉ + 1 for ``v``'s floating-point precision p."""
+    if isinstance(v, (np.ndarray, np.floating)):  # a tuple: torch.compile rejects X | Y
+        eps = float(np.finfo(v.dtype).eps)
+    else:
+        import torch
+
+        eps = torch.finfo(v.dtype).eps
+    return 4097.0 if eps > 1e-10 else 134217729.0
+
+
+def _two_prod(a, b, c: float):
+    """(p, e) with p = fl(a·b) and p + e = a·b exactly (Dekker; c = ``_split_const``;
+    |a|·c and |b|·c must be finite)."""
+    p = a * b
+    ta, tb = c * a, c * b
+    ah, bh = ta - (ta - a), tb - (tb - b)
+    al, bl = a - ah, b - bh
+    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+def _tail_exponent_fix(o, x, mu, s):
+    """(x² rounded, c) with e^{−h²/2} = e^{−fl(x²)/2}(1 + c) to a few eps for the exact
+    h = μ/σ (x = −fl(μ/σ) ∈ [2, 64]): c = −(x² − fl(x²))/2 + x·δ, δ = μ/σ − fl(μ/σ) from the
+    exact residual μ − fl(μ/σ)·σ. The Gaussian factor's condition number is h², so without
+    it the rounding of μ/σ and of x² alone costs up to 1.6e-13 (float64) / 1e-4 (float32)
+    relative at h = −38 / −13. Where σ is outside [1e-200, 1e200] (float32: [1e-20, 1e20])
+    only the x² part is applied."""
+    c = _split_const(x)
+    wide = 1e200 if c > 5000.0 else 1e20
+    xs = o.clip(x, 2.0, 64.0)
+    p2, e2 = _two_prod(xs, xs, c)
+    ok = (s > 1.0 / wide) & (s < wide)
+    ss = o.where(ok, s, 1.0 + 0.0 * s)
+    ms = o.where(ok, mu, -2.0 + 0.0 * mu)
+    hq = -xs
+    pp, ep = _two_prod(hq, ss, c)
+    delta = o.where(ok, ((ms - pp) - ep) / ss, 0.0 * s)
+    # guard: δ is a rounding residual (|δ| ≤ eps·x); elsewhere (x clipped) it is meaningless
+    delta = o.where(o.abs(delta) <= 1e-3 * xs, delta, 0.0 * delta)
+    return p2, -0.5 * e2 + xs * delta
+
+
+def _tail_moments(o, x, mu=None, s=None):
     """(m(−x), s(−x))/φ(x)·… for x ≥ 2, all positive: m(−x) = E[(Z − x)⁺] = φ(x) R F1 and
-    s(−x) = E[((Z − x)⁺)²] = φ(x)(R − x R F1) = φ(x) 2 R F1 / D2 (nothing cancels)."""
+    s(−x) = E[((Z − x)⁺)²] = φ(x)(R − x R F1) = φ(x) 2 R F1 / D2 (nothing cancels).
+    With ``mu``, ``s`` (x = −μ/σ), φ(x) is evaluated at the exact μ/σ (``_tail_exponent_fix``)."""
     f1, d2 = _cf(o, x)
-    pdf = o.exp(-0.5 * x * x) * _INV_SQRT_2PI
+    if mu is None:
+        pdf = o.exp(-0.5 * x * x) * _INV_SQRT_2PI
+    else:
+        p2, fix = _tail_exponent_fix(o, x, mu, s)
+        pdf = o.exp(-0.5 * p2) * (1.0 + fix) * _INV_SQRT_2PI
     mills = math.sqrt(0.5 * math.pi) * o.erfcx(x * _SQRT1_2)
     m = pdf * mills * f1
     return m, 2.0 * m / d2
@@ -675,7 +724,7 @@ def relu_mean_ms(o: SimpleNamespace, mu, s):
     hs = o.where(tail, 0.0 * h, h)
     ms = o.where(tail, 0.0 * mu, mu)
     v_mid = ms * _ncdf(o, hs) + s * o.exp(-0.5 * hs * hs) * _INV_SQRT_2PI
-    return o.where(tail, s * _tail_moments(o, x)[0], v_mid)
+    return o.where(tail, s * _tail_moments(o, x, mu, s)[0], v_mid)
 
 
 def relu_moments_ms(o: SimpleNamespace, mu, s):
@@ -689,7 +738,7 @@ def relu_moments_ms(o: SimpleNamespace, mu, s):
     h = mu / s
     tail = h < _TAIL
     x = o.where(tail, -h, 0.0 * h + 2.0)
-    m_t, s_t = _tail_moments(o, x)
+    m_t, s_t = _tail_moments(o, x, mu, s)
     hs = o.where(tail, 0.0 * h, h)
     ms = o.where(tail, 0.0 * mu, mu)
     cdf = _ncdf(o, hs)
@@ -725,16 +774,18 @@ def _cross_neg(o, h, k, hc, kc, r, rule):
 def _cross_minus_one(o, h, k, rule):
     """E(h, k, −1) = ∫_{−h}^{k} (h + z)(k − z) φ(z) dz for h + k > 0, else 0.
 
-    The interval is cut to 12 beyond its point c nearest 0 (φ(z)/φ(c) < e^{−72} there) and
-    sinh-mapped around c with width 1/(|c| + 1).
+    The interval is cut at distance d = 90/(√(c² + 90) + |c|) beyond its point c nearest 0
+    (where φ(z)/φ(c) = e^{−c·d − d²/2} = e^{−45}: a far-tail interval is not wasted on the rule)
+    and sinh-mapped around c with width 1/(|c| + 1).
     """
     x, w = rule
     ok = h + k > 0
     a0 = o.where(ok, -h, 0.0 * h)
     b0 = o.where(ok, k, 0.0 * h + 1.0)
     c = o.stop(o.clip(0.0 * a0, a0, b0))
-    a = o.maximum(a0, c - 12.0)
-    b = o.minimum(b0, c + 12.0)
+    cut = 90.0 / (o.sqrt(c * c + 90.0) + o.abs(c))
+    a = o.maximum(a0, c - cut)
+    b = o.minimum(b0, c + cut)
     hh = o.where(ok, h, 0.0 * h)
     kk = o.where(ok, k, 0.0 * h)
     wd = 1.0 / (o.abs(c) + 1.0)

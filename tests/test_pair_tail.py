@@ -86,4 +86,48 @@ def test_masked_out_elements_have_finite_gradients():
     (gh, gk) = torch.autograd.grad(out.sum() * 1e100, (h, k))
     assert torch.isfinite(gh).all() and torch.isfinite(gk).all()
     assert out[0] > 0 and math.isfinite(float(out[0].detach()))
-    assert out[1:].eq(0).all()
+    assert out[1] > 0  # (3, −4): not tail_ok, but the Gaussian route (gauss_ok) takes it
+    assert out[2:].eq(0).all()  # h = k = 0: the fallback; t_e = t_a = −1: an empty interval
+
+
+def _gauss_points(n=10, seed=2026):
+    """Seeded held-out draws for the Gaussian route: |h|, |k| up to 38 (log-uniform), both
+    signs of hk, intervals [t_a, t_b] ⊂ [−1, 1) that hold the peak t = ts or not."""
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < n:
+        h, k = (
+            float(rng.choice([-1.0, 1.0]) * np.exp(rng.uniform(np.log(0.3), np.log(38.0))))
+            for _ in range(2)
+        )
+        ta = -1.0 if rng.uniform() < 0.4 else float(rng.uniform(-1.0, 0.9))
+        tb = float(rng.uniform(ta, 1.0))
+        if abs(abs(h) - abs(k)) * (abs(h) + abs(k)) >= pair_tail.GAUSS_MIN_ROOT**2:
+            out.append((h, k, ta, tb, "one" if len(out) % 2 else "gap"))
+    return out
+
+
+@pytest.mark.parametrize("backend", sorted(OPS))
+def test_gauss_integral_relative(backend):
+    """The Gaussian substitution against quadrature of the definition (``interval_integral_ref``)."""
+    from nmgen.derivations.pair_tail import interval_integral_ref
+
+    worst, used = 0.0, 0
+    for h, k, ta, tb, weight in _gauss_points():
+        ref = interval_integral_ref(h, k, ta, tb, weight)
+        o = OPS[backend]()
+        if backend == "numpy":
+            args = [np.array([v], dtype=np.float64) for v in (h, k, ta, tb)]
+            rule = RULE
+        else:
+            args = [torch.tensor([v], dtype=torch.float64) for v in (h, k, ta, tb)]
+            rule = tuple(torch.as_tensor(v) for v in RULE)
+        got = float(pair_tail.gauss_integral(o, *args, weight, rule)[0])
+        if ref < 1e-300:
+            assert 0.0 <= got < 1e-290
+            continue
+        used += 1
+        rel = float(abs((mp.mpf(got) - ref) / ref))
+        worst = max(worst, rel)
+        assert rel < 2e-13, (h, k, ta, tb, weight, got, ref)
+    assert used >= 6
