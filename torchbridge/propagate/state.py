@@ -27,7 +27,11 @@ Three representations of the joint covariance:
   each window's K × K covariance is formed in full and its tree of pairwise maxima computed
   as in ``FullState`` (the within-window residual covariances are kept: the maxima of a
   window are strongly correlated, and dropping them overstated LeNet's pooled variances by
-  15–35%); only the window's factor row and residual variance leave it.
+  15–35%); only the window's factor row and residual variance leave it. With a
+  ``LocalResidual`` (``PropagateOptions.residual = "local"``), where the factor is still
+  sparse (local receptive fields), the residual covariances *between* correlated units of a
+  ReLU or max-pooling output are kept on local pairs (``propagate.residual``) and turned
+  into new factor columns before the next non-elementwise layer.
 * A ``FactorState`` can be converted to a ``FullState`` (F Fᵀ + diag D) when the remaining
   layers are small enough (``PropagateOptions.max_full``).
 """
