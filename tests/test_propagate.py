@@ -234,7 +234,7 @@ def test_max_pool_pairing_puts_near_identical_elements_together():
     cov[0, 2] = cov[2, 0] = 0.999
     mu = torch.zeros(1, 4, dtype=D)
     F = torch.arange(4, dtype=D).reshape(1, 4, 1)
-    _, S2, F2 = _pair_window(mu, cov[None], F)
+    _, S2, F2, _ = _pair_window(mu, cov[None], F, None)
     pairs = {frozenset(F2[0, :2, 0].tolist()), frozenset(F2[0, 2:, 0].tolist())}
     assert pairs == {frozenset({0.0, 2.0}), frozenset({1.0, 3.0})}
     assert torch.equal(S2[0, 0, 1], cov[0, 2])

@@ -45,6 +45,8 @@ VARIANTS = (
     "lowrank-tree",
     "lowrank",
     "auto",
+    "auto-drop",
+    "lowrank-drop",
     "auto-tree",
     "full",
     "diagonal",
@@ -239,12 +241,18 @@ def run(args: argparse.Namespace) -> dict:
                 }
                 continue
             opts = {
-                "lowrank-tree": PropagateOptions(covariance="lowrank", pool_window=False),
+                "lowrank-tree": PropagateOptions(
+                    covariance="lowrank", pool_window=False, residual="drop"
+                ),
                 "lowrank": PropagateOptions(covariance="lowrank"),
+                "lowrank-drop": PropagateOptions(covariance="lowrank", residual="drop"),
                 "auto": PropagateOptions(),
-                "auto-tree": PropagateOptions(pool_window=False, pool_pairing="fixed"),
+                "auto-drop": PropagateOptions(residual="drop"),
+                "auto-tree": PropagateOptions(
+                    pool_window=False, pool_pairing="fixed", residual="drop"
+                ),
                 "full": PropagateOptions(max_full=args.full_units, relu_method=args.full_relu),
-                "diagonal": PropagateOptions(covariance="diagonal"),
+                "diagonal": PropagateOptions(covariance="diagonal", residual="drop"),
             }[base]
             oracle = {p: mc[p] for p in pools} if orc else None
             t = time.perf_counter()

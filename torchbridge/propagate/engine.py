@@ -17,17 +17,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 
 from torchbridge.propagate.lowering import RELU_FUNCTIONS, RELU_METHODS, RELU_MODULES, Lowerer
+from torchbridge.propagate.residual import LocalResidual
 from torchbridge.propagate.state import FactorState, FullState
 
 COVARIANCES = ("auto", "full", "lowrank", "diagonal")
 RELU_METHODS_ALL = ("exact", "series", "zero_mean", "approx")
 POOL_PAIRINGS = ("adaptive", "fixed")
+RESIDUALS = ("local", "drop")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,11 @@ class PropagateOptions:
             with its own covariance in full (default True; ``FactorState.max_pool``); False:
             the tree of pairwise maxima as separate primitives, whose within-window residual
             covariances are dropped like any other (the earlier behaviour, for comparison).
+        residual: in the diagonal-plus-low-rank form, "local" keeps the covariances of the
+            ReLU / max-pool residuals between correlated units (exact kernels on local pairs,
+            turned into new noise directions: ``propagate.residual``); "drop" keeps only
+            their variances (the earlier behaviour).
+        local: thresholds of the "local" residual (``residual.LocalResidual``).
         differentiable: keep the autograd graph, so the moments can be differentiated with
             respect to the model's parameters and the input (moment-regularized training);
             memory grows with every intermediate covariance kept for the backward pass.
@@ -61,6 +68,8 @@ class PropagateOptions:
     relu_method: str = "exact"
     pool_pairing: str = "adaptive"
     pool_window: bool = True
+    residual: str = "local"
+    local: LocalResidual = field(default_factory=LocalResidual)
     differentiable: bool = False
 
     def __post_init__(self) -> None:
@@ -70,6 +79,10 @@ class PropagateOptions:
             raise ValueError(
                 f"relu_method must be one of {RELU_METHODS_ALL}; got {self.relu_method!r}"
             )
+        if self.residual not in RESIDUALS:
+            raise ValueError(f"residual must be one of {RESIDUALS}; got {self.residual!r}")
+        if not isinstance(self.local, LocalResidual):
+            raise TypeError(f"local must be a LocalResidual; got {type(self.local).__name__}")
         if self.pool_pairing not in POOL_PAIRINGS:
             raise ValueError(
                 f"pool_pairing must be one of {POOL_PAIRINGS}; got {self.pool_pairing!r}"
@@ -199,7 +212,8 @@ def propagate_one(
 
         switch = None
     else:
-        state = FactorState(diagonal=options.covariance == "diagonal")
+        local = options.local if options.residual == "local" else None
+        state = FactorState(diagonal=options.covariance == "diagonal", local=local)
         if options.covariance == "diagonal" and cov_kind != "full":
 
             def add(s, nid):

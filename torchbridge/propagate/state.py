@@ -27,7 +27,11 @@ Three representations of the joint covariance:
   each window's K × K covariance is formed in full and its tree of pairwise maxima computed
   as in ``FullState`` (the within-window residual covariances are kept: the maxima of a
   window are strongly correlated, and dropping them overstated LeNet's pooled variances by
-  15–35%); only the window's factor row and residual variance leave it.
+  15–35%); only the window's factor row and residual variance leave it. With a
+  ``LocalResidual`` (``PropagateOptions.residual = "local"``), where the factor is still
+  sparse (local receptive fields), the residual covariances *between* correlated units of a
+  ReLU or max-pooling output are kept on local pairs (``propagate.residual``) and turned
+  into new factor columns before the next non-elementwise layer.
 * A ``FactorState`` can be converted to a ``FullState`` (F Fᵀ + diag D) when the remaining
   layers are small enough (``PropagateOptions.max_full``).
 """
@@ -41,6 +45,8 @@ from nmgen.generated import torch_kernels as K
 from torch.func import vmap
 
 from torchbridge.moments import relu_moments
+from torchbridge.propagate import residual as local_residual
+from torchbridge.propagate.residual import LocalResidual, Pairs
 
 #: Elements of one vmapped batch (columns × per-column size) before it is split in chunks.
 _BATCH_ELEMENTS = 1 << 24
@@ -164,12 +170,32 @@ class FactorState:
 
     kind = "factor"
 
-    def __init__(self, diagonal: bool = False) -> None:
+    def __init__(self, diagonal: bool = False, local: LocalResidual | None = None) -> None:
         self.diagonal = diagonal  # ADF: a ReLU's output keeps no factor (variance in D)
+        self.local = None if diagonal else local  # local residual covariances (residual.py)
         self.mean: dict[int, torch.Tensor] = {}
         self.shape: dict[int, tuple[int, ...]] = {}
         self.factor: dict[int, torch.Tensor] = {}
         self.resid: dict[int, torch.Tensor] = {}
+        #: pending off-diagonal residual covariance of a tensor on local pairs, turned into
+        #: new factor columns (``materialize``) before a non-elementwise operation reads it
+        self.pairs: dict[int, Pairs] = {}
+
+    def materialize(self, nid: int) -> None:
+        """Move tensor ``nid``'s pending local residual covariance into new factor columns
+        (``residual.materialize``); the other live tensors get zero columns there."""
+        pairs = self.pairs.pop(nid, None)
+        if pairs is None or pairs.i.numel() == 0:
+            return
+        G, D = local_residual.materialize(
+            self.mean[nid].numel(), pairs, self.resid[nid], self.local.eig_tol
+        )
+        self.resid[nid] = D
+        self.factor[nid] = torch.cat([self.factor[nid], G], dim=1)
+        width = self.factor[nid].shape[1]
+        for w, f in self.factor.items():
+            if f.shape[1] < width:
+                self.factor[w] = torch.nn.functional.pad(f, (0, width - f.shape[1]))
 
     def add_input(
         self, nid: int, mean: torch.Tensor, factor: torch.Tensor, resid: torch.Tensor
@@ -183,6 +209,8 @@ class FactorState:
     def affine(
         self, nid: int, inputs: Sequence[int], fn: LinearFn, lin: LinearFn, sq: LinearFn | None
     ) -> torch.Tensor:
+        for k in inputs:
+            self.materialize(k)
         shapes = [self.shape[k] for k in inputs]
         y = fn(*(self.mean[k].reshape(s) for k, s in zip(inputs, shapes, strict=True)))
         fs = [self.factor[k] for k in inputs]
@@ -234,9 +262,47 @@ class FactorState:
         else:
             self.factor[nid] = F * phi[:, None]
             self.resid[nid] = (rv - phi.square() * low).clamp_min(0)
+            if self.local is not None and self._local_here(src):
+                self._relu_pairs(nid, src, sigma, rv, phi)
         self.mean[nid] = rm
         self.shape[nid] = self.shape[src]
         return rm.reshape(self.shape[src])
+
+    def _local_here(self, src: int) -> bool:
+        """Local residuals at this layer: its input is still local (pending pairs, or a
+        sparse factor: ``LocalResidual.max_density``)."""
+        return src in self.pairs or local_residual.density(self.factor[src]) <= (
+            self.local.max_density
+        )
+
+    def _relu_pairs(
+        self, nid: int, src: int, sigma: torch.Tensor, rv: torch.Tensor, phi: torch.Tensor
+    ) -> None:
+        """Local residual covariance of relu(``src``): on the input's pending pairs and the
+        correlated pairs of units with a nonlinear residual (``residual.select_pairs``),
+        R_ij = Cov(relu z_i, relu z_j) (exact kernel) − Φ_iΦ_j F_i·F_j."""
+        m, F = self.mean[src], self.factor[src]
+        q = m.numel()
+        nonlin = (rv - phi.square() * sigma.square()).clamp_min(0)
+        top = nonlin.max() if q else nonlin.new_zeros(())
+        lists = []
+        old = self.pairs.get(src)
+        if old is not None:
+            lists.append((old.i, old.j))
+        if float(top) > 0 and local_residual.density(F) <= self.local.max_density:
+            active = torch.nonzero(nonlin >= self.local.tol * top).flatten()
+            lists.append(local_residual.select_pairs(F, sigma.square(), active, self.local.rho))
+        if not lists:
+            return
+        keys = local_residual.merge_pairs(q, *lists)
+        i, j = keys // q, keys % q
+        low = local_residual.pair_dots(F, i, j)
+        cov = low.clone()
+        if old is not None and old.i.numel():
+            at = torch.searchsorted(keys, old.i * q + old.j)
+            cov[at] += old.v
+        c = local_residual.relu_pair_cross(m, sigma, cov, i, j)
+        self.pairs[nid] = Pairs(i, j, c - phi[i] * phi[j] * low)
 
     def pair_nonlinearity(self, nid: int, ia: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
         """Nonlinear variance of relu(x[ia] − x[ib]) of tensor ``nid`` (see ``_nonlinear``)."""
@@ -261,14 +327,22 @@ class FactorState:
         """
         if method == "approx":
             method = "exact"
+        self.materialize(src)
+        local_here = self.local is not None and self._local_here(src)
         m, F, D = self.mean[src], self.factor[src], self.resid[src]
         mu = m[rows].T  # (q_out, K)
         Fw = F[rows].transpose(0, 1)  # (q_out, K, r)
         S = Fw @ Fw.transpose(1, 2) + torch.diag_embed(D[rows].T)  # (q_out, K, K)
+        idx = rows.T  # (q_out, K) element indices, in the order the tree pairs them
+        if mu.shape[1] == 4 and adaptive:
+            mu, S, Fw, idx = _pair_window(mu, S, Fw, idx)
+        level0 = (mu, S, Fw, idx)
+        first = True
         while mu.shape[1] > 1:
             K = mu.shape[1]
-            if K == 4 and adaptive:
-                mu, S, Fw = _pair_window(mu, S, Fw)
+            if K == 4 and adaptive and not first:
+                mu, S, Fw, _ = _pair_window(mu, S, Fw, None)
+            first = False
             half = K // 2
             Ld = mu.new_zeros(half, K)  # d_i = e_{2i} − e_{2i+1}
             ar = torch.arange(half, device=mu.device)
@@ -305,15 +379,57 @@ class FactorState:
         self.factor[nid] = Fo
         self.resid[nid] = (var - Fo.square().sum(1)).clamp_min(0)
         self.shape[nid] = (1, mu.shape[0])
+        if self.local is not None and level0[0].shape[1] > 1 and local_here:
+            self._window_pairs(nid, src, level0, var, method)
         return mu[:, 0]
+
+    def _window_pairs(
+        self, nid: int, src: int, level0: tuple, var: torch.Tensor, method: str
+    ) -> None:
+        """Local residual covariance of the window maxima ``nid``: for correlated pairs of
+        windows with a residual (``residual.select_pairs``), Cov(max a, max b) from their
+        joint elements (``residual.window_pair_cross``) − F_a·F_b."""
+        mu0, S0, _, idx0 = level0
+        Fo, resid, D = self.factor[nid], self.resid[nid], self.resid[src]
+        top = resid.max()
+        if float(top) <= 0:
+            return
+        active = torch.nonzero(resid >= self.local.tol * top).flatten()
+        i, j = local_residual.select_pairs(Fo, var, active, self.local.rho)
+        if i.numel() == 0:
+            return
+        K = mu0.shape[1]
+        cab = var.new_empty(i.numel(), K, K)  # Cov(elements of a, elements of b)
+        kl = [(k, l_) for k in range(K) for l_ in range(K)]
+        lists = [(idx0[i, k], idx0[j, l_]) for k, l_ in kl]
+        dots = local_residual.pair_dots_many(self.factor[src], lists)
+        for (k, l_), (ek, el), d in zip(kl, lists, dots, strict=True):
+            cab[:, k, l_] = d + (ek == el) * D[ek]
+        out = var.new_empty(i.numel())
+        step = 1 << 15
+        for a in range(0, i.numel(), step):
+            ia, ib, c = i[a : a + step], j[a : a + step], cab[a : a + step]
+            S = torch.cat([torch.cat([S0[ia], c], 2), torch.cat([c.transpose(1, 2), S0[ib]], 2)], 1)
+            mu = torch.stack([mu0[ia], mu0[ib]], 1)
+            out[a : a + step] = local_residual.window_pair_cross(mu, S, method)
+        self.pairs[nid] = Pairs(i, j, out - local_residual.pair_dots(Fo, i, j))
 
     def free(self, nid: int) -> None:
         for d in (self.mean, self.shape, self.factor, self.resid):
             d.pop(nid)
+        self.pairs.pop(nid, None)
+
+    def _add_pairs(self, nid: int, cov: torch.Tensor) -> torch.Tensor:
+        p = self.pairs.get(nid)
+        if p is not None:
+            cov = cov.clone()
+            cov[p.i, p.j] += p.v
+            cov[p.j, p.i] += p.v
+        return cov
 
     def moments(self, nid: int) -> tuple[torch.Tensor, torch.Tensor]:
         F = self.factor[nid]
-        return self.mean[nid], F @ F.T + torch.diag(self.resid[nid])
+        return self.mean[nid], self._add_pairs(nid, F @ F.T + torch.diag(self.resid[nid]))
 
     def variance(self, nid: int) -> torch.Tensor:
         return self.factor[nid].square().sum(1) + self.resid[nid]
@@ -322,13 +438,17 @@ class FactorState:
         """The same Gaussian with every block materialized: F_a F_bᵀ (+ diag D_a on a = b)."""
         full = FullState()
         ids = list(self.mean)
+        width = max(f.shape[1] for f in self.factor.values())
+        fac = {
+            a: torch.nn.functional.pad(f, (0, width - f.shape[1])) for a, f in self.factor.items()
+        }
         for i, a in enumerate(ids):
             full.mean[a] = self.mean[a]
             full.shape[a] = self.shape[a]
             for b in ids[i:]:
-                blk = self.factor[a] @ self.factor[b].T
+                blk = fac[a] @ fac[b].T
                 if a == b:
-                    blk = (blk + blk.T) / 2 + torch.diag(self.resid[a])
+                    blk = self._add_pairs(a, (blk + blk.T) / 2 + torch.diag(self.resid[a]))
                 full.cov[(a, b)] = blk
         return full
 
@@ -336,14 +456,15 @@ class FactorState:
         return sum(
             f.numel() + d.numel()
             for f, d in zip(self.factor.values(), self.resid.values(), strict=True)
-        )
+        ) + sum(p.v.numel() for p in self.pairs.values())
 
 
 def _pair_window(
-    mu: torch.Tensor, S: torch.Tensor, Fw: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reorder each window's 4 elements (mu (q, 4), S (q, 4, 4), Fw (q, 4, r)) so that the
-    pairs (0, 1), (2, 3) have the smallest total nonlinear variance (``_nonlinear``)."""
+    mu: torch.Tensor, S: torch.Tensor, Fw: torch.Tensor, idx: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Reorder each window's 4 elements (mu (q, 4), S (q, 4, 4), Fw (q, 4, r), element
+    indices ``idx`` (q, 4) or None) so that the pairs (0, 1), (2, 3) have the smallest total
+    nonlinear variance (``_nonlinear``)."""
     orders = torch.tensor([[0, 1, 2, 3], [0, 2, 1, 3], [0, 3, 1, 2]], device=mu.device)
 
     def score(i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
@@ -355,7 +476,9 @@ def _pair_window(
     S = torch.gather(S, 1, perm[:, :, None].expand_as(S))
     S = torch.gather(S, 2, perm[:, None, :].expand_as(S))
     Fw = torch.gather(Fw, 1, perm[:, :, None].expand_as(Fw))
-    return mu, S, Fw
+    if idx is not None:
+        idx = torch.gather(idx, 1, perm)
+    return mu, S, Fw, idx
 
 
 def _nonlinear(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
