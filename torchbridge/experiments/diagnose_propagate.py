@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> dict:
     gm32 = commute_relu_max_pool(trace(load_model(args.model).float()))
     pools = pool_nodes(gm)
     _, _, test_x, _ = mnist()
-    report: dict = {"args": vars(args), "results": []}
+    report: dict = {"args": {k: v for k, v in vars(args).items() if not callable(v)}, "results": []}
     jobs = [(i, s) for i in args.images for s in args.sigmas]
     for i, sigma in tqdm(jobs, desc="diagnose"):
         x = test_x[i : i + 1].double()
