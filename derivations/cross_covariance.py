@@ -174,8 +174,34 @@ def relu_cross_covariance_ref(m1, m2, s1, s2, r, dps: int = DPS) -> mp.mpf:
                     return _cov_closed_ref(m1, m2, r, dps, guard=30)
                 except ReferenceError:
                     return _cov_closed_ref(m1, m2, r, dps)
+            for guard in (30, 60):  # |ρ| = 1: the closed forms, then ∫_0^ρ Φ2 (slow)
+                try:
+                    return _cov_pm1_closed_ref(m1, m2, r, dps, guard)
+                except ReferenceError:
+                    pass
             return _cov_rho_integral_ref(m1, m2, r, dps)
     return +val
+
+
+def _cov_pm1_closed_ref(hv, kv, r, dps: int, guard: int) -> mp.mpf:
+    """|ρ| = 1, σ1 = σ2 = 1: C = E − m(h)m(k) with E(h, k, 1) = ∫_c^∞ (h + z)(k + z)φ(z) dz
+    (c = max(−h, −k)) = hkΦ(−c) + (h + k + c)φ(c) + Φ(−c), and E(h, k, −1) =
+    ∫_{−h}^{k} (h + z)(k − z)φ(z) dz = (hk − 1)(Φ(h) − Φ(−k)) + kφ(h) + hφ(k) (h + k > 0, else
+    0), at dps + ``guard`` digits; rejected when the subtraction cancels beyond ``guard`` − 5."""
+    with mp.workdps(dps + guard):
+        h, k = mp.mpf(hv), mp.mpf(kv)
+        if r > 0:
+            c = max(-h, -k)
+            e = h * k * mp.ncdf(-c) + (h + k + c) * mp.npdf(c) + mp.ncdf(-c)
+        elif h + k > 0:
+            e = (h * k - 1) * (mp.ncdf(h) - mp.ncdf(-k)) + k * mp.npdf(h) + h * mp.npdf(k)
+        else:
+            e = mp.mpf(0)
+        mm = (h * mp.ncdf(h) + mp.npdf(h)) * (k * mp.ncdf(k) + mp.npdf(k))
+        cov = e - mm
+        if abs(cov) < mp.mpf(10) ** (5 - guard) * max(abs(e), abs(mm)):
+            raise ReferenceError(f"cov reference (|ρ| = 1 closed form): cancels beyond {guard}")
+    return +cov
 
 
 def _cov_closed_ref(hv, kv, r, dps: int, guard: int = 60) -> mp.mpf:

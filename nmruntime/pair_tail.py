@@ -200,11 +200,11 @@ _U_CAP = 1e3  # |u| beyond this: e^{−u²/2} underflows; stands for ±∞ (t = 
 
 
 def gauss_ok(o, h, k, ta, tb):
-    """Mask where ``gauss_integral`` is used: √(M² − m²) ≥ ``GAUSS_MIN_ROOT``, −1 ≤ t_a ≤ t_b < 1."""
+    """Mask where ``gauss_integral`` is used: √(M² − m²) ≥ ``GAUSS_MIN_ROOT``, −1 ≤ t_a ≤ t_b ≤ 1."""
     ah, ak = o.abs(h), o.abs(k)
     big, small = o.maximum(ah, ak), o.minimum(ah, ak)
     root2 = (big - small) * (big + small)
-    return (root2 >= GAUSS_MIN_ROOT**2) & (ta >= -1.0) & (ta <= tb) & (tb < 1.0)
+    return (root2 >= GAUSS_MIN_ROOT**2) & (ta >= -1.0) & (ta <= tb) & (tb <= 1.0)
 
 
 def _t_minus_ts(o, t, ts, gap_s):
