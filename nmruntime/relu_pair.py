@@ -278,7 +278,16 @@ def _integral(o, h, k, lo, hi, sign, weight, rule):
     vb = o.maximum(-o.log(o.maximum(o.cos(e_hi), 1e-300)), va)
     va = o.minimum(va, o.full_like(va, _V_MAX))
     vb = o.minimum(vb, o.full_like(vb, _V_MAX))
-    end = _end_piece(o, h, k, va, vb, float(sign), weight, rule)
+    # G ≈ −d²/(2cos²θ) − ... (d = h − k for θ > 0, h + k for θ < 0) falls off double-
+    # exponentially in v beyond v ≈ −log|d|: for small |d| ≠ 0 that cut-off sits inside the end
+    # part, which one rule does not resolve (7e-5 relative at h ≈ −k, ρ < 0): split there.
+    d = o.abs(h - k) if sign > 0 else o.abs(h + k)
+    vc = -o.log(o.maximum(d, 1e-300))
+    v1 = o.stop(o.clip(vc - 1.0, va, vb))
+    v2 = o.stop(o.clip(vc + 1.0, va, vb))
+    end = _end_piece(o, h, k, va, v1, float(sign), weight, rule)
+    end = end + _end_piece(o, h, k, v1, v2, float(sign), weight, rule)
+    end = end + _end_piece(o, h, k, v2, vb, float(sign), weight, rule)
     return inner + end
 
 
