@@ -190,3 +190,32 @@ def relu_cross_moment_zero_mean_ref(sigma1, sigma2, rho, dps: int = DPS) -> mp.m
 def to_float(x) -> float:
     """mpf -> float through 17 significant digits (exactly the nearest double)."""
     return float(mp.nstr(x, 17, strip_zeros=False))
+
+
+def standard_pair_closed_form(h, k, r, dps: int) -> tuple[mp.mpf, mp.mpf]:
+    """(E, C) of the standardized pair (σ1 = σ2 = 1) at ``dps`` digits: Rosenbaum's E with
+    Φ2 by quadrature of its definition; at ρ = ±1 the one-dimensional integrals."""
+    from .bvn import bvn_cdf_mp
+
+    with mp.workdps(dps):
+        h, k, r = mp.mpf(h), mp.mpf(k), mp.mpf(r)
+
+        def m(x):
+            return x * mp.ncdf(x) + mp.npdf(x)
+
+        if r == 1:  # E[(h + Z)⁺(k + Z)⁺] = ∫_c^∞ (h + z)(k + z) φ(z) dz, c = max(−h, −k)
+            c = max(-h, -k)
+            e = h * k * mp.ncdf(-c) + (h + k) * mp.npdf(c) + c * mp.npdf(c) + mp.ncdf(-c)
+        elif r == -1:  # ∫_{−h}^{k} (h + z)(k − z) φ(z) dz for h + k > 0
+            # Φ(h) + Φ(k) − 1 = Φ(h) − Φ(−k): no 1 + tiny − 1 at the working precision
+            e = (h * k - 1) * (mp.ncdf(h) - mp.ncdf(-k)) + k * mp.npdf(h) + h * mp.npdf(k)
+            e = e if h + k > 0 else mp.mpf(0)
+        else:
+            s = mp.sqrt((1 - r) * (1 + r))
+            e = (
+                (h * k + r) * bvn_cdf_mp(h, k, r, dps)
+                + h * mp.npdf(k) * mp.ncdf((h - r * k) / s)
+                + k * mp.npdf(h) * mp.ncdf((k - r * h) / s)
+                + s * mp.npdf(h) * mp.npdf((k - r * h) / s)
+            )
+        return e, e - m(h) * m(k)

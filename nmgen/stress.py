@@ -29,12 +29,12 @@ from dataclasses import dataclass
 import mpmath as mp
 import numpy as np
 
-from nmgen.derivations.bvn import bvn_cdf_mp
 from nmgen.derivations.reference import (
     ReferenceError,
     relu_mean_ref,
     relu_second_moment_ref,
     relu_variance_ref,
+    standard_pair_closed_form,
 )
 
 DPS_LO, DPS_HI = 40, 55
@@ -84,33 +84,6 @@ def draw_points(
     return pts
 
 
-def _closed_form(h, k, r, dps: int) -> tuple[mp.mpf, mp.mpf]:
-    """(E, C) of the standardized pair (σ1 = σ2 = 1) at ``dps`` digits: Rosenbaum's E with
-    Φ2 by quadrature of its definition; at ρ = ±1 the one-dimensional integrals."""
-    with mp.workdps(dps):
-        h, k, r = mp.mpf(h), mp.mpf(k), mp.mpf(r)
-
-        def m(x):
-            return x * mp.ncdf(x) + mp.npdf(x)
-
-        if r == 1:  # E[(h + Z)⁺(k + Z)⁺] = ∫_c^∞ (h + z)(k + z) φ(z) dz, c = max(−h, −k)
-            c = max(-h, -k)
-            e = h * k * mp.ncdf(-c) + (h + k) * mp.npdf(c) + c * mp.npdf(c) + mp.ncdf(-c)
-        elif r == -1:  # ∫_{−h}^{k} (h + z)(k − z) φ(z) dz for h + k > 0
-            # Φ(h) + Φ(k) − 1 = Φ(h) − Φ(−k): no 1 + tiny − 1 at the working precision
-            e = (h * k - 1) * (mp.ncdf(h) - mp.ncdf(-k)) + k * mp.npdf(h) + h * mp.npdf(k)
-            e = e if h + k > 0 else mp.mpf(0)
-        else:
-            s = mp.sqrt((1 - r) * (1 + r))
-            e = (
-                (h * k + r) * bvn_cdf_mp(h, k, r, dps)
-                + h * mp.npdf(k) * mp.ncdf((h - r * k) / s)
-                + k * mp.npdf(h) * mp.ncdf((k - r * h) / s)
-                + s * mp.npdf(h) * mp.npdf((k - r * h) / s)
-            )
-        return e, e - m(h) * m(k)
-
-
 def pair_reference(pt: tuple) -> tuple[float, float] | None:
     """(E[relu x1 relu x2], Cov[relu x1, relu x2]) at ``pt`` as floats, None if the two
     precisions disagree beyond 1e-20 relative (uncertified)."""
@@ -118,8 +91,8 @@ def pair_reference(pt: tuple) -> tuple[float, float] | None:
     with mp.workdps(DPS_HI + 30):
         h, k = mp.mpf(m1) / mp.mpf(s1), mp.mpf(m2) / mp.mpf(s2)
         scale = mp.mpf(s1) * mp.mpf(s2)
-    lo = _closed_form(h, k, r, DPS_LO)
-    hi = _closed_form(h, k, r, DPS_HI)
+    lo = standard_pair_closed_form(h, k, r, DPS_LO)
+    hi = standard_pair_closed_form(h, k, r, DPS_HI)
     out = []
     with mp.workdps(DPS_HI):
         for a, b in zip(lo, hi, strict=True):

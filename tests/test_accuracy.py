@@ -18,6 +18,7 @@ import pytest
 import torch
 from nmgen.derivations.bvn import bvn_cdf_mp
 from nmgen.derivations.cross_covariance import relu_cross_covariance_ref
+from nmgen.derivations.reference import standard_pair_closed_form
 from nmgen.generated import numpy_kernels as NK
 from nmgen.generated import torch_kernels as TK
 
@@ -26,24 +27,7 @@ from torchbridge.moments import relu_moments
 
 def _closed_mp(h, k, r, dps=50):
     """(E, C) of the standardized pair from the closed form at ``dps`` digits."""
-    with mp.workdps(dps):
-        h, k, r = mp.mpf(h), mp.mpf(k), mp.mpf(r)
-
-        def m(x):
-            return x * mp.ncdf(x) + mp.npdf(x)
-
-        if r == -1:
-            e = (h * k - 1) * (mp.ncdf(h) - mp.ncdf(-k)) + k * mp.npdf(h) + h * mp.npdf(k)
-            e = e if h + k > 0 else mp.mpf(0)
-        else:
-            s = mp.sqrt((1 - r) * (1 + r))
-            e = (
-                (h * k + r) * bvn_cdf_mp(h, k, r, dps)
-                + h * mp.npdf(k) * mp.ncdf((h - r * k) / s)
-                + k * mp.npdf(h) * mp.ncdf((k - r * h) / s)
-                + s * mp.npdf(h) * mp.npdf((k - r * h) / s)
-            )
-        return e, e - m(h) * m(k)
+    return standard_pair_closed_form(h, k, r, dps)
 
 
 def _rel(got: float, ref) -> float:

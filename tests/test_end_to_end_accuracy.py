@@ -14,8 +14,7 @@ from __future__ import annotations
 import mpmath as mp
 import pytest
 import torch
-from nmgen.derivations.bvn import bvn_cdf_mp
-from nmgen.derivations.reference import relu_variance_ref
+from nmgen.derivations.reference import relu_variance_ref, standard_pair_closed_form
 
 from torchbridge import AffineReLUAffine, relu_moments
 
@@ -27,18 +26,10 @@ SIGX = [[0.25, 0.05, -0.02], [0.05, 0.16, 0.03], [-0.02, 0.03, 0.09]]
 
 
 def _cov_closed(m1, m2, s1, s2, r, dps=60):
-    """Cov[relu x1, relu x2] = σ1σ2 (E(h, k, ρ) − m(h)m(k)), Rosenbaum's E, at ``dps`` digits."""
+    """Cov[relu x1, relu x2] = σ1σ2 C(h, k, ρ), Rosenbaum's closed form at ``dps`` digits."""
     with mp.workdps(dps):
-        h, k = m1 / s1, m2 / s2
-        s = mp.sqrt((1 - r) * (1 + r))
-        e = (
-            (h * k + r) * bvn_cdf_mp(h, k, r, dps)
-            + h * mp.npdf(k) * mp.ncdf((h - r * k) / s)
-            + k * mp.npdf(h) * mp.ncdf((k - r * h) / s)
-            + s * mp.npdf(h) * mp.npdf((k - r * h) / s)
-        )
-        m = lambda x: x * mp.ncdf(x) + mp.npdf(x)  # noqa: E731
-        return s1 * s2 * (e - m(h) * m(k))
+        _, c = standard_pair_closed_form(mp.mpf(m1) / s1, mp.mpf(m2) / s2, r, dps)
+        return s1 * s2 * c
 
 
 def _reference():
