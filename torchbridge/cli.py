@@ -33,6 +33,32 @@ BENCH_MODULES = (
 )
 
 
+class _DefaultsMixin:
+    """Appends "(default: …)" to an option's help when the help text does not state it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, argparse.SUPPRESS):
+            return text
+        if action.nargs == 0:  # a flag: store_true / store_false
+            return f"{text} (default: {'on' if action.default else 'off'})"
+        value = action.default
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        return f"{text} (default: {str(value).replace('%', '%%')})"
+
+
+def _document_defaults(parser: argparse.ArgumentParser) -> None:
+    """Give ``parser`` and every sub-parser below it the :class:`_DefaultsMixin` formatter."""
+    if not issubclass(parser.formatter_class, _DefaultsMixin):
+        base = parser.formatter_class
+        parser.formatter_class = type(f"Nm{base.__name__}", (_DefaultsMixin, base), {})
+    for action in parser._actions:  # argparse has no public walk over sub-parsers
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _document_defaults(child)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nm",
@@ -47,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     for name in BENCH_MODULES:
         importlib.import_module(name).add_bench_parser(bench_sub)
+    _document_defaults(p)
     return p
 
 

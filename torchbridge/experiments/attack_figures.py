@@ -668,8 +668,18 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--samples", type=int, default=1000, help="verification samples (default: 1000)")
     p.add_argument("--gamma", type=float, default=0.0, help="margin (default: 0)")
-    p.add_argument("--data", type=Path, default=None, help="FER2013 CSV: use the AlexNet variant")
-    p.add_argument("--checkpoint", type=Path, default=None, help="alexnet48 state_dict")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="FER2013 CSV: use the AlexNet variant (default: none, MNIST/LeNet)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="alexnet48 state_dict for --data (default: none, train it on the CSV and save it in --out)",
+    )
     p = common("fig8", fig8, "fooling rate and sparsity vs separation (Eqs. 9 + 10)", 100)
     sparse_flags(p)
     p.add_argument("--images", type=int, default=30, help="source images (default: 30)")

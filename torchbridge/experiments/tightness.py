@@ -958,7 +958,10 @@ def add_parser(subparsers) -> None:
             "--images", type=int, default=images, help=f"test images (default {images}; paper: all)"
         )
         p.add_argument(
-            "--sigmas", type=_floats, default=list(sigmas), help="comma-separated noise levels σ"
+            "--sigmas",
+            type=_floats,
+            default=list(sigmas),
+            help="comma-separated noise standard deviations σ, in pixel units (images in [0, 1])",
         )
 
     def moment_args(p: argparse.ArgumentParser) -> None:
@@ -1010,7 +1013,7 @@ def add_parser(subparsers) -> None:
         "--reuse",
         type=Path,
         default=None,
-        help="build the histograms from a table2.json instead of recomputing",
+        help="build the histograms from a table2.json instead of recomputing (default: recompute)",
     )
     p.set_defaults(func=run_table3)
 
