@@ -4,6 +4,7 @@ nmgen generate            write generated/numpy_kernels.py and generated/torch_k
 nmgen generate --check    regenerate into a temp dir; fail with a diff if generated/ differs
 nmgen verify [--quick]    every kernel, both backends, float64/float32, vs mpmath references
 nmgen stress              relative errors on a seeded held-out random stress set
+nmgen check-points FILE   mpmath references for the values an `nm` experiment wrote to FILE
 nmgen list                registered kernels with their source derivations
 nmgen prove               run the derivations' symbolic and numeric checks
 """
@@ -11,6 +12,7 @@ nmgen prove               run the derivations' symbolic and numeric checks
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -62,6 +64,25 @@ def _cmd_stress(args: argparse.Namespace) -> int:
     print(stress.format_rows(rows))
     print(f"{args.n} points, seed {args.seed} ({time.perf_counter() - t:.0f} s)")
     return 0
+
+
+def _cmd_check_points(args: argparse.Namespace) -> int:
+    from nmgen import pointcheck
+
+    reports = [pointcheck.check_file(f, dps=args.dps) for f in args.files]
+    bad = []
+    for rep in reports:
+        print(pointcheck.format_report(rep))
+        for g in rep["groups"]:
+            if args.max_abs is not None and not g["max_abs_diff"] <= args.max_abs:
+                bad.append(f"{rep['file']} {g['kind']}: max abs diff > {args.max_abs:g}")
+            if args.max_rel is not None and not g["max_rel_diff"] <= args.max_rel:
+                bad.append(f"{rep['file']} {g['kind']}: max rel diff > {args.max_rel:g}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(reports, indent=1) + "\n")
+    for line in bad:
+        print(f"FAIL {line}")
+    return 1 if bad else 0
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -147,6 +168,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="round σ to powers of 2 so μ/σ is exact (default: off)",
     )
     st.set_defaults(func=_cmd_stress)
+    ck = sub.add_parser(
+        "check-points",
+        help="mpmath references for the values an `nm` experiment wrote to a points file",
+        description="torchbridge's experiments never import mpmath; those with an oracle "
+        "column (nm fig2, nm bench kernels, nm bench floor) write the points they evaluated "
+        "and the values they got to a JSON file, and name this command. Format: "
+        "nmgen/pointcheck.py.",
+    )
+    ck.add_argument("files", nargs="+", type=Path, help="points files written by `nm ...`")
+    ck.add_argument(
+        "--dps", type=int, default=30, help="mpmath working digits of the references (default: 30)"
+    )
+    ck.add_argument(
+        "--max-abs",
+        type=float,
+        default=None,
+        help="fail (exit 1) if a group's max abs difference exceeds this (default: report only)",
+    )
+    ck.add_argument(
+        "--max-rel",
+        type=float,
+        default=None,
+        help="fail (exit 1) if a group's max relative difference exceeds this (default: report "
+        "only)",
+    )
+    ck.add_argument("--json", help="also write the report as JSON to this path (default: none)")
+    ck.set_defaults(func=_cmd_check_points)
     sub.add_parser("list", help="list registered kernels").set_defaults(func=_cmd_list)
     pr = sub.add_parser("prove", help="run the derivations' symbolic/numeric checks")
     pr.add_argument("--slow", action="store_true", help="also the slow checks (minutes)")

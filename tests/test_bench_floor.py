@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from nmgen.pointcheck import check_file
 from torchbridge.experiments.bench_floor import run_floor
 from torchbridge.moments import relu_moments
 from torchbridge.propagate.approx import dvi_relu_moments
@@ -59,4 +60,6 @@ def test_bench_floor_runs_small(tmp_path):
     methods = res["runs"][0]["methods"]
     assert "DVI (Wu et al. 2019)" in methods
     assert methods["DVI (Wu et al. 2019)"]["max_rel_err_vs_exact"] > 0
-    assert res["exact_vs_mpmath"]["max_abs_diff"] <= 1e-15
+    groups = check_file(res["oracle_points"]["file"], progress=False)["groups"]
+    assert [g["points"] for g in groups] == [2, 2]
+    assert max(g["max_abs_diff"] for g in groups) <= 1e-15

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import types
+from pathlib import Path
 
 from standins import tiny_mnist, tiny_net
 from torch import nn
@@ -19,6 +20,15 @@ def _net() -> nn.Sequential:
 
 def _mnist():
     return tiny_mnist(n=12, classes=4, seed=0)
+
+
+def _failing_python(tmp_path) -> Path:
+    script = tmp_path / "python"
+    script.write_text(
+        "#!/bin/sh\necho \"ModuleNotFoundError: No module named 'sympy'\" >&2\nexit 1\n"
+    )
+    script.chmod(0o755)
+    return script
 
 
 def _run(monkeypatch, tmp_path, argv: list[str]) -> dict:
@@ -49,9 +59,29 @@ def test_demo_writes_report(monkeypatch, tmp_path):
 
 
 def test_demo_without_verify_or_attacks_modules(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "nmgen.verify", None)  # import fails: sympy missing
+    # `nmgen verify` cannot run (as when sympy/mpmath are not installed): the interpreter
+    # given to the subprocess fails on import
+    monkeypatch.setattr(demo.sys, "executable", str(_failing_python(tmp_path)))
     monkeypatch.setitem(sys.modules, "torchbridge.experiments.attack_figures", None)
     report = _run(monkeypatch, tmp_path, ["--images", "1", "--samples", "500"])
-    assert "skipped" in report["verify"]
+    assert "skipped" in report["verify"] and "No module named" in report["verify"]["skipped"]
     assert "skipped" in report["attacks"]
     assert (tmp_path / "demo.md").is_file()
+
+
+def test_demo_verify_step_reads_the_subprocess_rows(monkeypatch, tmp_path):
+    # a stand-in interpreter that plays `nmgen verify --quick --json F --markdown G`
+    script = tmp_path / "python"
+    script.write_text(
+        "#!/bin/sh\n"
+        'while [ $# -gt 0 ]; do case "$1" in\n'
+        '  --json) echo \'[{"passed": true}, {"passed": false}]\' > "$2"; shift;;\n'
+        "  --markdown) echo '| kernel | PASS |' > \"$2\"; shift;;\n"
+        "esac; shift; done\nexit 1\n"
+    )
+    script.chmod(0o755)
+    monkeypatch.setattr(demo.sys, "executable", str(script))
+    monkeypatch.setitem(sys.modules, "torchbridge.experiments.attack_figures", None)
+    report = _run(monkeypatch, tmp_path, ["--images", "1", "--samples", "500"])
+    assert report["verify"]["rows"] == 2 and report["verify"]["passed"] == 1
+    assert "1/2 rows pass" in (tmp_path / "demo.md").read_text()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nmgen.pointcheck import check_file
 from torchbridge.experiments import bench_kernels, fig2
 
 
@@ -67,7 +68,9 @@ def test_fig2_numbers(fig2_result) -> None:
     overall = res["vs_exact"]["overall_paper_grid"]
     assert overall["1"] > overall["50"]
     assert 0 < res["vs_exact"]["worst_paper_grid"]["5"]["abs_error"] == overall["5"]
-    assert res["exact_vs_mpmath"]["max_abs_diff"] <= 1e-13
+    rep = check_file(res["oracle_points"]["file"], progress=False)["groups"][0]
+    assert rep["kind"] == "relu_cross_moment" and rep["points"] == 3
+    assert rep["max_abs_diff"] <= 1e-13
     mc = res["monte_carlo"]["groups"]["paper grid, all ρ"]
     assert mc["points"] == 10
     assert 0 < mc["max_standard_error"] < 0.1
@@ -116,12 +119,16 @@ def test_bench_kernels(tmp_path: Path) -> None:
     for ext in ("json", "md", "png"):
         assert (tmp_path / f"bench_kernels.{ext}").stat().st_size > 0
     assert [e["p"] for e in res["results"]] == [16, 32]
+    groups = {
+        g["kind"]: g for g in check_file(res["oracle_points"]["file"], progress=False)["groups"]
+    }
+    assert groups["relu_covariance"]["points"] == 6 and groups["relu_variance"]["points"] == 6
+    assert max(g["max_abs_diff"] for g in groups.values()) <= 1e-13
     for e in res["results"]:
         m = e["methods"]
         assert set(m) == {"exact", "series(5)", "series(20)", "zero_mean", "MC"}
         assert m["exact"]["symmetric"] and m["series(5)"]["symmetric"]
         assert m["exact"]["ratio_to_exact"] == 1.0
-        assert e["exact_vs_mpmath"]["max_abs_diff"] <= 1e-13
         assert m["series(20)"]["max_abs_err_vs_exact"] < 0.05
         assert e["exact_min_eigenvalue"] > -1e-12 * e["exact_trace"]
         assert all(v["seconds"] > 0 for v in m.values())

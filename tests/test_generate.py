@@ -89,3 +89,42 @@ def test_importing_kernels_does_not_import_sympy_or_mpmath():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+#: modules that pull in sympy or mpmath: derivations, the verifier and the oracles.
+_ORACLE_MODULES = (
+    "sympy",
+    "mpmath",
+    "nmgen.derivations",
+    "derivations",
+    "nmgen.verify",
+    "nmgen.stress",
+    "nmgen.pointcheck",
+    "nmgen.generate",
+    "nmgen.cli",
+)
+
+
+def _imports(path: Path) -> list[str]:
+    import ast
+
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.append(node.module)
+    return names
+
+
+def test_library_code_never_imports_the_oracles():
+    """The layering arrow (derivations → nmgen → generated → torchbridge): no module of
+    torchbridge, nmruntime or generated imports sympy, mpmath or the nmgen parts that do,
+    not even lazily inside a function (experiments use `nmgen check-points` instead)."""
+    bad = []
+    for folder in ("torchbridge", "nmruntime", "nmgen/generated"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for name in _imports(path):
+                if any(name == m or name.startswith(m + ".") for m in _ORACLE_MODULES):
+                    bad.append(f"{path.relative_to(ROOT)}: {name}")
+    assert not bad, bad

@@ -22,7 +22,8 @@ of ``--dtypes``:
 Times are medians of ``--repeats`` runs after one warm-up. Errors: max abs difference from
 the exact covariance of the same dtype, and max relative difference over its entries with
 |exact| ≥ 1e-6·max|exact| (below that an approximation's relative error says little); the float64 exact covariance is checked against
-mpmath on ``--check-entries`` random entries (as in ``nm bench kernels``).
+mpmath by ``nmgen check-points <out>/bench_floor_oracle_points.json`` on ``--check-entries``
+random entries (as in ``nm bench kernels``).
 """
 
 from __future__ import annotations
@@ -32,13 +33,15 @@ import argparse
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from torchbridge.experiments.bench_kernels import mpmath_check, random_problem, timed
+from torchbridge.experiments.bench_kernels import oracle_entries, random_problem, timed
 from torchbridge.experiments.common import (
     add_common_args,
     markdown_table,
+    out_dir,
     write_json,
     write_markdown,
 )
+from torchbridge.experiments.oracle_points import check_hint, write_points
 from torchbridge.moments import relu_moments
 from torchbridge.montecarlo import monte_carlo_moments
 from torchbridge.propagate.approx import approx_relu_moments, dvi_relu_moments
@@ -202,11 +205,15 @@ def run_floor(args: argparse.Namespace) -> dict:
                 )
     finally:
         torch.set_num_threads(old_threads)
-    if "float64" in exact_ref:
-        result["exact_vs_mpmath"] = mpmath_check(
-            mean64, cov64, exact_ref["float64"], args.check_entries, args.seed
-        )
     cmd = command_line(args)
+    points = None
+    if "float64" in exact_ref:
+        points = write_points(
+            out_dir(args.out) / "bench_floor_oracle_points.json",
+            oracle_entries(mean64, cov64, exact_ref["float64"], args.check_entries, args.seed),
+            cmd,
+        )
+        result["oracle_points"] = {"file": str(points), "check": check_hint(points)}
     heads = [
         "threads",
         "dtype",
@@ -222,7 +229,6 @@ def run_floor(args: argparse.Namespace) -> dict:
         f"({', '.join(f'{k} {v}' for k, v in r['transcendental_ops'].items())})"
         for r in result["runs"]
     ]
-    chk = result.get("exact_vs_mpmath", {})
     md = "\n".join(
         [
             f"p = {args.p} ReLU covariance ({pairs} off-diagonal pairs), measured in one run.",
@@ -233,8 +239,10 @@ def run_floor(args: argparse.Namespace) -> dict:
             "",
             *ops_lines,
             "",
-            f"Exact float64 vs mpmath on {chk.get('entries', 0)} random entries: max abs diff "
-            f"{chk.get('max_abs_diff', float('nan')):.2e}.",
+            f"Exact float64 vs mpmath: `{check_hint(points)}` ({args.check_entries} random "
+            "off-diagonal and 5 diagonal entries)."
+            if points is not None
+            else "No float64 run: no oracle points written.",
             "",
             f"Command: `{cmd}`",
         ]
@@ -272,7 +280,8 @@ def add_bench_parser(bench_subparsers) -> None:
         "--check-entries",
         type=int,
         default=50,
-        help="random entries of the float64 exact covariance checked against mpmath (default 50)",
+        help="random off-diagonal entries of the float64 exact covariance (plus 5 diagonal "
+        "ones) written for `nmgen check-points` (default 50)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run_floor)

@@ -13,9 +13,11 @@ r = p, whose correlations are all O(1/√p)). Methods (float64 on CPU):
 Timings are medians of ``--repeats`` runs after one untimed warm-up (a single timed run, no
 warm-up, at p ≥ 4096 or when a run is estimated above ``--slow-seconds``); ``relu_moments``
 is called with ``check_psd=False`` and the PSD check (Cholesky in ``_validate``) is timed on
-its own. Errors: max abs difference from the exact covariance; the exact one is compared with
-the mpmath oracle on ``--check-entries`` random entries (relu_cross_moment_ref minus the
-product of the ReLU means; relu_variance_ref on a few diagonal entries). Also reported:
+its own. Errors: max abs difference from the exact covariance; the exact one's values at
+``--check-entries`` random entries (and a few diagonal ones) are written to
+``<out>/bench_kernels_oracle_points.json`` for ``nmgen check-points`` (the cancellation-free
+mpmath covariance and variance from the definitions; torchbridge never imports mpmath). Also
+reported:
 exact symmetry of every output, and min eigenvalue / trace of the exact covariance.
 ``--profile`` breaks the exact method's time at p = 1024 (or the largest size ≤ 1024) down.
 """
@@ -34,10 +36,12 @@ from nmgen.generated import torch_kernels as tk
 from torchbridge.experiments.common import (
     add_common_args,
     markdown_table,
+    out_dir,
     save_figure,
     write_json,
     write_markdown,
 )
+from torchbridge.experiments.oracle_points import check_hint, write_points
 from torchbridge.moments import _pair_blocks_nd, _safe_sqrt, _validate, relu_moments
 from torchbridge.montecarlo import monte_carlo_moments
 
@@ -76,44 +80,27 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int) -> tuple[float, l
     return statistics.median(times), times, out
 
 
-def mpmath_check(
-    mean: torch.Tensor,
-    cov: torch.Tensor,
-    c_exact: torch.Tensor,
-    entries: int,
-    seed: int,
-    dps: int = 30,
-) -> dict:
-    """Max |C_exact − C_mpmath| on ``entries`` random off-diagonal entries (+ 5 diagonal)."""
-    import mpmath as mp
-    from nmgen.derivations.reference import (
-        relu_cross_moment_ref,
-        relu_mean_ref,
-        relu_variance_ref,
-        to_float,
-    )
-
+def oracle_entries(
+    mean: torch.Tensor, cov: torch.Tensor, c_exact: torch.Tensor, entries: int, seed: int
+) -> dict[str, torch.Tensor]:
+    """Rows for ``nmgen check-points``: ``entries`` random off-diagonal entries of ``c_exact``
+    (kind ``relu_covariance``: μ_i, μ_j, σ_i, σ_j, ρ_ij, C_ij) and up to 5 diagonal ones
+    (``relu_variance``: μ_i, σ_i, C_ii), float64."""
     p = mean.shape[0]
     if entries <= 0 or p < 2:
-        return {"entries": 0, "max_abs_diff": math.nan}
+        return {}
     gen = torch.Generator().manual_seed(seed + 7)
     i = torch.randint(0, p, (entries,), generator=gen)
     j = torch.randint(0, p - 1, (entries,), generator=gen)
     j = j + (j >= i).long()  # j != i
-    sig = _safe_sqrt(cov.diagonal())
-    diffs = []
-    with mp.workdps(dps + 10):
-        for a, b in zip(i.tolist(), j.tolist(), strict=True):
-            m1, m2, s1, s2 = (float(mean[a]), float(mean[b]), float(sig[a]), float(sig[b]))
-            rho = max(-1.0, min(1.0, float(cov[a, b]) / (s1 * s2)))
-            ref = relu_cross_moment_ref(m1, m2, s1, s2, rho, dps=dps) - relu_mean_ref(
-                m1, s1, dps
-            ) * relu_mean_ref(m2, s2, dps)
-            diffs.append(abs(float(c_exact[a, b]) - to_float(ref)))
-        for a in torch.randint(0, p, (min(5, entries),), generator=gen).tolist():
-            ref = relu_variance_ref(float(mean[a]), float(sig[a]), dps)
-            diffs.append(abs(float(c_exact[a, a]) - to_float(ref)))
-    return {"entries": len(diffs), "dps": dps, "max_abs_diff": max(diffs)}
+    m, c, v = mean.double(), cov.double(), c_exact.double()
+    sig = _safe_sqrt(c.diagonal())
+    rho = (c[i, j] / (sig[i] * sig[j])).clamp(-1.0, 1.0)
+    d = torch.randint(0, p, (min(5, entries),), generator=gen)
+    return {
+        "relu_covariance": torch.stack([m[i], m[j], sig[i], sig[j], rho, v[i, j]], 1),
+        "relu_variance": torch.stack([m[d], sig[d], v[d, d]], 1),
+    }
 
 
 def profile_exact(mean: torch.Tensor, cov: torch.Tensor, repeats: int = 3) -> dict:
@@ -196,6 +183,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     sizes = [int(s) for s in str(args.sizes).split(",") if s.strip()]
     results, rows, prev_rate = [], [], {}
+    oracle: dict[str, list[torch.Tensor]] = {}
     for p in sizes:
         mean, cov = random_problem(p, args.seed, args.rank, args.diag)
         sig = cov.diagonal().sqrt()
@@ -248,9 +236,8 @@ def run_bench(args: argparse.Namespace) -> dict:
         for label, m in entry["methods"].items():
             m["ratio_to_exact"] = m["seconds"] / t_ex
             m["max_abs_err_vs_exact"] = float((outs[label] - c_ex).abs().max())
-        chk = mpmath_check(mean, cov, c_ex, args.check_entries, args.seed)
-        entry["exact_vs_mpmath"] = chk
-        entry["methods"]["exact"]["max_abs_err_vs_exact"] = chk["max_abs_diff"]
+        for kind, r in oracle_entries(mean, cov, c_ex, args.check_entries, args.seed).items():
+            oracle.setdefault(kind, []).append(r)
         # PSD check on its own, and the spectrum of the exact output
         t_val = timed(lambda mean=mean, cov=cov: _validate(mean, cov, True), 1, 1)[0]
         t_val0 = timed(lambda mean=mean, cov=cov: _validate(mean, cov, False), 3, 1)[0]
@@ -272,7 +259,7 @@ def run_bench(args: argparse.Namespace) -> dict:
                     label,
                     m["seconds"],
                     m["ratio_to_exact"],
-                    err if label != "exact" else f"{err:.2e} (vs mpmath)",
+                    err if label != "exact" else "(reference)",
                     "yes" if m["symmetric"] else "no",
                     m["repeats"],
                 ]
@@ -288,6 +275,11 @@ def run_bench(args: argparse.Namespace) -> dict:
         profile = profile_exact(mean, cov)
 
     cmd = command_line(args)
+    points = write_points(
+        out_dir(args.out) / "bench_kernels_oracle_points.json",
+        {kind: torch.cat(r) for kind, r in oracle.items()},
+        cmd,
+    )
     headers = [
         "p",
         "method",
@@ -327,6 +319,10 @@ def run_bench(args: argparse.Namespace) -> dict:
         f"{args.mc_samples} samples, empirical covariance (Cholesky included).",
         "",
         markdown_table(headers, rows),
+        "",
+        f"The exact float64 values at {args.check_entries} random off-diagonal and up to 5 "
+        f"diagonal entries per p are written to `{points}` for the mpmath oracle: run "
+        f"`{check_hint(points)}`.",
         "",
         "Exact output and input checks:",
         "",
@@ -371,6 +367,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     text = "\n".join(md)
     out = {
         "command": cmd,
+        "oracle_points": {"file": str(points), "check": check_hint(points)},
         "sizes": sizes,
         "rank": args.rank,
         "diag": args.diag,
@@ -446,8 +443,8 @@ def add_bench_parser(bench_subparsers) -> None:
         "--check-entries",
         type=int,
         default=50,
-        help="random off-diagonal entries of the exact covariance checked against "
-        "mpmath (plus 5 diagonal ones; default 50)",
+        help="random off-diagonal entries of the exact covariance (plus 5 diagonal ones) "
+        "written for `nmgen check-points` (default 50)",
     )
     p.add_argument(
         "--eig-max",

@@ -4,9 +4,10 @@ The paper's grid: μ1, μ2 ∈ [−2, 2] and σ1, σ2 ∈ [0.2, 2] with spacing 
 …, 0.7} ∪ {0, 0.999} (21·21·10·10·10 = 441,000 points). For every point the series of Eq. 3
 truncated to 1, 5, 10, 20 and 50 terms (``relu_cross_moment_series``) is compared with
 
-(a) the exact closed form ``relu_cross_moment`` (float64) on the whole grid; the exact kernel
-    itself is checked against the mpmath oracle (``relu_cross_moment_ref``, from the definition)
-    on a seeded random subsample of ``--check-points`` points;
+(a) the exact closed form ``relu_cross_moment`` (float64) on the whole grid; its values at a
+    seeded random subsample of ``--check-points`` points are written to
+    ``<out>/fig2_oracle_points.json`` for ``nmgen check-points`` (the mpmath oracle from the
+    definition; torchbridge never imports mpmath);
 (b) Monte Carlo with ``--mc-samples`` samples (10^6, as in the paper) on a seeded random
     subsample of ``--mc-points`` points, stratified over ρ. One set of standard normal pairs
     (Z1, Z2) is drawn once and reused for every point (x1 = μ1 + σ1 Z1,
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 
 import torch
 from nmgen.generated import torch_kernels as tk
@@ -30,10 +32,12 @@ from nmgen.generated import torch_kernels as tk
 from torchbridge.experiments.common import (
     add_common_args,
     markdown_table,
+    out_dir,
     save_figure,
     write_json,
     write_markdown,
 )
+from torchbridge.experiments.oracle_points import check_hint, write_points
 
 TERMS = (1, 5, 10, 20, 50)
 INV_SQRT2 = 1.0 / math.sqrt(2.0)
@@ -161,43 +165,13 @@ def _point(vec: torch.Tensor) -> dict:
     return dict(zip(("mu1", "mu2", "sigma1", "sigma2", "rho"), map(float, vec), strict=True))
 
 
-def check_exact_vs_mpmath(params: torch.Tensor, dps: int = 30, progress: bool = True) -> dict:
-    """Max |exact kernel − mpmath oracle| over ``params`` ``(n, 5)`` (μ1, μ2, σ1, σ2, ρ)."""
-    from nmgen.derivations.reference import relu_cross_moment_ref, to_float
-    from tqdm.auto import tqdm
-
-    if params.shape[0] == 0:
-        return {"points": 0, "max_abs_diff": float("nan")}
+def write_oracle_points(params: torch.Tensor, path: Path, source: str) -> dict:
+    """Evaluate the exact kernel at ``params`` ``(n, 5)`` (μ1, μ2, σ1, σ2, ρ) and write the
+    points file that ``nmgen check-points`` compares with the mpmath oracle
+    (``relu_cross_moment_ref``, from the definition)."""
     vals = tk.relu_cross_moment(*params.unbind(1))
-    diffs, rels, failed = [], [0.0], []
-    for row, v in tqdm(
-        list(zip(params.tolist(), vals.tolist(), strict=True)),
-        desc="fig2 mpmath check",
-        disable=not progress,
-    ):
-        try:
-            ref = to_float(relu_cross_moment_ref(*row, dps=dps))
-        except ArithmeticError:  # the oracle's quadrature refused: retry less strictly
-            try:
-                ref = to_float(relu_cross_moment_ref(*row, dps=20))
-            except ArithmeticError:
-                failed.append(row)
-                continue
-        diffs.append(abs(v - ref))
-        if abs(ref) >= 1e-8:
-            rels.append(abs(v - ref) / abs(ref))
-    if not diffs:
-        return {"points": 0, "max_abs_diff": float("nan"), "oracle_failed": failed}
-    worst = max(range(len(diffs)), key=diffs.__getitem__)
-    kept = [r for r in params.tolist() if r not in failed]
-    return {
-        "points": len(diffs),
-        "dps": dps,
-        "max_abs_diff": max(diffs),
-        "max_rel_diff_where_ref_ge_1e-8": max(rels),
-        "worst_point": _point(torch.tensor(kept[worst])),
-        "oracle_failed": failed,
-    }
+    write_points(path, {"relu_cross_moment": torch.cat([params, vals[:, None]], 1)}, source)
+    return {"points": int(params.shape[0]), "file": str(path), "check": check_hint(path)}
 
 
 def run_fig2(args: argparse.Namespace) -> dict:
@@ -215,6 +189,7 @@ def run_fig2(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     progress = not args.no_progress
     t_start = time.perf_counter()
+    cmd = command_line(args)
     pts = grid_points(args.stride)
     all_rhos = PAPER_RHOS + SINGULAR_RHOS
 
@@ -273,9 +248,7 @@ def run_fig2(args: argparse.Namespace) -> dict:
         )
         idx = torch.randperm(everything.shape[0], generator=gen)[: args.check_points]
         chk = everything[idx]
-    t0 = time.perf_counter()
-    check = check_exact_vs_mpmath(chk, progress=progress)
-    t_check = time.perf_counter() - t0
+    check = write_oracle_points(chk, out_dir(args.out) / "fig2_oracle_points.json", cmd)
 
     # (b) against Monte Carlo on a stratified subsample
     per = max(1, math.ceil(args.mc_points / len(PAPER_RHOS))) if args.mc_points > 0 else 0
@@ -320,7 +293,6 @@ def run_fig2(args: argparse.Namespace) -> dict:
         )
 
     # tables
-    cmd = command_line(args)
     hdr = ["ρ"] + [f"{t} terms" for t in TERMS]
     rows = [
         [e["label"]] + [e["max_abs_error"][str(t)] for t in TERMS]
@@ -363,15 +335,9 @@ def run_fig2(args: argparse.Namespace) -> dict:
         "",
         markdown_table(hdr, rows),
         "",
-        f"Exact kernel vs mpmath oracle (dps {check.get('dps', 30)}) on {check['points']} random "
-        f"grid points: max abs diff **{check['max_abs_diff']:.3g}**, max rel diff "
-        f"{check.get('max_rel_diff_where_ref_ge_1e-8', math.nan):.3g} where |ref| ≥ 1e-8 "
-        f"({t_check:.1f} s)"
-        + (
-            f"; the oracle's quadrature refused {len(check['oracle_failed'])} point(s), skipped."
-            if check.get("oracle_failed")
-            else "."
-        ),
+        f"The exact kernel is checked against the mpmath oracle (from the definition) on "
+        f"{check['points']} random grid points written to `{check['file']}`: run "
+        f"`{check['check']}`.",
         "",
         "Worst point per number of terms (paper grid):",
         "",
@@ -431,11 +397,10 @@ def run_fig2(args: argparse.Namespace) -> dict:
             "near_singularity": near,
             "worst_paper_grid": {str(t): w for t, w in worst.items()},
         },
-        "exact_vs_mpmath": check,
+        "oracle_points": check,
         "monte_carlo": mc,
         "seconds": {
             "grid": t_grid,
-            "mpmath_check": t_check,
             "monte_carlo": t_mc,
             "total": time.perf_counter() - t_start,
         },
@@ -485,14 +450,6 @@ def _plot(result: dict, args: argparse.Namespace) -> None:
                 lw=1,
             )
     ax.plot([], [], "x--", color="tab:red", label="ρ = ±1/√2, ±(1/√2 ± 0.01)")
-    chk = result["exact_vs_mpmath"]
-    if chk["points"]:
-        ax.axhline(
-            fl(chk["max_abs_diff"]),
-            color="k",
-            ls=":",
-            label=f"exact kernel vs mpmath ({chk['points']} pts)",
-        )
     ax.set_yscale("log")
     ax.set_xlabel("number of terms")
     ax.set_ylabel("max abs error")
@@ -544,14 +501,14 @@ def add_parser(subparsers) -> None:
         "--quick",
         action="store_true",
         help="coarse smoke run: stride ≥ 4, ≤ 20 MC points with ≤ 20,000 samples, "
-        "≤ 5 mpmath check points",
+        "≤ 5 oracle check points",
     )
     p.add_argument(
         "--check-points",
         type=int,
         default=30,
         help="random grid points at which the exact kernel is checked against the "
-        "mpmath oracle (~0.1 s each; default 30)",
+        "mpmath oracle by `nmgen check-points <out>/fig2_oracle_points.json` (default 30)",
     )
     p.add_argument(
         "--mc-points",
