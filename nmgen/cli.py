@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--check",
         action="store_true",
         help="regenerate into a temp dir and fail with a unified diff if generated/ "
-        "is stale or hand-edited",
+        "is stale or hand-edited (default: off, write generated/)",
     )
     g.add_argument("--out", help="directory to write or check (default: generated/)")
     g.add_argument(
@@ -136,10 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.set_defaults(func=_cmd_generate)
     v = sub.add_parser("verify", help="compare every kernel with mpmath references")
-    v.add_argument("--quick", action="store_true", help="smaller grids (under ~60 s)")
-    v.add_argument("--kernel", action="append", help="only this kernel (repeatable)")
-    v.add_argument("--json", help="also write the rows as JSON to this path")
-    v.add_argument("--markdown", help="also write the table as markdown to this path")
+    v.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller grids (under ~60 s; default: off, the full grids, ~5 min)",
+    )
+    v.add_argument(
+        "--kernel", action="append", help="only this kernel (repeatable; default: every kernel)"
+    )
+    v.add_argument("--json", help="also write the rows as JSON to this path (default: none)")
+    v.add_argument(
+        "--markdown", help="also write the table as markdown to this path (default: none)"
+    )
     v.add_argument(
         "--jobs",
         type=int,
@@ -197,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     ck.set_defaults(func=_cmd_check_points)
     sub.add_parser("list", help="list registered kernels").set_defaults(func=_cmd_list)
     pr = sub.add_parser("prove", help="run the derivations' symbolic/numeric checks")
-    pr.add_argument("--slow", action="store_true", help="also the slow checks (minutes)")
+    pr.add_argument(
+        "--slow", action="store_true", help="also the slow checks (minutes; default: off)"
+    )
     pr.set_defaults(func=_cmd_prove)
     return p
 

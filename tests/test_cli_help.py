@@ -6,6 +6,7 @@ import argparse
 
 import pytest
 
+from nmgen.cli import build_parser as build_nmgen_parser
 from torchbridge.cli import build_parser
 
 
@@ -17,12 +18,13 @@ def _commands(parser: argparse.ArgumentParser, prefix: str = "nm"):
                 yield from _commands(child, f"{prefix} {name}")
 
 
-COMMANDS = list(_commands(build_parser()))
+COMMANDS = list(_commands(build_parser())) + list(_commands(build_nmgen_parser(), "nmgen"))
 
 
 def test_every_command_is_walked():
     names = {name for name, _ in COMMANDS}
     assert {"nm table2", "nm fig3", "nm bench floor", "nm bench propagate"} <= names
+    assert {"nmgen verify", "nmgen check-points"} <= names
     assert len(names) > 20
 
 
@@ -32,6 +34,9 @@ def test_every_option_has_help_with_its_default(name, parser):
     missing = []
     for action in parser._actions:
         if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+            continue
+        if not action.option_strings:  # a required positional: needs help, has no default
+            assert action.help, f"{name}: positional {action.dest} has no help"
             continue
         text = formatter._get_help_string(action) if action.help else ""
         if not text.strip() or "default" not in text.lower():
