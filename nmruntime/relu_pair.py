@@ -186,18 +186,24 @@ def _gexp(o, h, k, s, c2):
 def _peak(o, h, k, a, b):
     """(p, w): the maximum of G on [a, b] (θ) and the width of the sinh map there."""
     hk = h * k
-    hh = h * h + k * k
     ah, ak = o.abs(h), o.abs(k)
     big, small = o.maximum(ah, ak), o.minimum(ah, ak)
     ratio = o.where(big > 0, small / o.where(big > 0, big, 1.0), 0.0)
     sg = o.where(hk > 0, 1.0, o.where(hk < 0, -1.0, 0.0))
     ts = sg * ratio  # stationary point of G in t = sin θ: min(|h/k|, |k/h|)·sign(hk)
-    p = o.clip(o.asin(ts), a, b)
+    ps = o.asin(ts)
+    p = o.clip(ps, a, b)
     t = o.sin(p)
     c2 = o.maximum(o.cos(p) ** 2, 1e-300)
-    den = c2 * c2
-    g1 = o.abs(t * hh - hk * (1.0 + t * t)) / den * o.sqrt(c2)
-    g2 = o.abs(hh - 2.0 * hk * t) / den * c2
+    # Completed square (M = max(|h|, |k|)): G = −M²/2 − M² g²/2, g = (sin θ − ts)/cos θ, so
+    # |G'| = M²|t − ts|(1 − ts·t)/cos³θ and G'' ≈ −M²(1 + (t − ts)²/cos²θ), with
+    # t − ts = 2cos((p + ps)/2) sin((p − ps)/2) exactly 0 at an interior peak. (The expanded
+    # forms h² + k² − 2hkt cancel there: at h ≈ −k, ts ≈ −1 they gave a spurious width ~1e-8.)
+    dt = 2.0 * o.cos(0.5 * (p + ps)) * o.sin(0.5 * (p - ps))
+    m2 = big * big
+    one_m_tst = c2 + t * dt  # 1 − ts·t ≥ (1 − |t|) > 0
+    g1 = m2 * o.abs(dt) * one_m_tst / (c2 * o.sqrt(c2))
+    g2 = m2 * (1.0 + dt * dt / c2)
     w = o.maximum(1.0 / (g1 + o.sqrt(g2) + 1.0 / o.maximum(b - a, 1e-300)), 1e-300)
     # the map is a change of variables: its parameters carry no gradient
     return o.stop(p), o.stop(w)
@@ -242,7 +248,11 @@ def _end_piece(o, h, k, va, vb, sign, weight, rule):
     ce2 = o.maximum(o.cos(pe) ** 2, 1e-300)
     slope = -(te * (h * h + k * k) - h * k * (1.0 + te * te)) / (ce2 * te) - 1.0
     far = (slope > 0) & (~inside)
-    pv_peak = o.clip(-o.log(o.maximum(o.cos(pa), 1e-300)), va, vb)
+    # In v the peak of G has the width sv = wd·tan|p| and meets the factor cos θ = e^{−v} of
+    # dθ/dv: e^{−(v − v_p)²/(2sv²) − v} peaks at v_p − sv². A flat θ-peak near |θ| = π/2
+    # (h ≈ −k with h + k ≠ 0: sv ~ 1e8) thus puts the mass at va, not at v_p (7.8e-7 relative).
+    sv = wd * tan
+    pv_peak = o.clip(-o.log(o.maximum(o.cos(pa), 1e-300)) - sv * sv, va, vb)
     pv = o.where(inside, pv_peak, o.where(far, vb, va))
     wv = o.where(inside, w_peak, o.where(far, 1.0 / (1.0 + o.abs(slope)), 1.0 + 0.0 * w_peak))
     pv, wv = o.stop(pv), o.stop(o.maximum(wv, 1e-300))
