@@ -65,7 +65,7 @@ _INV_2PI = 1.0 / (2.0 * math.pi)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _SQRT1_2 = math.sqrt(0.5)
 _HALF_PI = 0.5 * math.pi
-_V_MAX = 40.0
+_V_MAX = 50.0
 
 
 def numpy_ops() -> SimpleNamespace:
@@ -270,8 +270,20 @@ def _end_piece(o, h, k, va, vb, sign, weight, rule):
     return o.matvec(f, w) * (wv * half) * _INV_2PI
 
 
-def _integral(o, h, k, lo, hi, sign, weight, rule):
-    """(1/2π) ∫ over θ ∈ sign·[lo, hi] (0 ≤ lo ≤ hi ≤ π/2) of weight(sin θ) e^{G(θ)} dθ."""
+def _cos_asin(o, x):
+    """cos(asin x) = √((1 − x)(1 + x)) for |x| ≤ 1, relatively accurate near |x| = 1 (where
+    cos(o.asin(x)) is not: asin's rounding near π/2 costs eps/cos relative)."""
+    return o.sqrt((1.0 - x) * (1.0 + x))
+
+
+def _integral(o, h, k, lo, hi, sign, weight, rule, cos_lo=None, cos_hi=None):
+    """(1/2π) ∫ over θ ∈ sign·[lo, hi] (0 ≤ lo ≤ hi ≤ π/2) of weight(sin θ) e^{G(θ)} dθ.
+
+    ``cos_lo``, ``cos_hi``: cos lo and cos hi where the caller has them more accurately than
+    cos(lo) (an end asin ρ with |ρ| near 1: ``_cos_asin``); they place the end part's limits in
+    v = −log cos θ. An end at θ = ±π/2 must pass ``cos_hi`` = 0: cos(fl(π/2)) = 6e-17 put the
+    cut at v = 37.3 instead of ``_V_MAX``, which at h = −k (where e^G does not vanish at π/2)
+    lost 6.5e-12 relative at ρ = −(1 − 1e-10), 6.5e-10 at −(1 − 1e-14)."""
     tc = math.acos(_COS_SPLIT)
     mid_lo = o.minimum(lo, o.full_like(lo, tc))
     mid_hi = o.minimum(hi, o.full_like(hi, tc))
@@ -279,13 +291,18 @@ def _integral(o, h, k, lo, hi, sign, weight, rule):
         inner = _theta_piece(o, h, k, mid_lo, mid_hi, weight, rule)
     else:
         inner = _theta_piece(o, h, k, -mid_hi, -mid_lo, weight, rule)
-    # end part: |θ| in [max(lo, tc), max(hi, tc)], i.e. v = −log cos |θ| ≤ _V_MAX; beyond
-    # _V_MAX (cos θ < 5e-18) the integrand contributes below 1e-17 relative.
+    # end part: |θ| in [max(lo, tc), max(hi, tc)], i.e. v = −log cos |θ| ≤ _V_MAX. Beyond
+    # _V_MAX the integrand (≤ weight·e^{G}·e^{−v}/2π) adds at most e^{−_V_MAX} = 2e-22 times its
+    # value at the end, relative to an integral ≥ that value times cos θ_lo ≥ 1.5e-8 (|ρ| ≤
+    # 1 − 2⁻⁵³): below 1.5e-14 relative even at h = −k, where e^G does not vanish at π/2.
     vmin = -math.log(_COS_SPLIT)
     e_lo = o.maximum(lo, o.full_like(lo, tc))
     e_hi = o.maximum(hi, o.full_like(hi, tc))
-    va = o.maximum(-o.log(o.maximum(o.cos(e_lo), 1e-300)), o.full_like(lo, vmin))
-    vb = o.maximum(-o.log(o.maximum(o.cos(e_hi), 1e-300)), va)
+    # (cos_lo > cos tc where lo < tc: then −log cos_lo < vmin and va = vmin as with e_lo)
+    c_lo = o.cos(e_lo) if cos_lo is None else cos_lo
+    c_hi = o.cos(e_hi) if cos_hi is None else cos_hi
+    va = o.maximum(-o.log(o.maximum(c_lo, 1e-300)), o.full_like(lo, vmin))
+    vb = o.maximum(-o.log(o.maximum(c_hi, 1e-300)), va)
     va = o.minimum(va, o.full_like(va, _V_MAX))
     vb = o.minimum(vb, o.full_like(vb, _V_MAX))
     # G ≈ −d²/(2cos²θ) − ... (d = h − k for θ > 0, h + k for θ < 0) falls off double-
@@ -372,7 +389,17 @@ def _cov_pos(o, h, k, r, rule):
     zero = 0.0 * h
     # ρ − sin θ = (1 − sin θ) − (1 − ρ) = cos²θ/(1 + sin θ) − (1 − ρ): exact near ρ = 1
     omr = (1.0 - r)[..., None]
-    j = _integral(o, h, k, zero, o.asin(r), +1, lambda s, c2: c2 / (1.0 + s) - omr, rule)
+    j = _integral(
+        o,
+        h,
+        k,
+        zero,
+        o.asin(r),
+        +1,
+        lambda s, c2: c2 / (1.0 + s) - omr,
+        rule,
+        cos_hi=_cos_asin(o, r),
+    )
     j = tail_or(o, h, k, r, zero, "gap", rule, j)  # interior peaks: pair_tail.gauss_integral
     return r * _ncdf(o, h) * _ncdf(o, k) + j
 
@@ -385,8 +412,11 @@ def _cov_neg(o, h, k, r, rule, bvn=None):
     ar = o.abs(r)
     t_end = o.asin(ar)
     zero = 0.0 * h
-    j_a = _integral(o, h, k, t_end, zero + _HALF_PI, -1, lambda s, c2: 1.0 + 0.0 * s, rule)
-    j_b = _integral(o, h, k, zero, t_end, -1, lambda s, c2: o.abs(s), rule)
+    c_end = _cos_asin(o, ar)
+    j_a = _integral(
+        o, h, k, t_end, zero + _HALF_PI, -1, lambda s, c2: 1.0 + 0.0 * s, rule, c_end, zero
+    )
+    j_b = _integral(o, h, k, zero, t_end, -1, lambda s, c2: o.abs(s), rule, cos_hi=c_end)
     # joint tail (hk > 0): the exact inversion of G (nmruntime/pair_tail.py) keeps 1e-13
     j_a = tail_or(o, h, k, r, zero - 1.0, "one", rule, j_a)
     j_b = tail_or(o, h, k, zero, r, "abs", rule, j_b)
@@ -785,7 +815,18 @@ def _cross_neg(o, h, k, hc, kc, r, rule):
     # ∫_{−π/2}^{asin ρ} (ρ − sin θ) e^G = ∫ over |θ| ∈ [|asin ρ|, π/2] of (|sin θ| − |ρ|) e^G
     # |sin θ| − |ρ| = (1 − |ρ|) − cos²θ/(1 + |sin θ|): exact near |ρ| = 1
     omr = (1.0 - ar)[..., None]
-    j = _integral(o, hc, kc, t_end, half_pi, -1, lambda s, c2: omr - c2 / (1.0 + o.abs(s)), rule)
+    j = _integral(
+        o,
+        hc,
+        kc,
+        t_end,
+        half_pi,
+        -1,
+        lambda s, c2: omr - c2 / (1.0 + o.abs(s)),
+        rule,
+        cos_lo=_cos_asin(o, ar),
+        cos_hi=0.0 * ar,
+    )
     j = tail_or(o, hc, kc, r, 0.0 * r - 1.0, "gap", rule, j)
     return _cross_minus_one(o, h, k, rule) + (1.0 - ar) * lval + j
 
