@@ -78,13 +78,6 @@ def _near_minus_one(*args: float) -> bool:
     return args[-1] < -(1 - 1e-5)
 
 
-def _antisymmetric_near_minus_one(m1: float, m2: float, s1: float, s2: float, r: float) -> bool:
-    if not (s1 > 0 and s2 > 0 and -1.0 < r < -(1 - 1e-5)):
-        return False
-    h, k = m1 / s1, m2 / s2
-    return abs(h + k) <= 1e-3 and abs(h) >= 0.1
-
-
 #: Known-hard regions (issue #10): never hidden by a looser global tolerance; each is printed
 #: with the accuracy its points reach and the row fails if one of them gets worse.
 KNOWN_HARD: tuple[KnownHard, ...] = (
@@ -94,14 +87,6 @@ KNOWN_HARD: tuple[KnownHard, ...] = (
         "lower tail min(h, k) ≤ −3: Φ2 is computed to absolute (not relative) accuracy",
         _bvn_lower_tail,
         2e103,
-    ),
-    KnownHard(
-        "relu_cross_moment",
-        ("float64",),
-        "h ≈ −k (|h + k| ≤ 1e-3, |h| ≥ 0.1), −1 < ρ < −(1 − 1e-5): the θ-rule near t = −1, where "
-        "φ2 ~ 1/√(1 + t) and the Gaussian substitution does not apply (√(h² − k²) < 0.25)",
-        _antisymmetric_near_minus_one,
-        2e-6,
     ),
     KnownHard(
         "relu_cross_moment",
