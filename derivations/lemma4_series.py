@@ -548,3 +548,43 @@ def series_program(
         Phi(mu2 / s2) * Phi(h1) + sg * sp.erfc(y) * sp.erfc(b2) / 4 - sg * t2 / (2 * sp.sqrt(sp.pi))
     )
     return tuple(lets1), e1, tuple(lets2), e2
+
+
+# ----------------------------------------------------------------------------- conditioning
+
+
+def _magnitude_expr(e: sp.Expr) -> sp.Expr:
+    """``e`` with every sum replaced by the sum of its terms' absolute values (recursively
+    through products and positive integer powers; arguments of functions, divisors and roots
+    are left as they are: their own rounding is relative)."""
+    if e.is_Add:
+        return sp.Add(*[sp.Abs(_magnitude_expr(a)) for a in e.args], evaluate=False)
+    if e.is_Mul:
+        return sp.Mul(*[_magnitude_expr(a) for a in e.args], evaluate=False)
+    if e.is_Pow and e.exp.is_Integer and e.exp > 0:
+        return sp.Pow(_magnitude_expr(e.base), e.exp, evaluate=False)
+    return e
+
+
+@lru_cache(maxsize=64)
+def _magnitude_funcs(terms: int) -> tuple[Callable, Callable]:
+    return tuple(
+        sp.lambdify(SYMBOLS, _magnitude_expr(e), modules=_MP_MODULES)
+        for e in _branch_exprs(terms, False)
+    )
+
+
+def series_magnitude(
+    mu1: float, mu2: float, s1: float, s2: float, rho: float, terms: int, dps: int = 20
+) -> mpmath.mpf:
+    """Σ|terms| of the truncated series of Eq. 1 (the branch ``evaluate_series`` picks), at
+    ``dps`` digits: every sum of the rearranged form ``series_branches`` taken with the absolute
+    values of its terms. Floating-point evaluation of the series cannot promise better than
+    about eps·Σ|terms| absolute error; Σ|terms|/|value| is its condition number (large where the
+    truncated series is nearly 0 by cancellation, e.g. 1 term at μ = 0, ρ = −0.999)."""
+    branch = 1 if 2 * rho * rho <= 1 else 2
+    f = _magnitude_funcs(terms)[branch - 1]
+    with mpmath.workdps(dps + 10):
+        val = abs(f(*[mpmath.mpf(v) for v in (mu1, mu2, s1, s2, rho)]))
+    with mpmath.workdps(dps):
+        return +val

@@ -151,6 +151,12 @@ def relu_cross_moment_ref(
         try:  # relative certification (issue #10): no absolute floor
             val = _quad(integrand, pts, dps + 2, factor=mp.npdf(t0))
         except ReferenceError:
+            if s1 > 0 and s2 > 0 and abs(rho) == 1:
+                # |ρ| = 1: the one-dimensional integrals of the definition in closed form
+                # (a value that is exactly 0, e.g. ρ = −1 with h + k < 0, cannot certify
+                # relative digits by quadrature)
+                e, _ = standard_pair_closed_form(mu1 / s1, mu2 / s2, rho, dps + 30)
+                return +(s1 * s2 * e)
             if not (s1 > 0 and s2 > 0 and abs(rho) < 1):
                 raise
             try:  # 30 guard digits first: Φ2 at dps + 60 digits costs ~70x more

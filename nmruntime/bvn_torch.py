@@ -11,8 +11,8 @@ Forward: the Gauss-Legendre scheme of [DW1990]_ as refined by [Genz2004]_ (re-de
 
       Φ2 = B(h, k; σ) − σ J,   J = (1/2π) ∫_0^a exp(−b²/(2x²) − hκ/(1 + √(1−x²)))/√(1−x²) dx,
 
-  where B = Φ(min(h, k)) for σ = 1 and max(0, Φ(min(h, k)) − Φ(−max(h, k))) for σ = −1 (the
-  |ρ| = 1 limits). The factor exp(−hκ/(1+t))/t is replaced by its expansion
+  where B = Φ(min(h, k)) for σ = 1 and P(−max(h, k) < Z < min(h, k)) for σ = −1 (the
+  |ρ| = 1 limits; the interval probability without cancellation, ``interval_prob``). The factor exp(−hκ/(1+t))/t is replaced by its expansion
   e^{−hκ/2}(1 + c x² + c d x⁴), c = (4 − hκ)/8, d = (12 − hκ)/16, whose integral against
   exp(−b²/(2x²)) is done in closed form (with Φ(−b/a)); the small smooth remainder is
   integrated with the 20-point rule.
@@ -54,7 +54,7 @@ from torch import Tensor
 
 from nmruntime.torch_support import sync_free
 
-__all__ = ["bvn_cdf"]
+__all__ = ["bvn_cdf", "interval_prob"]
 
 Rule = tuple[Sequence[float], Sequence[float]]
 
@@ -111,6 +111,29 @@ def _ndtr(x: Tensor) -> Tensor:
     """Φ(x) = erfc(−x/√2)/2 (``torch.special.ndtr`` uses 1 + erf and underflows to 0 for
     x < −8.3 in float64, e.g. it returns 0 for Φ(−10) = 7.6e-24)."""
     return 0.5 * torch.special.erfc(x * -_SQRT1_2)
+
+
+def interval_prob(a: Tensor, b: Tensor) -> Tensor:
+    """P(a < Z < b) for Z standard normal (0 where b ≤ a), same dtype/device, relatively
+    accurate; no data-dependent control flow. The NumPy twin
+    ``nmruntime.bvn_numpy.interval_prob`` states the forms and their error bound."""
+    from nmgen.generated.gauss_legendre import RULES
+
+    from nmruntime.bvn_numpy import NARROW_RULE
+
+    x, w = (torch.tensor(v, dtype=a.dtype, device=a.device) for v in RULES[NARROW_RULE])
+    m = 0.5 * a + 0.5 * b
+    d = 0.5 * b - 0.5 * a
+    erfc, erf = torch.special.erfc, torch.special.erf
+    up = 0.5 * (erfc(a * _SQRT1_2) - erfc(b * _SQRT1_2))
+    dn = 0.5 * (erfc(b * -_SQRT1_2) - erfc(a * -_SQRT1_2))
+    mid = 0.5 * (erf(b * _SQRT1_2) - erf(a * _SQRT1_2))
+    wide = torch.where(a >= 0, up, torch.where(b <= 0, dn, mid))
+    narrow_ok = d * (m.abs() + 1.0) <= 1.0
+    dx = torch.where(narrow_ok, d, 0.0).unsqueeze(-1) * x
+    f = torch.exp(-dx * (m.unsqueeze(-1) + 0.5 * dx))
+    narrow = d * torch.exp(-0.5 * m * m) * _INV_SQRT_2PI * (f @ w)
+    return torch.where(b <= a, 0.0, torch.where(narrow_ok, narrow, wide))
 
 
 def _exp_(t: Tensor) -> Tensor:
@@ -195,9 +218,10 @@ def _forward(h: Tensor, k: Tensor, r: Tensor, rules: tuple[Rule, Rule, Rule]) ->
     kc = k.clamp(-_CLIP, _CLIP)
     ph, pk = _ndtr(hc), _ndtr(kc)
     # Fréchet bounds max(0, Φ(h) + Φ(k) − 1) <= Φ2 <= Φ(min(h, k)) (the ρ = ∓1 values); at
-    # |ρ| = 1 they are the result. Φ(min(h, k)) = min(Φ(h), Φ(k)) (Φ is monotone).
+    # |ρ| = 1 they are the result. Φ(min(h, k)) = min(Φ(h), Φ(k)) (Φ is monotone); the lower
+    # one is P(−max(h, k) < Z < min(h, k)), formed without cancellation.
     upper = torch.minimum(ph, pk)
-    lower = (upper - _ndtr(-torch.maximum(hc, kc))).clamp_min_(0.0)
+    lower = interval_prob(-torch.maximum(hc, kc), torch.minimum(hc, kc))
     ar = r.abs()
     if sync_free(h):
         out = _forward_sync_free(hc, kc, r, ar, rules, ph, pk, upper, lower)

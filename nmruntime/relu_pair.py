@@ -65,7 +65,7 @@ _INV_2PI = 1.0 / (2.0 * math.pi)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _SQRT1_2 = math.sqrt(0.5)
 _HALF_PI = 0.5 * math.pi
-_V_MAX = 40.0
+_V_MAX = 50.0
 
 
 def numpy_ops() -> SimpleNamespace:
@@ -186,18 +186,24 @@ def _gexp(o, h, k, s, c2):
 def _peak(o, h, k, a, b):
     """(p, w): the maximum of G on [a, b] (θ) and the width of the sinh map there."""
     hk = h * k
-    hh = h * h + k * k
     ah, ak = o.abs(h), o.abs(k)
     big, small = o.maximum(ah, ak), o.minimum(ah, ak)
     ratio = o.where(big > 0, small / o.where(big > 0, big, 1.0), 0.0)
     sg = o.where(hk > 0, 1.0, o.where(hk < 0, -1.0, 0.0))
     ts = sg * ratio  # stationary point of G in t = sin θ: min(|h/k|, |k/h|)·sign(hk)
-    p = o.clip(o.asin(ts), a, b)
+    ps = o.asin(ts)
+    p = o.clip(ps, a, b)
     t = o.sin(p)
     c2 = o.maximum(o.cos(p) ** 2, 1e-300)
-    den = c2 * c2
-    g1 = o.abs(t * hh - hk * (1.0 + t * t)) / den * o.sqrt(c2)
-    g2 = o.abs(hh - 2.0 * hk * t) / den * c2
+    # Completed square (M = max(|h|, |k|)): G = −M²/2 − M² g²/2, g = (sin θ − ts)/cos θ, so
+    # |G'| = M²|t − ts|(1 − ts·t)/cos³θ and G'' ≈ −M²(1 + (t − ts)²/cos²θ), with
+    # t − ts = 2cos((p + ps)/2) sin((p − ps)/2) exactly 0 at an interior peak. (The expanded
+    # forms h² + k² − 2hkt cancel there: at h ≈ −k, ts ≈ −1 they gave a spurious width ~1e-8.)
+    dt = 2.0 * o.cos(0.5 * (p + ps)) * o.sin(0.5 * (p - ps))
+    m2 = big * big
+    one_m_tst = c2 + t * dt  # 1 − ts·t ≥ (1 − |t|) > 0
+    g1 = m2 * o.abs(dt) * one_m_tst / (c2 * o.sqrt(c2))
+    g2 = m2 * (1.0 + dt * dt / c2)
     w = o.maximum(1.0 / (g1 + o.sqrt(g2) + 1.0 / o.maximum(b - a, 1e-300)), 1e-300)
     # the map is a change of variables: its parameters carry no gradient
     return o.stop(p), o.stop(w)
@@ -242,7 +248,11 @@ def _end_piece(o, h, k, va, vb, sign, weight, rule):
     ce2 = o.maximum(o.cos(pe) ** 2, 1e-300)
     slope = -(te * (h * h + k * k) - h * k * (1.0 + te * te)) / (ce2 * te) - 1.0
     far = (slope > 0) & (~inside)
-    pv_peak = o.clip(-o.log(o.maximum(o.cos(pa), 1e-300)), va, vb)
+    # In v the peak of G has the width sv = wd·tan|p| and meets the factor cos θ = e^{−v} of
+    # dθ/dv: e^{−(v − v_p)²/(2sv²) − v} peaks at v_p − sv². A flat θ-peak near |θ| = π/2
+    # (h ≈ −k with h + k ≠ 0: sv ~ 1e8) thus puts the mass at va, not at v_p (7.8e-7 relative).
+    sv = wd * tan
+    pv_peak = o.clip(-o.log(o.maximum(o.cos(pa), 1e-300)) - sv * sv, va, vb)
     pv = o.where(inside, pv_peak, o.where(far, vb, va))
     wv = o.where(inside, w_peak, o.where(far, 1.0 / (1.0 + o.abs(slope)), 1.0 + 0.0 * w_peak))
     pv, wv = o.stop(pv), o.stop(o.maximum(wv, 1e-300))
@@ -260,8 +270,20 @@ def _end_piece(o, h, k, va, vb, sign, weight, rule):
     return o.matvec(f, w) * (wv * half) * _INV_2PI
 
 
-def _integral(o, h, k, lo, hi, sign, weight, rule):
-    """(1/2π) ∫ over θ ∈ sign·[lo, hi] (0 ≤ lo ≤ hi ≤ π/2) of weight(sin θ) e^{G(θ)} dθ."""
+def _cos_asin(o, x):
+    """cos(asin x) = √((1 − x)(1 + x)) for |x| ≤ 1, relatively accurate near |x| = 1 (where
+    cos(o.asin(x)) is not: asin's rounding near π/2 costs eps/cos relative)."""
+    return o.sqrt((1.0 - x) * (1.0 + x))
+
+
+def _integral(o, h, k, lo, hi, sign, weight, rule, cos_lo=None, cos_hi=None):
+    """(1/2π) ∫ over θ ∈ sign·[lo, hi] (0 ≤ lo ≤ hi ≤ π/2) of weight(sin θ) e^{G(θ)} dθ.
+
+    ``cos_lo``, ``cos_hi``: cos lo and cos hi where the caller has them more accurately than
+    cos(lo) (an end asin ρ with |ρ| near 1: ``_cos_asin``); they place the end part's limits in
+    v = −log cos θ. An end at θ = ±π/2 must pass ``cos_hi`` = 0: cos(fl(π/2)) = 6e-17 put the
+    cut at v = 37.3 instead of ``_V_MAX``, which at h = −k (where e^G does not vanish at π/2)
+    lost 6.5e-12 relative at ρ = −(1 − 1e-10), 6.5e-10 at −(1 − 1e-14)."""
     tc = math.acos(_COS_SPLIT)
     mid_lo = o.minimum(lo, o.full_like(lo, tc))
     mid_hi = o.minimum(hi, o.full_like(hi, tc))
@@ -269,13 +291,18 @@ def _integral(o, h, k, lo, hi, sign, weight, rule):
         inner = _theta_piece(o, h, k, mid_lo, mid_hi, weight, rule)
     else:
         inner = _theta_piece(o, h, k, -mid_hi, -mid_lo, weight, rule)
-    # end part: |θ| in [max(lo, tc), max(hi, tc)], i.e. v = −log cos |θ| ≤ _V_MAX; beyond
-    # _V_MAX (cos θ < 5e-18) the integrand contributes below 1e-17 relative.
+    # end part: |θ| in [max(lo, tc), max(hi, tc)], i.e. v = −log cos |θ| ≤ _V_MAX. Beyond
+    # _V_MAX the integrand (≤ weight·e^{G}·e^{−v}/2π) adds at most e^{−_V_MAX} = 2e-22 times its
+    # value at the end, relative to an integral ≥ that value times cos θ_lo ≥ 1.5e-8 (|ρ| ≤
+    # 1 − 2⁻⁵³): below 1.5e-14 relative even at h = −k, where e^G does not vanish at π/2.
     vmin = -math.log(_COS_SPLIT)
     e_lo = o.maximum(lo, o.full_like(lo, tc))
     e_hi = o.maximum(hi, o.full_like(hi, tc))
-    va = o.maximum(-o.log(o.maximum(o.cos(e_lo), 1e-300)), o.full_like(lo, vmin))
-    vb = o.maximum(-o.log(o.maximum(o.cos(e_hi), 1e-300)), va)
+    # (cos_lo > cos tc where lo < tc: then −log cos_lo < vmin and va = vmin as with e_lo)
+    c_lo = o.cos(e_lo) if cos_lo is None else cos_lo
+    c_hi = o.cos(e_hi) if cos_hi is None else cos_hi
+    va = o.maximum(-o.log(o.maximum(c_lo, 1e-300)), o.full_like(lo, vmin))
+    vb = o.maximum(-o.log(o.maximum(c_hi, 1e-300)), va)
     va = o.minimum(va, o.full_like(va, _V_MAX))
     vb = o.minimum(vb, o.full_like(vb, _V_MAX))
     # G ≈ −d²/(2cos²θ) − ... (d = h − k for θ > 0, h + k for θ < 0) falls off double-
@@ -362,35 +389,49 @@ def _cov_pos(o, h, k, r, rule):
     zero = 0.0 * h
     # ρ − sin θ = (1 − sin θ) − (1 − ρ) = cos²θ/(1 + sin θ) − (1 − ρ): exact near ρ = 1
     omr = (1.0 - r)[..., None]
-    j = _integral(o, h, k, zero, o.asin(r), +1, lambda s, c2: c2 / (1.0 + s) - omr, rule)
+    j = _integral(
+        o,
+        h,
+        k,
+        zero,
+        o.asin(r),
+        +1,
+        lambda s, c2: c2 / (1.0 + s) - omr,
+        rule,
+        cos_hi=_cos_asin(o, r),
+    )
     j = tail_or(o, h, k, r, zero, "gap", rule, j)  # interior peaks: pair_tail.gauss_integral
     return r * _ncdf(o, h) * _ncdf(o, k) + j
 
 
-def _cov_neg(o, h, k, r, rule, bvn=None):
+def _cov_neg(o, h, k, r, rule):
     """ρ < 0: −[|ρ| Φ2(h, k; ρ) + (1/2π)∫_{asin ρ}^0 |sin θ| e^G], with Φ2 = L +
-    (1/2π)∫_{−π/2}^{asin ρ} e^G (positive terms) where h + k < −4, where that integrand decays
-    fast at θ = −π/2, and the backend's Φ2 (``bvn``, accurate to a few eps) elsewhere, where
-    e^{−(h+k)²/(2cos²θ)} is too flat at −π/2 for the rule."""
+    (1/2π)∫_{−π/2}^{asin ρ} e^G (positive terms) for every h, k. (Until the end part was split
+    at cos θ = |h + k| and cut at ``_V_MAX``, the backend's Φ2 was used where h + k ≥ −4; in
+    NumPy that Φ2 (Owen's T) is accurate only absolutely: 1.2e-11 relative on the covariance at
+    (h, k, ρ) = (5.62, −6.88, −0.087), up to 1.5e-6 on seeded draws; the quadrature reaches
+    3.6e-15 there.)"""
     ar = o.abs(r)
     t_end = o.asin(ar)
     zero = 0.0 * h
-    j_a = _integral(o, h, k, t_end, zero + _HALF_PI, -1, lambda s, c2: 1.0 + 0.0 * s, rule)
-    j_b = _integral(o, h, k, zero, t_end, -1, lambda s, c2: o.abs(s), rule)
+    c_end = _cos_asin(o, ar)
+    j_a = _integral(
+        o, h, k, t_end, zero + _HALF_PI, -1, lambda s, c2: 1.0 + 0.0 * s, rule, c_end, zero
+    )
+    j_b = _integral(o, h, k, zero, t_end, -1, lambda s, c2: o.abs(s), rule, cos_hi=c_end)
     # joint tail (hk > 0): the exact inversion of G (nmruntime/pair_tail.py) keeps 1e-13
     j_a = tail_or(o, h, k, r, zero - 1.0, "one", rule, j_a)
     j_b = tail_or(o, h, k, zero, r, "abs", rule, j_b)
     p2 = _interval_prob(o, h, k, rule) + j_a
-    if bvn is not None:
-        p2 = o.where(h + k < -4.0, p2, bvn(h, k, r))
     return -(ar * p2 + j_b)
 
 
 def _cov_core(o, h, k, r, rule, bvn=None):
-    """C(h, k, ρ) without the reflection (any h, k; |ρ| ≤ 1), 1-D inputs."""
+    """C(h, k, ρ) without the reflection (any h, k; |ρ| ≤ 1), 1-D inputs. ``bvn`` is not used
+    (every route is the quadrature, see ``_cov_neg``); it is accepted for the callers."""
     pos = r >= 0
     return _on(pos, lambda *a: _cov_pos(o, *a, rule), h, k, r, safe=(0.0, 0.0, 0.5)) + _on(
-        ~pos, lambda *a: _cov_neg(o, *a, rule, bvn), h, k, r, safe=(0.0, 0.0, -0.5)
+        ~pos, lambda *a: _cov_neg(o, *a, rule), h, k, r, safe=(0.0, 0.0, -0.5)
     )
 
 
@@ -775,7 +816,18 @@ def _cross_neg(o, h, k, hc, kc, r, rule):
     # ∫_{−π/2}^{asin ρ} (ρ − sin θ) e^G = ∫ over |θ| ∈ [|asin ρ|, π/2] of (|sin θ| − |ρ|) e^G
     # |sin θ| − |ρ| = (1 − |ρ|) − cos²θ/(1 + |sin θ|): exact near |ρ| = 1
     omr = (1.0 - ar)[..., None]
-    j = _integral(o, hc, kc, t_end, half_pi, -1, lambda s, c2: omr - c2 / (1.0 + o.abs(s)), rule)
+    j = _integral(
+        o,
+        hc,
+        kc,
+        t_end,
+        half_pi,
+        -1,
+        lambda s, c2: omr - c2 / (1.0 + o.abs(s)),
+        rule,
+        cos_lo=_cos_asin(o, ar),
+        cos_hi=0.0 * ar,
+    )
     j = tail_or(o, hc, kc, r, 0.0 * r - 1.0, "gap", rule, j)
     return _cross_minus_one(o, h, k, rule) + (1.0 - ar) * lval + j
 
