@@ -442,9 +442,9 @@ def _cov_closed(o, h, k, r, bvn):
 
 
 #: Mehler series: terms evaluated, and the |ρ|, |h|, |k| and |ρ|(h² + k²) where it is tried.
-_MEHLER_TERMS = 80
+_MEHLER_TERMS = 81
 #: Terms of the first, short pass on eager CPU (see ``_cov_general``).
-_MEHLER_SHORT = 32
+_MEHLER_SHORT = 33
 _MEHLER_RHO = 0.8
 _MEHLER_HK = 38.5
 #: |ρ|(h² + k²) ≤ _MEHLER_SPREAD keeps every scaled term below e^{60}·(a few): finite in float32
@@ -452,8 +452,43 @@ _MEHLER_HK = 38.5
 _MEHLER_SPREAD = 120.0
 
 
-def _cov_mehler(o, h, k, r, eps_ratio, eps, terms=_MEHLER_TERMS):
-    """(C by Mehler's expansion, accepted) for |ρ| ≤ 0.8 (no transcendental in the loop).
+#: The long pass (eager CPU only, on the elements the 80-term series and the closed form
+#: leave): more terms and a wider |ρ| (Mehler's series converges for every |ρ| < 1), accepted
+#: only where, besides the tests above, Cramér's bound puts the whole neglected tail below
+#: eps·|C| (``_cramer_tail_ok``). On `nm bench floor`'s p = 1024 problem it takes 94% of the
+#: 9,439 pairs that reached the quadrature (whose cost was 17 µs per pair, 1 thread).
+_MEHLER_LONG_TERMS = 401
+_MEHLER_LONG_RHO = 0.95
+#: Cramér's inequality: |He_n(x)| e^{−x²/4} ≤ K √(n!) for every real x and n ≥ 0
+#: (Abramowitz & Stegun 22.14.17, K < 1.086435 for the physicists' H_n, with He_n(x) =
+#: 2^{−n/2} H_n(x/√2)).
+_CRAMER_K = 1.086435
+
+
+def _cramer_tail_ok(o, h, k, r, c, terms, eps):
+    """Mask where Mehler's tail after ``terms`` terms is provably below eps·|C|.
+
+    |u_m(x)| ≤ K e^{x²/4} (Cramér), so Σ_{m ≥ T} |ρ|^{m+2} |u_m(h) u_m(k)|/((m + 1)(m + 2))
+    ≤ K² e^{(h² + k²)/4} |ρ|^{T+2}/((T + 1)(T + 2)(1 − |ρ|)), and with the factor φ(h)φ(k)
+    the neglected part of C is at most K²/(2π) e^{−(h² + k²)/4} |ρ|^{T+2}/((T + 1)(T + 2)(1 − |ρ|)).
+    Tested in logs (|C| below the smallest normal counts as that number).
+    """
+    ar = o.minimum(o.abs(r), 1.0 - 1e-3)
+    hh = h * h + k * k
+    log_tail = (
+        2.0 * math.log(_CRAMER_K)
+        - math.log(2.0 * math.pi)
+        - 0.25 * hh
+        + (terms + 2.0) * o.log(o.maximum(ar, 1e-300))
+        - math.log((terms + 1.0) * (terms + 2.0))
+        - o.log(1.0 - ar)
+    )
+    tiny = _TINY_NORMAL[eps < 1e-10]
+    return log_tail < o.log(eps * o.maximum(o.abs(c), tiny + 0.0 * c))
+
+
+def _cov_mehler(o, h, k, r, eps_ratio, eps, terms=_MEHLER_TERMS, rho_max=_MEHLER_RHO):
+    """(C by Mehler's expansion, accepted) for |ρ| ≤ ``rho_max`` (no transcendental in the loop).
 
     Cov[f(Z1), g(Z2)] = Σ_{n≥1} ρⁿ/n! E[f⁽ⁿ⁾(Z)] E[g⁽ⁿ⁾(Z)] with f = relu(h + ·):
     E f' = Φ(h), E f⁽ⁿ⁾ = (−1)ⁿ He_{n−2}(h) φ(h) (n ≥ 2), so
@@ -471,7 +506,7 @@ def _cov_mehler(o, h, k, r, eps_ratio, eps, terms=_MEHLER_TERMS):
     ar = o.abs(r)
     hh = h * h + k * k
     dom = (
-        (ar <= _MEHLER_RHO)
+        (ar <= rho_max)
         & (o.abs(h) <= _MEHLER_HK)
         & (o.abs(k) <= _MEHLER_HK)
         & (ar * hh <= _MEHLER_SPREAD)
@@ -484,20 +519,7 @@ def _cov_mehler(o, h, k, r, eps_ratio, eps, terms=_MEHLER_TERMS):
     a = o.sqrt(o.maximum(ar, 1e-300))  # > 0: a finite derivative at ρ = 0
     ah = a * h
     sak = o.where(r < 0, -a, a) * k
-    vh0, vk0 = 1.0 + 0.0 * h, 1.0 + 0.0 * k
-    vh1, vk1 = ah, sak
-    t = 0.5 + 0.0 * h
-    total, mag = t, t
-    t_prev = t
-    for m in range(1, terms):
-        t_prev = t
-        t = vh1 * vk1 * (1.0 / ((m + 1) * (m + 2)))
-        total = total + t
-        mag = mag + o.abs(t)
-        c1 = 1.0 / math.sqrt(m + 1)
-        c0 = math.sqrt(m) * c1
-        vh0, vh1 = vh1, ah * vh1 * c1 - ar * vh0 * c0
-        vk0, vk1 = vk1, sak * vk1 * c1 - ar * vk0 * c0
+    total, mag, t, t_prev = _mehler_sums(o, ah, sak, ar, terms)
     s = 0.5 * ar * hh
     scale = o.exp(-s)
     pp = (r * r) * o.exp(s - 0.5 * hh) * _INV_2PI
@@ -513,6 +535,66 @@ def _cov_mehler(o, h, k, r, eps_ratio, eps, terms=_MEHLER_TERMS):
     floor = o.maximum(ac, tiny + 0.0 * ac)
     ok = dom & (err < eps_ratio * eps * floor) & (tail < eps * floor) & (err < ac)
     return c, ok
+
+
+def _mehler_coef(m0: int, count: int) -> list[tuple[float, float, float]]:
+    """(1/((m + 1)(m + 2)), 1/√(m + 1), √m/√(m + 1)) for m = m0, …, m0 + count − 1."""
+    out = []
+    for m in range(m0, m0 + count):
+        c1 = 1.0 / math.sqrt(m + 1)
+        out.append((1.0 / ((m + 1) * (m + 2)), c1, math.sqrt(m) * c1))
+    return out
+
+
+def _mehler_steps(ah, sak, ar, vh0, vh1, vk0, vk1, total, mag, t, t_prev, coef):
+    """``len(coef)`` steps of Mehler's loop (see ``_cov_mehler``): adds the terms
+    v_m(h) v_m(k)/((m + 1)(m + 2)) and advances the three-term recurrences. ``coef``: rows of
+    ``_mehler_coef`` (floats, or a ``count x 3`` tensor for the compiled block)."""
+    for row in range(len(coef)):
+        q, c1, c0 = coef[row][0], coef[row][1], coef[row][2]
+        t_prev = t
+        t = vh1 * vk1 * q
+        total = total + t
+        mag = mag + t.abs()
+        vh0, vh1 = vh1, ah * vh1 * c1 - ar * vh0 * c0
+        vk0, vk1 = vk1, sak * vk1 * c1 - ar * vk0 * c0
+    return vh0, vh1, vk0, vk1, total, mag, t, t_prev
+
+
+#: Steps per call of the compiled Mehler block (``_mehler_sums`` with ``compiled_bulk``).
+_MEHLER_BLOCK = 8
+
+
+def _mehler_sums(o, ah, sak, ar, terms: int):
+    """(Σ terms, Σ |terms|, last term, the one before) of Mehler's scaled series.
+
+    Eager: one elementwise pass per operation and step. With
+    ``nmruntime.torch_support.compiled_bulk`` on (eager CPU tensors without autograd), the
+    steps run in compiled blocks of ``_MEHLER_BLOCK`` (one fused pass over memory each; the
+    step's constants enter as a tensor, so one compiled block serves every m).
+    """
+    t = 0.5 + 0.0 * ah
+    state = (1.0 + 0.0 * ah, ah, 1.0 + 0.0 * sak, sak, t, t, t, t)
+    m = 1
+    block = _compiled_block(ah)
+    if block is not None:
+        import torch
+
+        while terms - m >= _MEHLER_BLOCK:
+            coef = torch.tensor(_mehler_coef(m, _MEHLER_BLOCK), dtype=ah.dtype)
+            state = block(ah, sak, ar, *state, coef)
+            m += _MEHLER_BLOCK
+    state = _mehler_steps(ah, sak, ar, *state, _mehler_coef(m, terms - m))
+    return state[4], state[5], state[6], state[7]
+
+
+def _compiled_block(x):
+    """The compiled Mehler block for ``x``'s kind, or None (NumPy, autograd, sync-free, off)."""
+    if isinstance(x, np.ndarray):
+        return None
+    from nmruntime.torch_support import compiled
+
+    return compiled(x, "mehler", _mehler_steps)
 
 
 #: The smallest normal number (float64, float32), keyed by "float64 or not" through eps.
@@ -598,19 +680,54 @@ def _cov_hybrid(o, h, k, r, rule, bvn, eps_ratio, bvn_slow=None, eps=2.0**-52):
     return o.where(cheap, v_cheap, rest)
 
 
+#: Elements per closed-form evaluation on eager CPU: its ~40 elementwise passes stay in
+#: cache, while the routes after it (Mehler's series, the quadrature: many short passes, each
+#: with a fixed per-call cost) run once on all the elements the closed form leaves.
+_BULK_SLICE = 1 << 16
+
+
+def _sliced(size: int, fn, o, *args):
+    """``fn(o, *args)`` (a tuple of 1-D arrays) in slices of ``size`` elements (0: at once)."""
+    n = args[0].shape[0]
+    if size <= 0 or n <= size:
+        return fn(o, *args[:3], *args[3:])
+    parts = [fn(o, *(v[a : a + size] for v in args[:3]), *args[3:]) for a in range(0, n, size)]
+    cat = np.concatenate if isinstance(args[0], np.ndarray) else _torch_cat
+    return tuple(cat([part[i] for part in parts]) for i in range(len(parts[0])))
+
+
+def _torch_cat(vs):
+    import torch
+
+    return torch.cat(vs)
+
+
 def _cov_general(o, h, k, r, rule, bvn, eps_ratio, bvn_slow, eps):
     """C by the closed form, Mehler's series or the quadrature (see ``_cov_hybrid``)."""
     bvn_slow = bvn if bvn_slow is None else bvn_slow
     moderate = (o.abs(r) <= 0.99) & (h > -6.0) & (k > -6.0) & (h < 8.0) & (k < 8.0)
     z = 0.0 * h
     hm, km, rm = o.where(moderate, h, z), o.where(moderate, k, z), o.where(moderate, r, z)
-    c, bound = _cov_closed(o, hm, km, rm, bvn)
+    c, bound = _sliced(_BULK_SLICE if not sync_free(h) else 0, _cov_closed, o, hm, km, rm, bvn)
     ok = moderate & (bound < eps_ratio * o.abs(c))
 
     def series_or_quadrature(h, k, r, terms=_MEHLER_TERMS):
-        cm, good = _cov_mehler(o, h, k, r, eps_ratio, eps, terms)
+        if terms > _MEHLER_TERMS:  # the long pass: Cramér's tail bound as well
+            cm, good = _cov_mehler(o, h, k, r, eps_ratio, eps, terms, _MEHLER_LONG_RHO)
+            good = good & _cramer_tail_ok(o, h, k, r, cm, terms, eps)
+        else:
+            cm, good = _cov_mehler(o, h, k, r, eps_ratio, eps, terms)
         if terms < _MEHLER_TERMS:  # the elements not yet converged: the full series next
             rest = _on(~good, series_or_quadrature, h, k, r, safe=(0.0, 0.0, 0.5))
+        elif terms == _MEHLER_TERMS < _MEHLER_LONG_TERMS and not sync_free(h):  # eager: long pass
+            rest = _on(
+                ~good,
+                lambda *a: series_or_quadrature(*a, _MEHLER_LONG_TERMS),
+                h,
+                k,
+                r,
+                safe=(0.0, 0.0, 0.5),
+            )
         else:
             rest = _on(~good, lambda *a: _cov_std(o, *a, rule, bvn_slow), h, k, r, safe=(0, 0, 0.5))
         return o.where(good, cm, 0.0 * h) + rest

@@ -29,7 +29,7 @@ from torchbridge.covariance import check_full_covariance, require_tensor
 
 METHODS = ("exact", "series", "zero_mean")
 DEFAULT_CHUNK = 1 << 20
-_KERNEL_SLICE = 1 << 16  # pairs per cross-kernel call (cache-sized temporaries)
+_KERNEL_SLICE = 1 << 20  # pairs per cross-kernel call (the kernel slices its own bulk)
 #: Intra-op threads of the pair kernels (issue #13 thread policy). Their work is many short
 #: elementwise passes over cache-sized slices, which OpenMP threads cannot amortise: on the
 #: loaded 2-core machine `nm bench floor --p 1024 --threads 1,2` measured the exact p = 1024
