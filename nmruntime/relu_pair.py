@@ -419,12 +419,95 @@ _FAST_RATIO = {8: 256.0, 4: 32.0}
 
 def _cov_closed(o, h, k, r, bvn):
     """(C from the Rosenbaum closed form, bound on the sum of its terms' magnitudes)."""
+    if not isinstance(h, np.ndarray):
+        from nmruntime.torch_support import compiled
+
+        if compiled(h, "probe", _closed_low) is not None:
+            return _cov_closed_grouped(o, h, k, r, bvn)
+    return _closed_terms(o, h, k, r, bvn(h, k, r))
+
+
+#: |ρ| groups of the Genz Φ2 scheme (nmruntime.bvn_torch): the 6-, 12- and 20-point rules
+#: below these bounds; the high-|ρ| scheme above the last.
+_GENZ_BOUNDS = ((0.0, 0.3, 6), (0.3, 0.75, 12), (0.75, 0.925, 20))
+
+
+def _cov_closed_grouped(o, h, k, r, bvn):
+    """``_cov_closed`` with ``compiled_bulk`` on: per |ρ| group of the Genz scheme, Φ2 (the
+    same Gauss–Legendre rule and formula as ``nmruntime.bvn_torch``) and the closed form in
+    one compiled pass (``_closed_low``); |ρ| ≥ 0.925 through ``bvn`` and ``_closed_terms``."""
+    import torch
+
+    from nmruntime.bvn_torch import default_rules
+    from nmruntime.torch_support import compiled
+
+    if _TORCH_OPS[0] is None:
+        _TORCH_OPS[0] = torch_ops()
+    rules = default_rules()
+    ar = r.abs()
+    c, bound = torch.empty_like(h), torch.empty_like(h)
+    rest = torch.ones_like(h, dtype=torch.bool)
+    for lo, hi, n in _GENZ_BOUNDS:
+        sel = ((ar >= lo) & (ar < hi)).nonzero().squeeze(1)
+        if sel.numel() == 0:
+            continue
+        rest[sel] = False
+        x, w = (tuple(float(t) for t in v) for v in rules[n])
+        run = compiled(h, f"closed{n}", lambda a, b, c, x=x, w=w: _closed_low(a, b, c, x, w))
+        c[sel], bound[sel] = run(h[sel], k[sel], r[sel])
+    sel = rest.nonzero().squeeze(1)
+    if sel.numel():
+        hs, ks, rs = h[sel], k[sel], r[sel]
+        c[sel], bound[sel] = _closed_terms(o, hs, ks, rs, bvn(hs, ks, rs))
+    return c, bound
+
+
+_TORCH_OPS: list = [None]  # torch_ops(), made outside compiled code (read by _closed_low)
+
+
+def _closed_low(h, k, r, x, w):
+    """(C, bound) of ``_closed_terms`` with Φ2 by the low-|ρ| scheme of ``nmruntime.bvn_torch``
+    (|ρ| < 0.925, one rule (x, w) of n nodes; h, k finite, moderate): Φ(h)Φ(k) + asin ρ/(4π)
+    Σ w_i e^{(hk s_i − (h² + k²)/2)/(1 − s_i²)}, s_i = sin(asin ρ (1 + x_i)/2), clipped to the
+    Fréchet bounds as there. Shapes: h, k, r (m,); x, w: n Python floats (unrolled)."""
+    import torch
+
+    o = _TORCH_OPS[0]
+    ph, pk = _ncdf(o, h), _ncdf(o, k)
+    upper = torch.minimum(ph, pk)
+    lower = (upper - _ncdf(o, -torch.maximum(h, k))).clamp_min(0.0)
+    hk = h * k
+    hs = (h * h + k * k) * 0.5
+    asr = torch.asin(r)
+    cut = -700.0 if h.dtype == torch.float64 else -87.0
+    acc = 0.0 * h
+    for xi, wi in zip(x, w, strict=True):  # Python floats: unrolled, elementwise (vectorised)
+        sn = torch.sin(asr * (0.5 * (1.0 + xi)))
+        e = (sn * hk - hs) / (1.0 - sn * sn)
+        acc = acc + wi * torch.where(e < cut, 0.0, torch.exp(e))
+    p2 = ph * pk + asr * acc * (0.5 * _INV_2PI)
+    p2 = torch.minimum(torch.maximum(p2, lower), upper)
+    return _closed_terms(o, h, k, r, p2)
+
+
+def _fused(o, name: str, fn, *args):
+    """``fn(o, *args)``; with ``nmruntime.torch_support.compiled_bulk`` on (eager CPU tensors
+    outside autograd) through one ``torch.compile`` of it (one fused pass over memory)."""
+    if isinstance(args[0], np.ndarray):
+        return fn(o, *args)
+    from nmruntime.torch_support import compiled
+
+    run = compiled(args[0], name, lambda *a: fn(o, *a))
+    return fn(o, *args) if run is None else run(*args)
+
+
+def _closed_terms(o, h, k, r, p2):
+    """``_cov_closed`` given Φ2(h, k; ρ) = ``p2``."""
     s = o.sqrt((1.0 - r) * (1.0 + r))
     ph = o.exp(-0.5 * h * h) * _INV_SQRT_2PI
     pk = o.exp(-0.5 * k * k) * _INV_SQRT_2PI
     a_h = (k - r * h) / s
     a_k = (h - r * k) / s
-    p2 = bvn(h, k, r)
     t1 = (h * k + r) * p2
     t2 = h * pk * _ncdf(o, a_k)
     t3 = k * ph * _ncdf(o, a_h)
@@ -655,15 +738,18 @@ def _linear_ok(o, h, k, r, eps):
     return (h >= 0) & ((k >= 0) | (h >= rs * ak)) & (e >= 2.0 * math.log(4.0 / eps))
 
 
+def _cheap_masks(o, h, k, r, eps):
+    """(``_underflows``, ``_linear_ok`` for unit 1, for unit 2)."""
+    return _underflows(o, h, k, r, eps), _linear_ok(o, h, k, r, eps), _linear_ok(o, k, h, r, eps)
+
+
 def _cov_hybrid(o, h, k, r, rule, bvn, eps_ratio, bvn_slow=None, eps=2.0**-52):
     """C: 0 where it underflows, ρΦ(k) (or ρΦ(h)) where one unit is on almost surely
     (``_linear_ok``: the neglected term is below eps/4 relative), else the closed form where it
     provably keeps its digits, else Mehler's series where it converges and keeps its digits
     (|ρ| ≤ 0.8), the quadrature elsewhere (which calls ``bvn_slow``, default ``bvn``, on its
     few elements)."""
-    under = _underflows(o, h, k, r, eps)
-    lin_h = _linear_ok(o, h, k, r, eps)
-    lin_k = _linear_ok(o, k, h, r, eps)
+    under, lin_h, lin_k = _fused(o, f"cheap{eps}", lambda o, *a: _cheap_masks(o, *a, eps), h, k, r)
     cheap = under | lin_h | lin_k
     # ρΦ(k) where unit 1 is on, ρΦ(h) where unit 2 is (eager CPU: only on those elements)
     other = o.where(lin_h, k, h)
