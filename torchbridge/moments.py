@@ -30,11 +30,15 @@ from torchbridge.covariance import check_full_covariance, require_tensor
 METHODS = ("exact", "series", "zero_mean")
 DEFAULT_CHUNK = 1 << 20
 _KERNEL_SLICE = 1 << 20  # pairs per cross-kernel call (the kernel slices its own bulk)
-#: Intra-op threads of the pair kernels (issue #13 thread policy). Their work is many short
+#: Intra-op threads of ``relu_moments`` (issue #13 thread policy). Its work is many short
 #: elementwise passes over cache-sized slices, which OpenMP threads cannot amortise: on the
 #: loaded 2-core machine `nm bench floor --p 1024 --threads 1,2` measured the exact p = 1024
-#: covariance at 0.87 s with 1 thread and 9.5 s with 2 (float32: 0.79 s vs 25 s). So the pair
-#: loop runs single-threaded whatever torch's setting, and more threads are never slower.
+#: covariance at 0.87 s with 1 thread and 9.5 s with 2 (float32: 0.79 s vs 25 s). So the whole
+#: call runs single-threaded whatever torch's setting, and more threads are never slower. The
+#: argument checks are inside the cap too: left at torch's 2 threads they took 0.134 s vs
+#: 0.033 s at 1 (p = 1024, loaded machine), which made the 2-thread call 1.19x the 1-thread
+#: one (0.842 s vs 0.710 s, medians of 7 interleaved repeats); with the checks inside the
+#: cap, 0.546 s (2 threads) vs 0.603 s (1 thread) in the same kind of run.
 PAIR_THREADS = 1
 
 
@@ -231,11 +235,11 @@ def relu_moments(
         Differentiable by autograd.
     """
     _check_method(method, terms)
-    _validate(mean, cov, check_psd)
-    p = mean.shape[-1]
-    batch = torch.broadcast_shapes(mean.shape[:-1], cov.shape[:-2])
-    mean, cov = mean.expand(*batch, p), cov.expand(*batch, p, p)  # views, never written to
-    with _pair_threads():  # the whole assembly, not only the kernels (see PAIR_THREADS)
+    with _pair_threads():  # the whole call, validation included (see PAIR_THREADS)
+        _validate(mean, cov, check_psd)
+        p = mean.shape[-1]
+        batch = torch.broadcast_shapes(mean.shape[:-1], cov.shape[:-2])
+        mean, cov = mean.expand(*batch, p), cov.expand(*batch, p, p)  # views, never written
         up = mean.new_zeros(*mean.shape[:-1], p * p)
         rmean = None
         for rm, i, j, c in relu_pair_covariances(mean, cov, method, terms, chunk):
