@@ -29,7 +29,8 @@ from torchbridge.covariance import check_full_covariance, require_tensor
 
 METHODS = ("exact", "series", "zero_mean")
 DEFAULT_CHUNK = 1 << 20
-_KERNEL_SLICE = 1 << 20  # pairs per cross-kernel call (the kernel slices its own bulk)
+_KERNEL_SLICE = 1 << 20  # pairs per "exact" kernel call (the kernel slices its own bulk)
+_SERIES_SLICE = 1 << 16  # pairs per series kernel call (cache-sized temporaries)
 #: Intra-op threads of ``relu_moments`` (issue #13 thread policy). Its work is many short
 #: elementwise passes over cache-sized slices, which OpenMP threads cannot amortise: on the
 #: loaded 2-core machine `nm bench floor --p 1024 --threads 1,2` measured the exact p = 1024
@@ -162,13 +163,16 @@ def _pair_covariances(
     else:
         m1, m2 = mean[..., si], mean[..., sj]
         kern = _cross_kernel(method, terms)
-        if ns <= _KERNEL_SLICE:
+        # "exact" slices its own bulk and runs its later routes once per call (so once per
+        # ``chunk``); the series kernels are straight-line passes: cache-sized slices here
+        size = _KERNEL_SLICE if method == "exact" else _SERIES_SLICE
+        if ns <= size:
             e = kern(m1, m2, s1, s2, rho)
         else:  # cache-sized slices: the kernel's many elementwise passes stay in cache
             e = torch.cat(
                 [
-                    kern(*(v[..., a : a + _KERNEL_SLICE] for v in (m1, m2, s1, s2, rho)))
-                    for a in range(0, ns, _KERNEL_SLICE)
+                    kern(*(v[..., a : a + size] for v in (m1, m2, s1, s2, rho)))
+                    for a in range(0, ns, size)
                 ],
                 dim=-1,
             )

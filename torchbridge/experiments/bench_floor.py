@@ -142,6 +142,27 @@ def _methods(args: argparse.Namespace) -> list[tuple[str, object]]:
     ]
 
 
+def thread_check(
+    mean64: torch.Tensor, cov64: torch.Tensor, threads: list[int], dtypes: list[str], repeats: int
+) -> dict:
+    """{dtype: {"seconds": {threads: median s}, "ratio": max/min-thread time}} of the exact
+    method, the thread counts interleaved inside each repeat (so a load change on the shared
+    machine hits every count alike; the main table times each count minutes apart)."""
+    out = {}
+    for dname in dtypes:
+        mean, cov = mean64.to(DTYPES[dname]), cov64.to(DTYPES[dname])
+        times: dict[int, list[float]] = {t: [] for t in threads}
+        for _ in range(max(repeats, 3)):
+            for t in threads:
+                torch.set_num_threads(t)
+                t0 = time.perf_counter()
+                relu_moments(mean, cov, "exact", check_psd=False)
+                times[t].append(time.perf_counter() - t0)
+        med = {t: float(torch.tensor(v).median()) for t, v in times.items()}
+        out[dname] = {"seconds": med, "ratio": med[max(threads)] / med[min(threads)]}
+    return out
+
+
 def run_floor(args: argparse.Namespace) -> dict:
     """Run the benchmark; write ``bench_floor.{json,md}``; return the JSON object."""
     from tqdm.auto import tqdm
@@ -229,6 +250,8 @@ def run_floor(args: argparse.Namespace) -> dict:
                         "(reference)" if ref else m["max_rel_err_vs_exact"],
                     ]
                 )
+        if len(threads) > 1:
+            result["thread_check"] = thread_check(mean64, cov64, threads, dtypes, args.repeats)
     finally:
         torch.set_num_threads(old_threads)
     if "float64" in exact_ref:
@@ -258,6 +281,12 @@ def run_floor(args: argparse.Namespace) -> dict:
         for label, m in r["methods"].items()
         if "first_call_seconds" in m
     ]
+    thread_lines = [
+        f"- {d}: "
+        + ", ".join(f"{t} thread(s) {v:.3g} s" for t, v in c["seconds"].items())
+        + f"; {max(threads)} vs {min(threads)} thread(s): {c['ratio']:.2f}×"
+        for d, c in result.get("thread_check", {}).items()
+    ]
     chk = result.get("exact_vs_mpmath", {})
     md = "\n".join(
         [
@@ -271,6 +300,16 @@ def run_floor(args: argparse.Namespace) -> dict:
             *(
                 ["", "Compile cost (not in the medians above):", "", *first_lines]
                 if first_lines
+                else []
+            ),
+            *(
+                [
+                    "",
+                    "Exact, thread counts interleaved in each repeat (medians):",
+                    "",
+                    *thread_lines,
+                ]
+                if thread_lines
                 else []
             ),
             "",
