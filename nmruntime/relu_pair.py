@@ -638,7 +638,7 @@ def _mehler_steps(ah, sak, ar, vh0, vh1, vk0, vk1, total, mag, t, t_prev, coef):
         t_prev = t
         t = vh1 * vk1 * q
         total = total + t
-        mag = mag + t.abs()
+        mag = mag + abs(t)  # builtin abs: NumPy arrays and tensors alike
         vh0, vh1 = vh1, ah * vh1 * c1 - ar * vh0 * c0
         vk0, vk1 = vk1, sak * vk1 * c1 - ar * vk0 * c0
     return vh0, vh1, vk0, vk1, total, mag, t, t_prev
@@ -755,8 +755,11 @@ def _cov_hybrid(o, h, k, r, rule, bvn, eps_ratio, bvn_slow=None, eps=2.0**-52):
     other = o.where(lin_h, k, h)
     lin = cheap & ~under
     v_cheap = _on(lin, lambda s, rr: rr * _ncdf(o, s), other, r, safe=(0.0, 0.5))
+    general = ~cheap
+    if not sync_free(h) and bool(general.all()):  # eager: no gather/scatter of every element
+        return _cov_general(o, h, k, r, rule, bvn, eps_ratio, bvn_slow, eps)
     rest = _on(
-        ~cheap,
+        general,
         lambda *a: _cov_general(o, *a, rule, bvn, eps_ratio, bvn_slow, eps),
         h,
         k,
@@ -793,7 +796,10 @@ def _cov_general(o, h, k, r, rule, bvn, eps_ratio, bvn_slow, eps):
     bvn_slow = bvn if bvn_slow is None else bvn_slow
     moderate = (o.abs(r) <= 0.99) & (h > -6.0) & (k > -6.0) & (h < 8.0) & (k < 8.0)
     z = 0.0 * h
-    hm, km, rm = o.where(moderate, h, z), o.where(moderate, k, z), o.where(moderate, r, z)
+    if not sync_free(h) and bool(moderate.all()):  # eager: skip three passes
+        hm, km, rm = h, k, r
+    else:
+        hm, km, rm = o.where(moderate, h, z), o.where(moderate, k, z), o.where(moderate, r, z)
     c, bound = _sliced(_BULK_SLICE if not sync_free(h) else 0, _cov_closed, o, hm, km, rm, bvn)
     ok = moderate & (bound < eps_ratio * o.abs(c))
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 import torch
 from nmgen.generated import torch_kernels as K
 
+from nmruntime.torch_support import sync_free
 from torchbridge.covariance import check_full_covariance, require_tensor
 
 METHODS = ("exact", "series", "zero_mean")
@@ -179,8 +180,10 @@ def _pair_covariances(
         off = e if method == "exact" else e - rmean[..., si] * rmean[..., sj]
         _, var = K.relu_mean_variance(mean, sigma, validate=False)
         # a duplicated variable (same mean and variance, ρ = 1) has Cov = its variance exactly
-        dup = (rho.detach() == 1.0) & (m1 == m2) & (s1 == s2)
-        off = torch.where(dup, var[..., si], off)
+        one = rho.detach() == 1.0
+        if sync_free(rho) or bool(one.any()):  # eager CPU: skipped where no ρ is 1
+            dup = one & (m1 == m2) & (s1 == s2)
+            off = torch.where(dup, var[..., si], off)
     return torch.cat([off, var[..., dg]], dim=-1)
 
 
