@@ -460,12 +460,95 @@ _FAST_RATIO = {8: 256.0, 4: 32.0}
 
 def _cov_closed(o, h, k, r, bvn):
     """(C from the Rosenbaum closed form, bound on the sum of its terms' magnitudes)."""
+    if not isinstance(h, np.ndarray):
+        from nmruntime.torch_support import compiled
+
+        if compiled(h, "probe", _closed_low) is not None:
+            return _cov_closed_grouped(o, h, k, r, bvn)
+    return _closed_terms(o, h, k, r, bvn(h, k, r))
+
+
+#: |ρ| groups of the Genz Φ2 scheme (nmruntime.bvn_torch): the 6-, 12- and 20-point rules
+#: below these bounds; the high-|ρ| scheme above the last.
+_GENZ_BOUNDS = ((0.0, 0.3, 6), (0.3, 0.75, 12), (0.75, 0.925, 20))
+
+
+def _cov_closed_grouped(o, h, k, r, bvn):
+    """``_cov_closed`` with ``compiled_bulk`` on: per |ρ| group of the Genz scheme, Φ2 (the
+    same Gauss–Legendre rule and formula as ``nmruntime.bvn_torch``) and the closed form in
+    one compiled pass (``_closed_low``); |ρ| ≥ 0.925 through ``bvn`` and ``_closed_terms``."""
+    import torch
+
+    from nmruntime.bvn_torch import default_rules
+    from nmruntime.torch_support import compiled
+
+    if _TORCH_OPS[0] is None:
+        _TORCH_OPS[0] = torch_ops()
+    rules = default_rules()
+    ar = r.abs()
+    c, bound = torch.empty_like(h), torch.empty_like(h)
+    rest = torch.ones_like(h, dtype=torch.bool)
+    for lo, hi, n in _GENZ_BOUNDS:
+        sel = ((ar >= lo) & (ar < hi)).nonzero().squeeze(1)
+        if sel.numel() == 0:
+            continue
+        rest[sel] = False
+        x, w = (tuple(float(t) for t in v) for v in rules[n])
+        run = compiled(h, f"closed{n}", lambda a, b, c, x=x, w=w: _closed_low(a, b, c, x, w))
+        c[sel], bound[sel] = run(h[sel], k[sel], r[sel])
+    sel = rest.nonzero().squeeze(1)
+    if sel.numel():
+        hs, ks, rs = h[sel], k[sel], r[sel]
+        c[sel], bound[sel] = _closed_terms(o, hs, ks, rs, bvn(hs, ks, rs))
+    return c, bound
+
+
+_TORCH_OPS: list = [None]  # torch_ops(), made outside compiled code (read by _closed_low)
+
+
+def _closed_low(h, k, r, x, w):
+    """(C, bound) of ``_closed_terms`` with Φ2 by the low-|ρ| scheme of ``nmruntime.bvn_torch``
+    (|ρ| < 0.925, one rule (x, w) of n nodes; h, k finite, moderate): Φ(h)Φ(k) + asin ρ/(4π)
+    Σ w_i e^{(hk s_i − (h² + k²)/2)/(1 − s_i²)}, s_i = sin(asin ρ (1 + x_i)/2), clipped to the
+    Fréchet bounds as there. Shapes: h, k, r (m,); x, w: n Python floats (unrolled)."""
+    import torch
+
+    o = _TORCH_OPS[0]
+    ph, pk = _ncdf(o, h), _ncdf(o, k)
+    upper = torch.minimum(ph, pk)
+    lower = (upper - _ncdf(o, -torch.maximum(h, k))).clamp_min(0.0)
+    hk = h * k
+    hs = (h * h + k * k) * 0.5
+    asr = torch.asin(r)
+    cut = -700.0 if h.dtype == torch.float64 else -87.0
+    acc = 0.0 * h
+    for xi, wi in zip(x, w, strict=True):  # Python floats: unrolled, elementwise (vectorised)
+        sn = torch.sin(asr * (0.5 * (1.0 + xi)))
+        e = (sn * hk - hs) / (1.0 - sn * sn)
+        acc = acc + wi * torch.where(e < cut, 0.0, torch.exp(e))
+    p2 = ph * pk + asr * acc * (0.5 * _INV_2PI)
+    p2 = torch.minimum(torch.maximum(p2, lower), upper)
+    return _closed_terms(o, h, k, r, p2)
+
+
+def _fused(o, name: str, fn, *args):
+    """``fn(o, *args)``; with ``nmruntime.torch_support.compiled_bulk`` on (eager CPU tensors
+    outside autograd) through one ``torch.compile`` of it (one fused pass over memory)."""
+    if isinstance(args[0], np.ndarray):
+        return fn(o, *args)
+    from nmruntime.torch_support import compiled
+
+    run = compiled(args[0], name, lambda *a: fn(o, *a))
+    return fn(o, *args) if run is None else run(*args)
+
+
+def _closed_terms(o, h, k, r, p2):
+    """``_cov_closed`` given Φ2(h, k; ρ) = ``p2``."""
     s = o.sqrt((1.0 - r) * (1.0 + r))
     ph = o.exp(-0.5 * h * h) * _INV_SQRT_2PI
     pk = o.exp(-0.5 * k * k) * _INV_SQRT_2PI
     a_h = (k - r * h) / s
     a_k = (h - r * k) / s
-    p2 = bvn(h, k, r)
     t1 = (h * k + r) * p2
     t2 = h * pk * _ncdf(o, a_k)
     t3 = k * ph * _ncdf(o, a_h)
@@ -483,9 +566,11 @@ def _cov_closed(o, h, k, r, bvn):
 
 
 #: Mehler series: terms evaluated, and the |ρ|, |h|, |k| and |ρ|(h² + k²) where it is tried.
-_MEHLER_TERMS = 80
+#: The term counts (33, 81, 401) are 1 + multiples of ``_MEHLER_BLOCK``, so the compiled bulk
+#: runs them in whole blocks (a remainder would run eagerly, step by step).
+_MEHLER_TERMS = 81
 #: Terms of the first, short pass on eager CPU (see ``_cov_general``).
-_MEHLER_SHORT = 32
+_MEHLER_SHORT = 33
 _MEHLER_RHO = 0.8
 _MEHLER_HK = 38.5
 #: |ρ|(h² + k²) ≤ _MEHLER_SPREAD keeps every scaled term below e^{60}·(a few): finite in float32
@@ -493,8 +578,43 @@ _MEHLER_HK = 38.5
 _MEHLER_SPREAD = 120.0
 
 
-def _cov_mehler(o, h, k, r, eps_ratio, eps, terms=_MEHLER_TERMS):
-    """(C by Mehler's expansion, accepted) for |ρ| ≤ 0.8 (no transcendental in the loop).
+#: The long pass (eager CPU only, on the elements the 81-term series and the closed form
+#: leave): more terms and a wider |ρ| (Mehler's series converges for every |ρ| < 1), accepted
+#: only where, besides the tests above, Cramér's bound puts the whole neglected tail below
+#: eps·|C| (``_cramer_tail_ok``). On `nm bench floor`'s p = 1024 problem it takes 9,269 of the
+#: 9,439 pairs that reached the quadrature (whose cost was 17 µs per pair, 1 thread).
+_MEHLER_LONG_TERMS = 401
+_MEHLER_LONG_RHO = 0.95
+#: Cramér's inequality: |He_n(x)| e^{−x²/4} ≤ K √(n!) for every real x and n ≥ 0
+#: (Abramowitz & Stegun 22.14.17, K < 1.086435 for the physicists' H_n, with He_n(x) =
+#: 2^{−n/2} H_n(x/√2)).
+_CRAMER_K = 1.086435
+
+
+def _cramer_tail_ok(o, h, k, r, c, terms, eps):
+    """Mask where Mehler's tail after ``terms`` terms is provably below eps·|C|.
+
+    |u_m(x)| ≤ K e^{x²/4} (Cramér), so Σ_{m ≥ T} |ρ|^{m+2} |u_m(h) u_m(k)|/((m + 1)(m + 2))
+    ≤ K² e^{(h² + k²)/4} |ρ|^{T+2}/((T + 1)(T + 2)(1 − |ρ|)), and with the factor φ(h)φ(k)
+    the neglected part of C is at most K²/(2π) e^{−(h² + k²)/4} |ρ|^{T+2}/((T + 1)(T + 2)(1 − |ρ|)).
+    Tested in logs (|C| below the smallest normal counts as that number).
+    """
+    ar = o.minimum(o.abs(r), 1.0 - 1e-3)
+    hh = h * h + k * k
+    log_tail = (
+        2.0 * math.log(_CRAMER_K)
+        - math.log(2.0 * math.pi)
+        - 0.25 * hh
+        + (terms + 2.0) * o.log(o.maximum(ar, 1e-300))
+        - math.log((terms + 1.0) * (terms + 2.0))
+        - o.log(1.0 - ar)
+    )
+    tiny = _TINY_NORMAL[eps < 1e-10]
+    return log_tail < o.log(eps * o.maximum(o.abs(c), tiny + 0.0 * c))
+
+
+def _cov_mehler(o, h, k, r, eps_ratio, eps, terms=_MEHLER_TERMS, rho_max=_MEHLER_RHO):
+    """(C by Mehler's expansion, accepted) for |ρ| ≤ ``rho_max`` (no transcendental in the loop).
 
     Cov[f(Z1), g(Z2)] = Σ_{n≥1} ρⁿ/n! E[f⁽ⁿ⁾(Z)] E[g⁽ⁿ⁾(Z)] with f = relu(h + ·):
     E f' = Φ(h), E f⁽ⁿ⁾ = (−1)ⁿ He_{n−2}(h) φ(h) (n ≥ 2), so
@@ -512,7 +632,7 @@ def _cov_mehler(o, h, k, r, eps_ratio, eps, terms=_MEHLER_TERMS):
     ar = o.abs(r)
     hh = h * h + k * k
     dom = (
-        (ar <= _MEHLER_RHO)
+        (ar <= rho_max)
         & (o.abs(h) <= _MEHLER_HK)
         & (o.abs(k) <= _MEHLER_HK)
         & (ar * hh <= _MEHLER_SPREAD)
@@ -525,20 +645,7 @@ def _cov_mehler(o, h, k, r, eps_ratio, eps, terms=_MEHLER_TERMS):
     a = o.sqrt(o.maximum(ar, 1e-300))  # > 0: a finite derivative at ρ = 0
     ah = a * h
     sak = o.where(r < 0, -a, a) * k
-    vh0, vk0 = 1.0 + 0.0 * h, 1.0 + 0.0 * k
-    vh1, vk1 = ah, sak
-    t = 0.5 + 0.0 * h
-    total, mag = t, t
-    t_prev = t
-    for m in range(1, terms):
-        t_prev = t
-        t = vh1 * vk1 * (1.0 / ((m + 1) * (m + 2)))
-        total = total + t
-        mag = mag + o.abs(t)
-        c1 = 1.0 / math.sqrt(m + 1)
-        c0 = math.sqrt(m) * c1
-        vh0, vh1 = vh1, ah * vh1 * c1 - ar * vh0 * c0
-        vk0, vk1 = vk1, sak * vk1 * c1 - ar * vk0 * c0
+    total, mag, t, t_prev = _mehler_sums(o, ah, sak, ar, terms)
     s = 0.5 * ar * hh
     scale = o.exp(-s)
     pp = (r * r) * o.exp(s - 0.5 * hh) * _INV_2PI
@@ -554,6 +661,66 @@ def _cov_mehler(o, h, k, r, eps_ratio, eps, terms=_MEHLER_TERMS):
     floor = o.maximum(ac, tiny + 0.0 * ac)
     ok = dom & (err < eps_ratio * eps * floor) & (tail < eps * floor) & (err < ac)
     return c, ok
+
+
+def _mehler_coef(m0: int, count: int) -> list[tuple[float, float, float]]:
+    """(1/((m + 1)(m + 2)), 1/√(m + 1), √m/√(m + 1)) for m = m0, …, m0 + count − 1."""
+    out = []
+    for m in range(m0, m0 + count):
+        c1 = 1.0 / math.sqrt(m + 1)
+        out.append((1.0 / ((m + 1) * (m + 2)), c1, math.sqrt(m) * c1))
+    return out
+
+
+def _mehler_steps(ah, sak, ar, vh0, vh1, vk0, vk1, total, mag, t, t_prev, coef):
+    """``len(coef)`` steps of Mehler's loop (see ``_cov_mehler``): adds the terms
+    v_m(h) v_m(k)/((m + 1)(m + 2)) and advances the three-term recurrences. ``coef``: rows of
+    ``_mehler_coef`` (floats, or a ``count x 3`` tensor for the compiled block)."""
+    for row in range(len(coef)):
+        q, c1, c0 = coef[row][0], coef[row][1], coef[row][2]
+        t_prev = t
+        t = vh1 * vk1 * q
+        total = total + t
+        mag = mag + abs(t)  # builtin abs: NumPy arrays and tensors alike
+        vh0, vh1 = vh1, ah * vh1 * c1 - ar * vh0 * c0
+        vk0, vk1 = vk1, sak * vk1 * c1 - ar * vk0 * c0
+    return vh0, vh1, vk0, vk1, total, mag, t, t_prev
+
+
+#: Steps per call of the compiled Mehler block (``_mehler_sums`` with ``compiled_bulk``).
+_MEHLER_BLOCK = 8
+
+
+def _mehler_sums(o, ah, sak, ar, terms: int):
+    """(Σ terms, Σ |terms|, last term, the one before) of Mehler's scaled series.
+
+    Eager: one elementwise pass per operation and step. With
+    ``nmruntime.torch_support.compiled_bulk`` on (eager CPU tensors without autograd), the
+    steps run in compiled blocks of ``_MEHLER_BLOCK`` (one fused pass over memory each; the
+    step's constants enter as a tensor, so one compiled block serves every m).
+    """
+    t = 0.5 + 0.0 * ah
+    state = (1.0 + 0.0 * ah, ah, 1.0 + 0.0 * sak, sak, t, t, t, t)
+    m = 1
+    block = _compiled_block(ah)
+    if block is not None:
+        import torch
+
+        while terms - m >= _MEHLER_BLOCK:
+            coef = torch.tensor(_mehler_coef(m, _MEHLER_BLOCK), dtype=ah.dtype)
+            state = block(ah, sak, ar, *state, coef)
+            m += _MEHLER_BLOCK
+    state = _mehler_steps(ah, sak, ar, *state, _mehler_coef(m, terms - m))
+    return state[4], state[5], state[6], state[7]
+
+
+def _compiled_block(x):
+    """The compiled Mehler block for ``x``'s kind, or None (NumPy, autograd, sync-free, off)."""
+    if isinstance(x, np.ndarray):
+        return None
+    from nmruntime.torch_support import compiled
+
+    return compiled(x, "mehler", _mehler_steps)
 
 
 #: The smallest normal number (float64, float32), keyed by "float64 or not" through eps.
@@ -614,22 +781,28 @@ def _linear_ok(o, h, k, r, eps):
     return (h >= 0) & ((k >= 0) | (h >= rs * ak)) & (e >= 2.0 * math.log(4.0 / eps))
 
 
+def _cheap_masks(o, h, k, r, eps):
+    """(``_underflows``, ``_linear_ok`` for unit 1, for unit 2)."""
+    return _underflows(o, h, k, r, eps), _linear_ok(o, h, k, r, eps), _linear_ok(o, k, h, r, eps)
+
+
 def _cov_hybrid(o, h, k, r, rule, bvn, eps_ratio, bvn_slow=None, eps=2.0**-52):
     """C: 0 where it underflows, ρΦ(k) (or ρΦ(h)) where one unit is on almost surely
     (``_linear_ok``: the neglected term is below eps/4 relative), else the closed form where it
     provably keeps its digits, else Mehler's series where it converges and keeps its digits
     (|ρ| ≤ 0.8), the quadrature elsewhere (which calls ``bvn_slow``, default ``bvn``, on its
     few elements)."""
-    under = _underflows(o, h, k, r, eps)
-    lin_h = _linear_ok(o, h, k, r, eps)
-    lin_k = _linear_ok(o, k, h, r, eps)
+    under, lin_h, lin_k = _fused(o, f"cheap{eps}", lambda o, *a: _cheap_masks(o, *a, eps), h, k, r)
     cheap = under | lin_h | lin_k
     # ρΦ(k) where unit 1 is on, ρΦ(h) where unit 2 is (eager CPU: only on those elements)
     other = o.where(lin_h, k, h)
     lin = cheap & ~under
     v_cheap = _on(lin, lambda s, rr: rr * _ncdf(o, s), other, r, safe=(0.0, 0.5))
+    general = ~cheap
+    if not sync_free(h) and bool(general.all()):  # eager: no gather/scatter of every element
+        return _cov_general(o, h, k, r, rule, bvn, eps_ratio, bvn_slow, eps)
     rest = _on(
-        ~cheap,
+        general,
         lambda *a: _cov_general(o, *a, rule, bvn, eps_ratio, bvn_slow, eps),
         h,
         k,
@@ -639,19 +812,57 @@ def _cov_hybrid(o, h, k, r, rule, bvn, eps_ratio, bvn_slow=None, eps=2.0**-52):
     return o.where(cheap, v_cheap, rest)
 
 
+#: Elements per closed-form evaluation on eager CPU: its ~40 elementwise passes stay in
+#: cache, while the routes after it (Mehler's series, the quadrature: many short passes, each
+#: with a fixed per-call cost) run once on all the elements the closed form leaves.
+_BULK_SLICE = 1 << 16
+
+
+def _sliced(size: int, fn, o, *args):
+    """``fn(o, *args)`` (a tuple of 1-D arrays) in slices of ``size`` elements (0: at once)."""
+    n = args[0].shape[0]
+    if size <= 0 or n <= size:
+        return fn(o, *args[:3], *args[3:])
+    parts = [fn(o, *(v[a : a + size] for v in args[:3]), *args[3:]) for a in range(0, n, size)]
+    cat = np.concatenate if isinstance(args[0], np.ndarray) else _torch_cat
+    return tuple(cat([part[i] for part in parts]) for i in range(len(parts[0])))
+
+
+def _torch_cat(vs):
+    import torch
+
+    return torch.cat(vs)
+
+
 def _cov_general(o, h, k, r, rule, bvn, eps_ratio, bvn_slow, eps):
     """C by the closed form, Mehler's series or the quadrature (see ``_cov_hybrid``)."""
     bvn_slow = bvn if bvn_slow is None else bvn_slow
     moderate = (o.abs(r) <= 0.99) & (h > -6.0) & (k > -6.0) & (h < 8.0) & (k < 8.0)
     z = 0.0 * h
-    hm, km, rm = o.where(moderate, h, z), o.where(moderate, k, z), o.where(moderate, r, z)
-    c, bound = _cov_closed(o, hm, km, rm, bvn)
+    if not sync_free(h) and bool(moderate.all()):  # eager: skip three passes
+        hm, km, rm = h, k, r
+    else:
+        hm, km, rm = o.where(moderate, h, z), o.where(moderate, k, z), o.where(moderate, r, z)
+    c, bound = _sliced(_BULK_SLICE if not sync_free(h) else 0, _cov_closed, o, hm, km, rm, bvn)
     ok = moderate & (bound < eps_ratio * o.abs(c))
 
     def series_or_quadrature(h, k, r, terms=_MEHLER_TERMS):
-        cm, good = _cov_mehler(o, h, k, r, eps_ratio, eps, terms)
+        if terms > _MEHLER_TERMS:  # the long pass: Cramér's tail bound as well
+            cm, good = _cov_mehler(o, h, k, r, eps_ratio, eps, terms, _MEHLER_LONG_RHO)
+            good = good & _cramer_tail_ok(o, h, k, r, cm, terms, eps)
+        else:
+            cm, good = _cov_mehler(o, h, k, r, eps_ratio, eps, terms)
         if terms < _MEHLER_TERMS:  # the elements not yet converged: the full series next
             rest = _on(~good, series_or_quadrature, h, k, r, safe=(0.0, 0.0, 0.5))
+        elif terms == _MEHLER_TERMS < _MEHLER_LONG_TERMS and not sync_free(h):  # eager: long pass
+            rest = _on(
+                ~good,
+                lambda *a: series_or_quadrature(*a, _MEHLER_LONG_TERMS),
+                h,
+                k,
+                r,
+                safe=(0.0, 0.0, 0.5),
+            )
         else:
             rest = _on(~good, lambda *a: _cov_std(o, *a, rule, bvn_slow), h, k, r, safe=(0, 0, 0.5))
         return o.where(good, cm, 0.0 * h) + rest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -29,6 +30,36 @@ def force_sync_free(on: bool = True) -> Iterator[None]:
         yield
     finally:
         _FORCE_SYNC_FREE[0] = old
+
+
+_COMPILED_BULK = [os.environ.get("NM_COMPILED_BULK", "0") == "1"]
+_COMPILED: dict = {}
+
+
+@contextlib.contextmanager
+def compiled_bulk(on: bool = True) -> Iterator[None]:
+    """Run the bulk of the exact pair covariance (Mehler's series loop) through
+    ``torch.compile`` blocks on eager CPU tensors without autograd (opt-in: the first call per
+    process and dtype pays the compile, measured by ``nm bench floor --compiled``). Also on
+    for the whole process with the environment variable ``NM_COMPILED_BULK=1``."""
+    old = _COMPILED_BULK[0]
+    _COMPILED_BULK[0] = on
+    try:
+        yield
+    finally:
+        _COMPILED_BULK[0] = old
+
+
+def compiled(x: torch.Tensor, name: str, fn):
+    """``torch.compile(fn, dynamic=True, fullgraph=True)`` (cached under ``name``) where the
+    compiled bulk is on and ``x`` is an eager CPU tensor outside autograd; else None."""
+    if not _COMPILED_BULK[0] or sync_free(x):
+        return None
+    if torch.is_grad_enabled() and x.requires_grad:
+        return None
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _COMPILED[name]
 
 
 def prepare(

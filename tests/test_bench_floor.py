@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
+import pytest
 import torch
 
 from nmgen.pointcheck import check_file
@@ -63,3 +64,29 @@ def test_bench_floor_runs_small(tmp_path):
     groups = check_file(res["oracle_points"]["file"], progress=False)["groups"]
     assert [g["points"] for g in groups] == [2, 2]
     assert max(g["max_abs_diff"] for g in groups) <= 1e-15
+
+
+@pytest.mark.slow
+def test_bench_floor_compiled_rows(tmp_path):
+    """`--compiled` adds the compiled exact and DVI rows, with their compile time apart, and
+    the compiled exact covariance equals the eager one within the routes' 256-eps bar."""
+    args = argparse.Namespace(
+        p=40,
+        threads="1",
+        dtypes="float64",
+        repeats=1,
+        mc_samples=200,
+        check_entries=2,
+        seed=3,
+        out=str(tmp_path),
+        no_progress=True,
+        bench="floor",
+        compiled=True,
+    )
+    methods = run_floor(args)["runs"][0]["methods"]
+    for label in ("exact, compiled bulk", "DVI, torch.compile"):
+        assert methods[label]["first_call_seconds"] > 0
+    assert methods["exact, compiled bulk"]["max_rel_err_vs_exact"] <= 2 * 256 * 2.0**-52
+    assert methods["DVI, torch.compile"]["max_rel_err_vs_exact"] == pytest.approx(
+        methods["DVI (Wu et al. 2019)"]["max_rel_err_vs_exact"], rel=1e-6
+    )

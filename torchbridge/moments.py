@@ -25,16 +25,22 @@ from collections.abc import Callable, Iterator
 import torch
 from nmgen.generated import torch_kernels as K
 
+from nmruntime.torch_support import sync_free
 from torchbridge.covariance import check_full_covariance, require_tensor
 
 METHODS = ("exact", "series", "zero_mean")
 DEFAULT_CHUNK = 1 << 20
-_KERNEL_SLICE = 1 << 16  # pairs per cross-kernel call (cache-sized temporaries)
-#: Intra-op threads of the pair kernels (issue #13 thread policy). Their work is many short
+_KERNEL_SLICE = 1 << 20  # pairs per "exact" kernel call (the kernel slices its own bulk)
+_SERIES_SLICE = 1 << 16  # pairs per series kernel call (cache-sized temporaries)
+#: Intra-op threads of ``relu_moments`` (issue #13 thread policy). Its work is many short
 #: elementwise passes over cache-sized slices, which OpenMP threads cannot amortise: on the
 #: loaded 2-core machine `nm bench floor --p 1024 --threads 1,2` measured the exact p = 1024
-#: covariance at 0.87 s with 1 thread and 9.5 s with 2 (float32: 0.79 s vs 25 s). So the pair
-#: loop runs single-threaded whatever torch's setting, and more threads are never slower.
+#: covariance at 0.87 s with 1 thread and 9.5 s with 2 (float32: 0.79 s vs 25 s). So the whole
+#: call runs single-threaded whatever torch's setting, and more threads are never slower. The
+#: argument checks are inside the cap too: left at torch's 2 threads they took 0.134 s vs
+#: 0.033 s at 1 (p = 1024, loaded machine), which made the 2-thread call 1.19x the 1-thread
+#: one (0.842 s vs 0.710 s, medians of 7 interleaved repeats); with the checks inside the
+#: cap, 0.546 s (2 threads) vs 0.603 s (1 thread) in the same kind of run.
 PAIR_THREADS = 1
 
 
@@ -158,21 +164,26 @@ def _pair_covariances(
     else:
         m1, m2 = mean[..., si], mean[..., sj]
         kern = _cross_kernel(method, terms)
-        if ns <= _KERNEL_SLICE:
+        # "exact" slices its own bulk and runs its later routes once per call (so once per
+        # ``chunk``); the series kernels are straight-line passes: cache-sized slices here
+        size = _KERNEL_SLICE if method == "exact" else _SERIES_SLICE
+        if ns <= size:
             e = kern(m1, m2, s1, s2, rho)
         else:  # cache-sized slices: the kernel's many elementwise passes stay in cache
             e = torch.cat(
                 [
-                    kern(*(v[..., a : a + _KERNEL_SLICE] for v in (m1, m2, s1, s2, rho)))
-                    for a in range(0, ns, _KERNEL_SLICE)
+                    kern(*(v[..., a : a + size] for v in (m1, m2, s1, s2, rho)))
+                    for a in range(0, ns, size)
                 ],
                 dim=-1,
             )
         off = e if method == "exact" else e - rmean[..., si] * rmean[..., sj]
         _, var = K.relu_mean_variance(mean, sigma, validate=False)
         # a duplicated variable (same mean and variance, ρ = 1) has Cov = its variance exactly
-        dup = (rho.detach() == 1.0) & (m1 == m2) & (s1 == s2)
-        off = torch.where(dup, var[..., si], off)
+        one = rho.detach() == 1.0
+        if sync_free(rho) or bool(one.any()):  # eager CPU: skipped where no ρ is 1
+            dup = one & (m1 == m2) & (s1 == s2)
+            off = torch.where(dup, var[..., si], off)
     return torch.cat([off, var[..., dg]], dim=-1)
 
 
@@ -231,11 +242,11 @@ def relu_moments(
         Differentiable by autograd.
     """
     _check_method(method, terms)
-    _validate(mean, cov, check_psd)
-    p = mean.shape[-1]
-    batch = torch.broadcast_shapes(mean.shape[:-1], cov.shape[:-2])
-    mean, cov = mean.expand(*batch, p), cov.expand(*batch, p, p)  # views, never written to
-    with _pair_threads():  # the whole assembly, not only the kernels (see PAIR_THREADS)
+    with _pair_threads():  # the whole call, validation included (see PAIR_THREADS)
+        _validate(mean, cov, check_psd)
+        p = mean.shape[-1]
+        batch = torch.broadcast_shapes(mean.shape[:-1], cov.shape[:-2])
+        mean, cov = mean.expand(*batch, p), cov.expand(*batch, p, p)  # views, never written
         up = mean.new_zeros(*mean.shape[:-1], p * p)
         rmean = None
         for rm, i, j, c in relu_pair_covariances(mean, cov, method, terms, chunk):

@@ -11,6 +11,10 @@ of ``--dtypes``:
   the arithmetic between them is free: a lower bound for any kernel that evaluates those
   functions one tensor pass at a time.
 * **exact**: ``relu_moments(..., "exact", check_psd=False)`` (ours);
+* with ``--compiled``: **exact, compiled bulk** (the same call inside
+  ``nmruntime.torch_support.compiled_bulk``: the closed form with its Φ2, the cheap-route masks
+  and Mehler's series as fused ``torch.compile`` passes) and **DVI, torch.compile** (DVI's
+  function under ``torch.compile``); their first, compiling call is reported apart;
 * **DVI**: ``torchbridge.propagate.approx.dvi_relu_moments`` — the approximate closed form
   of Wu et al. 2019 (deterministic variational inference, Table 1's ReLU row), implemented
   here from the paper's formula;
@@ -29,10 +33,12 @@ random entries (as in ``nm bench kernels``).
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from nmruntime.torch_support import compiled_bulk
 from torchbridge.experiments.bench_kernels import oracle_entries, random_problem, timed
 from torchbridge.experiments.common import (
     add_common_args,
@@ -75,6 +81,7 @@ TRANSCENDENTAL = frozenset(
 )
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
+_COMPILED_DVI: dict = {}
 
 
 class _CountTranscendental(TorchDispatchMode):
@@ -107,9 +114,24 @@ def exp_seconds_per_element(dtype: torch.dtype, repeats: int, n: int = 1 << 20) 
     return t / n
 
 
+#: Labels of the ``--compiled`` rows (their first call, which compiles, is timed apart).
+EXACT_COMPILED = "exact, compiled bulk"
+DVI_COMPILED = "DVI, torch.compile"
+
+
+def _exact_compiled(m: torch.Tensor, c: torch.Tensor):
+    with compiled_bulk():
+        return relu_moments(m, c, "exact", check_psd=False)
+
+
 def _methods(args: argparse.Namespace) -> list[tuple[str, object]]:
+    compiled = []
+    if getattr(args, "compiled", False):
+        dvi_c = _COMPILED_DVI.setdefault("fn", torch.compile(dvi_relu_moments))
+        compiled = [(EXACT_COMPILED, _exact_compiled), (DVI_COMPILED, dvi_c)]
     return [
         ("exact", lambda m, c: relu_moments(m, c, "exact", check_psd=False)),
+        *compiled,
         ("DVI (Wu et al. 2019)", dvi_relu_moments),
         ("2-term Mehler (old stand-in)", approx_relu_moments),
         ("series(5)", lambda m, c: relu_moments(m, c, "series", 5, check_psd=False)),
@@ -121,6 +143,27 @@ def _methods(args: argparse.Namespace) -> list[tuple[str, object]]:
             ),
         ),
     ]
+
+
+def thread_check(
+    mean64: torch.Tensor, cov64: torch.Tensor, threads: list[int], dtypes: list[str], repeats: int
+) -> dict:
+    """{dtype: {"seconds": {threads: median s}, "ratio": max/min-thread time}} of the exact
+    method, the thread counts interleaved inside each repeat (so a load change on the shared
+    machine hits every count alike; the main table times each count minutes apart)."""
+    out = {}
+    for dname in dtypes:
+        mean, cov = mean64.to(DTYPES[dname]), cov64.to(DTYPES[dname])
+        times: dict[int, list[float]] = {t: [] for t in threads}
+        for _ in range(max(repeats, 3)):
+            for t in threads:
+                torch.set_num_threads(t)
+                t0 = time.perf_counter()
+                relu_moments(mean, cov, "exact", check_psd=False)
+                times[t].append(time.perf_counter() - t0)
+        med = {t: float(torch.tensor(v).median()) for t, v in times.items()}
+        out[dname] = {"seconds": med, "ratio": med[max(threads)] / med[min(threads)]}
+    return out
 
 
 def run_floor(args: argparse.Namespace) -> dict:
@@ -162,9 +205,16 @@ def run_floor(args: argparse.Namespace) -> dict:
             }
             outs = {}
             for label, fn in _methods(args):
+                first = None
+                if label in (EXACT_COMPILED, DVI_COMPILED):  # the first call compiles
+                    t0 = time.perf_counter()
+                    fn(mean, cov)
+                    first = time.perf_counter() - t0
                 t, times, out = timed(lambda fn=fn, m=mean, c=cov: fn(m, c), args.repeats, 1)
                 outs[label] = out[1]
                 run["methods"][label] = {"seconds": t, "times": times}
+                if first is not None:
+                    run["methods"][label]["first_call_seconds"] = first
             ex = outs["exact"]
             exact_ref.setdefault(dname, ex)
             for label, m in run["methods"].items():
@@ -203,6 +253,8 @@ def run_floor(args: argparse.Namespace) -> dict:
                         "(reference)" if ref else m["max_rel_err_vs_exact"],
                     ]
                 )
+        if len(threads) > 1:
+            result["thread_check"] = thread_check(mean64, cov64, threads, dtypes, args.repeats)
     finally:
         torch.set_num_threads(old_threads)
     cmd = command_line(args)
@@ -229,6 +281,19 @@ def run_floor(args: argparse.Namespace) -> dict:
         f"({', '.join(f'{k} {v}' for k, v in r['transcendental_ops'].items())})"
         for r in result["runs"]
     ]
+    first_lines = [
+        f"- {r['threads']} thread(s), {r['dtype']}: first call (compiling) of {label}: "
+        f"{m['first_call_seconds']:.1f} s"
+        for r in result["runs"]
+        for label, m in r["methods"].items()
+        if "first_call_seconds" in m
+    ]
+    thread_lines = [
+        f"- {d}: "
+        + ", ".join(f"{t} thread(s) {v:.3g} s" for t, v in c["seconds"].items())
+        + f"; {max(threads)} vs {min(threads)} thread(s): {c['ratio']:.2f}×"
+        for d, c in result.get("thread_check", {}).items()
+    ]
     md = "\n".join(
         [
             f"p = {args.p} ReLU covariance ({pairs} off-diagonal pairs), measured in one run.",
@@ -238,6 +303,21 @@ def run_floor(args: argparse.Namespace) -> dict:
             "Floor = transcendental evaluations of the exact method × torch.exp time per element:",
             "",
             *ops_lines,
+            *(
+                ["", "Compile cost (not in the medians above):", "", *first_lines]
+                if first_lines
+                else []
+            ),
+            *(
+                [
+                    "",
+                    "Exact, thread counts interleaved in each repeat (medians):",
+                    "",
+                    *thread_lines,
+                ]
+                if thread_lines
+                else []
+            ),
             "",
             f"Exact float64 vs mpmath: `{check_hint(points)}` ({args.check_entries} random "
             "off-diagonal and 5 diagonal entries)."
@@ -282,6 +362,13 @@ def add_bench_parser(bench_subparsers) -> None:
         default=50,
         help="random off-diagonal entries of the float64 exact covariance (plus 5 diagonal "
         "ones) written for `nmgen check-points` (default 50)",
+    )
+    p.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also time the exact method with the compiled bulk (nmruntime.torch_support."
+        "compiled_bulk) and DVI under torch.compile; their first (compiling) call is timed "
+        "apart (default: off)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run_floor)
