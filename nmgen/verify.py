@@ -78,6 +78,13 @@ def _bvn_negative_quadrant(h: float, k: float, r: float) -> bool:
     return r < 0.0 and -3.0 < h < 0.0 and -3.0 < k < 0.0
 
 
+def _minus_one_touching(m1: float, m2: float, s1: float, s2: float, r: float) -> bool:
+    if not (r == -1.0 and s1 > 0 and s2 > 0):
+        return False
+    h, k = m1 / s1, m2 / s2
+    return abs(h + k) <= 1e-14 * max(abs(h), abs(k), 1.0)
+
+
 def _near_minus_one(*args: float) -> bool:
     return args[-1] < -(1 - 1e-5)
 
@@ -98,6 +105,14 @@ KNOWN_HARD: tuple[KnownHard, ...] = (
         "float32, ρ < 0 with −3 < h, k < 0: Φ(h)Φ(k) + ∫_0^{asin ρ} φ2 cancels as Φ2 gets small",
         _bvn_negative_quadrant,
         2e-5,  # Torch float32 1.73e-5 at (−0.5, −0.5, −0.9) (full grid)
+    ),
+    KnownHard(
+        "relu_cross_moment",
+        ("float64", "float32"),
+        "ρ = −1 with |h + k| ≤ 1e-14·max(|h|, |k|, 1): the value ∝ (h + k)³ is set by the rounding "
+        "of h = fl(μ1/σ1), k = fl(μ2/σ2) (absolute error ≤ (h + k)³-sized, 4e-49 on the grid)",
+        _minus_one_touching,
+        3.0,  # 2.6 at (25.9, −0.14, 37, 0.2, −1): true 1.47e-49, the rounded h + k gives 5.3e-49
     ),
     KnownHard(
         "relu_cross_moment",

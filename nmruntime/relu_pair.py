@@ -1065,8 +1065,11 @@ def _cross_minus_one(o, h, k, rule):
     ub = o.asinh((b - c) / wd)
     half = 0.5 * (ub - ua)
     u = (0.5 * (ua + ub))[..., None] + half[..., None] * x
-    z = c[..., None] + wd[..., None] * o.sinh(u)
-    f = (hh[..., None] + z) * (kk[..., None] - z) * o.exp(-0.5 * z * z) * o.cosh(u)
+    dz = wd[..., None] * o.sinh(u)
+    z = c[..., None] + dz
+    # (h + z)(k − z) from the centre c ∈ [−h, k]: (c + h) + dz and (k − c) − dz, so that a
+    # narrow interval (h + k ~ 1e-16, value ∝ (h + k)³) does not round z against ∓h, k
+    f = ((c + hh)[..., None] + dz) * ((kk - c)[..., None] - dz) * o.exp(-0.5 * z * z) * o.cosh(u)
     val = o.matvec(f, w) * (wd * half) * _INV_SQRT_2PI
     return o.where(ok, o.maximum(val, 0.0 * val), 0.0 * h)
 

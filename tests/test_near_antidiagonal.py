@@ -80,3 +80,20 @@ def test_cross_moment_antidiagonal_near_minus_one(backend: str) -> None:
             v = float(tk.relu_cross_moment(torch.tensor(h, dtype=torch.float64), -h, 1.0, 1.0, r))
         worst = max(worst, abs(v / to_float(ref) - 1.0))
     assert worst <= 1e-13, worst
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_cross_moment_minus_one_narrow_interval(backend: str) -> None:
+    """ρ = −1 with exact h, k and 0 < h + k ≤ 1e-13: E = ∫_{−h}^{k} (h + z)(k − z)φ ∝ (h + k)³;
+    z rounded against −h and k gave 0 (1.0 relative) at h + k = 2.2e-16 and 9.9e-4 at 1e-14."""
+    worst = 0.0
+    for k in (-0.6999999999999998, -0.69999999999999, -0.6999999999999):
+        ref = to_float(relu_cross_moment_ref(0.7, k, 1.0, 1.0, -1.0, dps=30))
+        if backend == "numpy":
+            v = float(nk.relu_cross_moment(0.7, k, 1.0, 1.0, -1.0))
+        else:
+            v = float(
+                tk.relu_cross_moment(torch.tensor(0.7, dtype=torch.float64), k, 1.0, 1.0, -1.0)
+            )
+        worst = max(worst, abs(v / ref - 1.0))
+    assert worst <= 1e-12, worst
