@@ -8,7 +8,13 @@ Oracles, each at one node ``N``:
 
 * ``N:cov``  — MC mean and full covariance of N (all correlations from MC);
 * ``N:marg`` — MC mean and variances, propagated correlations;
-* ``N:corr`` — propagated mean and variances, MC correlations.
+* ``N:corr`` — propagated mean and variances, MC correlations;
+* ``_5:gaussmax`` / ``_5:gaussmc`` (max-pool2 only) — the mean and variance of each pool2
+  window's exact maximum (sampled, ``gaussian_window_max``) of the propagated / of Monte
+  Carlo's Gaussian of its conv2 elements, propagated correlations.
+
+Each run also prints max-pool2's variance error (propagated, exact max of the propagated
+window Gaussian, independent MC) and conv2's window moments vs the independent MC.
 
 If ``N:cov`` brings the output to the Monte Carlo noise, everything after N is accurate and
 the error enters before N; ``marg`` vs ``corr`` says whether it is the marginals or the
@@ -160,9 +166,15 @@ def gaussian_window_max(
 
 
 def propagate_with_oracle(
-    gm: fx.GraphModule, x: torch.Tensor, var: float, node: str, kind: str, mc: tuple | None
+    gm: fx.GraphModule,
+    x: torch.Tensor,
+    var: float,
+    node: str,
+    kind: str,
+    mc: tuple | None,
+    opts: PropagateOptions,
 ) -> tuple[torch.Tensor, dict]:
-    """Output variance (d,) of the default propagation with node ``node``'s Gaussian replaced
+    """Output variance (d,) of the propagation (``opts``) with node ``node``'s Gaussian replaced
     (``kind`` cov | marg | corr, module doc; ``mc`` = its (mean, cov) from Monte Carlo; None:
     no replacement); also {node: propagated (mean, cov)} of ``node``."""
     seen = {}
@@ -192,7 +204,7 @@ def propagate_with_oracle(
 
     with torch.no_grad():
         res = propagate_one(
-            gm, x, torch.tensor(var, dtype=x.dtype), "scalar", PropagateOptions(), after_node=hook
+            gm, x, torch.tensor(var, dtype=x.dtype), "scalar", opts, after_node=hook
         )
     return res.var, seen
 
@@ -217,6 +229,7 @@ def run(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
+    opts = PropagateOptions(window_relu=args.window_relu)
     model = load_model(args.model)
     gm = commute_relu_max_pool(trace(model))
     gm32 = commute_relu_max_pool(trace(load_model(args.model).float()))
@@ -262,7 +275,7 @@ def run(args: argparse.Namespace) -> dict:
                 print(json.dumps(row), flush=True)
 
             t = time.perf_counter()
-            v0, seen = propagate_with_oracle(gm, x, sigma**2, tail_node, "cov", None)
+            v0, seen = propagate_with_oracle(gm, x, sigma**2, tail_node, "cov", None, opts)
             record("none", v0, time.perf_counter() - t)
             pm, pc = seen[tail_node]
             gm_mean, gm_var = gaussian_window_max(*seen["windows"], args.oracle_samples * 5, 7)
@@ -298,7 +311,7 @@ def run(args: argparse.Namespace) -> dict:
                 elif name == tail_node:
                     v = lenet_tail(model, *_oracle_moments(pm, pc, mcs[name], kind))
                 else:
-                    v, _ = propagate_with_oracle(gm, x, sigma**2, name, kind, mcs[name])
+                    v, _ = propagate_with_oracle(gm, x, sigma**2, name, kind, mcs[name], opts)
                 record(f"{name}:{kind}", v, time.perf_counter() - t)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     tag = "_".join(str(i) for i in args.images)
@@ -327,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--oracles",
         type=lambda s: s.split(","),
         default=["_5:cov", "_5:marg", "_5:corr"],
-        help="comma-separated node:kind, kind cov | marg | corr (default _5:cov,_5:marg,_5:corr;"
+        help="comma-separated node:kind, kind cov | marg | corr | gaussmax | gaussmc (default _5:cov,_5:marg,_5:corr;"
         " on LeNet _5 is max-pool2's output, _1_1 ReLU1's)",
     )
     p.add_argument(
@@ -342,6 +355,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument(
         "--oracle-seed", type=int, default=1000, help="oracle Monte Carlo seed (+ image)"
+    )
+    p.add_argument(
+        "--window-relu",
+        default="qmc",
+        help="PropagateOptions.window_relu of the propagation: qmc | tree (default qmc; the "
+        "diagnosis of issue #11 ran with tree, the form before)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--out", default="results", help="output folder (default results)")
