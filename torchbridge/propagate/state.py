@@ -32,6 +32,10 @@ Three representations of the joint covariance:
   sparse (local receptive fields), the residual covariances *between* correlated units of a
   ReLU or max-pooling output are kept on local pairs (``propagate.residual``) and turned
   into new factor columns before the next non-elementwise layer.
+  A ReLU of a max-pooling output (``window_relu = "qmc"``) takes the mean and variance of
+  max(0, window elements) integrated numerically over the window's Gaussian
+  (``propagate.window_max``) instead of those of the re-fitted tree; the unit's factor row,
+  residual variance and local pairs are scaled to the new variance (its correlations stay).
 * A ``FactorState`` can be converted to a ``FullState`` (F Fᵀ + diag D) when the remaining
   layers are small enough (``PropagateOptions.max_full``).
 """
