@@ -77,3 +77,18 @@ def test_relu_of_max_pool_matches_monte_carlo_where_the_tree_does_not():
     z = {w: ((r.var[0] - var) / se).abs() for w, r in got.items()}
     assert (z["qmc"] <= 5).all(), z
     assert z["tree"].max() > 5, z
+
+
+def test_window_moments_are_differentiable_with_iid_windows():
+    """Independent identically distributed window elements (S = σ²I: repeated eigenvalues):
+    the gradient of the output variance with respect to the parameters (before the output
+    layer's bias, which the variance does not depend on) is finite and nonzero."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten())
+    model = nn.Sequential(*model, nn.Linear(8, 2)).to(D)
+    x = torch.rand(1, 1, 4, 4, dtype=D)
+    opts = tb.PropagateOptions(covariance="lowrank", differentiable=True)
+    tb.output_moments(model, x, 0.1, options=opts).var.sum().backward()
+    grads = [p.grad for p in model[:-1].parameters()]  # the last bias: no effect on var
+    assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+    assert model[0].weight.grad.abs().min() > 0

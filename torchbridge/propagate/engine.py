@@ -67,6 +67,8 @@ class PropagateOptions:
             respect to the model's parameters and the input (moment-regularized training);
             memory grows with every intermediate covariance kept for the backward pass.
             Gradients reach the model's own parameters only when its dtype is the input's.
+            The factor form then drops the local residual covariances (``residual="drop"``:
+            their pairs go through SciPy sparse matrices, outside autograd).
     """
 
     covariance: str = "auto"
@@ -221,7 +223,11 @@ def propagate_one(
 
         switch = None
     else:
-        local = options.local if options.residual == "local" else None
+        # the local pairs are found and summed through SciPy (no autograd): not when
+        # differentiating
+        local = (
+            options.local if options.residual == "local" and not options.differentiable else None
+        )
         state = FactorState(
             diagonal=options.covariance == "diagonal",
             local=local,

@@ -41,9 +41,15 @@ def _sobol_normal(points: int, dim: int, seed: int, dtype, device) -> torch.Tens
 
 
 def _sqrt_psd(S: torch.Tensor) -> torch.Tensor:
-    """L (q, K, K) with L Lᵀ = S (q, K, K), S symmetric positive semidefinite."""
-    lam, V = torch.linalg.eigh(S)
-    return V * lam.clamp_min(0).sqrt()[:, None, :]
+    """L (q, K, K) with L Lᵀ = S (q, K, K), S symmetric positive semidefinite: Cholesky
+    (differentiable also at repeated eigenvalues), eigh for the windows where it fails."""
+    L, info = torch.linalg.cholesky_ex(S)
+    bad = info != 0
+    if bool(bad.any()):
+        lam, V = torch.linalg.eigh(S[bad])
+        L = L.clone()
+        L[bad] = V * lam.clamp_min(0).sqrt()[:, None, :]
+    return L
 
 
 def window_relu_max_moments(
