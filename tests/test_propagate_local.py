@@ -33,12 +33,13 @@ def test_every_pair_kept_equals_the_full_covariance():
     """With every pair kept at every layer (tol = rho = 0, max_density = 1) the factor form
     carries the same re-fitted Gaussian as the full covariance: max-pool window pairs through
     the joint tree, ReLU pairs by the exact kernel, both turned into noise directions. Output
-    mean and variance agree to 1e-10 (rounding), while dropping the residuals does not."""
+    mean and variance agree to 1e-10 (rounding), while dropping the residuals does not
+    (``window_relu="tree"``: the full form has no numerical window moments)."""
     model = _pool_net()
     x = torch.rand(1, 1, 8, 8, dtype=D)
     full = tb.output_moments(model, x, 0.2, options=tb.PropagateOptions(covariance="full"))
     every = LocalResidual(tol=0.0, rho=0.0, max_density=1.0)
-    opts = tb.PropagateOptions(covariance="lowrank", local=every)
+    opts = tb.PropagateOptions(covariance="lowrank", local=every, window_relu="tree")
     local = tb.output_moments(model, x, 0.2, options=opts)
     drop = tb.output_moments(
         model, x, 0.2, options=tb.PropagateOptions(covariance="lowrank", residual="drop")

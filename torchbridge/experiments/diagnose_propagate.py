@@ -11,7 +11,9 @@ and Monte Carlo's own noise (the same errors between its two independent halves,
 Variants: ``linearize`` (two-stage linearization, output only), ``lowrank-tree``
 (diagonal-plus-low-rank everywhere, max-pooling as a tree of separate pairwise maxima: the
 form before issue #11's diagnosis), ``lowrank`` (the same with each max-pooling window's
-covariance held in full), ``auto`` (the default), ``auto-tree`` (the default before:
+covariance held in full), ``auto`` (the default), ``auto-treerelu`` (the default with
+``window_relu="tree"``: relu(max-pool) from the re-fitted tree, the form before the numerical
+window moments), ``auto-tree`` (the default before:
 pairwise tree, reading-order pairs), ``full``
 (full covariance as soon as the live tensors have at most ``--full-units`` units), ``diagonal``
 (ADF), and ``+pool-oracle`` versions in which the output of every max-pooling layer (the
@@ -45,6 +47,7 @@ VARIANTS = (
     "lowrank-tree",
     "lowrank",
     "auto",
+    "auto-treerelu",
     "auto-drop",
     "lowrank-drop",
     "auto-tree",
@@ -247,6 +250,7 @@ def run(args: argparse.Namespace) -> dict:
                 "lowrank": PropagateOptions(covariance="lowrank"),
                 "lowrank-drop": PropagateOptions(covariance="lowrank", residual="drop"),
                 "auto": PropagateOptions(),
+                "auto-treerelu": PropagateOptions(window_relu="tree"),
                 "auto-drop": PropagateOptions(residual="drop"),
                 "auto-tree": PropagateOptions(
                     pool_window=False, pool_pairing="fixed", residual="drop"

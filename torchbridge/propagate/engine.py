@@ -30,6 +30,7 @@ COVARIANCES = ("auto", "full", "lowrank", "diagonal")
 RELU_METHODS_ALL = ("exact", "series", "zero_mean", "approx")
 POOL_PAIRINGS = ("adaptive", "fixed")
 RESIDUALS = ("local", "drop")
+WINDOW_RELUS = ("qmc", "tree")
 
 
 @dataclass(frozen=True)
@@ -57,10 +58,17 @@ class PropagateOptions:
             turned into new noise directions: ``propagate.residual``); "drop" keeps only
             their variances (the earlier behaviour).
         local: thresholds of the "local" residual (``residual.LocalResidual``).
+        window_relu: in the diagonal-plus-low-rank form, the moments of a ReLU of a
+            max-pooling output (relu(max-pool(z)), e.g. LeNet's ReLU1): "qmc" (default) the
+            mean and variance of max(0, window elements) integrated numerically over the
+            window's exact Gaussian (``propagate.window_max``; correlations as propagated);
+            "tree" those of the tree of pairwise maxima and the ReLU, each re-fitted.
         differentiable: keep the autograd graph, so the moments can be differentiated with
             respect to the model's parameters and the input (moment-regularized training);
             memory grows with every intermediate covariance kept for the backward pass.
             Gradients reach the model's own parameters only when its dtype is the input's.
+            The factor form then drops the local residual covariances (``residual="drop"``:
+            their pairs go through SciPy sparse matrices, outside autograd).
     """
 
     covariance: str = "auto"
@@ -70,6 +78,7 @@ class PropagateOptions:
     pool_window: bool = True
     residual: str = "local"
     local: LocalResidual = field(default_factory=LocalResidual)
+    window_relu: str = "qmc"
     differentiable: bool = False
 
     def __post_init__(self) -> None:
@@ -81,6 +90,8 @@ class PropagateOptions:
             )
         if self.residual not in RESIDUALS:
             raise ValueError(f"residual must be one of {RESIDUALS}; got {self.residual!r}")
+        if self.window_relu not in WINDOW_RELUS:
+            raise ValueError(f"window_relu must be one of {WINDOW_RELUS}; got {self.window_relu!r}")
         if not isinstance(self.local, LocalResidual):
             raise TypeError(f"local must be a LocalResidual; got {type(self.local).__name__}")
         if self.pool_pairing not in POOL_PAIRINGS:
@@ -212,8 +223,16 @@ def propagate_one(
 
         switch = None
     else:
-        local = options.local if options.residual == "local" else None
-        state = FactorState(diagonal=options.covariance == "diagonal", local=local)
+        # the local pairs are found and summed through SciPy (no autograd): not when
+        # differentiating
+        local = (
+            options.local if options.residual == "local" and not options.differentiable else None
+        )
+        state = FactorState(
+            diagonal=options.covariance == "diagonal",
+            local=local,
+            window_relu=options.window_relu,
+        )
         if options.covariance == "diagonal" and cov_kind != "full":
 
             def add(s, nid):

@@ -32,6 +32,10 @@ Three representations of the joint covariance:
   sparse (local receptive fields), the residual covariances *between* correlated units of a
   ReLU or max-pooling output are kept on local pairs (``propagate.residual``) and turned
   into new factor columns before the next non-elementwise layer.
+  A ReLU of a max-pooling output (``window_relu = "qmc"``) takes the mean and variance of
+  max(0, window elements) integrated numerically over the window's Gaussian
+  (``propagate.window_max``) instead of those of the re-fitted tree; the unit's factor row,
+  residual variance and local pairs are scaled to the new variance (its correlations stay).
 * A ``FactorState`` can be converted to a ``FullState`` (F Fᵀ + diag D) when the remaining
   layers are small enough (``PropagateOptions.max_full``).
 """
@@ -170,9 +174,19 @@ class FactorState:
 
     kind = "factor"
 
-    def __init__(self, diagonal: bool = False, local: LocalResidual | None = None) -> None:
+    def __init__(
+        self,
+        diagonal: bool = False,
+        local: LocalResidual | None = None,
+        window_relu: str = "tree",
+    ) -> None:
         self.diagonal = diagonal  # ADF: a ReLU's output keeps no factor (variance in D)
         self.local = None if diagonal else local  # local residual covariances (residual.py)
+        #: "qmc": a ReLU of a max-pooling output gets the mean and variance of
+        #: max(0, window) integrated numerically (``window_max``); "tree": the re-fits'
+        self.window_relu = window_relu
+        #: max-pooling outputs: their windows' element Gaussians (mean (q, K), cov (q, K, K))
+        self.windows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.mean: dict[int, torch.Tensor] = {}
         self.shape: dict[int, tuple[int, ...]] = {}
         self.factor: dict[int, torch.Tensor] = {}
@@ -266,7 +280,28 @@ class FactorState:
                 self._relu_pairs(nid, src, sigma, rv, phi)
         self.mean[nid] = rm
         self.shape[nid] = self.shape[src]
-        return rm.reshape(self.shape[src])
+        if src in self.windows and not self.diagonal:
+            self._window_relu(nid, *self.windows[src])
+        return self.mean[nid].reshape(self.shape[src])
+
+    def _window_relu(self, nid: int, mu: torch.Tensor, S: torch.Tensor) -> None:
+        """relu(max-pool): replace the re-fitted mean and variance of each unit by those of
+        max(0, window elements) (``window_max.window_relu_max_moments``, where its
+        integration error is below ``window_max.MAX_REL_SE`` of the variance), scaling the
+        unit's factor row, residual variance and local pairs so that its correlations with
+        everything else stay as propagated."""
+        from torchbridge.propagate import window_max
+
+        m, v, se = window_max.window_relu_max_moments(mu, S, replicates=2)
+        old = self.variance(nid)
+        ok = (v > 0) & (old > 0) & (se[:, 1] <= window_max.MAX_REL_SE * v)
+        s = torch.where(ok, (v / torch.where(ok, old, 1.0)).sqrt(), 1.0)
+        self.mean[nid] = torch.where(ok, m, self.mean[nid])
+        self.factor[nid] = self.factor[nid] * s[:, None]
+        self.resid[nid] = self.resid[nid] * s.square()
+        p = self.pairs.get(nid)
+        if p is not None:
+            self.pairs[nid] = Pairs(p.i, p.j, p.v * s[p.i] * s[p.j])
 
     def _local_here(self, src: int) -> bool:
         """Local residuals at this layer: its input is still local (pending pairs, or a
@@ -379,6 +414,8 @@ class FactorState:
         self.factor[nid] = Fo
         self.resid[nid] = (var - Fo.square().sum(1)).clamp_min(0)
         self.shape[nid] = (1, mu.shape[0])
+        if self.window_relu == "qmc" and not self.diagonal and level0[0].shape[1] > 1:
+            self.windows[nid] = (level0[0], level0[1])
         if self.local is not None and level0[0].shape[1] > 1 and local_here:
             self._window_pairs(nid, src, level0, var, method)
         return mu[:, 0]
@@ -418,6 +455,7 @@ class FactorState:
         for d in (self.mean, self.shape, self.factor, self.resid):
             d.pop(nid)
         self.pairs.pop(nid, None)
+        self.windows.pop(nid, None)
 
     def _add_pairs(self, nid: int, cov: torch.Tensor) -> torch.Tensor:
         p = self.pairs.get(nid)

@@ -1,0 +1,94 @@
+"""Numerical moments of relu(max-pool window) (``propagate.window_max``) and their use at a
+ReLU of a max-pooling output in the factor form (``PropagateOptions(window_relu="qmc")``)."""
+
+from __future__ import annotations
+
+import torch
+from nmgen.generated import torch_kernels as K
+from torch import nn
+
+import torchbridge as tb
+from torchbridge.propagate.window_max import window_relu_max_moments
+
+D = torch.float64
+
+
+def test_one_element_window_is_the_relu_closed_form():
+    """K = 1: max(0, z) = relu(z); mean and variance vs the closed form, relative error
+    ≤ 2e-3 for μ/σ ≥ −1 (the integration error; the propagation only uses a window's
+    moments where its estimated standard error is ≤ 2e-3 of the variance)."""
+    mu = torch.linspace(-1.0, 3.0, 40, dtype=D)[:, None]
+    sd = torch.linspace(0.3, 2.0, 40, dtype=D)
+    m, v, se = window_relu_max_moments(mu * sd[:, None], sd.square()[:, None, None], replicates=2)
+    rm, rv = K.relu_mean_variance(mu[:, 0] * sd, sd)
+    assert ((m - rm).abs() / rm).max() <= 2e-3
+    assert ((v - rv).abs() / rv).max() <= 2e-3
+    assert (se[:, 1] > 0).all()
+
+
+def test_four_element_windows_match_monte_carlo():
+    """K = 4, correlated windows: numerical mean and variance within 5 standard errors of
+    plain Monte Carlo (4·10⁵ pseudo-random samples per window, independent generator)."""
+    g = torch.Generator().manual_seed(3)
+    q, n = 12, 400_000
+    A = torch.randn(q, 4, 4, generator=g, dtype=D)
+    S = A @ A.transpose(1, 2) / 4 + 0.8 * torch.ones(4, 4, dtype=D)
+    mu = 0.7 * torch.randn(q, 4, generator=g, dtype=D)
+    m, v, _ = window_relu_max_moments(mu, S, replicates=2)
+    L = torch.linalg.cholesky(S)
+    e = torch.randn(n, 4, generator=g, dtype=D)
+    y = (mu[:, None, :] + torch.einsum("pk,qlk->qpl", e, L)).amax(2).clamp_min(0)
+    mc_m, mc_v = y.mean(1), y.var(1)
+    c = y - mc_m[:, None]
+    se_m = (mc_v / n).sqrt()
+    se_v = ((c**4).mean(1) - mc_v.square()).clamp_min(0).div(n).sqrt()
+    assert (((m - mc_m) / se_m).abs() <= 5).all()
+    assert (((v - mc_v) / se_v).abs() <= 5).all()
+
+
+def test_relu_of_max_pool_matches_monte_carlo_where_the_tree_does_not():
+    """max-pool 2×2 → ReLU → Linear under N(x, Σ), Σ block diagonal with strongly correlated
+    2×2 blocks (one per window): the windows are independent, so the output variance is a sum
+    over windows of Var(relu(max)) and only the window moments matter. With
+    ``window_relu="qmc"`` it matches Monte Carlo (4·10⁵ samples) within 5 standard errors on
+    every output; the re-fitted tree (``"tree"``) does not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(9, 2)).to(D).eval()
+    x = 0.3 * torch.randn(1, 1, 6, 6, dtype=D)
+    blocks = []
+    for _ in range(9):
+        A = torch.randn(4, 4, dtype=D)
+        blocks.append(0.05 * (A @ A.T / 4 + 0.9 * torch.ones(4, 4, dtype=D)))
+    B = torch.block_diag(*blocks)  # in window order: reorder to pixel order
+    win = torch.arange(36).reshape(3, 2, 3, 2).permute(0, 2, 1, 3).reshape(-1)
+    Sigma = torch.zeros(36, 36, dtype=D)
+    Sigma[win[:, None], win[None, :]] = B
+    opts = {w: tb.PropagateOptions(covariance="lowrank", window_relu=w) for w in ("qmc", "tree")}
+    got = {w: tb.output_moments(model, x, Sigma, options=o) for w, o in opts.items()}
+    n = 400_000
+    gen = torch.Generator().manual_seed(1)
+    L = torch.linalg.cholesky(Sigma)
+    with torch.no_grad():
+        eps = torch.randn(n, 36, generator=gen, dtype=D) @ L.T
+        y = model(x + eps.reshape(n, 1, 6, 6))
+    c = y - y.mean(0)
+    var = c.square().mean(0) * n / (n - 1)
+    se = ((c**4).mean(0) - var.square()).clamp_min(0).div(n).sqrt()
+    z = {w: ((r.var[0] - var) / se).abs() for w, r in got.items()}
+    assert (z["qmc"] <= 5).all(), z
+    assert z["tree"].max() > 5, z
+
+
+def test_window_moments_are_differentiable_with_iid_windows():
+    """Independent identically distributed window elements (S = σ²I: repeated eigenvalues):
+    the gradient of the output variance with respect to the parameters (before the output
+    layer's bias, which the variance does not depend on) is finite and nonzero."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten())
+    model = nn.Sequential(*model, nn.Linear(8, 2)).to(D)
+    x = torch.rand(1, 1, 4, 4, dtype=D)
+    opts = tb.PropagateOptions(covariance="lowrank", differentiable=True)
+    tb.output_moments(model, x, 0.1, options=opts).var.sum().backward()
+    grads = [p.grad for p in model[:-1].parameters()]  # the last bias: no effect on var
+    assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+    assert model[0].weight.grad.abs().min() > 0
