@@ -147,7 +147,14 @@ KERNELS = (
         name="bivariate_normal_cdf",
         args=(ArgSpec(_h, "extreal"), ArgSpec(_k, "extreal"), ArgSpec(_r, "corr")),
         cases=(
-            Case(BVN(_h, _k, _r), sp.true, {}, "Φ2 by Owen's T (NumPy) / Gauss–Legendre (Torch)"),
+            Case(
+                BVN(_h, _k, _r),
+                sp.true,
+                {},
+                "Φ2 by Owen's T (NumPy) / Gauss–Legendre (Torch); below 1e-2 as Φ(h)Φ(k) + "
+                "∫_0^ρ φ2 (ρ ≥ 0) or Φ2(h, k; −1) + ∫_{−1}^ρ φ2 (ρ < 0), positive terms "
+                "(nmruntime.relu_pair.phi2_std)",
+            ),
         ),
         doc="Φ2(h, k; rho) = P(Z1 < h, Z2 < k), standard bivariate normal, corr(Z1, Z2) = rho.",
         source="derivations/exact_cross_moment.py",

@@ -17,13 +17,15 @@ from nmruntime.bvn_torch import bvn_cdf as _bvn_cdf
 _GL_RULES = {n: RULES[n] for n in GENZ_SIZES}
 
 
-def _bvn(h, k, rho):
+def _bvn_fast(h, k, rho):
     return _bvn_cdf(h, k, rho, rules=_GL_RULES)
 
 
 from nmruntime.relu_pair import torch_binding as _rp_bind  # noqa: E402
 
-_relu_mean, _relu_second, _relu_var, _relu_cov, _relu_cross = _rp_bind(RULES[PAIR_SIZE], _bvn)
+_relu_mean, _relu_second, _relu_var, _relu_cov, _relu_cross, _bvn = _rp_bind(
+    RULES[PAIR_SIZE], _bvn_fast
+)
 
 
 __all__ = [
@@ -270,7 +272,7 @@ def bivariate_normal_cdf(h, k, rho, *, validate=True):
         Tensor of the broadcast shape and the arguments' float dtype.
 
     Cases (first match wins):
-        0. Φ2 by Owen's T (NumPy) / Gauss–Legendre (Torch)
+        0. Φ2 by Owen's T (NumPy) / Gauss–Legendre (Torch); below 1e-2 as Φ(h)Φ(k) + ∫_0^ρ φ2 (ρ ≥ 0) or Φ2(h, k; −1) + ∫_{−1}^ρ φ2 (ρ < 0), positive terms (nmruntime.relu_pair.phi2_std)
 
     Printed transcendental calls (all cases; a loop body counts once): _bvn 1.
     """
@@ -281,7 +283,7 @@ def bivariate_normal_cdf(h, k, rho, *, validate=True):
         ("extreal", "extreal", "corr"),
         validate,
     )
-    # case 0: Φ2 by Owen's T (NumPy) / Gauss–Legendre (Torch)
+    # case 0: Φ2 by Owen's T (NumPy) / Gauss–Legendre (Torch); below 1e-2 as Φ(h)Φ(k) + ∫_0^ρ φ2 (ρ ≥ 0) or Φ2(h, k; −1) + ∫_{−1}^ρ φ2 (ρ < 0), positive terms (nmruntime.relu_pair.phi2_std)
     _v0_0 = _bvn(h, k, rho)
     _out0 = _v0_0
     return _out0

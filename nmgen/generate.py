@@ -360,11 +360,14 @@ def _runtime_prelude(backend: Backend, specs: list[KernelSpec]) -> list[str]:
     uses_bvn = _uses(specs, BVN)
     uses_pair = any(_uses(specs, f) for f in RUNTIME_CALLS)
     lines = []
+    # the fast Φ2 (absolutely accurate) feeds the pair routes; with the pair runtime, the
+    # printed ``_bvn`` is its relatively accurate Φ2 (``nmruntime.relu_pair.phi2_std``)
+    fast = "_bvn_fast" if uses_pair else "_bvn"
     if backend.name == "numpy":
         if uses_pair:
             lines.append("from .gauss_legendre import PAIR_SIZE, RULES")
         if uses_bvn or uses_pair:
-            lines.append("from nmruntime.bvn_numpy import bvn_cdf as _bvn")
+            lines.append(f"from nmruntime.bvn_numpy import bvn_cdf as {fast}")
     elif uses_bvn or uses_pair:
         lines += [
             "from .gauss_legendre import GENZ_SIZES, PAIR_SIZE, RULES",
@@ -373,7 +376,7 @@ def _runtime_prelude(backend: Backend, specs: list[KernelSpec]) -> list[str]:
             "_GL_RULES = {n: RULES[n] for n in GENZ_SIZES}",
             "",
             "",
-            "def _bvn(h, k, rho):",
+            f"def {fast}(h, k, rho):",
             "    return _bvn_cdf(h, k, rho, rules=_GL_RULES)",
         ]
     if uses_pair:
@@ -382,8 +385,8 @@ def _runtime_prelude(backend: Backend, specs: list[KernelSpec]) -> list[str]:
             "",
             f"from nmruntime.relu_pair import {bind} as _rp_bind  # noqa: E402",
             "",
-            "_relu_mean, _relu_second, _relu_var, _relu_cov, _relu_cross = _rp_bind(",
-            "    RULES[PAIR_SIZE], _bvn",
+            "_relu_mean, _relu_second, _relu_var, _relu_cov, _relu_cross, _bvn = _rp_bind(",
+            f"    RULES[PAIR_SIZE], {fast}",
             ")",
         ]
     return [*lines, ""]

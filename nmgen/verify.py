@@ -70,14 +70,6 @@ class KnownHard:
     reached: float
 
 
-def _bvn_lower_tail(h: float, k: float, r: float) -> bool:
-    return min(h, k) <= -3.0
-
-
-def _bvn_negative_quadrant(h: float, k: float, r: float) -> bool:
-    return r < 0.0 and -3.0 < h < 0.0 and -3.0 < k < 0.0
-
-
 def _minus_one_touching(m1: float, m2: float, s1: float, s2: float, r: float) -> bool:
     if not (r == -1.0 and s1 > 0 and s2 > 0):
         return False
@@ -92,20 +84,6 @@ def _near_minus_one(*args: float) -> bool:
 #: Known-hard regions (issue #10): never hidden by a looser global tolerance; each is printed
 #: with the accuracy its points reach and the row fails if one of them gets worse.
 KNOWN_HARD: tuple[KnownHard, ...] = (
-    KnownHard(
-        "bivariate_normal_cdf",
-        ("float64", "float32"),
-        "lower tail min(h, k) ≤ −3: Φ2 is computed to absolute (not relative) accuracy",
-        _bvn_lower_tail,
-        2e122,  # Torch float64 1.8e122 at (−10, −10, −0.75) (full grid); absolute error ≤ 1.2e-16
-    ),
-    KnownHard(
-        "bivariate_normal_cdf",
-        ("float32",),
-        "float32, ρ < 0 with −3 < h, k < 0: Φ(h)Φ(k) + ∫_0^{asin ρ} φ2 cancels as Φ2 gets small",
-        _bvn_negative_quadrant,
-        2e-5,  # Torch float32 1.73e-5 at (−0.5, −0.5, −0.9) (full grid)
-    ),
     KnownHard(
         "relu_cross_moment",
         ("float64", "float32"),

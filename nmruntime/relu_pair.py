@@ -893,6 +893,50 @@ def relu_cov_std(
     return _cov_hybrid(o, h, k, r, rule, bvn, eps_ratio, bvn_slow, eps)
 
 
+#: Φ2 below this is recomputed as a sum of positive terms (``phi2_std``): the backends'
+#: Φ2 (Owen's T / Gauss–Legendre) is accurate to ~1e-16 absolute, i.e. 1e-14 relative above it.
+PHI2_REFINE_BELOW = 1e-2
+
+
+def _phi2_terms(o, h, k, r, rule):
+    """Φ2(h, k; ρ) as a sum of positive terms (∂Φ2/∂ρ = φ2 ≥ 0), 1-D inputs, |ρ| ≤ 1:
+    ρ ≥ 0: Φ(h)Φ(k) + (1/2π)∫_0^{asin ρ} e^G dθ; ρ < 0: Φ2(h, k; −1) + (1/2π)∫_{−π/2}^{asin ρ}
+    e^G dθ (the θ-integrals and joint-tail routes of the covariance, with weight 1)."""
+
+    def upper(h, k, r):
+        zero = 0.0 * h
+        one = lambda s, c2: 1.0 + 0.0 * s  # noqa: E731
+        j = _integral(o, h, k, zero, o.asin(r), +1, one, rule, cos_hi=_cos_asin(o, r))
+        j = tail_or(o, h, k, r, zero, "one", rule, j)
+        return _ncdf(o, h) * _ncdf(o, k) + j
+
+    def lower(h, k, r):
+        zero = 0.0 * h
+        ar = o.abs(r)
+        one = lambda s, c2: 1.0 + 0.0 * s  # noqa: E731
+        j = _integral(o, h, k, o.asin(ar), zero + _HALF_PI, -1, one, rule, _cos_asin(o, ar), zero)
+        j = tail_or(o, h, k, r, zero - 1.0, "one", rule, j)
+        return _interval_prob(o, h, k, rule) + j
+
+    pos = r >= 0
+    return _on(pos, upper, h, k, r, safe=(0.0, 0.0, 0.5)) + _on(
+        ~pos, lower, h, k, r, safe=(0.0, 0.0, -0.5)
+    )
+
+
+@_flat
+def phi2_std(o: SimpleNamespace, h, k, r, rule, bvn=None):
+    """Φ2(h, k; ρ), relatively accurate: ``bvn`` (the backend's fast Φ2) where its value is at
+    least ``PHI2_REFINE_BELOW``, the positive-term form ``_phi2_terms`` below it (finite h, k,
+    |ρ| < 1; ρ = ±1 are exact interval probabilities in ``bvn``). Shapes as ``relu_cov_std``."""
+    v = bvn(h, k, r)
+    small = (v < PHI2_REFINE_BELOW) & (o.abs(h) < _CLIP) & (o.abs(k) < _CLIP) & (o.abs(r) < 1.0)
+    hc, kc, rc = _clamped(o, o.stop(h), o.stop(k), o.stop(r))
+    refined = _on(small, lambda *a: _phi2_terms(o, *a, rule), hc, kc, rc, safe=(0.0, 0.0, 0.5))
+    # the refined value with ``bvn``'s gradient: v − stop(v) is exactly 0 in value
+    return o.where(small, refined + (v - o.stop(v)), v)
+
+
 def _cov_std(o, h, k, r, rule, bvn=None):
     h, k, r = _clamped(o, h, k, r)
     both = (h > 0) & (k > 0)
@@ -1083,7 +1127,7 @@ def relu_cross_ms(o: SimpleNamespace, mu1, mu2, s1, s2, r, rule):
     Inputs: arrays of one broadcast shape; the result has that shape.
     """
     h, k = mu1 / s1, mu2 / s2
-    hc, kc, rc = _clamped(o, h, k, r)
+    hc, kc, rc = _clamped(o, o.stop(h), o.stop(k), o.stop(r))
     up = (rc >= 0) | ((hc >= 1.0) & (kc >= 1.0))
 
     def upper(m1, m2, a, b, hh, kk, rr):
@@ -1099,7 +1143,9 @@ def relu_cross_ms(o: SimpleNamespace, mu1, mu2, s1, s2, r, rule):
 
 
 def numpy_binding(rule, bvn) -> tuple:
-    """(mean, second, variance, cov, cross) callables for the generated NumPy module.
+    """(mean, second, variance, cov, cross, Φ2) callables for the generated NumPy module.
+
+    ``bvn`` is the backend's fast Φ2; the returned Φ2 is ``phi2_std`` (relatively accurate).
 
     Each takes broadcast float arrays (σ > 0 where it applies), computes in float64 and
     returns the inputs' dtype. ``rule``: (nodes, weights) of the Gauss–Legendre rule.
@@ -1116,6 +1162,8 @@ def numpy_binding(rule, bvn) -> tuple:
             with np.errstate(all="ignore"):
                 if fn is relu_cov_std:
                     out = fn(o, *a64, (x, w), bvn=bvn, eps_ratio=eps_ratio)
+                elif fn is phi2_std:
+                    out = fn(o, *a64, (x, w), bvn=bvn)
                 elif fn is relu_cross_ms:
                     out = fn(o, *a64, (x, w))
                 else:
@@ -1132,11 +1180,15 @@ def numpy_binding(rule, bvn) -> tuple:
         call(relu_moments_ms, 2),
         call(relu_cov_std),
         call(relu_cross_ms),
+        call(phi2_std),
     )
 
 
 def torch_binding(rule, bvn) -> tuple:
-    """(mean, second, variance, cov, cross) callables for the generated PyTorch module.
+    """(mean, second, variance, cov, cross, Φ2) callables for the generated PyTorch module.
+
+    ``bvn`` is the backend's fast Φ2 (with its autograd); the returned Φ2 is ``phi2_std``:
+    relatively accurate values, ``bvn``'s gradients.
 
     Computed in the inputs' dtype on their device. The quadrature runs on a detached ρ; the
     ρ-gradient is attached exactly as ∂C/∂ρ = Φ2(h, k; ρ) (Lemma 2; ``bvn`` is the generated
@@ -1187,4 +1239,7 @@ def torch_binding(rule, bvn) -> tuple:
             out = out + (rho - r0) * ((s1 * s2).detach() * g)
         return out
 
-    return moments(0), moments(1), moments(2), cov, cross
+    def phi2(h, k, rho):
+        return phi2_std(o, h, k, rho, rule_for(h), bvn=bvn)
+
+    return moments(0), moments(1), moments(2), cov, cross, phi2
