@@ -340,7 +340,8 @@ def main(argv: list[str] | None = None) -> dict:
     return run(p.parse_args(argv))
 
 
-def _add_args(p: argparse.ArgumentParser) -> None:
+def add_target_args(p: argparse.ArgumentParser, sigmas: list[float]) -> None:
+    """--model, --images and --sigmas (default ``sigmas``): what a propagation diagnosis runs on."""
     p.add_argument("--model", default="lenet", help="mlp | lenet | rescnn (default lenet)")
     p.add_argument(
         "--images",
@@ -351,9 +352,13 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sigmas",
         type=lambda s: [float(v) for v in s.split(",")],
-        default=[0.1, 0.3],
-        help="input noise levels σ, pixel units (default 0.1,0.3)",
+        default=sigmas,
+        help=f"input noise levels σ, pixel units (default {','.join(map(str, sigmas))})",
     )
+
+
+def _add_args(p: argparse.ArgumentParser) -> None:
+    add_target_args(p, [0.1, 0.3])
     p.add_argument(
         "--variants",
         type=lambda s: s.split(","),

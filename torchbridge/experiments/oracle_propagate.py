@@ -36,7 +36,12 @@ from torch import fx
 
 from torchbridge.data import mnist
 from torchbridge.experiments.common import relative_difference
-from torchbridge.experiments.diagnose_propagate import _agg, monte_carlo_layers, pool_nodes
+from torchbridge.experiments.diagnose_propagate import (
+    _agg,
+    add_target_args,
+    monte_carlo_layers,
+    pool_nodes,
+)
 from torchbridge.propagate import PropagateOptions, propagate_one, trace
 from torchbridge.propagate.lowering import commute_relu_max_pool
 
@@ -323,19 +328,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="lenet", help="mlp | lenet | rescnn (default lenet)")
-    p.add_argument(
-        "--images",
-        type=lambda s: [int(v) for v in s.split(",")],
-        default=[0, 1],
-        help="comma-separated test image indices (default 0,1)",
-    )
-    p.add_argument(
-        "--sigmas",
-        type=lambda s: [float(v) for v in s.split(",")],
-        default=[0.1],
-        help="input noise levels σ, pixel units (default 0.1)",
-    )
+    add_target_args(p, [0.1])
     p.add_argument(
         "--oracles",
         type=lambda s: s.split(","),
@@ -346,7 +339,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--samples", type=int, default=20_000, help="reference Monte Carlo samples (default 20000)"
     )
-    p.add_argument("--seed", type=int, default=0, help="reference Monte Carlo seed (+ image)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="reference Monte Carlo seed (+ image; default 0)"
+    )
     p.add_argument(
         "--oracle-samples",
         type=int,
@@ -354,7 +349,10 @@ def main(argv: list[str] | None = None) -> dict:
         help="Monte Carlo samples of the oracle's moments (default 20000)",
     )
     p.add_argument(
-        "--oracle-seed", type=int, default=1000, help="oracle Monte Carlo seed (+ image)"
+        "--oracle-seed",
+        type=int,
+        default=1000,
+        help="oracle Monte Carlo seed (+ image; default 1000)",
     )
     p.add_argument(
         "--window-relu",
