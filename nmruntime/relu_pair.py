@@ -1137,7 +1137,7 @@ def relu_cross_ms(o: SimpleNamespace, mu1, mu2, s1, s2, r, rule):
     Inputs: arrays of one broadcast shape; the result has that shape.
     """
     h, k = mu1 / s1, mu2 / s2
-    hc, kc, rc = _clamped(o, o.stop(h), o.stop(k), o.stop(r))
+    hc, kc, rc = _clamped(o, h, k, r)
     up = (rc >= 0) | ((hc >= 1.0) & (kc >= 1.0))
 
     def upper(m1, m2, a, b, hh, kk, rr):
