@@ -436,9 +436,9 @@ def _cov_neg(o, h, k, r, rule):
     return -(ar * p2 + j_b)
 
 
-def _cov_core(o, h, k, r, rule, bvn=None):
-    """C(h, k, ρ) without the reflection (any h, k; |ρ| ≤ 1), 1-D inputs. ``bvn`` is not used
-    (every route is the quadrature, see ``_cov_neg``); it is accepted for the callers."""
+def _cov_core(o, h, k, r, rule):
+    """C(h, k, ρ) without the reflection (any h, k; |ρ| ≤ 1), 1-D inputs: the positive-term
+    quadrature for every h, k (no backend Φ2, see ``_cov_neg``)."""
     pos = r >= 0
     return _on(pos, lambda *a: _cov_pos(o, *a, rule), h, k, r, safe=(0.0, 0.0, 0.5)) + _on(
         ~pos, lambda *a: _cov_neg(o, *a, rule), h, k, r, safe=(0.0, 0.0, -0.5)
@@ -796,12 +796,11 @@ def _cheap_masks(o, h, k, r, eps):
     return _underflows(o, h, k, r, eps), _linear_ok(o, h, k, r, eps), _linear_ok(o, k, h, r, eps)
 
 
-def _cov_hybrid(o, h, k, r, rule, bvn, eps_ratio, bvn_slow=None, eps=2.0**-52):
+def _cov_hybrid(o, h, k, r, rule, bvn, eps_ratio, eps=2.0**-52):
     """C: 0 where it underflows, ρΦ(k) (or ρΦ(h)) where one unit is on almost surely
     (``_linear_ok``: the neglected term is below eps/4 relative), else the closed form where it
     provably keeps its digits, else Mehler's series where it converges and keeps its digits
-    (|ρ| ≤ 0.8), the quadrature elsewhere (which calls ``bvn_slow``, default ``bvn``, on its
-    few elements)."""
+    (|ρ| ≤ 0.8), the positive-term quadrature elsewhere (no Φ2)."""
     under, lin_h, lin_k = _fused(o, f"cheap{eps}", lambda o, *a: _cheap_masks(o, *a, eps), h, k, r)
     cheap = under | lin_h | lin_k
     # ρΦ(k) where unit 1 is on, ρΦ(h) where unit 2 is (eager CPU: only on those elements)
@@ -810,10 +809,10 @@ def _cov_hybrid(o, h, k, r, rule, bvn, eps_ratio, bvn_slow=None, eps=2.0**-52):
     v_cheap = _on(lin, lambda s, rr: rr * _ncdf(o, s), other, r, safe=(0.0, 0.5))
     general = ~cheap
     if not sync_free(h) and bool(general.all()):  # eager: no gather/scatter of every element
-        return _cov_general(o, h, k, r, rule, bvn, eps_ratio, bvn_slow, eps)
+        return _cov_general(o, h, k, r, rule, bvn, eps_ratio, eps)
     rest = _on(
         general,
-        lambda *a: _cov_general(o, *a, rule, bvn, eps_ratio, bvn_slow, eps),
+        lambda *a: _cov_general(o, *a, rule, bvn, eps_ratio, eps),
         h,
         k,
         r,
@@ -844,9 +843,8 @@ def _torch_cat(vs):
     return torch.cat(vs)
 
 
-def _cov_general(o, h, k, r, rule, bvn, eps_ratio, bvn_slow, eps):
+def _cov_general(o, h, k, r, rule, bvn, eps_ratio, eps):
     """C by the closed form, Mehler's series or the quadrature (see ``_cov_hybrid``)."""
-    bvn_slow = bvn if bvn_slow is None else bvn_slow
     moderate = (o.abs(r) <= 0.99) & (h > -6.0) & (k > -6.0) & (h < 8.0) & (k < 8.0)
     z = 0.0 * h
     if not sync_free(h) and bool(moderate.all()):  # eager: skip three passes
@@ -874,7 +872,7 @@ def _cov_general(o, h, k, r, rule, bvn, eps_ratio, bvn_slow, eps):
                 safe=(0.0, 0.0, 0.5),
             )
         else:
-            rest = _on(~good, lambda *a: _cov_std(o, *a, rule, bvn_slow), h, k, r, safe=(0, 0, 0.5))
+            rest = _on(~good, lambda *a: _cov_std(o, *a, rule), h, k, r, safe=(0, 0, 0.5))
         return o.where(good, cm, 0.0 * h) + rest
 
     # eager CPU: the short series first, accepted on the same tests (it takes 75% (float64)
@@ -886,21 +884,18 @@ def _cov_general(o, h, k, r, rule, bvn, eps_ratio, bvn_slow, eps):
 
 
 @_flat
-def relu_cov_std(
-    o: SimpleNamespace, h, k, r, rule, bvn=None, eps_ratio=0.0, bvn_slow=None, eps=2.0**-52
-):
+def relu_cov_std(o: SimpleNamespace, h, k, r, rule, bvn=None, eps_ratio=0.0, eps=2.0**-52):
     """C(h, k, ρ) = Cov[(h + Z1)⁺, (k + Z2)⁺], corr(Z1, Z2) = ρ ∈ [−1, 1]; h, k not NaN.
 
     ``o``: ``numpy_ops()`` or ``torch_ops()``; ``rule``: (nodes, weights) of one Gauss–Legendre
     rule on [−1, 1] as arrays of the inputs' dtype. h, k, r: arrays of one broadcast shape;
     the result has that shape. With ``bvn`` (the backend's Φ2) the closed form is used where
-    its rounding error is below ``eps_ratio``·|C| (``_cov_hybrid``), the quadrature elsewhere
-    (with ``bvn_slow`` as its Φ2 where given).
+    its rounding error is below ``eps_ratio``·|C| (``_cov_hybrid``), the quadrature elsewhere.
     """
     if bvn is None:
         return _cov_std(o, h, k, r, rule)
     h, k, r = _clamped(o, h, k, r)
-    return _cov_hybrid(o, h, k, r, rule, bvn, eps_ratio, bvn_slow, eps)
+    return _cov_hybrid(o, h, k, r, rule, bvn, eps_ratio, eps)
 
 
 #: Φ2 below this is recomputed as a sum of positive terms (``phi2_std``): the backends'
@@ -947,12 +942,12 @@ def phi2_std(o: SimpleNamespace, h, k, r, rule, bvn=None):
     return o.where(small, refined + (v - o.stop(v)), v)
 
 
-def _cov_std(o, h, k, r, rule, bvn=None):
+def _cov_std(o, h, k, r, rule):
     h, k, r = _clamped(o, h, k, r)
     both = (h > 0) & (k > 0)
     hh = o.where(both, -h, h)
     kk = o.where(both, -k, k)
-    core = _cov_core(o, hh, kk, r, rule, bvn)
+    core = _cov_core(o, hh, kk, r, rule)
     # P(−h < Z < k) for h, k > 0: (erf(h/√2) + erf(k/√2))/2, no cancellation
     p_mid = 0.5 * (o.erf(h * _SQRT1_2) + o.erf(k * _SQRT1_2))
     return o.where(both, r * p_mid + core, core)
@@ -1206,17 +1201,8 @@ def torch_binding(rule, bvn) -> tuple:
     """
     import torch
 
-    from nmruntime.bvn_torch import bvn_cdf, default_rules
-
     o = torch_ops()
     cache: dict = {}
-    # the quadrature route's Φ2 (few elements, deep in the tails): the 20-point rule for every
-    # |ρ| < 0.925, whose relative accuracy there is far better than the 6-point rule's
-    # (h = 5.13, k = −8.94, ρ = −0.29: C relative error 1.2e-9 -> 6e-15 vs mpmath)
-    rule20 = {20: default_rules()[20]}
-
-    def bvn_slow(h, k, r):
-        return bvn_cdf(h, k, r, rules=rule20)
 
     def rule_for(t):
         key = (t.dtype, t.device)
@@ -1234,9 +1220,7 @@ def torch_binding(rule, bvn) -> tuple:
         r0 = rho.detach()
         ratio = _FAST_RATIO[h.element_size()]
         eps = torch.finfo(h.dtype).eps
-        out = relu_cov_std(
-            o, h, k, r0, rule_for(h), bvn=bvn, eps_ratio=ratio, bvn_slow=bvn_slow, eps=eps
-        )
+        out = relu_cov_std(o, h, k, r0, rule_for(h), bvn=bvn, eps_ratio=ratio, eps=eps)
         if rho.requires_grad:
             out = out + (rho - r0) * bvn(h.detach(), k.detach(), r0)
         return out

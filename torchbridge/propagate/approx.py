@@ -30,14 +30,20 @@ import torch
 from nmgen.generated import torch_kernels as K
 
 
-def approx_relu_moments(mean: torch.Tensor, cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean (q,), approximate covariance (q, q)) of relu(z), z ~ N(mean (q,), cov (q, q))."""
+def _standardized(mean: torch.Tensor, cov: torch.Tensor):
+    """(σ > 0 mask, σ with 1 where σ = 0, h = μ/σ (0 there), exact ReLU mean, exact variance)."""
     var = cov.diagonal()
     pos = var > 0
     sigma = torch.where(pos, var.clamp_min(0).sqrt(), 0.0)
     safe = torch.where(pos, sigma, torch.ones_like(sigma))
     h = torch.where(pos, mean / safe, 0.0)
     rmean, rvar = K.relu_mean_variance(mean, sigma)
+    return pos, safe, h, rmean, rvar
+
+
+def approx_relu_moments(mean: torch.Tensor, cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean (q,), approximate covariance (q, q)) of relu(z), z ~ N(mean (q,), cov (q, q))."""
+    pos, safe, h, rmean, rvar = _standardized(mean, cov)
     a1 = torch.where(pos, torch.special.ndtr(h), (mean > 0).to(mean.dtype))
     a2 = torch.where(pos, torch.exp(-0.5 * h * h) / math.sqrt(2 * math.pi), 0.0)
     denom = safe[:, None] * safe[None, :]
@@ -58,12 +64,7 @@ def dvi_relu_moments(mean: torch.Tensor, cov: torch.Tensor) -> tuple[torch.Tenso
     (Lemma 1) on it, Theorem 1's mean; units with σ = 0 have no covariance. At ρ = 0 the
     Q-term is 0 (its limit: g ~ ρ³/6 sends Q to +∞ unless h = k = 0, where it is ρ-free).
     """
-    var = cov.diagonal()
-    pos = var > 0
-    sigma = torch.where(pos, var.clamp_min(0).sqrt(), 0.0)
-    safe = torch.where(pos, sigma, torch.ones_like(sigma))
-    h = torch.where(pos, mean / safe, 0.0)
-    rmean, rvar = K.relu_mean_variance(mean, sigma)
+    pos, safe, h, rmean, rvar = _standardized(mean, cov)
     cdf = torch.special.ndtr(h)
     denom = safe[:, None] * safe[None, :]
     rho = (cov / denom).clamp(-1.0, 1.0)
