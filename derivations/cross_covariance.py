@@ -39,7 +39,7 @@ from .bvn import bvn_cdf_mp
 from .exact_cross_moment import exact_expr, h, k, mu1, mu2, rho, sigma1, sigma2
 from .functions import BVN, Phi, ReluCovStd, phi, to_elementary
 from .reference import DPS, ReferenceError, relu_mean_ref
-from .spec import ArgSpec, Case, KernelSpec
+from .spec import PAIR_ARGS, PAIR_SYMBOLS, Case, KernelSpec
 
 #: Gauss–Legendre rule size of the runtime's pair integrals.
 RULE_SIZE = 32
@@ -246,7 +246,7 @@ def _cov_rho_integral_ref(hv, kv, r, dps: int) -> mp.mpf:
     return +val
 
 
-_m1, _m2, _s1, _s2, _r = sp.symbols("mu1 mu2 sigma1 sigma2 rho", real=True)
+_m1, _m2, _s1, _s2, _r = PAIR_SYMBOLS
 
 
 def _pair_scale(a: float, b: float, c: float, d: float, r: float) -> float:
@@ -256,13 +256,7 @@ def _pair_scale(a: float, b: float, c: float, d: float, r: float) -> float:
 KERNELS = (
     KernelSpec(
         name="relu_cross_covariance",
-        args=(
-            ArgSpec(_m1, "real"),
-            ArgSpec(_m2, "real"),
-            ArgSpec(_s1, "nonneg"),
-            ArgSpec(_s2, "nonneg"),
-            ArgSpec(_r, "corr"),
-        ),
+        args=PAIR_ARGS,
         cases=(
             Case(
                 _s1 * _s2 * ReluCovStd(_m1 / _s1, _m2 / _s2, _r),

@@ -41,7 +41,7 @@ from .lemma3 import rho as l3_rho
 from .lemma3 import s1 as l3_s1
 from .lemma3 import s2 as l3_s2
 from .reference import relu_cross_moment_ref
-from .spec import ArgSpec, Case, KernelSpec
+from .spec import PAIR_ARGS, PAIR_SYMBOLS, ArgSpec, Case, KernelSpec
 from .theorem1 import mu as t1_mu
 from .theorem1 import relu_mean_expr
 from .theorem1 import sigma as t1_sigma
@@ -124,7 +124,7 @@ def check_limits_against_definition(dps: int = 20) -> bool:
 CHECKS = (check_zero_mean_is_lemma3, check_price_derivative, check_limits_against_definition)
 
 # --------------------------------------------------------------------------- kernels
-_m1, _m2, _s1, _s2, _r = sp.symbols("mu1 mu2 sigma1 sigma2 rho", real=True)
+_m1, _m2, _s1, _s2, _r = PAIR_SYMBOLS
 _h, _k = sp.symbols("h k", real=True)
 _sub = {mu1: _m1, mu2: _m2, sigma1: _s1, sigma2: _s2, rho: _r}
 _both = sp.And(_s1 > 0, _s2 > 0)
@@ -165,13 +165,7 @@ KERNELS = (
     ),
     KernelSpec(
         name="relu_cross_moment",
-        args=(
-            ArgSpec(_m1, "real"),
-            ArgSpec(_m2, "real"),
-            ArgSpec(_s1, "nonneg"),
-            ArgSpec(_s2, "nonneg"),
-            ArgSpec(_r, "corr"),
-        ),
+        args=PAIR_ARGS,
         cases=(
             Case(
                 ReluCrossMS(_m1, _m2, _s1, _s2, _r),

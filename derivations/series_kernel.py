@@ -24,19 +24,13 @@ import sympy as sp
 from .exact_cross_moment import KERNELS as _EXACT
 from .functions import Phi, phi
 from .lemma4_series import SYMBOLS, TERMS, evaluate_series, series_program
-from .spec import ArgSpec, Case, KernelSpec, Loop
+from .spec import PAIR_ARGS, PAIR_SYMBOLS, Case, KernelSpec, Loop
 
-_m1, _m2, _s1, _s2, _r = sp.symbols("mu1 mu2 sigma1 sigma2 rho", real=True)
+_m1, _m2, _s1, _s2, _r = PAIR_SYMBOLS
 _terms = sp.Symbol("terms", integer=True, positive=True)
 _sub = dict(zip(SYMBOLS, (_m1, _m2, _s1, _s2, _r), strict=True))
 _both = sp.And(_s1 > 0, _s2 > 0)
-_ARGS = (
-    ArgSpec(_m1, "real"),
-    ArgSpec(_m2, "real"),
-    ArgSpec(_s1, "nonneg"),
-    ArgSpec(_s2, "nonneg"),
-    ArgSpec(_r, "corr"),
-)
+_ARGS = PAIR_ARGS
 _exact = next(k for k in _EXACT if k.name == "relu_cross_moment")
 _h, _k = _m1 / _s1, _m2 / _s2
 _t = sp.Max(-_h, -_k)

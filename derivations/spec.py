@@ -85,6 +85,15 @@ class ArgSpec:
     kind: str = "real"
 
 
+#: The arguments of every pairwise kernel (cross moment, cross covariance, Lemma 4's series):
+#: means μ1, μ2, standard deviations σ1, σ2 and correlation ρ of a bivariate Gaussian.
+PAIR_SYMBOLS: tuple[sp.Symbol, ...] = sp.symbols("mu1 mu2 sigma1 sigma2 rho", real=True)
+PAIR_ARGS: tuple[ArgSpec, ...] = tuple(
+    ArgSpec(s, kind)
+    for s, kind in zip(PAIR_SYMBOLS, ("real", "real", "nonneg", "nonneg", "corr"), strict=True)
+)
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     """A registered kernel: name, arguments, piecewise definition and documentation.
