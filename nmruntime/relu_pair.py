@@ -867,7 +867,7 @@ def _direct_integral(h, k, r, rule):
 
     t = torch.outer(r, y)
     u = t.add(1.0)
-    v = t.neg_().add_(1.0)
+    v = torch.rsub(t, 1.0)
     g = torch.mul(u, a.unsqueeze(1)).addcmul_(v, b.unsqueeze(1))
     den = u.mul_(v)
     f = g.div_(den).exp_().mul_(den.rsqrt_())
@@ -882,8 +882,9 @@ def _cov_direct(o, h, k, r, eps):
     (C = ∫_0^ρ Φ2(h, k; r) dr, ∂Φ2/∂r = φ2, order of integration swapped), J by a fixed
     Gauss–Legendre rule per |ρ| group (``_DIRECT_GROUPS``; ``sync_free``: the largest rule on
     every element, masked). ρ ≥ 0: two terms ≥ 0, nothing cancels; accepted where the rounding
-    bound allows (``_direct_accept``). One exp and one rsqrt per node; no Φ2, no conditional
-    Φ terms. 1-D inputs.
+    bound allows (``_direct_accept``); float32 elements it rejects are evaluated again in
+    float64 arithmetic (then only a 2¹⁶-fold cancellation rejects them). One exp and one rsqrt
+    per node; no Φ2, no conditional Φ terms. 1-D inputs.
     """
     f64 = eps < 1e-10
     ar = o.abs(r)
@@ -892,7 +893,15 @@ def _cov_direct(o, h, k, r, eps):
         n = max(g[1 if f64 else 2] for g in _DIRECT_GROUPS)
         hm, km, rm = o.where(dom, h, 0.0 * h), o.where(dom, k, 0.0 * k), o.where(dom, r, 0.0 * r)
         j = o.where(dom, _direct_integral(hm, km, rm, _direct_rule(n, h)), 0.0 * h)
-    elif isinstance(h, np.ndarray) or h.requires_grad or k.requires_grad:
+        c, ok = _direct_accept(o, hm, km, rm, j, eps)
+        ok = dom & ok
+        if not f64:  # as on eager CPU: the float32 rejects again in float64 arithmetic
+            w = [v.double() for v in (hm, km, rm)]
+            c2, ok2 = _direct_accept(o, *w, _direct_integral(*w, _direct_rule(n, w[0])), eps, True)
+            c = o.where(ok, c, c2.to(c.dtype))
+            ok = ok | (dom & ok2)
+        return c, ok
+    if isinstance(h, np.ndarray) or h.requires_grad or k.requires_grad:
         j = 0.0 * h
         lo = 0.0
         for hi, n64, n32 in _DIRECT_GROUPS:
@@ -902,33 +911,55 @@ def _cov_direct(o, h, k, r, eps):
                 rule = _direct_rule(n64 if f64 else n32, h)
                 j[sel] = _direct_integral(h[sel], k[sel], r[sel], rule)
     else:
-        return _direct_sliced(h, k, r, ar, dom, eps)
+        c, ok = _direct_sliced(h, k, r, ar, dom, eps)
+        if not f64:  # float32: the rejected ones again in float64 arithmetic (``wide``)
+            redo = (dom & ~ok).nonzero().squeeze(1)
+            if redo.numel():
+                w = [v.index_select(0, redo).double() for v in (h, k, r, ar)]
+                c2, ok2 = _direct_sliced(*w, dom.index_select(0, redo), eps, True)
+                c.index_copy_(0, redo, c2.to(c.dtype))
+                ok.index_copy_(0, redo, ok2)
+        return c, ok
     c, ok = _direct_accept(o, h, k, r, j, eps)
-    return c, dom & ok
+    ok = dom & ok
+    redo = dom & ~ok
+    if not f64 and not isinstance(h, np.ndarray) and bool(redo.any()):  # as above (autograd)
+        w = [v[redo].double() for v in (h, k, r)]
+        n = max(g[2] for g in _DIRECT_GROUPS)
+        c2, ok2 = _direct_accept(o, *w, _direct_integral(*w, _direct_rule(n, w[0])), eps, True)
+        c = c.index_put((redo,), c2.to(c.dtype))  # out of place: autograd records it
+        ok = ok.index_put((redo,), ok2)
+    return c, ok
 
 
-def _direct_accept(o, h, k, r, j, eps):
+def _direct_accept(o, h, k, r, j, eps, wide: bool = False):
     """(C = ρΦ(h)Φ(k) + J, accepted): the rounding bound eps·(|ρΦ(h)Φ(k)| + (|G|max + 2)·J)
     at most ``_DIRECT_CANCEL``·eps·|C| (e^G is conditioned by |G|, and on the nodes
-    |G| ≤ max(A + B, A/(1 − ρ) + B/(1 + ρ)): G(t) is convex in t), and |C| a normal number
-    (or ρ = 0, where C = 0 exactly)."""
+    |G| ≤ max(A + B, A/(1 − ρ) + B/(1 + ρ)): G(t) is convex in t), and |C| a normal number of
+    the target precision ``eps`` (or ρ = 0, where C = 0 exactly). ``wide``: a float32 target
+    evaluated in float64, whose rounding (2⁻⁵² per term) may then lose up to 2¹⁶ to
+    cancellation and stay below 1e-4 float32 eps."""
     f64 = eps < 1e-10
+    cancel = 2.0**16 if wide else _DIRECT_CANCEL[f64]
     base = r * _ncdf(o, h) * _ncdf(o, k)
     c = base + j
     a4, b4 = (h - k) ** 2, (h + k) ** 2
     gmax = 0.25 * o.maximum(a4 + b4, a4 / (1.0 - r) + b4 / (1.0 + r))
-    keep = o.abs(base) + j * (gmax + 2.0) <= _DIRECT_CANCEL[f64] * o.abs(c)
-    return c, keep & ((o.abs(c) >= _TINY_NORMAL[f64] / eps) | (r == 0))
+    ac = o.abs(c)
+    keep = o.abs(base) + j * (gmax + 2.0) <= cancel * ac
+    return c, keep & ((ac >= _TINY_NORMAL[f64] / eps) | (r == 0))
 
 
 #: Pairs per direct-route evaluation on eager CPU (its [pairs, nodes] temporaries stay in cache).
 _DIRECT_SLICE = 4096
 
 
-def _direct_sliced(h, k, r, ar, dom, eps):
+def _direct_sliced(h, k, r, ar, dom, eps, wide: bool = False):
     """``_cov_direct`` on eager CPU tensors outside autograd: the pairs sorted by |ρ| group (one
     gather each of h, k, ρ), each group evaluated with its own rule, J and the acceptance test
-    in slices of ``_DIRECT_SLICE`` pairs (in cache), scattered back; (0, False) outside ``dom``."""
+    in slices of ``_DIRECT_SLICE`` pairs (in cache), scattered back; (0, False) outside ``dom``.
+    ``eps`` is the target precision (its column of rule sizes); ``wide``: see
+    ``_direct_accept``."""
     import torch
 
     o = _torch_ops_cached()
@@ -946,7 +977,8 @@ def _direct_sliced(h, k, r, ar, dom, eps):
         for a in range(start, start + cnt, _DIRECT_SLICE):
             e = min(a + _DIRECT_SLICE, start + cnt)
             hs, ks, rs = hp[a:e], kp[a:e], rp[a:e]
-            cs, oks = _direct_accept(o, hs, ks, rs, _direct_integral(hs, ks, rs, rule), eps)
+            js = _direct_integral(hs, ks, rs, rule)
+            cs, oks = _direct_accept(o, hs, ks, rs, js, eps, wide)
             cp[a:e] = cs
             okp[a:e] = oks
         start += cnt
