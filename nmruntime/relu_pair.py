@@ -34,7 +34,10 @@ singularity e^{−c/cos²θ} at |θ| = π/2 (|ρ| → 1) to a smooth decay.
 
 h, k are clamped to ±``_CLIP``: beyond it every Gaussian factor underflows in float64.
 
-Routing of C (``_cov_hybrid``, each route a mask): 0 where a bound puts |C| below half the
+Routing of C (``_cov_hybrid``, each route a mask): first the direct route (``_cov_direct``:
+|h|, |k| ≤ 6, |ρ| < 0.925, C = ρΦ(h)Φ(k) + ∫_0^ρ (ρ − t) φ2(h, k; t) dt by one fixed
+Gauss–Legendre rule per |ρ| group, accepted where its rounding bound allows: the bulk of the
+pairs); on the elements it leaves (``_cov_routed``): 0 where a bound puts |C| below half the
 smallest subnormal (``_underflows``); ρΦ(k) (or ρΦ(h)) where one unit is on almost surely and
 the neglected term is provably below eps/4 relative (``_linear_ok``); the closed form
 E − m(h)m(k) where its rounding bound allows; Mehler's series (``_cov_mehler``, |h|, |k| ≤ 38.5)
@@ -973,8 +976,10 @@ def _direct_accept(o, h, k, r, j, eps, wide: bool = False):
     return c, keep & ((ac >= _TINY_NORMAL[f64] / eps) | (r == 0))
 
 
-#: Pairs per direct-route evaluation on eager CPU (its [pairs, nodes] temporaries stay in cache).
-_DIRECT_SLICE = 4096
+#: Pairs per direct-route evaluation on eager CPU (its [pairs, nodes] temporaries stay in the
+#: 1 MiB L2; measured on the bench problem: 2048 / 4096 / 8192 / 16384 pairs took 0.101 /
+#: 0.079 / 0.072 / 0.071 s for the whole route).
+_DIRECT_SLICE = 8192
 
 
 def _direct_sliced(h, k, r, ar, dom, eps, wide: bool = False):
