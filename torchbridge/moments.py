@@ -132,8 +132,9 @@ def _correlation(cij: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> torch
     if not (torch.is_grad_enabled() and cij.requires_grad) and not sync_free(cij):
         # eager CPU without autograd: the same values in fewer passes over the pairs
         rho = cij.div(denom).clamp_(-1.0, 1.0)
-        if not bool((denom > 0).all()):
-            rho.masked_fill_(denom <= 0, 0.0)
+        pos = denom > 0
+        if not bool(pos.all()):
+            rho.masked_fill_(~pos, 0.0)
         near = rho.abs() >= 1.0 - 4.0 * torch.finfo(rho.dtype).eps
         return torch.where(near, rho.sign(), rho) if bool(near.any()) else rho
     pos = denom > 0
