@@ -127,8 +127,16 @@ def _cross_kernel(method: str, terms: int) -> Callable:
 
 def _correlation(cij: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
     """ρ = cij/(σiσj) in [−1, 1]; within 4 eps of ±1 it is ±1 (σ = √Σii rounds, so a
-    duplicated variable gives 1 − 2⁻⁵² instead of 1)."""
+    duplicated variable gives 1 − 2⁻⁵² instead of 1); 0 where σiσj = 0."""
     denom = s1 * s2
+    if not (torch.is_grad_enabled() and cij.requires_grad) and not sync_free(cij):
+        # eager CPU without autograd: the same values in fewer passes over the pairs
+        rho = cij.div(denom).clamp_(-1.0, 1.0)
+        pos = denom > 0
+        if not bool(pos.all()):
+            rho.masked_fill_(~pos, 0.0)
+        near = rho.abs() >= 1.0 - 4.0 * torch.finfo(rho.dtype).eps
+        return torch.where(near, rho.sign(), rho) if bool(near.any()) else rho
     pos = denom > 0
     rho = torch.where(pos, cij / torch.where(pos, denom, 1.0), 0.0).clamp(-1.0, 1.0)
     near = rho.detach().abs() >= 1.0 - 4.0 * torch.finfo(rho.dtype).eps
@@ -155,7 +163,10 @@ def _pair_covariances(
     si, sj, dg = i[:ns], j[:ns], i[ns:]
     p = sigma.shape[-1]
     s1, s2 = sigma[..., si], sigma[..., sj]
-    rho = _correlation(cov[..., si * p + sj], s1, s2)
+    # the symmetrised Σ_ij (so the gradient w.r.t. cov is symmetric; exactly cov for symmetric
+    # input), formed on the pairs instead of on the p×p matrix
+    cij = 0.5 * (cov.index_select(-1, si * p + sj) + cov.index_select(-1, sj * p + si))
+    rho = _correlation(cij, s1, s2)
     if method == "zero_mean":  # Theorem 2: the mean of z is ignored (taken as 0)
         e = K.relu_cross_moment_zero_mean(s1, s2, rho, validate=False)
         m0 = 0.3989422804014327 * sigma  # E[relu(z)] = σ/√(2π) at zero mean (Remark 1)
@@ -201,8 +212,6 @@ def relu_pair_covariances(
     """
     _check_method(method, terms)
     p = mean.shape[-1]
-    # symmetrised so the gradient w.r.t. cov is symmetric (exactly cov for symmetric input)
-    cov = 0.5 * (cov + cov.transpose(-1, -2))
     sigma = _safe_sqrt(cov.diagonal(dim1=-2, dim2=-1))
     rmean, _ = K.relu_mean_variance(mean, sigma, validate=False)
     cflat = cov.flatten(-2)
@@ -251,8 +260,8 @@ def relu_moments(
         rmean = None
         for rm, i, j, c in relu_pair_covariances(mean, cov, method, terms, chunk):
             rmean = rm
-            up.index_copy_(-1, i * p + j, c)  # in place on a fresh tensor: autograd records it
-        up = up.reshape(*mean.shape, p)
-        # exactly symmetric: the upper triangle (diagonal included) mirrored
-        tri = torch.ones(p, p, dtype=torch.bool, device=mean.device).triu_()
-        return rmean, torch.where(tri, up, up.transpose(-1, -2))
+            # in place on a fresh tensor (autograd records it); exactly symmetric: each upper
+            # triangle value (diagonal included) written to (i, j) and to (j, i)
+            up.index_copy_(-1, i * p + j, c)
+            up.index_copy_(-1, j * p + i, c)
+        return rmean, up.reshape(*mean.shape, p)

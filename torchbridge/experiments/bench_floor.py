@@ -63,6 +63,7 @@ TRANSCENDENTAL = frozenset(
         "sqrt",
         "sqrt_",
         "rsqrt",
+        "rsqrt_",
         "erf",
         "erfc",
         "special_erfcx",
