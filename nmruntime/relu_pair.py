@@ -1369,9 +1369,9 @@ def _cross_minus_one(o, h, k, rule, lval):
     is at most twice the value, so it is good to a few ulps. That covers the wide intervals
     with the peak of φ inside and one of h, k large, where the mapped rule below leaves
     ≈ 2e-14 (h = 37, k = 0.9). Elsewhere (h, k of unlike sign and a short interval: the value
-    cancels) the quadrature: the interval is cut at distance d = 90/(√(c² + 90) + |c|) beyond its point c nearest 0
-    (where φ(z)/φ(c) = e^{−c·d − d²/2} = e^{−45}: a far-tail interval is not wasted on the rule)
-    and sinh-mapped around c with width 1/(|c| + 1).
+    cancels) the quadrature: the interval is cut at distance d = 90/(√(c² + 90) + |c|) beyond
+    its point c nearest 0 (where φ(z)/φ(c) = e^{−c·d − d²/2} = e^{−45}: a far-tail interval is
+    not wasted on the rule) and sinh-mapped around c with width 1/(|c| + 1).
     """
     x, w = rule
     ok = h + k > 0
