@@ -48,6 +48,9 @@ VARIANTS = (
     "lowrank",
     "auto",
     "auto-treerelu",
+    "auto-stein",
+    "auto-winfull",
+    "auto-stein-winfull",
     "auto-drop",
     "lowrank-drop",
     "auto-tree",
@@ -251,6 +254,9 @@ def run(args: argparse.Namespace) -> dict:
                 "lowrank-drop": PropagateOptions(covariance="lowrank", residual="drop"),
                 "auto": PropagateOptions(),
                 "auto-treerelu": PropagateOptions(window_relu="tree"),
+                "auto-stein": PropagateOptions(window_gain="stein"),
+                "auto-winfull": PropagateOptions(window_full=True),
+                "auto-stein-winfull": PropagateOptions(window_gain="stein", window_full=True),
                 "auto-drop": PropagateOptions(residual="drop"),
                 "auto-tree": PropagateOptions(
                     pool_window=False, pool_pairing="fixed", residual="drop"

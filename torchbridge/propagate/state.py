@@ -100,6 +100,9 @@ class FullState:
         self.mean: dict[int, torch.Tensor] = {}
         self.shape: dict[int, tuple[int, ...]] = {}
         self.cov: dict[tuple[int, int], torch.Tensor] = {}  # key (a, b) with a <= b
+        #: max-pooling outputs whose ReLU takes numerical window moments (``window_full``
+        #: of ``FactorState``): their windows' element Gaussians (mean (q, K), cov (q, K, K))
+        self.windows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def block(self, a: int, b: int) -> torch.Tensor:
         """Cov(a, b), shape (q_a, q_b)."""
@@ -145,7 +148,29 @@ class FullState:
         self.cov[(nid, nid)] = C
         self.mean[nid] = rm
         self.shape[nid] = self.shape[src]
-        return rm.reshape(self.shape[src])
+        if src in self.windows:
+            self._window_relu(nid, *self.windows[src])
+        return self.mean[nid].reshape(self.shape[src])
+
+    def _window_relu(self, nid: int, mu: torch.Tensor, S: torch.Tensor) -> None:
+        """relu(max-pool) in full covariance: each unit's mean and variance replaced by those
+        of max(0, window elements) (``window_max``, where its integration error is below
+        ``window_max.MAX_REL_SE`` of the variance); its row and column of every covariance
+        block scaled so that its correlations stay as propagated."""
+        from torchbridge.propagate import window_max
+
+        w = window_max.window_moments(mu, S, replicates=2)
+        old = self.cov[(nid, nid)].diagonal()
+        ok = (w.var > 0) & (old > 0) & (w.se[:, 1] <= window_max.MAX_REL_SE * w.var)
+        s = torch.where(ok, (w.var / torch.where(ok, old, 1.0)).sqrt(), 1.0)
+        self.mean[nid] = torch.where(ok, w.mean, self.mean[nid])
+        for a, b in list(self.cov):
+            if a == nid and b == nid:
+                self.cov[(a, b)] = self.cov[(a, b)] * s[:, None] * s[None, :]
+            elif a == nid:
+                self.cov[(a, b)] = self.cov[(a, b)] * s[:, None]
+            elif b == nid:
+                self.cov[(a, b)] = self.cov[(a, b)] * s[None, :]
 
     def pair_nonlinearity(self, nid: int, ia: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
         """Nonlinear variance of relu(x[ia] − x[ib]) of tensor ``nid`` (see ``_nonlinear``)."""
@@ -157,6 +182,7 @@ class FullState:
     def free(self, nid: int) -> None:
         self.mean.pop(nid)
         self.shape.pop(nid)
+        self.windows.pop(nid, None)
         for key in [k for k in self.cov if nid in k]:
             del self.cov[key]
 
@@ -179,14 +205,24 @@ class FactorState:
         diagonal: bool = False,
         local: LocalResidual | None = None,
         window_relu: str = "tree",
+        window_gain: str = "tree",
+        window_full: bool = False,
     ) -> None:
         self.diagonal = diagonal  # ADF: a ReLU's output keeps no factor (variance in D)
         self.local = None if diagonal else local  # local residual covariances (residual.py)
         #: "qmc": a ReLU of a max-pooling output gets the mean and variance of
         #: max(0, window) integrated numerically (``window_max``); "tree": the re-fits'
         self.window_relu = window_relu
-        #: max-pooling outputs: their windows' element Gaussians (mean (q, K), cov (q, K, K))
-        self.windows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        #: with "qmc": "stein" — the unit's factor row (its cross-covariance with the noise
+        #: directions) is Σ_i g_i F_{z_i} with the numerical gains g_i = P(z_i = max > 0)
+        #: (exact by Stein's lemma); "tree" — the re-fitted tree's row, rescaled
+        self.window_gain = window_gain
+        #: with "qmc": also where the ReLU of a max-pooling output runs in full covariance
+        #: (``to_full`` hands the windows over)
+        self.window_full = window_full
+        #: max-pooling outputs: their windows' element Gaussians (mean (q, K), cov (q, K, K)),
+        #: element indices (q, K) and the factor (q_src, r) of the pooled tensor
+        self.windows: dict[int, tuple[torch.Tensor, ...]] = {}
         self.mean: dict[int, torch.Tensor] = {}
         self.shape: dict[int, tuple[int, ...]] = {}
         self.factor: dict[int, torch.Tensor] = {}
@@ -284,24 +320,43 @@ class FactorState:
             self._window_relu(nid, *self.windows[src])
         return self.mean[nid].reshape(self.shape[src])
 
-    def _window_relu(self, nid: int, mu: torch.Tensor, S: torch.Tensor) -> None:
+    def _window_relu(
+        self, nid: int, mu: torch.Tensor, S: torch.Tensor, idx: torch.Tensor, F_src: torch.Tensor
+    ) -> None:
         """relu(max-pool): replace the re-fitted mean and variance of each unit by those of
-        max(0, window elements) (``window_max.window_relu_max_moments``, where its
-        integration error is below ``window_max.MAX_REL_SE`` of the variance), scaling the
-        unit's factor row, residual variance and local pairs so that its correlations with
-        everything else stay as propagated."""
+        max(0, window elements) (``window_max.window_moments``, where its integration error
+        is below ``window_max.MAX_REL_SE`` of the variance), scaling the unit's factor row,
+        residual variance and local pairs so that its correlations with everything else stay
+        as propagated. ``window_gain="stein"``: the factor row becomes Σ_i g_i F_src[idx_i]
+        (exact cross-covariance with the noise directions), the residual variance the rest
+        of the variance, and each local pair keeps its rescaled total covariance."""
         from torchbridge.propagate import window_max
 
-        m, v, se = window_max.window_relu_max_moments(mu, S, replicates=2)
+        w = window_max.window_moments(mu, S, replicates=2)
+        v = w.var
         old = self.variance(nid)
-        ok = (v > 0) & (old > 0) & (se[:, 1] <= window_max.MAX_REL_SE * v)
+        ok = (v > 0) & (old > 0) & (w.se[:, 1] <= window_max.MAX_REL_SE * v)
         s = torch.where(ok, (v / torch.where(ok, old, 1.0)).sqrt(), 1.0)
-        self.mean[nid] = torch.where(ok, m, self.mean[nid])
-        self.factor[nid] = self.factor[nid] * s[:, None]
-        self.resid[nid] = self.resid[nid] * s.square()
+        self.mean[nid] = torch.where(ok, w.mean, self.mean[nid])
+        F_old = self.factor[nid]
         p = self.pairs.get(nid)
+        if self.window_gain != "stein":
+            self.factor[nid] = F_old * s[:, None]
+            self.resid[nid] = self.resid[nid] * s.square()
+            if p is not None:
+                self.pairs[nid] = Pairs(p.i, p.j, p.v * s[p.i] * s[p.j])
+            return
+        F_new = F_old.new_zeros(F_old.shape)
+        r = F_src.shape[1]
+        for k in range(idx.shape[1]):
+            F_new[:, :r] += w.gain[:, k, None] * F_src[idx[:, k]]
+        F_new = torch.where(ok[:, None], F_new, F_old)
+        D_new = torch.where(ok, (v - F_new.square().sum(1)).clamp_min(0), self.resid[nid])
+        self.factor[nid] = F_new
+        self.resid[nid] = D_new
         if p is not None:
-            self.pairs[nid] = Pairs(p.i, p.j, p.v * s[p.i] * s[p.j])
+            total = (local_residual.pair_dots(F_old, p.i, p.j) + p.v) * s[p.i] * s[p.j]
+            self.pairs[nid] = Pairs(p.i, p.j, total - local_residual.pair_dots(F_new, p.i, p.j))
 
     def _local_here(self, src: int) -> bool:
         """Local residuals at this layer: its input is still local (pending pairs, or a
@@ -415,7 +470,7 @@ class FactorState:
         self.resid[nid] = (var - Fo.square().sum(1)).clamp_min(0)
         self.shape[nid] = (1, mu.shape[0])
         if self.window_relu == "qmc" and not self.diagonal and level0[0].shape[1] > 1:
-            self.windows[nid] = (level0[0], level0[1])
+            self.windows[nid] = (level0[0], level0[1], level0[3], F)
         if self.local is not None and level0[0].shape[1] > 1 and local_here:
             self._window_pairs(nid, src, level0, var, method)
         return mu[:, 0]
@@ -475,6 +530,8 @@ class FactorState:
     def to_full(self) -> FullState:
         """The same Gaussian with every block materialized: F_a F_bᵀ (+ diag D_a on a = b)."""
         full = FullState()
+        if self.window_relu == "qmc" and self.window_full and not self.diagonal:
+            full.windows = {a: w[:2] for a, w in self.windows.items()}
         ids = list(self.mean)
         width = max(f.shape[1] for f in self.factor.values())
         fac = {
