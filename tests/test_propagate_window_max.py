@@ -168,3 +168,53 @@ def test_window_moments_in_full_covariance_match_monte_carlo():
     z = {f: ((r.var[0] - var) / se).abs() for f, r in got.items()}
     assert (z[True] <= 5).all(), z
     assert z[False].max() > 5, z
+
+
+def test_window_pair_covariance_matches_monte_carlo():
+    """Cov(max(0, z_a), max(0, z_b)) of two correlated 2×2 windows (8 jointly Gaussian
+    elements): within 5 standard errors of plain Monte Carlo (4·10⁵ samples per pair)."""
+    from torchbridge.propagate.window_max import window_pair_covariance
+
+    g = torch.Generator().manual_seed(8)
+    P, n = 6, 400_000
+    A = torch.randn(P, 8, 8, generator=g, dtype=D)
+    S = A @ A.transpose(1, 2) / 8 + 0.7 * torch.ones(8, 8, dtype=D)
+    mu = 0.5 * torch.randn(P, 2, 4, generator=g, dtype=D)
+    got = window_pair_covariance(mu, S)
+    L = torch.linalg.cholesky(S)
+    z = mu.reshape(P, 1, 8) + torch.einsum(
+        "pk,qlk->qpl", torch.randn(n, 8, generator=g, dtype=D), L
+    )
+    ya = z[:, :, :4].amax(2).clamp_min(0)
+    yb = z[:, :, 4:].amax(2).clamp_min(0)
+    prod = (ya - ya.mean(1, keepdim=True)) * (yb - yb.mean(1, keepdim=True))
+    mc, se = prod.mean(1), prod.std(1) / n**0.5
+    assert (((got - mc) / se).abs() <= 5).all(), (got, mc, se)
+
+
+def test_conv_pool_relu_with_numerical_window_pairs_matches_monte_carlo():
+    """conv 3×3 → max-pool 2×2 → ReLU → linear under N(x, σ²I), factor form: with the
+    Stein gains and the numerical window-pair covariances (``window_gain="stein"``,
+    ``window_pairs=True``) the output variance is within 5 standard errors of Monte Carlo
+    (4·10⁵ samples) on every output; the default (re-fitted trees for the pairs) is not."""
+    torch.manual_seed(7)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(48, 3)
+    )
+    model = model.to(D).eval()
+    x = torch.rand(1, 1, 8, 8, dtype=D)
+    sigma, n = 0.3, 400_000
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        y = model(x + sigma * torch.randn(n, 1, 8, 8, generator=gen, dtype=D))
+    c = y - y.mean(0)
+    var = c.square().mean(0)
+    se = ((c**4).mean(0) - var.square()).clamp_min(0).div(n).sqrt()
+    z = {}
+    for name, kw in {"new": {"window_gain": "stein", "window_pairs": True}, "default": {}}.items():
+        got = tb.output_moments(
+            model, x, sigma**2, options=tb.PropagateOptions(covariance="lowrank", **kw)
+        )
+        z[name] = ((got.var[0] - var) / se).abs()
+    assert (z["new"] <= 5).all(), z
+    assert z["default"].max() > 5, z

@@ -51,6 +51,8 @@ VARIANTS = (
     "auto-stein",
     "auto-winfull",
     "auto-stein-winfull",
+    "auto-qmcpairs",
+    "auto-all",
     "auto-drop",
     "lowrank-drop",
     "auto-tree",
@@ -257,6 +259,10 @@ def run(args: argparse.Namespace) -> dict:
                 "auto-stein": PropagateOptions(window_gain="stein"),
                 "auto-winfull": PropagateOptions(window_full=True),
                 "auto-stein-winfull": PropagateOptions(window_gain="stein", window_full=True),
+                "auto-qmcpairs": PropagateOptions(window_gain="stein", window_pairs=True),
+                "auto-all": PropagateOptions(
+                    window_gain="stein", window_pairs=True, window_full=True
+                ),
                 "auto-drop": PropagateOptions(residual="drop"),
                 "auto-tree": PropagateOptions(
                     pool_window=False, pool_pairing="fixed", residual="drop"

@@ -72,6 +72,10 @@ class PropagateOptions:
         window_full: with ``window_relu="qmc"``, also a ReLU of a max-pooling output that
             runs in full covariance (e.g. LeNet's ReLU2 in "auto") gets the numerical window
             moments (correlations as propagated); default False.
+        window_pairs: with ``window_relu="qmc"`` in the factor form, the local residual
+            pairs of relu(max-pool) take Cov(max(0, z_a), max(0, z_b)) integrated
+            numerically over the two windows' joint Gaussian (``window_max``) instead of
+            the re-fitted trees' (default False).
         differentiable: keep the autograd graph, so the moments can be differentiated with
             respect to the model's parameters and the input (moment-regularized training);
             memory grows with every intermediate covariance kept for the backward pass.
@@ -90,6 +94,7 @@ class PropagateOptions:
     window_relu: str = "qmc"
     window_gain: str = "tree"
     window_full: bool = False
+    window_pairs: bool = False
     differentiable: bool = False
 
     def __post_init__(self) -> None:
@@ -105,8 +110,9 @@ class PropagateOptions:
             raise ValueError(f"window_relu must be one of {WINDOW_RELUS}; got {self.window_relu!r}")
         if self.window_gain not in WINDOW_GAINS:
             raise ValueError(f"window_gain must be one of {WINDOW_GAINS}; got {self.window_gain!r}")
-        if not isinstance(self.window_full, bool):
-            raise TypeError(f"window_full must be a bool; got {type(self.window_full).__name__}")
+        for name in ("window_full", "window_pairs"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool; got {type(getattr(self, name)).__name__}")
         if not isinstance(self.local, LocalResidual):
             raise TypeError(f"local must be a LocalResidual; got {type(self.local).__name__}")
         if self.pool_pairing not in POOL_PAIRINGS:
@@ -249,6 +255,7 @@ def propagate_one(
             window_relu=options.window_relu,
             window_gain=options.window_gain,
             window_full=options.window_full,
+            window_pairs=options.window_pairs,
         )
         if options.covariance == "diagonal" and cov_kind != "full":
 

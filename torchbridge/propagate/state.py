@@ -207,6 +207,7 @@ class FactorState:
         window_relu: str = "tree",
         window_gain: str = "tree",
         window_full: bool = False,
+        window_pairs: bool = False,
     ) -> None:
         self.diagonal = diagonal  # ADF: a ReLU's output keeps no factor (variance in D)
         self.local = None if diagonal else local  # local residual covariances (residual.py)
@@ -220,8 +221,13 @@ class FactorState:
         #: with "qmc": also where the ReLU of a max-pooling output runs in full covariance
         #: (``to_full`` hands the windows over)
         self.window_full = window_full
+        #: with "qmc": the local pairs of relu(max-pool) get Cov(max(0, z_a), max(0, z_b))
+        #: integrated numerically over the two windows' joint Gaussian
+        #: (``window_max.window_pair_covariance``) instead of the re-fitted trees'
+        self.window_pairs = window_pairs
         #: max-pooling outputs: their windows' element Gaussians (mean (q, K), cov (q, K, K)),
-        #: element indices (q, K) and the factor (q_src, r) of the pooled tensor
+        #: element indices (q, K), the factor (q_src, r) and residual variance (q_src,) of the
+        #: pooled tensor
         self.windows: dict[int, tuple[torch.Tensor, ...]] = {}
         self.mean: dict[int, torch.Tensor] = {}
         self.shape: dict[int, tuple[int, ...]] = {}
@@ -321,7 +327,13 @@ class FactorState:
         return self.mean[nid].reshape(self.shape[src])
 
     def _window_relu(
-        self, nid: int, mu: torch.Tensor, S: torch.Tensor, idx: torch.Tensor, F_src: torch.Tensor
+        self,
+        nid: int,
+        mu: torch.Tensor,
+        S: torch.Tensor,
+        idx: torch.Tensor,
+        F_src: torch.Tensor,
+        D_src: torch.Tensor,
     ) -> None:
         """relu(max-pool): replace the re-fitted mean and variance of each unit by those of
         max(0, window elements) (``window_max.window_moments``, where its integration error
@@ -345,6 +357,8 @@ class FactorState:
             self.resid[nid] = self.resid[nid] * s.square()
             if p is not None:
                 self.pairs[nid] = Pairs(p.i, p.j, p.v * s[p.i] * s[p.j])
+                if self.window_pairs:
+                    self._window_pair_qmc(nid, mu, S, idx, F_src, D_src, ok)
             return
         F_new = F_old.new_zeros(F_old.shape)
         r = F_src.shape[1]
@@ -357,6 +371,48 @@ class FactorState:
         if p is not None:
             total = (local_residual.pair_dots(F_old, p.i, p.j) + p.v) * s[p.i] * s[p.j]
             self.pairs[nid] = Pairs(p.i, p.j, total - local_residual.pair_dots(F_new, p.i, p.j))
+            if self.window_pairs:
+                self._window_pair_qmc(nid, mu, S, idx, F_src, D_src, ok)
+
+    def _window_pair_qmc(
+        self,
+        nid: int,
+        mu: torch.Tensor,
+        S: torch.Tensor,
+        idx: torch.Tensor,
+        F_src: torch.Tensor,
+        D_src: torch.Tensor,
+        ok: torch.Tensor,
+    ) -> None:
+        """The local pairs (a, b) of relu(max-pool) ``nid`` where both units took numerical
+        moments (``ok``): residual covariance = Cov(max(0, z_a), max(0, z_b)) over the two
+        windows' joint Gaussian (``window_max.window_pair_covariance``; the cross block
+        Cov(z_a, z_b) = F_src rows' dots + D_src on shared elements) − F_a·F_b."""
+        from torchbridge.propagate import window_max
+
+        p = self.pairs[nid]
+        sel = torch.nonzero(ok[p.i] & ok[p.j]).flatten()
+        if sel.numel() == 0:
+            return
+        i, j = p.i[sel], p.j[sel]
+        K_ = idx.shape[1]
+        kl = [(k, l_) for k in range(K_) for l_ in range(K_)]
+        lists = [(idx[i, k], idx[j, l_]) for k, l_ in kl]
+        dots = local_residual.pair_dots_many(F_src, lists)
+        cab = S.new_empty(i.numel(), K_, K_)
+        for (k, l_), (ek, el), d in zip(kl, lists, dots, strict=True):
+            cab[:, k, l_] = d + (ek == el) * D_src[ek]
+        total = S.new_empty(i.numel())
+        step = 1 << 15
+        for a in range(0, i.numel(), step):
+            ia, ib, c = i[a : a + step], j[a : a + step], cab[a : a + step]
+            Sj = torch.cat([torch.cat([S[ia], c], 2), torch.cat([c.transpose(1, 2), S[ib]], 2)], 1)
+            total[a : a + step] = window_max.window_pair_covariance(
+                torch.stack([mu[ia], mu[ib]], 1), Sj
+            )
+        v = p.v.clone()
+        v[sel] = total - local_residual.pair_dots(self.factor[nid], i, j)
+        self.pairs[nid] = Pairs(p.i, p.j, v)
 
     def _local_here(self, src: int) -> bool:
         """Local residuals at this layer: its input is still local (pending pairs, or a
@@ -470,7 +526,7 @@ class FactorState:
         self.resid[nid] = (var - Fo.square().sum(1)).clamp_min(0)
         self.shape[nid] = (1, mu.shape[0])
         if self.window_relu == "qmc" and not self.diagonal and level0[0].shape[1] > 1:
-            self.windows[nid] = (level0[0], level0[1], level0[3], F)
+            self.windows[nid] = (level0[0], level0[1], level0[3], F, D)
         if self.local is not None and level0[0].shape[1] > 1 and local_here:
             self._window_pairs(nid, src, level0, var, method)
         return mu[:, 0]

@@ -141,3 +141,39 @@ def window_relu_max_moments(
     """
     w = window_moments(mu, S, points, seed, replicates)
     return w.mean, w.var, w.se
+
+
+#: Sobol' points per window pair (``window_pair_covariance``; with antithetic: 2 × this).
+PAIR_POINTS = 1 << 10
+
+
+def window_pair_covariance(
+    mu: torch.Tensor, S: torch.Tensor, points: int = PAIR_POINTS, seed: int = 0
+) -> torch.Tensor:
+    """Cov(max(0, z_a), max(0, z_b)) for pairs of windows, by the same randomized QMC.
+
+    ``mu`` (P, 2, K): the elements of windows a and b; ``S`` (P, 2K, 2K): their joint
+    covariance, window a's elements first (float64). The points are antithetic and
+    moment-matched as in ``window_moments``. Returns (P,).
+    """
+    if (
+        mu.ndim != 3
+        or mu.shape[1] != 2
+        or S.shape != (mu.shape[0], 2 * mu.shape[2], 2 * mu.shape[2])
+    ):
+        raise ValueError(f"mu must be (P, 2, K) and S (P, 2K, 2K); got {mu.shape} and {S.shape}")
+    P, _, K = mu.shape
+    e = _sobol_normal(points, 2 * K, seed, mu.dtype, mu.device)
+    e = torch.cat([e, -e])
+    lam, V = torch.linalg.eigh(e.T @ e / e.shape[0])
+    e = e @ (V * lam.rsqrt()) @ V.T
+    out = mu.new_empty(P)
+    chunk = max(1, _CHUNK * QMC_POINTS // (2 * points))
+    for a in range(0, P, chunk):
+        sl = slice(a, a + chunk)
+        L = _sqrt_psd((S[sl] + S[sl].transpose(1, 2)) / 2)
+        z = mu[sl].reshape(-1, 1, 2 * K) + torch.einsum("pk,qlk->qpl", e, L)  # (c, P, 2K)
+        ya = z[:, :, :K].amax(2).clamp_min(0)
+        yb = z[:, :, K:].amax(2).clamp_min(0)
+        out[sl] = ((ya - ya.mean(1, keepdim=True)) * (yb - yb.mean(1, keepdim=True))).mean(1)
+    return out
