@@ -36,6 +36,12 @@ Three representations of the joint covariance:
   max(0, window elements) integrated numerically over the window's Gaussian
   (``propagate.window_max``) instead of those of the re-fitted tree; the unit's factor row,
   residual variance and local pairs are scaled to the new variance (its correlations stay).
+  Options of that step (``PropagateOptions``): ``window_gain="stein"`` sets the unit's factor
+  row to Σ_i g_i F_{z_i} with the numerical gains g_i = P(z_i = max > 0) (Stein's lemma,
+  exact for the window's Gaussian); ``window_pairs`` integrates the local pairs'
+  Cov(max(0, z_a), max(0, z_b)) over the two windows' joint Gaussian; ``window_full``
+  hands the windows to ``FullState``, whose ReLU of a max-pooling output then also takes the
+  numerical mean and variance.
 * A ``FactorState`` can be converted to a ``FullState`` (F Fᵀ + diag D) when the remaining
   layers are small enough (``PropagateOptions.max_full``).
 """
