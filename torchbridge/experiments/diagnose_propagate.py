@@ -13,7 +13,9 @@ Variants: ``linearize`` (two-stage linearization, output only), ``lowrank-tree``
 form before issue #11's diagnosis), ``lowrank`` (the same with each max-pooling window's
 covariance held in full), ``auto`` (the default), ``auto-treerelu`` (the default with
 ``window_relu="tree"``: relu(max-pool) from the re-fitted tree, the form before the numerical
-window moments), ``auto-tree`` (the default before:
+window moments), ``auto-stein`` / ``auto-winfull`` / ``auto-qmcpairs`` / ``auto-all`` (the
+default with ``window_gain="stein"`` / ``window_full=True`` / Stein gains and
+``window_pairs=True`` / all three), ``auto-tree`` (the default before:
 pairwise tree, reading-order pairs), ``full``
 (full covariance as soon as the live tensors have at most ``--full-units`` units), ``diagonal``
 (ADF), and ``+pool-oracle`` versions in which the output of every max-pooling layer (the
@@ -48,6 +50,11 @@ VARIANTS = (
     "lowrank",
     "auto",
     "auto-treerelu",
+    "auto-stein",
+    "auto-winfull",
+    "auto-stein-winfull",
+    "auto-qmcpairs",
+    "auto-all",
     "auto-drop",
     "lowrank-drop",
     "auto-tree",
@@ -251,6 +258,13 @@ def run(args: argparse.Namespace) -> dict:
                 "lowrank-drop": PropagateOptions(covariance="lowrank", residual="drop"),
                 "auto": PropagateOptions(),
                 "auto-treerelu": PropagateOptions(window_relu="tree"),
+                "auto-stein": PropagateOptions(window_gain="stein"),
+                "auto-winfull": PropagateOptions(window_full=True),
+                "auto-stein-winfull": PropagateOptions(window_gain="stein", window_full=True),
+                "auto-qmcpairs": PropagateOptions(window_gain="stein", window_pairs=True),
+                "auto-all": PropagateOptions(
+                    window_gain="stein", window_pairs=True, window_full=True
+                ),
                 "auto-drop": PropagateOptions(residual="drop"),
                 "auto-tree": PropagateOptions(
                     pool_window=False, pool_pairing="fixed", residual="drop"

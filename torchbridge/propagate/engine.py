@@ -31,6 +31,7 @@ RELU_METHODS_ALL = ("exact", "series", "zero_mean", "approx")
 POOL_PAIRINGS = ("adaptive", "fixed")
 RESIDUALS = ("local", "drop")
 WINDOW_RELUS = ("qmc", "tree")
+WINDOW_GAINS = ("tree", "stein")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,19 @@ class PropagateOptions:
             mean and variance of max(0, window elements) integrated numerically over the
             window's exact Gaussian (``propagate.window_max``; correlations as propagated);
             "tree" those of the tree of pairwise maxima and the ReLU, each re-fitted.
+        window_gain: with ``window_relu="qmc"`` in the factor form, the cross-covariance of
+            relu(max-pool) with the noise directions: "stein" (default) Σ_i g_i Cov(z_i, ·)
+            with the numerical gains g_i = P(z_i is the window's maximum and > 0) (Stein's
+            lemma: exact for the window's Gaussian); "tree" the re-fitted tree's, rescaled
+            to the numerical variance (always with ``differentiable``: the numerical gains
+            carry no gradient).
+        window_full: with ``window_relu="qmc"``, also a ReLU of a max-pooling output that
+            runs in full covariance (e.g. LeNet's ReLU2 in "auto") gets the numerical window
+            moments (correlations as propagated); default True.
+        window_pairs: with ``window_relu="qmc"`` in the factor form, the local residual
+            pairs of relu(max-pool) take Cov(max(0, z_a), max(0, z_b)) integrated
+            numerically over the two windows' joint Gaussian (``window_max``) instead of
+            the re-fitted trees' (default True; ≈ 10⁶ pairs on LeNet, 1–2 min per image).
         differentiable: keep the autograd graph, so the moments can be differentiated with
             respect to the model's parameters and the input (moment-regularized training);
             memory grows with every intermediate covariance kept for the backward pass.
@@ -79,6 +93,9 @@ class PropagateOptions:
     residual: str = "local"
     local: LocalResidual = field(default_factory=LocalResidual)
     window_relu: str = "qmc"
+    window_gain: str = "stein"
+    window_full: bool = True
+    window_pairs: bool = True
     differentiable: bool = False
 
     def __post_init__(self) -> None:
@@ -92,6 +109,11 @@ class PropagateOptions:
             raise ValueError(f"residual must be one of {RESIDUALS}; got {self.residual!r}")
         if self.window_relu not in WINDOW_RELUS:
             raise ValueError(f"window_relu must be one of {WINDOW_RELUS}; got {self.window_relu!r}")
+        if self.window_gain not in WINDOW_GAINS:
+            raise ValueError(f"window_gain must be one of {WINDOW_GAINS}; got {self.window_gain!r}")
+        for name in ("window_full", "window_pairs"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool; got {type(getattr(self, name)).__name__}")
         if not isinstance(self.local, LocalResidual):
             raise TypeError(f"local must be a LocalResidual; got {type(self.local).__name__}")
         if self.pool_pairing not in POOL_PAIRINGS:
@@ -232,6 +254,11 @@ def propagate_one(
             diagonal=options.covariance == "diagonal",
             local=local,
             window_relu=options.window_relu,
+            # the numerical gains are indicator averages (no gradient): the tree's when
+            # differentiating
+            window_gain="tree" if options.differentiable else options.window_gain,
+            window_full=options.window_full,
+            window_pairs=options.window_pairs,
         )
         if options.covariance == "diagonal" and cov_kind != "full":
 

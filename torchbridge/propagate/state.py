@@ -36,6 +36,12 @@ Three representations of the joint covariance:
   max(0, window elements) integrated numerically over the window's Gaussian
   (``propagate.window_max``) instead of those of the re-fitted tree; the unit's factor row,
   residual variance and local pairs are scaled to the new variance (its correlations stay).
+  Options of that step (``PropagateOptions``): ``window_gain="stein"`` sets the unit's factor
+  row to Σ_i g_i F_{z_i} with the numerical gains g_i = P(z_i = max > 0) (Stein's lemma,
+  exact for the window's Gaussian); ``window_pairs`` integrates the local pairs'
+  Cov(max(0, z_a), max(0, z_b)) over the two windows' joint Gaussian; ``window_full``
+  hands the windows to ``FullState``, whose ReLU of a max-pooling output then also takes the
+  numerical mean and variance.
 * A ``FactorState`` can be converted to a ``FullState`` (F Fᵀ + diag D) when the remaining
   layers are small enough (``PropagateOptions.max_full``).
 """
@@ -100,6 +106,9 @@ class FullState:
         self.mean: dict[int, torch.Tensor] = {}
         self.shape: dict[int, tuple[int, ...]] = {}
         self.cov: dict[tuple[int, int], torch.Tensor] = {}  # key (a, b) with a <= b
+        #: max-pooling outputs whose ReLU takes numerical window moments (``window_full``
+        #: of ``FactorState``): their windows' element Gaussians (mean (q, K), cov (q, K, K))
+        self.windows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def block(self, a: int, b: int) -> torch.Tensor:
         """Cov(a, b), shape (q_a, q_b)."""
@@ -145,7 +154,29 @@ class FullState:
         self.cov[(nid, nid)] = C
         self.mean[nid] = rm
         self.shape[nid] = self.shape[src]
-        return rm.reshape(self.shape[src])
+        if src in self.windows:
+            self._window_relu(nid, *self.windows[src])
+        return self.mean[nid].reshape(self.shape[src])
+
+    def _window_relu(self, nid: int, mu: torch.Tensor, S: torch.Tensor) -> None:
+        """relu(max-pool) in full covariance: each unit's mean and variance replaced by those
+        of max(0, window elements) (``window_max``, where its integration error is below
+        ``window_max.MAX_REL_SE`` of the variance); its row and column of every covariance
+        block scaled so that its correlations stay as propagated."""
+        from torchbridge.propagate import window_max
+
+        w = window_max.window_moments(mu, S, replicates=2)
+        old = self.cov[(nid, nid)].diagonal()
+        ok = (w.var > 0) & (old > 0) & (w.se[:, 1] <= window_max.MAX_REL_SE * w.var)
+        s = torch.where(ok, (w.var / torch.where(ok, old, 1.0)).sqrt(), 1.0)
+        self.mean[nid] = torch.where(ok, w.mean, self.mean[nid])
+        for a, b in list(self.cov):
+            if a == nid and b == nid:
+                self.cov[(a, b)] = self.cov[(a, b)] * s[:, None] * s[None, :]
+            elif a == nid:
+                self.cov[(a, b)] = self.cov[(a, b)] * s[:, None]
+            elif b == nid:
+                self.cov[(a, b)] = self.cov[(a, b)] * s[None, :]
 
     def pair_nonlinearity(self, nid: int, ia: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
         """Nonlinear variance of relu(x[ia] − x[ib]) of tensor ``nid`` (see ``_nonlinear``)."""
@@ -157,6 +188,7 @@ class FullState:
     def free(self, nid: int) -> None:
         self.mean.pop(nid)
         self.shape.pop(nid)
+        self.windows.pop(nid, None)
         for key in [k for k in self.cov if nid in k]:
             del self.cov[key]
 
@@ -179,14 +211,30 @@ class FactorState:
         diagonal: bool = False,
         local: LocalResidual | None = None,
         window_relu: str = "tree",
+        window_gain: str = "tree",
+        window_full: bool = False,
+        window_pairs: bool = False,
     ) -> None:
         self.diagonal = diagonal  # ADF: a ReLU's output keeps no factor (variance in D)
         self.local = None if diagonal else local  # local residual covariances (residual.py)
         #: "qmc": a ReLU of a max-pooling output gets the mean and variance of
         #: max(0, window) integrated numerically (``window_max``); "tree": the re-fits'
         self.window_relu = window_relu
-        #: max-pooling outputs: their windows' element Gaussians (mean (q, K), cov (q, K, K))
-        self.windows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        #: with "qmc": "stein" — the unit's factor row (its cross-covariance with the noise
+        #: directions) is Σ_i g_i F_{z_i} with the numerical gains g_i = P(z_i = max > 0)
+        #: (exact by Stein's lemma); "tree" — the re-fitted tree's row, rescaled
+        self.window_gain = window_gain
+        #: with "qmc": also where the ReLU of a max-pooling output runs in full covariance
+        #: (``to_full`` hands the windows over)
+        self.window_full = window_full
+        #: with "qmc": the local pairs of relu(max-pool) get Cov(max(0, z_a), max(0, z_b))
+        #: integrated numerically over the two windows' joint Gaussian
+        #: (``window_max.window_pair_covariance``) instead of the re-fitted trees'
+        self.window_pairs = window_pairs
+        #: max-pooling outputs: their windows' element Gaussians (mean (q, K), cov (q, K, K)),
+        #: element indices (q, K), the factor (q_src, r) and residual variance (q_src,) of the
+        #: pooled tensor
+        self.windows: dict[int, tuple[torch.Tensor, ...]] = {}
         self.mean: dict[int, torch.Tensor] = {}
         self.shape: dict[int, tuple[int, ...]] = {}
         self.factor: dict[int, torch.Tensor] = {}
@@ -284,24 +332,93 @@ class FactorState:
             self._window_relu(nid, *self.windows[src])
         return self.mean[nid].reshape(self.shape[src])
 
-    def _window_relu(self, nid: int, mu: torch.Tensor, S: torch.Tensor) -> None:
+    def _window_relu(
+        self,
+        nid: int,
+        mu: torch.Tensor,
+        S: torch.Tensor,
+        idx: torch.Tensor,
+        F_src: torch.Tensor,
+        D_src: torch.Tensor,
+    ) -> None:
         """relu(max-pool): replace the re-fitted mean and variance of each unit by those of
-        max(0, window elements) (``window_max.window_relu_max_moments``, where its
-        integration error is below ``window_max.MAX_REL_SE`` of the variance), scaling the
-        unit's factor row, residual variance and local pairs so that its correlations with
-        everything else stay as propagated."""
+        max(0, window elements) (``window_max.window_moments``, where its integration error
+        is below ``window_max.MAX_REL_SE`` of the variance), scaling the unit's factor row,
+        residual variance and local pairs so that its correlations with everything else stay
+        as propagated. ``window_gain="stein"``: the factor row becomes Σ_i g_i F_src[idx_i]
+        (exact cross-covariance with the noise directions), the residual variance the rest
+        of the variance, and each local pair keeps its rescaled total covariance."""
         from torchbridge.propagate import window_max
 
-        m, v, se = window_max.window_relu_max_moments(mu, S, replicates=2)
+        w = window_max.window_moments(mu, S, replicates=2)
+        v = w.var
         old = self.variance(nid)
-        ok = (v > 0) & (old > 0) & (se[:, 1] <= window_max.MAX_REL_SE * v)
+        ok = (v > 0) & (old > 0) & (w.se[:, 1] <= window_max.MAX_REL_SE * v)
         s = torch.where(ok, (v / torch.where(ok, old, 1.0)).sqrt(), 1.0)
-        self.mean[nid] = torch.where(ok, m, self.mean[nid])
-        self.factor[nid] = self.factor[nid] * s[:, None]
-        self.resid[nid] = self.resid[nid] * s.square()
+        self.mean[nid] = torch.where(ok, w.mean, self.mean[nid])
+        F_old = self.factor[nid]
         p = self.pairs.get(nid)
+        if self.window_gain != "stein":
+            self.factor[nid] = F_old * s[:, None]
+            self.resid[nid] = self.resid[nid] * s.square()
+            if p is not None:
+                self.pairs[nid] = Pairs(p.i, p.j, p.v * s[p.i] * s[p.j])
+                if self.window_pairs:
+                    self._window_pair_qmc(nid, mu, S, idx, F_src, D_src, ok)
+            return
+        F_new = F_old.new_zeros(F_old.shape)
+        r = F_src.shape[1]
+        for k in range(idx.shape[1]):
+            F_new[:, :r] += w.gain[:, k, None] * F_src[idx[:, k]]
+        F_new = torch.where(ok[:, None], F_new, F_old)
+        D_new = torch.where(ok, (v - F_new.square().sum(1)).clamp_min(0), self.resid[nid])
+        self.factor[nid] = F_new
+        self.resid[nid] = D_new
         if p is not None:
-            self.pairs[nid] = Pairs(p.i, p.j, p.v * s[p.i] * s[p.j])
+            total = (local_residual.pair_dots(F_old, p.i, p.j) + p.v) * s[p.i] * s[p.j]
+            self.pairs[nid] = Pairs(p.i, p.j, total - local_residual.pair_dots(F_new, p.i, p.j))
+            if self.window_pairs:
+                self._window_pair_qmc(nid, mu, S, idx, F_src, D_src, ok)
+
+    def _window_pair_qmc(
+        self,
+        nid: int,
+        mu: torch.Tensor,
+        S: torch.Tensor,
+        idx: torch.Tensor,
+        F_src: torch.Tensor,
+        D_src: torch.Tensor,
+        ok: torch.Tensor,
+    ) -> None:
+        """The local pairs (a, b) of relu(max-pool) ``nid`` where both units took numerical
+        moments (``ok``): residual covariance = Cov(max(0, z_a), max(0, z_b)) over the two
+        windows' joint Gaussian (``window_max.window_pair_covariance``; the cross block
+        Cov(z_a, z_b) = F_src rows' dots + D_src on shared elements) − F_a·F_b."""
+        from torchbridge.propagate import window_max
+
+        p = self.pairs[nid]
+        sel = torch.nonzero(ok[p.i] & ok[p.j]).flatten()
+        if sel.numel() == 0:
+            return
+        i, j = p.i[sel], p.j[sel]
+        K_ = idx.shape[1]
+        kl = [(k, l_) for k in range(K_) for l_ in range(K_)]
+        lists = [(idx[i, k], idx[j, l_]) for k, l_ in kl]
+        dots = local_residual.pair_dots_many(F_src, lists)
+        cab = S.new_empty(i.numel(), K_, K_)
+        for (k, l_), (ek, el), d in zip(kl, lists, dots, strict=True):
+            cab[:, k, l_] = d + (ek == el) * D_src[ek]
+        total = S.new_empty(i.numel())
+        step = 1 << 15
+        for a in range(0, i.numel(), step):
+            ia, ib, c = i[a : a + step], j[a : a + step], cab[a : a + step]
+            Sj = torch.cat([torch.cat([S[ia], c], 2), torch.cat([c.transpose(1, 2), S[ib]], 2)], 1)
+            total[a : a + step] = window_max.window_pair_covariance(
+                torch.stack([mu[ia], mu[ib]], 1), Sj
+            )
+        v = p.v.clone()
+        v[sel] = total - local_residual.pair_dots(self.factor[nid], i, j)
+        self.pairs[nid] = Pairs(p.i, p.j, v)
 
     def _local_here(self, src: int) -> bool:
         """Local residuals at this layer: its input is still local (pending pairs, or a
@@ -415,7 +532,7 @@ class FactorState:
         self.resid[nid] = (var - Fo.square().sum(1)).clamp_min(0)
         self.shape[nid] = (1, mu.shape[0])
         if self.window_relu == "qmc" and not self.diagonal and level0[0].shape[1] > 1:
-            self.windows[nid] = (level0[0], level0[1])
+            self.windows[nid] = (level0[0], level0[1], level0[3], F, D)
         if self.local is not None and level0[0].shape[1] > 1 and local_here:
             self._window_pairs(nid, src, level0, var, method)
         return mu[:, 0]
@@ -475,6 +592,8 @@ class FactorState:
     def to_full(self) -> FullState:
         """The same Gaussian with every block materialized: F_a F_bᵀ (+ diag D_a on a = b)."""
         full = FullState()
+        if self.window_relu == "qmc" and self.window_full and not self.diagonal:
+            full.windows = {a: w[:2] for a, w in self.windows.items()}
         ids = list(self.mean)
         width = max(f.shape[1] for f in self.factor.values())
         fac = {

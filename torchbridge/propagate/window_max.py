@@ -21,6 +21,8 @@ benchmarks; the Gaussian re-fit of y stays the approximation of the propagation.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from scipy.stats import qmc
 
@@ -52,6 +54,77 @@ def _sqrt_psd(S: torch.Tensor) -> torch.Tensor:
     return L
 
 
+@dataclass(frozen=True)
+class WindowMoments:
+    """Numerical moments of y = max(0, z_1, ..., z_K) for q windows (float64).
+
+    Attributes:
+        mean: (q,) E[y].
+        var: (q,) Var(y).
+        se: (q, 2) standard errors of ``mean`` and ``var`` across the scramblings (NaN for
+            one scrambling).
+        gain: (q, K) g_i = P(z_i > 0 and z_i = max_k z_k): y is piecewise linear with
+            gradient e_i on that region, so by Stein's lemma Cov(y, w) = Σ_i g_i Cov(z_i, w)
+            for every w jointly Gaussian with z — the exact cross-covariance of the window's
+            output with the input noise.
+    """
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    se: torch.Tensor
+    gain: torch.Tensor
+
+
+def window_moments(
+    mu: torch.Tensor,
+    S: torch.Tensor,
+    points: int = QMC_POINTS,
+    seed: int = 0,
+    replicates: int = 1,
+) -> WindowMoments:
+    """Mean, variance, their integration standard errors and the Stein gains of
+    max(0, z_1, ..., z_K), z ~ N(``mu``, ``S``) per window.
+
+    ``mu`` (q, K), ``S`` (q, K, K): each window's Gaussian (float64). ``points``: Sobol'
+    points per replicate (a power of 2); ``replicates``: independent scramblings, averaged
+    (seeds ``seed``, ``seed`` + 1, ...).
+    """
+    if mu.ndim != 2 or S.shape != (*mu.shape, mu.shape[1]):
+        raise ValueError(f"mu must be (q, K) and S (q, K, K); got {mu.shape} and {S.shape}")
+    q, K = mu.shape
+    L = _sqrt_psd((S + S.transpose(1, 2)) / 2)
+    means, vars_, gains = [], [], []
+    for r in range(replicates):
+        e = _sobol_normal(points, K, seed + r, mu.dtype, mu.device)
+        e = torch.cat([e, -e])  # antithetic: every odd moment of the points is 0
+        # moment matching: whiten the point set so that its second moments are exactly I
+        # (a linear function of z then has its exact mean and variance)
+        lam, V = torch.linalg.eigh(e.T @ e / e.shape[0])
+        e = e @ (V * lam.rsqrt()) @ V.T
+        m1 = mu.new_empty(q)
+        m2 = mu.new_empty(q)
+        g = mu.new_empty(q, K)
+        for a in range(0, q, _CHUNK):
+            sl = slice(a, a + _CHUNK)
+            z = mu[sl, None, :] + torch.einsum("pk,qlk->qpl", e, L[sl])  # (c, P, K)
+            top, arg = z.max(2)
+            y = top.clamp_min(0)
+            m1[sl] = y.mean(1)
+            m2[sl] = (y - m1[sl, None]).square().mean(1)
+            hit = torch.nn.functional.one_hot(arg, K).to(mu.dtype) * (top > 0)[..., None]
+            g[sl] = hit.mean(1)
+        means.append(m1)
+        vars_.append(m2)
+        gains.append(g)
+    m = torch.stack(means)
+    v = torch.stack(vars_)
+    if replicates > 1:
+        se = torch.stack([m.std(0), v.std(0)], 1) / replicates**0.5
+    else:
+        se = torch.full((q, 2), float("nan"), dtype=mu.dtype, device=mu.device)
+    return WindowMoments(m.mean(0), v.mean(0), se, torch.stack(gains).mean(0))
+
+
 def window_relu_max_moments(
     mu: torch.Tensor,
     S: torch.Tensor,
@@ -66,32 +139,46 @@ def window_relu_max_moments(
     (seeds ``seed``, ``seed`` + 1, ...). Returns (mean (q,), var (q,), se (q, 2)): the
     standard error of the mean and of the variance across replicates (NaN for one).
     """
-    if mu.ndim != 2 or S.shape != (*mu.shape, mu.shape[1]):
-        raise ValueError(f"mu must be (q, K) and S (q, K, K); got {mu.shape} and {S.shape}")
-    q, K = mu.shape
-    L = _sqrt_psd((S + S.transpose(1, 2)) / 2)
-    means, vars_ = [], []
-    for r in range(replicates):
-        e = _sobol_normal(points, K, seed + r, mu.dtype, mu.device)
-        e = torch.cat([e, -e])  # antithetic: every odd moment of the points is 0
-        # moment matching: whiten the point set so that its second moments are exactly I
-        # (a linear function of z then has its exact mean and variance)
+    w = window_moments(mu, S, points, seed, replicates)
+    return w.mean, w.var, w.se
+
+
+#: Sobol' points per window pair (``window_pair_covariance``; with antithetic: 2 × this).
+#: LeNet's ReLU1 has ≈ 10⁶ local pairs: 2⁹ points keep them to about 1.5 min per image.
+PAIR_POINTS = 1 << 9
+#: Window pairs per scrambling of the points (and per evaluation).
+_PAIR_CHUNK = 256
+
+
+def window_pair_covariance(
+    mu: torch.Tensor, S: torch.Tensor, points: int = PAIR_POINTS, seed: int = 0
+) -> torch.Tensor:
+    """Cov(max(0, z_a), max(0, z_b)) for pairs of windows, by the same randomized QMC.
+
+    ``mu`` (P, 2, K): the elements of windows a and b; ``S`` (P, 2K, 2K): their joint
+    covariance, window a's elements first (float64). The points are antithetic and
+    moment-matched as in ``window_moments``. Returns (P,).
+    """
+    if (
+        mu.ndim != 3
+        or mu.shape[1] != 2
+        or S.shape != (mu.shape[0], 2 * mu.shape[2], 2 * mu.shape[2])
+    ):
+        raise ValueError(f"mu must be (P, 2, K) and S (P, 2K, 2K); got {mu.shape} and {S.shape}")
+    P, _, K = mu.shape
+    out = mu.new_empty(P)
+    chunk = _PAIR_CHUNK
+    for a in range(0, P, chunk):
+        sl = slice(a, a + chunk)
+        # a scrambling of its own per chunk: the integration errors of the pairs, summed by
+        # the layers after this one, are then independent instead of sharing one sign
+        e = _sobol_normal(points, 2 * K, seed + a // chunk, mu.dtype, mu.device)
+        e = torch.cat([e, -e])
         lam, V = torch.linalg.eigh(e.T @ e / e.shape[0])
         e = e @ (V * lam.rsqrt()) @ V.T
-        m1 = mu.new_empty(q)
-        m2 = mu.new_empty(q)
-        for a in range(0, q, _CHUNK):
-            sl = slice(a, a + _CHUNK)
-            z = mu[sl, None, :] + torch.einsum("pk,qlk->qpl", e, L[sl])  # (c, P, K)
-            y = z.amax(2).clamp_min(0)
-            m1[sl] = y.mean(1)
-            m2[sl] = (y - m1[sl, None]).square().mean(1)
-        means.append(m1)
-        vars_.append(m2)
-    m = torch.stack(means)
-    v = torch.stack(vars_)
-    if replicates > 1:
-        se = torch.stack([m.std(0), v.std(0)], 1) / replicates**0.5
-    else:
-        se = torch.full((q, 2), float("nan"), dtype=mu.dtype, device=mu.device)
-    return m.mean(0), v.mean(0), se
+        L = _sqrt_psd((S[sl] + S[sl].transpose(1, 2)) / 2)
+        z = mu[sl].reshape(-1, 1, 2 * K) + torch.einsum("pk,qlk->qpl", e, L)  # (c, P, 2K)
+        ya = z[:, :, :K].amax(2).clamp_min(0)
+        yb = z[:, :, K:].amax(2).clamp_min(0)
+        out[sl] = ((ya - ya.mean(1, keepdim=True)) * (yb - yb.mean(1, keepdim=True))).mean(1)
+    return out
