@@ -20,6 +20,7 @@ Theorem 1 (exact for any mean).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 
 import torch
@@ -125,6 +126,42 @@ def _cross_kernel(method: str, terms: int) -> Callable:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Shared:
+    """Per-call quantities of the pair loop, computed once (not once per block of pairs).
+
+    rmean, var: E[relu(z)] and Var[relu(z)] (``batch_shape x p``); symmetric: ``cov`` is
+    exactly symmetric (eager CPU, no autograd: one gather per pair instead of two and the
+    average); direct: the "exact" kernel's runtime may be called without the generated
+    wrapper (``_covariance_direct``: eager CPU, no autograd, every σ > 0, one batch shape)."""
+
+    rmean: torch.Tensor
+    var: torch.Tensor
+    symmetric: bool
+    direct: bool
+
+
+def _shared(mean: torch.Tensor, cov: torch.Tensor, sigma: torch.Tensor) -> _Shared:
+    """``_Shared`` for ``mean`` (``batch_shape x p``), ``cov`` (``batch_shape x p x p``) and
+    σ = √diag(cov)."""
+    rmean, var = K.relu_mean_variance(mean, sigma, validate=False)
+    eager = not sync_free(cov) and not (
+        torch.is_grad_enabled() and (mean.requires_grad or cov.requires_grad)
+    )
+    symmetric = eager and torch.equal(cov, cov.transpose(-1, -2))
+    same = mean.shape[:-1] == cov.shape[:-2]  # the pairs' tensors share one shape
+    direct = eager and same and bool((sigma > 0).all())
+    return _Shared(rmean, var, symmetric, direct)
+
+
+def _covariance_direct(m1, m2, s1, s2, rho):
+    """``relu_cross_covariance(m1, m2, s1, s2, rho, validate=False)`` for σ1, σ2 > 0 (every
+    element) and tensors of one shape, dtype and device, without the generated wrapper's
+    broadcast and case masks: σ1σ2 C(μ1/σ1, μ2/σ2, ρ) by the same runtime call (bit for bit
+    the wrapper's value there)."""
+    return s1 * s2 * K._relu_cov(m1 / s1, m2 / s2, rho)
+
+
 def _correlation(cij: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
     """ρ = cij/(σiσj) in [−1, 1]; within 4 eps of ±1 it is ±1 (σ = √Σii rounds, so a
     duplicated variable gives 1 − 2⁻⁵² instead of 1); 0 where σiσj = 0."""
@@ -153,19 +190,27 @@ def _pair_covariances(
     i: torch.Tensor,
     j: torch.Tensor,
     nd: int,
+    shared: _Shared | None = None,
 ) -> torch.Tensor:
     """Cov[relu(z_i), relu(z_j)] for index pairs i <= j in the ``_pair_blocks_nd`` layout:
     strict pairs first, then the last ``nd`` diagonal pairs (their value is the ReLU variance,
     so the cross kernel runs on the strict pairs only); ``cov`` comes flattened
-    (``batch_shape x p·p``).
+    (``batch_shape x p·p``). ``shared``: the per-call quantities of ``_shared`` (computed here
+    when None).
     """
+    if shared is None:
+        shared = _shared(mean, cov.unflatten(-1, (sigma.shape[-1],) * 2), sigma)
     ns = i.shape[-1] - nd
     si, sj, dg = i[:ns], j[:ns], i[ns:]
     p = sigma.shape[-1]
     s1, s2 = sigma[..., si], sigma[..., sj]
-    # the symmetrised Σ_ij (so the gradient w.r.t. cov is symmetric; exactly cov for symmetric
-    # input), formed on the pairs instead of on the p×p matrix
-    cij = 0.5 * (cov.index_select(-1, si * p + sj) + cov.index_select(-1, sj * p + si))
+    upper = cov.index_select(-1, si * p + sj)
+    if shared.symmetric:  # Σ_ij = Σ_ji exactly: the symmetrised value is Σ_ij itself
+        cij = upper
+    else:
+        # the symmetrised Σ_ij (so the gradient w.r.t. cov is symmetric; exactly cov for
+        # symmetric input), formed on the pairs instead of on the p×p matrix
+        cij = 0.5 * (upper + cov.index_select(-1, sj * p + si))
     rho = _correlation(cij, s1, s2)
     if method == "zero_mean":  # Theorem 2: the mean of z is ignored (taken as 0)
         e = K.relu_cross_moment_zero_mean(s1, s2, rho, validate=False)
@@ -174,7 +219,8 @@ def _pair_covariances(
         var = K.relu_variance(torch.zeros_like(sigma), sigma, validate=False)
     else:
         m1, m2 = mean[..., si], mean[..., sj]
-        kern = _cross_kernel(method, terms)
+        kern = _covariance_direct if method == "exact" and shared.direct else None
+        kern = kern or _cross_kernel(method, terms)
         # "exact" slices its own bulk and runs its later routes once per call (so once per
         # ``chunk``); the series kernels are straight-line passes: cache-sized slices here
         size = _KERNEL_SLICE if method == "exact" else _SERIES_SLICE
@@ -189,7 +235,7 @@ def _pair_covariances(
                 dim=-1,
             )
         off = e if method == "exact" else e - rmean[..., si] * rmean[..., sj]
-        _, var = K.relu_mean_variance(mean, sigma, validate=False)
+        var = shared.var
         # a duplicated variable (same mean and variance, ρ = 1) has Cov = its variance exactly
         one = rho.detach() == 1.0
         if sync_free(rho) or bool(one.any()):  # eager CPU: skipped where no ρ is 1
@@ -213,11 +259,13 @@ def relu_pair_covariances(
     _check_method(method, terms)
     p = mean.shape[-1]
     sigma = _safe_sqrt(cov.diagonal(dim1=-2, dim2=-1))
-    rmean, _ = K.relu_mean_variance(mean, sigma, validate=False)
+    with _pair_threads():
+        shared = _shared(mean, cov, sigma)
+    rmean = shared.rmean
     cflat = cov.flatten(-2)
     for i, j, nd in _pair_blocks_nd(p, chunk, mean.device):
         with _pair_threads():
-            c = _pair_covariances(mean, cflat, sigma, rmean, method, terms, i, j, nd)
+            c = _pair_covariances(mean, cflat, sigma, rmean, method, terms, i, j, nd, shared)
         yield rmean, i, j, c
 
 
