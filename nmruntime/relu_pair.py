@@ -741,7 +741,7 @@ def _mehler_steps_stacked(ah, sak, ar, state, coef):
     total, mag = total.clone(), mag.clone()
     for q, c1, c0 in coef:
         t_prev = t
-        t = torch.mul(v1[0], v1[1]).mul_(q)
+        t = v1.prod(0).mul_(q)  # v1[0]·v1[1] (one rounding, as there) in one operation
         total.add_(t)
         mag.add_(t.abs())
         # a·v1·c1 − ar·v0·c0, in the order of ``_mehler_steps``: ((a·v1)·c1) − ((ar·v0)·c0)
@@ -1052,8 +1052,18 @@ def _cov_hybrid(o, h, k, r, rule, bvn, eps_ratio, eps=2.0**-52):
     """C: the direct route (``_cov_direct``) where it applies, the routes of ``_cov_routed``
     on the elements it leaves (masked: on every element when ``sync_free``)."""
     c, ok = _cov_direct(o, h, k, r, eps)
-    if not sync_free(h) and bool(ok.all()):
-        return c
+    if not isinstance(h, np.ndarray) and not sync_free(h):
+        if not (h.requires_grad or k.requires_grad or r.requires_grad):
+            # eager CPU outside autograd: one index of the leftover pairs (not a boolean mask
+            # per argument), their values written into C in place (not a ``where`` pass)
+            idx = (~ok).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                return c
+            hs, ks, rs = (v.index_select(0, idx) for v in (h, k, r))
+            rest = _cov_routed(o, *_clamped(o, hs, ks, rs), rule, bvn, eps_ratio, eps)
+            return c.index_copy_(0, idx, rest)
+        if bool(ok.all()):
+            return c
     rest = _on(
         ~ok,
         lambda *a: _cov_routed(o, *_clamped(o, *a), rule, bvn, eps_ratio, eps),
