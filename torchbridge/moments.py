@@ -73,11 +73,12 @@ def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, torch.sqrt(torch.where(pos, v, torch.ones_like(v))), 0.0)
 
 
-def _validate(mean: torch.Tensor, cov: torch.Tensor, check_psd: bool) -> None:
+def _validate(mean: torch.Tensor, cov: torch.Tensor, check_psd: bool) -> bool:
     """Check the arguments of ``relu_moments``; TypeError / ValueError naming the bad one.
 
     cov must be symmetric and PSD within the tolerances of ``torchbridge.covariance``
-    (``check_full_covariance``); nothing is symmetrised or cast silently.
+    (``check_full_covariance``); nothing is symmetrised or cast silently. Returns whether cov
+    is exactly symmetric (False: not known).
     """
     require_tensor(mean, "mean")
     require_tensor(cov, "cov")
@@ -103,7 +104,7 @@ def _validate(mean: torch.Tensor, cov: torch.Tensor, check_psd: bool) -> None:
         raise ValueError("mean contains NaN or Inf")
     if not bool(torch.isfinite(cov.detach()).all()):
         raise ValueError("cov contains NaN or Inf")
-    check_full_covariance(cov, check_psd)
+    return check_full_covariance(cov, check_psd)
 
 
 def _pair_blocks_nd(p: int, chunk: int, device) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
@@ -139,27 +140,32 @@ class _Shared:
     var: torch.Tensor
     symmetric: bool
     direct: bool
+    h: torch.Tensor | None = None  # μ/σ per variable where ``direct``
 
 
-def _shared(mean: torch.Tensor, cov: torch.Tensor, sigma: torch.Tensor) -> _Shared:
+def _shared(
+    mean: torch.Tensor, cov: torch.Tensor, sigma: torch.Tensor, symmetric: bool | None = None
+) -> _Shared:
     """``_Shared`` for ``mean`` (``batch_shape x p``), ``cov`` (``batch_shape x p x p``) and
-    σ = √diag(cov)."""
+    σ = √diag(cov); ``symmetric``: whether cov is exactly symmetric (None: tested here)."""
     rmean, var = K.relu_mean_variance(mean, sigma, validate=False)
     eager = not sync_free(cov) and not (
         torch.is_grad_enabled() and (mean.requires_grad or cov.requires_grad)
     )
-    symmetric = eager and torch.equal(cov, cov.transpose(-1, -2))
+    if symmetric is None:
+        symmetric = eager and torch.equal(cov, cov.transpose(-1, -2))
+    symmetric = eager and symmetric
     same = mean.shape[:-1] == cov.shape[:-2]  # the pairs' tensors share one shape
     direct = eager and same and bool((sigma > 0).all())
-    return _Shared(rmean, var, symmetric, direct)
+    return _Shared(rmean, var, symmetric, direct, mean / sigma if direct else None)
 
 
-def _covariance_direct(m1, m2, s1, s2, rho):
-    """``relu_cross_covariance(m1, m2, s1, s2, rho, validate=False)`` for σ1, σ2 > 0 (every
-    element) and tensors of one shape, dtype and device, without the generated wrapper's
-    broadcast and case masks: σ1σ2 C(μ1/σ1, μ2/σ2, ρ) by the same runtime call (bit for bit
-    the wrapper's value there)."""
-    return s1 * s2 * K._relu_cov(m1 / s1, m2 / s2, rho)
+def _covariance_direct(h, k, s1, s2, rho):
+    """``relu_cross_covariance(m1, m2, s1, s2, rho, validate=False)`` from h = μ1/σ1, k = μ2/σ2
+    (divided once per variable, gathered per pair) for σ1, σ2 > 0 (every element) and tensors
+    of one shape, dtype and device, without the generated wrapper's broadcast and case masks:
+    σ1σ2 C(h, k, ρ) by the same runtime call (bit for bit the wrapper's value there)."""
+    return s1 * s2 * K._relu_cov(h, k, rho)
 
 
 def _correlation(cij: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
@@ -218,9 +224,12 @@ def _pair_covariances(
         off = e - m0[..., si] * m0[..., sj]
         var = K.relu_variance(torch.zeros_like(sigma), sigma, validate=False)
     else:
-        m1, m2 = mean[..., si], mean[..., sj]
-        kern = _covariance_direct if method == "exact" and shared.direct else None
-        kern = kern or _cross_kernel(method, terms)
+        if method == "exact" and shared.direct:
+            kern = _covariance_direct
+            m1, m2 = shared.h[..., si], shared.h[..., sj]  # h, k: μ/σ gathered, not divided
+        else:
+            kern = _cross_kernel(method, terms)
+            m1, m2 = mean[..., si], mean[..., sj]
         # "exact" slices its own bulk and runs its later routes once per call (so once per
         # ``chunk``); the series kernels are straight-line passes: cache-sized slices here
         size = _KERNEL_SLICE if method == "exact" else _SERIES_SLICE
@@ -239,7 +248,7 @@ def _pair_covariances(
         # a duplicated variable (same mean and variance, ρ = 1) has Cov = its variance exactly
         one = rho.detach() == 1.0
         if sync_free(rho) or bool(one.any()):  # eager CPU: skipped where no ρ is 1
-            dup = one & (m1 == m2) & (s1 == s2)
+            dup = one & (mean[..., si] == mean[..., sj]) & (s1 == s2)
             off = torch.where(dup, var[..., si], off)
     return torch.cat([off, var[..., dg]], dim=-1)
 
@@ -250,17 +259,20 @@ def relu_pair_covariances(
     method: str = "exact",
     terms: int = 5,
     chunk: int = DEFAULT_CHUNK,
+    *,
+    symmetric: bool | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (rmean, i, j, C_ij) over upper-triangle blocks of Cov[relu(z)] (no p×p tensor).
 
     ``rmean`` is E[relu(z)] (``batch_shape x p``); ``C_ij`` is ``batch_shape x pairs``.
-    Inputs must already be validated.
+    Inputs must already be validated. ``symmetric``: whether cov is known to be exactly
+    symmetric (``check_full_covariance``'s result; None: tested here).
     """
     _check_method(method, terms)
     p = mean.shape[-1]
     sigma = _safe_sqrt(cov.diagonal(dim1=-2, dim2=-1))
     with _pair_threads():
-        shared = _shared(mean, cov, sigma)
+        shared = _shared(mean, cov, sigma, symmetric)
     rmean = shared.rmean
     cflat = cov.flatten(-2)
     for i, j, nd in _pair_blocks_nd(p, chunk, mean.device):
@@ -300,13 +312,14 @@ def relu_moments(
     """
     _check_method(method, terms)
     with _pair_threads():  # the whole call, validation included (see PAIR_THREADS)
-        _validate(mean, cov, check_psd)
+        symmetric = _validate(mean, cov, check_psd)
         p = mean.shape[-1]
         batch = torch.broadcast_shapes(mean.shape[:-1], cov.shape[:-2])
         mean, cov = mean.expand(*batch, p), cov.expand(*batch, p, p)  # views, never written
         up = mean.new_zeros(*mean.shape[:-1], p * p)
         rmean = None
-        for rm, i, j, c in relu_pair_covariances(mean, cov, method, terms, chunk):
+        pairs = relu_pair_covariances(mean, cov, method, terms, chunk, symmetric=symmetric)
+        for rm, i, j, c in pairs:
             rmean = rm
             # in place on a fresh tensor (autograd records it); exactly symmetric: each upper
             # triangle value (diagonal included) written to (i, j) and to (j, i)
