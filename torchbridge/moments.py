@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 import torch
 from nmgen.generated import torch_kernels as K
 
+from nmruntime.relu_pair import normal_cdf_torch
 from nmruntime.torch_support import sync_free
 from torchbridge.covariance import check_full_covariance, require_tensor
 
@@ -141,6 +142,7 @@ class _Shared:
     symmetric: bool
     direct: bool
     h: torch.Tensor | None = None  # μ/σ per variable where ``direct``
+    cdf: torch.Tensor | None = None  # Φ(μ/σ) per variable where ``direct``
 
 
 def _shared(
@@ -157,15 +159,19 @@ def _shared(
     symmetric = eager and symmetric
     same = mean.shape[:-1] == cov.shape[:-2]  # the pairs' tensors share one shape
     direct = eager and same and bool((sigma > 0).all())
-    return _Shared(rmean, var, symmetric, direct, mean / sigma if direct else None)
+    if not direct:
+        return _Shared(rmean, var, symmetric, direct)
+    h = mean / sigma
+    return _Shared(rmean, var, symmetric, direct, h, normal_cdf_torch(h))
 
 
-def _covariance_direct(h, k, s1, s2, rho):
+def _covariance_direct(h, k, s1, s2, rho, ph, pk):
     """``relu_cross_covariance(m1, m2, s1, s2, rho, validate=False)`` from h = μ1/σ1, k = μ2/σ2
-    (divided once per variable, gathered per pair) for σ1, σ2 > 0 (every element) and tensors
-    of one shape, dtype and device, without the generated wrapper's broadcast and case masks:
-    σ1σ2 C(h, k, ρ) by the same runtime call (bit for bit the wrapper's value there)."""
-    return s1 * s2 * K._relu_cov(h, k, rho)
+    and Φ(h), Φ(k) (evaluated once per variable, gathered per pair) for σ1, σ2 > 0 (every
+    element) and tensors of one shape, dtype and device, without the generated wrapper's
+    broadcast and case masks: σ1σ2 C(h, k, ρ) by the same runtime call (bit for bit the
+    wrapper's value there)."""
+    return s1 * s2 * K._relu_cov(h, k, rho, cdf=(ph, pk))
 
 
 def _correlation(cij: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
@@ -227,18 +233,20 @@ def _pair_covariances(
         if method == "exact" and shared.direct:
             kern = _covariance_direct
             m1, m2 = shared.h[..., si], shared.h[..., sj]  # h, k: μ/σ gathered, not divided
+            extra = (shared.cdf[..., si], shared.cdf[..., sj])  # Φ(h), Φ(k) gathered
         else:
             kern = _cross_kernel(method, terms)
             m1, m2 = mean[..., si], mean[..., sj]
+            extra = ()
         # "exact" slices its own bulk and runs its later routes once per call (so once per
         # ``chunk``); the series kernels are straight-line passes: cache-sized slices here
         size = _KERNEL_SLICE if method == "exact" else _SERIES_SLICE
         if ns <= size:
-            e = kern(m1, m2, s1, s2, rho)
+            e = kern(m1, m2, s1, s2, rho, *extra)
         else:  # cache-sized slices: the kernel's many elementwise passes stay in cache
             e = torch.cat(
                 [
-                    kern(*(v[..., a : a + size] for v in (m1, m2, s1, s2, rho)))
+                    kern(*(v[..., a : a + size] for v in (m1, m2, s1, s2, rho, *extra)))
                     for a in range(0, ns, size)
                 ],
                 dim=-1,
