@@ -214,8 +214,10 @@ def _pair_covariances(
         shared = _shared(mean, cov.unflatten(-1, (sigma.shape[-1],) * 2), sigma)
     ns = i.shape[-1] - nd
     si, sj, dg = i[:ns], j[:ns], i[ns:]
+    # gathers along the last dimension by ``index_select``: ``x[..., si]`` (advanced indexing)
+    # took 2.3 ms vs 0.34 ms for p = 1024's 523,776 pairs
     p = sigma.shape[-1]
-    s1, s2 = sigma[..., si], sigma[..., sj]
+    s1, s2 = sigma.index_select(-1, si), sigma.index_select(-1, sj)
     upper = cov.index_select(-1, si * p + sj)
     if shared.symmetric:  # Σ_ij = Σ_ji exactly: the symmetrised value is Σ_ij itself
         cij = upper
@@ -227,16 +229,17 @@ def _pair_covariances(
     if method == "zero_mean":  # Theorem 2: the mean of z is ignored (taken as 0)
         e = K.relu_cross_moment_zero_mean(s1, s2, rho, validate=False)
         m0 = 0.3989422804014327 * sigma  # E[relu(z)] = σ/√(2π) at zero mean (Remark 1)
-        off = e - m0[..., si] * m0[..., sj]
+        off = e - m0.index_select(-1, si) * m0.index_select(-1, sj)
         var = K.relu_variance(torch.zeros_like(sigma), sigma, validate=False)
     else:
         if method == "exact" and shared.direct:
             kern = _covariance_direct
-            m1, m2 = shared.h[..., si], shared.h[..., sj]  # h, k: μ/σ gathered, not divided
-            extra = (shared.cdf[..., si], shared.cdf[..., sj])  # Φ(h), Φ(k) gathered
+            # h, k: μ/σ gathered, not divided; Φ(h), Φ(k) gathered
+            m1, m2 = (shared.h.index_select(-1, v) for v in (si, sj))
+            extra = tuple(shared.cdf.index_select(-1, v) for v in (si, sj))
         else:
             kern = _cross_kernel(method, terms)
-            m1, m2 = mean[..., si], mean[..., sj]
+            m1, m2 = mean.index_select(-1, si), mean.index_select(-1, sj)
             extra = ()
         # "exact" slices its own bulk and runs its later routes once per call (so once per
         # ``chunk``); the series kernels are straight-line passes: cache-sized slices here
@@ -251,14 +254,17 @@ def _pair_covariances(
                 ],
                 dim=-1,
             )
-        off = e if method == "exact" else e - rmean[..., si] * rmean[..., sj]
+        if method == "exact":
+            off = e
+        else:
+            off = e - rmean.index_select(-1, si) * rmean.index_select(-1, sj)
         var = shared.var
         # a duplicated variable (same mean and variance, ρ = 1) has Cov = its variance exactly
         one = rho.detach() == 1.0
         if sync_free(rho) or bool(one.any()):  # eager CPU: skipped where no ρ is 1
-            dup = one & (mean[..., si] == mean[..., sj]) & (s1 == s2)
-            off = torch.where(dup, var[..., si], off)
-    return torch.cat([off, var[..., dg]], dim=-1)
+            dup = one & (mean.index_select(-1, si) == mean.index_select(-1, sj)) & (s1 == s2)
+            off = torch.where(dup, var.index_select(-1, si), off)
+    return torch.cat([off, var.index_select(-1, dg)], dim=-1)
 
 
 def relu_pair_covariances(
