@@ -968,20 +968,18 @@ def _cov_direct(o, h, k, r, eps, cdf=None):
     return c, ok
 
 
-def _direct_accept(o, h, k, r, j, eps, wide: bool = False, ph=None, pk=None):
+def _direct_accept(o, h, k, r, j, eps, wide: bool = False, base=None):
     """(C = ρΦ(h)Φ(k) + J, accepted): the rounding bound eps·(|ρΦ(h)Φ(k)| + (|G|max + 2)·J)
     at most ``_DIRECT_CANCEL``·eps·|C| (e^G is conditioned by |G|, and on the nodes
     |G| ≤ max(A + B, A/(1 − ρ) + B/(1 + ρ)): G(t) is convex in t), and |C| a normal number of
     the target precision ``eps`` (or ρ = 0, where C = 0 exactly). ``wide``: a float32 target
     evaluated in float64, whose rounding (2⁻⁵² per term) may then lose up to 2¹⁶ to
-    cancellation and stay below 1e-4 float32 eps. ``ph``, ``pk``: Φ(h), Φ(k) where the caller
-    has them (the same values: two erfc passes saved)."""
+    cancellation and stay below 1e-4 float32 eps. ``base``: ρΦ(h)Φ(k) where the caller has it
+    (the same values: two erfc passes saved)."""
     f64 = eps < 1e-10
     cancel = 2.0**16 if wide else _DIRECT_CANCEL[f64]
-    if ph is None:
+    if base is None:
         base = r * _ncdf(o, h) * _ncdf(o, k)
-    else:
-        base = r * ph * pk
     c = base + j
     a4, b4 = (h - k) ** 2, (h + k) ** 2
     gmax = 0.25 * o.maximum(a4 + b4, a4 / (1.0 - r) + b4 / (1.0 + r))
@@ -1009,9 +1007,9 @@ def _direct_sliced(h, k, r, ar, dom, eps, wide: bool = False, cdf=None):
     o = _torch_ops_cached()
     f64 = eps < 1e-10
 
-    def slice_value(hs, ks, rs, y, wy, phs=None, pks=None):
+    def slice_value(hs, ks, rs, y, wy, base=None):
         j = _direct_integral(hs, ks, rs, (y, wy))
-        return _direct_accept(o, hs, ks, rs, j, eps, wide, phs, pks)
+        return _direct_accept(o, hs, ks, rs, j, eps, wide, base)
 
     # with ``compiled_bulk``: one fused pass per slice (the rule size is a dynamic dimension)
     run = compiled(h, f"direct{eps}{wide}", slice_value) or slice_value
@@ -1020,7 +1018,8 @@ def _direct_sliced(h, k, r, ar, dom, eps, wide: bool = False, cdf=None):
     _, perm = torch.sort(grp, stable=True)
     counts = torch.bincount(grp, minlength=len(_DIRECT_GROUPS) + 1).tolist()
     hp, kp, rp = (v.index_select(0, perm) for v in (h, k, r))
-    cdfp = () if cdf is None else tuple(v.index_select(0, perm) for v in cdf)
+    # ρΦ(h)Φ(k) from the caller's Φ values, formed before the permutation: one gather, not two
+    basep = () if cdf is None else ((r * cdf[0] * cdf[1]).index_select(0, perm),)
     cp = torch.zeros_like(h)
     okp = torch.zeros_like(h, dtype=torch.bool)
     start = 0
@@ -1029,7 +1028,7 @@ def _direct_sliced(h, k, r, ar, dom, eps, wide: bool = False, cdf=None):
         for a in range(start, start + cnt, _DIRECT_SLICE):
             e = min(a + _DIRECT_SLICE, start + cnt)
             hs, ks, rs = hp[a:e], kp[a:e], rp[a:e]
-            cs, oks = run(hs, ks, rs, *rule, *(v[a:e] for v in cdfp))
+            cs, oks = run(hs, ks, rs, *rule, *(v[a:e] for v in basep))
             cp[a:e] = cs
             okp[a:e] = oks
         start += cnt
