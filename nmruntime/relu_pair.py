@@ -174,7 +174,15 @@ def torch_ops() -> SimpleNamespace:
 
 
 def _ncdf(o, x):
+    """Φ(x) = erfc(−x/√2)/2."""
     return 0.5 * o.erfc(x * -_SQRT1_2)
+
+
+def normal_cdf_torch(x):
+    """Φ(x) for a tensor, by the same formula as the pair routes (``_ncdf``): a caller that
+    evaluates it once per variable and passes the gathered values as ``cdf`` to the torch
+    binding's covariance gets the same bits."""
+    return _ncdf(_torch_ops_cached(), x)
 
 
 def _gexp(o, h, k, s, c2):
@@ -741,7 +749,7 @@ def _mehler_steps_stacked(ah, sak, ar, state, coef):
     total, mag = total.clone(), mag.clone()
     for q, c1, c0 in coef:
         t_prev = t
-        t = torch.mul(v1[0], v1[1]).mul_(q)
+        t = v1.prod(0).mul_(q)  # v1[0]·v1[1] (one rounding, as there) in one operation
         total.add_(t)
         mag.add_(t.abs())
         # a·v1·c1 − ar·v0·c0, in the order of ``_mehler_steps``: ((a·v1)·c1) − ((ar·v0)·c0)
@@ -900,7 +908,7 @@ def _direct_integral(h, k, r, rule):
     return (r * r).mul_(f @ wy).mul_(0.25 / math.pi)
 
 
-def _cov_direct(o, h, k, r, eps):
+def _cov_direct(o, h, k, r, eps, cdf=None):
     """(C, accepted) by the direct route for |h|, |k| ≤ 6, |ρ| < 0.925:
 
         C = ρΦ(h)Φ(k) + J,   J = ∫_0^ρ (ρ − t) φ2(h, k; t) dt ≥ 0
@@ -910,7 +918,9 @@ def _cov_direct(o, h, k, r, eps):
     every element, masked). ρ ≥ 0: two terms ≥ 0, nothing cancels; accepted where the rounding
     bound allows (``_direct_accept``); float32 elements it rejects are evaluated again in
     float64 arithmetic (then only a 2¹⁶-fold cancellation rejects them). One exp and one rsqrt
-    per node; no Φ2, no conditional Φ terms. 1-D inputs.
+    per node; no Φ2, no conditional Φ terms. 1-D inputs. ``cdf``: optional (Φ(h), Φ(k)) of the
+    same shape, computed by the caller (e.g. once per variable and gathered per pair); used by
+    the eager CPU route outside autograd, ignored elsewhere.
     """
     f64 = eps < 1e-10
     ar = o.abs(r)
@@ -937,7 +947,7 @@ def _cov_direct(o, h, k, r, eps):
                 rule = _direct_rule(n64 if f64 else n32, h)
                 j[sel] = _direct_integral(h[sel], k[sel], r[sel], rule)
     else:
-        c, ok = _direct_sliced(h, k, r, ar, dom, eps)
+        c, ok = _direct_sliced(h, k, r, ar, dom, eps, cdf=cdf)
         if not f64:  # float32: the rejected ones again in float64 arithmetic (``wide``)
             redo = (dom & ~ok).nonzero().squeeze(1)
             if redo.numel():
@@ -958,16 +968,18 @@ def _cov_direct(o, h, k, r, eps):
     return c, ok
 
 
-def _direct_accept(o, h, k, r, j, eps, wide: bool = False):
+def _direct_accept(o, h, k, r, j, eps, wide: bool = False, base=None):
     """(C = ρΦ(h)Φ(k) + J, accepted): the rounding bound eps·(|ρΦ(h)Φ(k)| + (|G|max + 2)·J)
     at most ``_DIRECT_CANCEL``·eps·|C| (e^G is conditioned by |G|, and on the nodes
     |G| ≤ max(A + B, A/(1 − ρ) + B/(1 + ρ)): G(t) is convex in t), and |C| a normal number of
     the target precision ``eps`` (or ρ = 0, where C = 0 exactly). ``wide``: a float32 target
     evaluated in float64, whose rounding (2⁻⁵² per term) may then lose up to 2¹⁶ to
-    cancellation and stay below 1e-4 float32 eps."""
+    cancellation and stay below 1e-4 float32 eps. ``base``: ρΦ(h)Φ(k) where the caller has it
+    (the same values: two erfc passes saved)."""
     f64 = eps < 1e-10
     cancel = 2.0**16 if wide else _DIRECT_CANCEL[f64]
-    base = r * _ncdf(o, h) * _ncdf(o, k)
+    if base is None:
+        base = r * _ncdf(o, h) * _ncdf(o, k)
     c = base + j
     a4, b4 = (h - k) ** 2, (h + k) ** 2
     gmax = 0.25 * o.maximum(a4 + b4, a4 / (1.0 - r) + b4 / (1.0 + r))
@@ -982,12 +994,12 @@ def _direct_accept(o, h, k, r, j, eps, wide: bool = False):
 _DIRECT_SLICE = 8192
 
 
-def _direct_sliced(h, k, r, ar, dom, eps, wide: bool = False):
+def _direct_sliced(h, k, r, ar, dom, eps, wide: bool = False, cdf=None):
     """``_cov_direct`` on eager CPU tensors outside autograd: the pairs sorted by |ρ| group (one
     gather each of h, k, ρ), each group evaluated with its own rule, J and the acceptance test
     in slices of ``_DIRECT_SLICE`` pairs (in cache), scattered back; (0, False) outside ``dom``.
     ``eps`` is the target precision (its column of rule sizes); ``wide``: see
-    ``_direct_accept``."""
+    ``_direct_accept``; ``cdf``: (Φ(h), Φ(k)) or None (see ``_cov_direct``)."""
     import torch
 
     from nmruntime.torch_support import compiled
@@ -995,8 +1007,9 @@ def _direct_sliced(h, k, r, ar, dom, eps, wide: bool = False):
     o = _torch_ops_cached()
     f64 = eps < 1e-10
 
-    def slice_value(hs, ks, rs, y, wy):
-        return _direct_accept(o, hs, ks, rs, _direct_integral(hs, ks, rs, (y, wy)), eps, wide)
+    def slice_value(hs, ks, rs, y, wy, base=None):
+        j = _direct_integral(hs, ks, rs, (y, wy))
+        return _direct_accept(o, hs, ks, rs, j, eps, wide, base)
 
     # with ``compiled_bulk``: one fused pass per slice (the rule size is a dynamic dimension)
     run = compiled(h, f"direct{eps}{wide}", slice_value) or slice_value
@@ -1005,6 +1018,8 @@ def _direct_sliced(h, k, r, ar, dom, eps, wide: bool = False):
     _, perm = torch.sort(grp, stable=True)
     counts = torch.bincount(grp, minlength=len(_DIRECT_GROUPS) + 1).tolist()
     hp, kp, rp = (v.index_select(0, perm) for v in (h, k, r))
+    # ρΦ(h)Φ(k) from the caller's Φ values, formed before the permutation: one gather, not two
+    basep = () if cdf is None else ((r * cdf[0] * cdf[1]).index_select(0, perm),)
     cp = torch.zeros_like(h)
     okp = torch.zeros_like(h, dtype=torch.bool)
     start = 0
@@ -1013,7 +1028,7 @@ def _direct_sliced(h, k, r, ar, dom, eps, wide: bool = False):
         for a in range(start, start + cnt, _DIRECT_SLICE):
             e = min(a + _DIRECT_SLICE, start + cnt)
             hs, ks, rs = hp[a:e], kp[a:e], rp[a:e]
-            cs, oks = run(hs, ks, rs, *rule)
+            cs, oks = run(hs, ks, rs, *rule, *(v[a:e] for v in basep))
             cp[a:e] = cs
             okp[a:e] = oks
         start += cnt
@@ -1048,12 +1063,22 @@ def _torch_ops_cached() -> SimpleNamespace:
     return _TORCH_OPS[0]
 
 
-def _cov_hybrid(o, h, k, r, rule, bvn, eps_ratio, eps=2.0**-52):
+def _cov_hybrid(o, h, k, r, rule, bvn, eps_ratio, eps=2.0**-52, cdf=None):
     """C: the direct route (``_cov_direct``) where it applies, the routes of ``_cov_routed``
     on the elements it leaves (masked: on every element when ``sync_free``)."""
-    c, ok = _cov_direct(o, h, k, r, eps)
-    if not sync_free(h) and bool(ok.all()):
-        return c
+    c, ok = _cov_direct(o, h, k, r, eps, cdf)
+    if not isinstance(h, np.ndarray) and not sync_free(h):
+        if not (h.requires_grad or k.requires_grad or r.requires_grad):
+            # eager CPU outside autograd: one index of the leftover pairs (not a boolean mask
+            # per argument), their values written into C in place (not a ``where`` pass)
+            idx = (~ok).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                return c
+            hs, ks, rs = (v.index_select(0, idx) for v in (h, k, r))
+            rest = _cov_routed(o, *_clamped(o, hs, ks, rs), rule, bvn, eps_ratio, eps)
+            return c.index_copy_(0, idx, rest)
+        if bool(ok.all()):
+            return c
     rest = _on(
         ~ok,
         lambda *a: _cov_routed(o, *_clamped(o, *a), rule, bvn, eps_ratio, eps),
@@ -1153,17 +1178,20 @@ def _cov_general(o, h, k, r, rule, bvn, eps_ratio, eps):
 
 
 @_flat
-def relu_cov_std(o: SimpleNamespace, h, k, r, rule, bvn=None, eps_ratio=0.0, eps=2.0**-52):
+def relu_cov_std(
+    o: SimpleNamespace, h, k, r, rule, bvn=None, eps_ratio=0.0, eps=2.0**-52, cdf=None
+):
     """C(h, k, ρ) = Cov[(h + Z1)⁺, (k + Z2)⁺], corr(Z1, Z2) = ρ ∈ [−1, 1]; h, k not NaN.
 
     ``o``: ``numpy_ops()`` or ``torch_ops()``; ``rule``: (nodes, weights) of one Gauss–Legendre
     rule on [−1, 1] as arrays of the inputs' dtype. h, k, r: arrays of one broadcast shape;
     the result has that shape. With ``bvn`` (the backend's Φ2) the closed form is used where
     its rounding error is below ``eps_ratio``·|C| (``_cov_hybrid``), the quadrature elsewhere.
+    ``cdf``: optional (Φ(h), Φ(k)), flattened like h, k, for the direct route (``_cov_direct``).
     """
     if bvn is None:
         return _cov_std(o, h, k, r, rule)
-    return _cov_hybrid(o, h, k, r, rule, bvn, eps_ratio, eps)  # clamps where it routes on
+    return _cov_hybrid(o, h, k, r, rule, bvn, eps_ratio, eps, cdf)  # clamps where it routes on
 
 
 #: Φ2 below this is recomputed as a sum of positive terms (``phi2_std``): the backends'
@@ -1495,11 +1523,16 @@ def torch_binding(rule, bvn) -> tuple:
 
         return run
 
-    def cov(h, k, rho):
+    def cov(h, k, rho, *, cdf=None):
+        """C(h, k, ρ); ``cdf``: optional (Φ(h), Φ(k)) of h's shape, dtype and device (e.g.
+        computed once per variable and gathered per pair; the same values as computed here,
+        so the result is bit for bit the same, without two erfc passes per pair)."""
         r0 = rho.detach()
         ratio = _FAST_RATIO[h.element_size()]
         eps = torch.finfo(h.dtype).eps
-        out = relu_cov_std(o, h, k, r0, rule_for(h), bvn=bvn, eps_ratio=ratio, eps=eps)
+        flat = None if cdf is None else tuple(v.reshape(-1) for v in cdf)
+        rule = rule_for(h)
+        out = relu_cov_std(o, h, k, r0, rule, bvn=bvn, eps_ratio=ratio, eps=eps, cdf=flat)
         if rho.requires_grad:
             out = out + (rho - r0) * bvn(h.detach(), k.detach(), r0)
         return out

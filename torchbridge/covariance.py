@@ -153,13 +153,16 @@ def _check_shape(cov: torch.Tensor, kind: str, n: int, batch_shape: tuple[int, .
         )
 
 
-def check_full_covariance(cov: torch.Tensor, check_psd: bool = True, name: str = "cov") -> None:
+def check_full_covariance(cov: torch.Tensor, check_psd: bool = True, name: str = "cov") -> bool:
     """Raise ValueError unless ``cov`` (``batch_shape x n x n``, finite) is symmetric with a
-    non-negative diagonal and (``check_psd``) PSD within the module's stated tolerances."""
+    non-negative diagonal and (``check_psd``) PSD within the module's stated tolerances.
+
+    Returns True where ``cov`` was found exactly symmetric (tested on CPU only: False on an
+    accelerator or with n = 0, meaning "not known")."""
     c = cov.detach()
     n = c.shape[-1]
     if n == 0:
-        return
+        return False
     eps = torch.finfo(c.dtype).eps
     diag = c.diagonal(dim1=-2, dim2=-1)
     top = diag.abs().amax(-1).clamp_min(torch.finfo(c.dtype).tiny)[..., None, None]
@@ -181,7 +184,7 @@ def check_full_covariance(cov: torch.Tensor, check_psd: bool = True, name: str =
             f"{float(diag[tuple(where)]):.6g} on its diagonal at {name}{(*where, where[-1])}"
         )
     if not check_psd:
-        return
+        return exact
     zero_diag = (diag == 0).all(-1)  # PSD with a zero diagonal means the zero matrix
     if bool((zero_diag & (c != 0).flatten(-2).any(-1)).any()):
         raise ValueError(
@@ -199,6 +202,7 @@ def check_full_covariance(cov: torch.Tensor, check_psd: bool = True, name: str =
             f"({float(rel):.3e} × its largest variance) is below the tolerance −{PSD_TOL}·n·eps"
             f"·max diagonal (n = {n}, eps = {eps:.2e})"
         )
+    return exact
 
 
 def read_covariance(

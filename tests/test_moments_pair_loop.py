@@ -1,0 +1,71 @@
+"""relu_moments' pair loop shortcuts (issue #13 fixed costs): the same values as the general
+path, bit for bit, and the symmetry flag honoured.
+
+The shortcuts (eager CPU, no autograd): the exact kernel's runtime called without the
+generated wrapper's masks on h = μ/σ gathered per pair, and one Σ gather per pair when cov is
+exactly symmetric. Accuracy against mpmath is tested elsewhere (tests/test_pair_*.py,
+``nm bench floor --check-entries``); here the reference is the general path through the
+generated kernel ``relu_cross_covariance`` with the symmetrised Σ_ij.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from torchbridge.covariance import check_full_covariance
+from torchbridge.moments import (
+    _pair_blocks_nd,
+    _pair_covariances,
+    _safe_sqrt,
+    _shared,
+    relu_moments,
+)
+
+
+def _problem(p: int, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(p, p // 2, generator=g, dtype=torch.float64)
+    cov = w @ w.T / (p // 2) + 0.05 * torch.eye(p, dtype=torch.float64)
+    cov = 0.5 * (cov + cov.T)  # exactly symmetric (a matmul's W Wᵀ need not be)
+    mean = 2.0 * torch.randn(p, generator=g, dtype=torch.float64)
+    return mean.to(dtype), cov.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_shortcut_pair_loop_matches_general_path_bitwise(dtype):
+    mean, cov = _problem(96, 7, dtype)
+    sigma = _safe_sqrt(cov.diagonal())
+    fast = _shared(mean, cov, sigma)  # symmetry tested there
+    assert fast.direct and fast.symmetric
+    general = dataclasses.replace(fast, symmetric=False, direct=False, h=None)
+    i, j, nd = next(_pair_blocks_nd(96, 1 << 20, mean.device))
+    args = (mean, cov.flatten(), sigma, fast.rmean, "exact", 0, i, j, nd)
+    a = _pair_covariances(*args, fast)
+    b = _pair_covariances(*args, general)
+    assert torch.equal(a, b)
+
+
+def test_check_full_covariance_reports_exact_symmetry():
+    _, cov = _problem(16, 3, torch.float64)
+    assert check_full_covariance(cov) is True
+    bumped = cov.clone()
+    bumped[0, 1] = torch.nextafter(bumped[0, 1], torch.tensor(10.0, dtype=torch.float64))
+    assert check_full_covariance(bumped) is False  # within the tolerance: accepted, not exact
+
+
+def test_asymmetric_cov_within_tolerance_is_symmetrised_per_pair():
+    """A rounding-level asymmetry takes the averaged Σ_ij: the same result as passing the
+    symmetrised matrix (whose entries are the same averages)."""
+    mean, cov = _problem(40, 5, torch.float64)
+    bumped = cov.clone()
+    up = torch.tensor(10.0, dtype=torch.float64)
+    for a, b in ((0, 1), (3, 7), (12, 30)):
+        bumped[a, b] = torch.nextafter(torch.nextafter(bumped[a, b], up), up)
+    sym = 0.5 * (bumped + bumped.T)
+    assert not torch.equal(sym, cov)
+    _, c1 = relu_moments(mean, bumped, "exact", check_psd=False)
+    _, c2 = relu_moments(mean, sym, "exact", check_psd=False)
+    assert torch.equal(c1, c2)
