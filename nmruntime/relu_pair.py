@@ -47,6 +47,7 @@ where it converges and keeps its digits; the quadrature above elsewhere.
 from __future__ import annotations
 
 import math
+import types
 from types import SimpleNamespace
 
 import numpy as np
@@ -998,11 +999,10 @@ def _direct_sliced(h, k, r, ar, dom, eps, wide: bool = False, cdf=None):
     """``_cov_direct`` on eager CPU tensors outside autograd: the pairs sorted by |ρ| group (one
     gather each of h, k, ρ), each group evaluated with its own rule, J and the acceptance test
     in slices of ``_DIRECT_SLICE`` pairs (in cache), scattered back; (0, False) outside ``dom``.
-    ``eps`` is the target precision (its column of rule sizes); ``wide``: see
-    ``_direct_accept``; ``cdf``: (Φ(h), Φ(k)) or None (see ``_cov_direct``)."""
+    With ``compiled_bulk`` on, each group in one call of ``_direct_unrolled`` compiled for its
+    rule size instead. ``eps`` is the target precision (its column of rule sizes); ``wide``:
+    see ``_direct_accept``; ``cdf``: (Φ(h), Φ(k)) or None (see ``_cov_direct``)."""
     import torch
-
-    from nmruntime.torch_support import compiled
 
     o = _torch_ops_cached()
     f64 = eps < 1e-10
@@ -1011,8 +1011,6 @@ def _direct_sliced(h, k, r, ar, dom, eps, wide: bool = False, cdf=None):
         j = _direct_integral(hs, ks, rs, (y, wy))
         return _direct_accept(o, hs, ks, rs, j, eps, wide, base)
 
-    # with ``compiled_bulk``: one fused pass per slice (the rule size is a dynamic dimension)
-    run = compiled(h, f"direct{eps}{wide}", slice_value) or slice_value
     grp = _direct_group_index(ar)
     grp.masked_fill_(~dom, len(_DIRECT_GROUPS))
     _, perm = torch.sort(grp, stable=True)
@@ -1024,17 +1022,65 @@ def _direct_sliced(h, k, r, ar, dom, eps, wide: bool = False, cdf=None):
     okp = torch.zeros_like(h, dtype=torch.bool)
     start = 0
     for (_, n64, n32), cnt in zip(_DIRECT_GROUPS, counts, strict=False):
-        rule = _direct_rule(n64 if f64 else n32, h) if cnt else None
+        n = n64 if f64 else n32
+        fused = _direct_compiled(h, n, eps, wide, bool(basep)) if cnt else None
+        if fused is not None:  # one fused pass over the whole group
+            e = start + cnt
+            cs, oks = fused(hp[start:e], kp[start:e], rp[start:e], *(v[start:e] for v in basep))
+            cp[start:e] = cs
+            okp[start:e] = oks
+            start = e
+            continue
+        rule = _direct_rule(n, h) if cnt else None
         for a in range(start, start + cnt, _DIRECT_SLICE):
             e = min(a + _DIRECT_SLICE, start + cnt)
             hs, ks, rs = hp[a:e], kp[a:e], rp[a:e]
-            cs, oks = run(hs, ks, rs, *rule, *(v[a:e] for v in basep))
+            cs, oks = slice_value(hs, ks, rs, *rule, *(v[a:e] for v in basep))
             cp[a:e] = cs
             okp[a:e] = oks
         start += cnt
     c = torch.empty_like(cp).scatter_(0, perm, cp)
     ok = torch.empty_like(okp).scatter_(0, perm, okp)
     return c, ok
+
+
+def _direct_unrolled(h, k, r, base, y: tuple, wy: tuple, eps: float, wide: bool):
+    """(C, accepted) of ``_direct_integral`` and ``_direct_accept`` with the rule's nodes ``y``
+    and weights ``wy`` as Python floats: the node loop unrolled into one elementwise
+    expression (one fused pass over memory under ``torch.compile``; no [pairs, nodes]
+    temporary). The same formula as there, summed node by node (the eager route's matvec
+    may sum in another order: a few eps apart). ``base``: ρΦ(h)Φ(k) or None. 1-D tensors."""
+    import torch
+
+    a = -0.25 * (h - k) ** 2
+    b = -0.25 * (h + k) ** 2
+    acc = 0.0 * h
+    for yi, wi in zip(y, wy, strict=True):
+        t = r * yi
+        u, v = 1.0 + t, 1.0 - t
+        den = u * v
+        acc = acc + wi * (torch.exp((u * a + v * b) / den) * torch.rsqrt(den))
+    j = (r * r) * acc * (0.25 / math.pi)
+    return _direct_accept(_TORCH_OPS[0], h, k, r, j, eps, wide, base)
+
+
+def _direct_compiled(like, n: int, eps: float, wide: bool, with_base: bool):
+    """``_direct_unrolled`` for the n-point rule compiled (``torch_support.compiled``: one
+    compile per rule size, dtype and variant, dynamic in the pair count), or None where the
+    compiled bulk is off or does not apply to ``like``."""
+    from nmruntime.torch_support import compiled
+
+    _torch_ops_cached()
+    y, wy = (tuple(float(v) for v in t) for t in _direct_rule(n, np.zeros(0)))
+
+    def run(h, k, r, base=None):
+        return _direct_unrolled(h, k, r, base, y, wy, eps, wide)
+
+    # a code object of its own per rule size: dynamo keys its cache (and its limit of 8
+    # recompiles) on the code object, and 11 rule sizes would share one
+    code = run.__code__.replace(co_name=f"direct_{n}")
+    fn = types.FunctionType(code, run.__globals__, code.co_name, run.__defaults__, run.__closure__)
+    return compiled(like, f"direct{n}:{eps}:{wide}:{with_base}", fn)
 
 
 #: |ρ| → group of ``_DIRECT_GROUPS`` by a table on ⌊40|ρ|⌋ (every group bound is a multiple of
