@@ -667,6 +667,13 @@ def _cov_mehler(o, h, k, r, eps_ratio, eps, terms=_MEHLER_TERMS, rho_max=_MEHLER
     ah = a * h
     sak = o.where(r < 0, -a, a) * k
     total, mag, t, t_prev = _mehler_sums(o, ah, sak, ar, terms)
+    return _mehler_finish(o, r, ar, hh, lin, dom, (total, mag, t, t_prev), eps_ratio, eps)
+
+
+def _mehler_finish(o, r, ar, hh, lin, dom, sums, eps_ratio, eps):
+    """(C, accepted) of ``_cov_mehler`` from the loop's (Σ terms, Σ |terms|, last term, the
+    one before) = ``sums`` and the masked r, |ρ|, h² + k², ρΦ(h)Φ(k), domain there."""
+    total, mag, t, t_prev = sums
     s = 0.5 * ar * hh
     scale = o.exp(-s)
     pp = (r * r) * o.exp(s - 0.5 * hh) * _INV_2PI
@@ -682,6 +689,81 @@ def _cov_mehler(o, h, k, r, eps_ratio, eps, terms=_MEHLER_TERMS, rho_max=_MEHLER
     floor = o.maximum(ac, tiny + 0.0 * ac)
     ok = dom & (err < eps_ratio * eps * floor) & (tail < eps * floor) & (err < ac)
     return c, ok
+
+
+def _cov_mehler_cascade(o, h, k, r, eps_ratio, eps):
+    """(C, accepted) of Mehler's passes on eager CPU tensors outside autograd, in one loop:
+    the short pass (``_MEHLER_SHORT`` terms), the full one (``_MEHLER_TERMS``) and, where
+    ``_MEHLER_LONG_TERMS`` exceeds it, the long one (Cramér's tail bound as well) are the
+    same recurrence stopped at three checkpoints. Each element takes the value and the
+    acceptance test of the first pass that accepts it, exactly as when the passes run one
+    after another on the elements the previous one left (``_cov_general``); here the loop
+    is not restarted from m = 0 for each pass, and the accepted elements leave it at each
+    checkpoint (515 steps become 401, on fewer elements: the passes' cost is mostly
+    per-operation overhead on the few thousand pairs the direct route leaves)."""
+    import torch
+
+    points = [(_MEHLER_SHORT, _MEHLER_RHO), (_MEHLER_TERMS, _MEHLER_RHO)]
+    if _MEHLER_LONG_TERMS > _MEHLER_TERMS:
+        points.append((_MEHLER_LONG_TERMS, _MEHLER_LONG_RHO))
+    rho_max = max(v for _, v in points)
+    ar = o.abs(r)
+    hh = h * h + k * k
+    dom = (
+        (ar <= rho_max)
+        & (o.abs(h) <= _MEHLER_HK)
+        & (o.abs(k) <= _MEHLER_HK)
+        & (ar * hh <= _MEHLER_SPREAD)
+    )
+    h, k, r = o.where(dom, h, 0.0 * h), o.where(dom, k, 0.0 * k), o.where(dom, r, 0.0 * r)
+    ar = o.abs(r)
+    hh = h * h + k * k
+    lin = r * _ncdf(o, h) * _ncdf(o, k)
+    a = o.sqrt(o.maximum(ar, 1e-300))
+    ah = a * h
+    sak = o.where(r < 0, -a, a) * k
+    t = 0.5 + 0.0 * ah
+    state = (1.0 + 0.0 * ah, ah, 1.0 + 0.0 * sak, sak, t, t, t, t)
+    per = (h, k, r, ar, hh, lin, dom, ah, sak)  # per-element inputs, compacted with the state
+    c_out = torch.zeros_like(h)
+    ok_out = torch.zeros_like(h, dtype=torch.bool)
+    left = torch.arange(h.shape[0], device=h.device)
+    m = 1
+    for terms, rho in points:
+        hs, ks, rs, ars, hhs, lins, doms, ahs, saks = per
+        state = _mehler_run(ahs, saks, ars, state, m, terms)
+        m = terms
+        c, ok = _mehler_finish(o, rs, ars, hhs, lins, doms, state[4:], eps_ratio, eps)
+        ok = ok & (ars <= rho)
+        if terms == _MEHLER_LONG_TERMS and terms > _MEHLER_TERMS:
+            ok = ok & _cramer_tail_ok(o, hs, ks, rs, c, terms, eps)
+        got = ok.nonzero().squeeze(1)
+        if got.numel():
+            dst = left.index_select(0, got)
+            c_out.index_copy_(0, dst, c.index_select(0, got))
+            ok_out.index_fill_(0, dst, True)
+        keep = (~ok).nonzero().squeeze(1)
+        if keep.numel() == 0:
+            break
+        if keep.numel() < ok.numel():
+            left = left.index_select(0, keep)
+            per = tuple(v.index_select(0, keep) for v in per)
+            state = tuple(v.index_select(0, keep) for v in state)
+    return c_out, ok_out
+
+
+def _mehler_run(ah, sak, ar, state, m: int, terms: int):
+    """Mehler's loop (``_mehler_sums``' state) advanced from step ``m`` to ``terms``: in the
+    compiled blocks where ``compiled_bulk`` is on, the rest stacked (eager CPU, no autograd)."""
+    import torch
+
+    block = _compiled_block(ah)
+    if block is not None:
+        while terms - m >= _MEHLER_BLOCK:
+            coef = torch.tensor(_mehler_coef(m, _MEHLER_BLOCK), dtype=ah.dtype)
+            state = block(ah, sak, ar, *state, coef)
+            m += _MEHLER_BLOCK
+    return _mehler_steps_stacked(ah, sak, ar, state, _mehler_coef(m, terms - m))
 
 
 def _mehler_coef(m0: int, count: int) -> list[tuple[float, float, float]]:
@@ -1217,7 +1299,20 @@ def _cov_general(o, h, k, r, rule, bvn, eps_ratio, eps):
 
     # eager CPU: the short series first, accepted on the same tests (it takes 75% (float64)
     # to 99% (float32) of the elements the full series accepts on `nm bench floor`'s problem
-    # and on LeNet's layers); masked (sync-free) code runs the full series once
+    # and on LeNet's layers); masked (sync-free) code runs the full series once. Outside
+    # autograd the three eager passes run as one loop (``_cov_mehler_cascade``).
+    eager = not isinstance(h, np.ndarray) and not sync_free(h)
+    if eager and not (h.requires_grad or k.requires_grad or r.requires_grad):
+        idx = (~ok).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return c
+        hs, ks, rs = (v.index_select(0, idx) for v in (h, k, r))
+        cm, good = _cov_mehler_cascade(o, hs, ks, rs, eps_ratio, eps)
+        bad = (~good).nonzero().squeeze(1)
+        if bad.numel():
+            hq, kq, rq = (v.index_select(0, bad) for v in (hs, ks, rs))
+            cm.index_copy_(0, bad, _cov_std(o, hq, kq, rq, rule))
+        return c.index_copy_(0, idx, cm)
     first = _MEHLER_TERMS if sync_free(h) else _MEHLER_SHORT
     slow = _on(~ok, lambda *a: series_or_quadrature(*a, first), h, k, r, safe=(0.0, 0.0, 0.5))
     return o.where(ok, c, z) + slow
