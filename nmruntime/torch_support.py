@@ -38,10 +38,13 @@ _COMPILED: dict = {}
 
 @contextlib.contextmanager
 def compiled_bulk(on: bool = True) -> Iterator[None]:
-    """Run the bulk of the exact pair covariance (Mehler's series loop) through
-    ``torch.compile`` blocks on eager CPU tensors without autograd (opt-in: the first call per
-    process and dtype pays the compile, measured by ``nm bench floor --compiled``). Also on
-    for the whole process with the environment variable ``NM_COMPILED_BULK=1``."""
+    """Run the bulk of the exact pair covariance through ``torch.compile`` on eager CPU
+    tensors without autograd: the direct route as one fused pass per |ρ| group (its node loop
+    unrolled over the rule's constants, one compile per rule size, dynamic in the pair
+    count), the closed form with its Φ2, the cheap-route masks and Mehler's loop in blocks.
+    Opt-in (``relu_moments(..., compiled=True)`` enters it): the first call per process and
+    dtype pays the compile, measured by ``nm bench floor --compiled``. Also on for the whole
+    process with the environment variable ``NM_COMPILED_BULK=1``."""
     old = _COMPILED_BULK[0]
     _COMPILED_BULK[0] = on
     try:

@@ -69,3 +69,16 @@ def test_asymmetric_cov_within_tolerance_is_symmetrised_per_pair():
     _, c1 = relu_moments(mean, bumped, "exact", check_psd=False)
     _, c2 = relu_moments(mean, sym, "exact", check_psd=False)
     assert torch.equal(c1, c2)
+
+
+def test_compiled_option_falls_back_where_compile_does_not_apply():
+    """``relu_moments(..., compiled=True)`` under autograd is the default call (no compile is
+    attempted there: the compiled bulk takes eager CPU tensors outside autograd only): the
+    same values bit for bit, and gradients."""
+    mean, cov = _problem(24, 3, torch.float64)
+    m = mean.clone().requires_grad_()
+    ref = relu_moments(m, cov, "exact", check_psd=False)[1].detach()
+    got = relu_moments(m, cov, "exact", check_psd=False, compiled=True)[1]
+    assert torch.equal(got.detach(), ref)
+    (g,) = torch.autograd.grad(got.sum(), m)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0

@@ -102,3 +102,65 @@ def test_outside_the_domain_nothing_is_accepted():
     r = torch.tensor([0.5, 0.5, 0.93, 0.5, -1.0])
     _, ok = rp._cov_direct(rp.torch_ops(), h.double(), k.double(), r.double(), EPS[torch.float64])
     assert not ok.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_unrolled_form_matches_the_eager_route_and_mpmath(dtype):
+    """``_direct_unrolled`` (the form the compiled bulk compiles, here run eagerly) gives the
+    eager route's values to a few eps (only the order of the node sum differs), the same
+    acceptance, and matches mpmath on held-out points of every |ρ| group."""
+    h, k, r = _points(240, seed=7)
+    t = [torch.tensor(v, dtype=dtype) for v in (h, k, r)]
+    eps = EPS[dtype]
+    f64 = dtype == torch.float64
+    rp._torch_ops_cached()
+    grp = rp._direct_group_index(t[2].abs()).long()
+    checked = 0
+    for g, (_, n64, n32) in enumerate(rp._DIRECT_GROUPS):
+        sel = (grp == g) & (t[0].abs() <= 6) & (t[1].abs() <= 6)
+        if not sel.any():
+            continue
+        hs, ks, rs = (v[sel] for v in t)
+        y, wy = (tuple(float(v) for v in a) for a in rp._direct_rule(n64 if f64 else n32, h))
+        c, ok = rp._direct_unrolled(hs, ks, rs, None, y, wy, eps, False)
+        rule = rp._direct_rule(n64 if f64 else n32, hs)
+        c_ref, ok_ref = rp._direct_accept(
+            rp.torch_ops(), hs, ks, rs, rp._direct_integral(hs, ks, rs, rule), eps
+        )
+        assert torch.equal(ok, ok_ref) or (ok != ok_ref).sum() <= 1  # a bound within rounding
+        both = ok & ok_ref
+        assert ((c - c_ref).abs() <= 4 * eps * c_ref.abs())[both].all()
+        for i in torch.nonzero(ok).squeeze(1)[:3].tolist():  # mpmath: a few per group
+            ref = _swapped_ref(float(hs[i]), float(ks[i]), float(rs[i]))
+            assert abs(float(c[i]) - ref) <= BAR[dtype] * eps * abs(ref), (g, i)
+            checked += 1
+    assert checked >= 20
+
+
+def test_compiled_rule_matches_the_eager_route():
+    """One rule size compiled (``torch.compile``, fullgraph, dynamic pair count) as the
+    compiled bulk runs it: the eager route's values to a few eps on held-out points of its
+    |ρ| group, two pair counts (no recompile), and mpmath on a few."""
+    from nmruntime.torch_support import compiled_bulk
+
+    rng = np.random.default_rng(11)
+    eps = EPS[torch.float64]
+    hi, n64, _ = rp._DIRECT_GROUPS[0]
+    with compiled_bulk():
+        fn = rp._direct_compiled(torch.zeros(1, dtype=torch.float64), n64, eps, False, False)
+        assert fn is not None
+        for n in (300, 1000):
+            h = torch.tensor(rng.normal(0, 2, n).clip(-6, 6))
+            k = torch.tensor(rng.normal(0, 2, n).clip(-6, 6))
+            r = torch.tensor(rng.uniform(-hi, hi, n))
+            c, ok = fn(h, k, r)
+            rule = rp._direct_rule(n64, h)
+            c_ref, ok_ref = rp._direct_accept(
+                rp.torch_ops(), h, k, r, rp._direct_integral(h, k, r, rule), eps
+            )
+            both = ok & ok_ref
+            assert both.sum() >= 0.9 * ok_ref.sum() and (ok != ok_ref).sum() <= 2
+            assert ((c - c_ref).abs() <= 4 * eps * c_ref.abs())[both].all()
+    for i in torch.nonzero(ok).squeeze(1)[:4].tolist():
+        ref = _swapped_ref(float(h[i]), float(k[i]), float(r[i]))
+        assert abs(float(c[i]) - ref) <= BAR[torch.float64] * eps * abs(ref)

@@ -27,7 +27,7 @@ import torch
 from nmgen.generated import torch_kernels as K
 
 from nmruntime.relu_pair import normal_cdf_torch
-from nmruntime.torch_support import sync_free
+from nmruntime.torch_support import compiled_bulk, sync_free
 from torchbridge.covariance import check_full_covariance, require_tensor
 
 METHODS = ("exact", "series", "zero_mean")
@@ -303,6 +303,7 @@ def relu_moments(
     *,
     chunk: int = DEFAULT_CHUNK,
     check_psd: bool = True,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and covariance of relu(z), z ~ N(mean, cov).
 
@@ -318,6 +319,13 @@ def relu_moments(
         chunk: pairs evaluated at once (memory bound).
         check_psd: also run a Cholesky PSD check (O(p³); symmetry, finiteness and the
             diagonal are always checked). Nothing passed in is modified.
+        compiled: run the exact covariance's bulk through ``torch.compile``
+            (``nmruntime.torch_support.compiled_bulk``: the direct route as one fused pass
+            per |ρ| group, among others) where that applies (eager CPU tensors outside
+            autograd; elsewhere, e.g. CUDA or ``requires_grad``, the call is the default
+            one). The same values to a few eps; the first call per process and dtype
+            compiles (seconds to a minute, less with inductor's disk cache); needs a C++
+            compiler.
 
     Returns:
         (out_mean ``batch_shape x p``, out_cov ``batch_shape x p x p``); out_cov is exactly
@@ -325,7 +333,8 @@ def relu_moments(
         Differentiable by autograd.
     """
     _check_method(method, terms)
-    with _pair_threads():  # the whole call, validation included (see PAIR_THREADS)
+    bulk = compiled_bulk() if compiled else contextlib.nullcontext()
+    with _pair_threads(), bulk:  # the whole call, validation included (see PAIR_THREADS)
         symmetric = _validate(mean, cov, check_psd)
         p = mean.shape[-1]
         batch = torch.broadcast_shapes(mean.shape[:-1], cov.shape[:-2])

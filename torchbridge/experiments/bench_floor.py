@@ -12,7 +12,8 @@ of ``--dtypes``:
   functions one tensor pass at a time.
 * **exact**: ``relu_moments(..., "exact", check_psd=False)`` (ours);
 * with ``--compiled``: **exact, compiled bulk** (the same call inside
-  ``nmruntime.torch_support.compiled_bulk``: the closed form with its Φ2, the cheap-route masks
+  ``nmruntime.torch_support.compiled_bulk``: the direct route as one fused pass per |ρ| group
+  (node loop unrolled per rule size), the closed form with its Φ2, the cheap-route masks
   and Mehler's series as fused ``torch.compile`` passes) and **DVI, torch.compile** (DVI's
   function under ``torch.compile``); their first, compiling call is reported apart;
 * **DVI**: ``torchbridge.propagate.approx.dvi_relu_moments`` — the approximate closed form
@@ -38,7 +39,6 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from nmruntime.torch_support import compiled_bulk
 from torchbridge.experiments.bench_kernels import oracle_entries, random_problem, timed
 from torchbridge.experiments.common import (
     add_common_args,
@@ -121,8 +121,7 @@ DVI_COMPILED = "DVI, torch.compile"
 
 
 def _exact_compiled(m: torch.Tensor, c: torch.Tensor):
-    with compiled_bulk():
-        return relu_moments(m, c, "exact", check_psd=False)
+    return relu_moments(m, c, "exact", check_psd=False, compiled=True)
 
 
 def _methods(args: argparse.Namespace) -> list[tuple[str, object]]:
