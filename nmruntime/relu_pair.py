@@ -1006,6 +1006,9 @@ def _cov_direct(o, h, k, r, eps, cdf=None):
     the eager CPU route outside autograd, ignored elsewhere.
     """
     f64 = eps < 1e-10
+    fused = _direct_fused(h, k, r, eps, cdf)
+    if fused is not None:
+        return fused
     ar = o.abs(r)
     dom = (o.abs(h) <= _DIRECT_HK) & (o.abs(k) <= _DIRECT_HK) & (ar < _DIRECT_GROUPS[-1][0])
     if sync_free(h):
@@ -1126,6 +1129,67 @@ def _direct_sliced(h, k, r, ar, dom, eps, wide: bool = False, cdf=None):
     return c, ok
 
 
+def _direct_front(h, k, r, table, p0=None, p1=None):
+    """(group key, ρΦ(h)Φ(k) or None) in one pass: ``_direct_group_index`` of |ρ| (the uint8
+    ``table``), ``len(_DIRECT_GROUPS)`` outside the direct route's domain."""
+    import torch
+
+    ar = r.abs()
+    dom = (h.abs() <= _DIRECT_HK) & (k.abs() <= _DIRECT_HK) & (ar < _DIRECT_GROUPS[-1][0])
+    cell = torch.nan_to_num(ar * 40.0, nan=41.0).clamp(0.0, 41.0).to(torch.int64)
+    key = torch.where(dom, table[cell], len(_DIRECT_GROUPS))
+    return key, (None if p0 is None else r * p0 * p1)
+
+
+def _direct_fused(h, k, r, eps: float, cdf=None):
+    """``_cov_direct``'s (C, accepted) with ``compiled_bulk`` on (eager CPU tensors outside
+    autograd), else None: the group key and ρΦ(h)Φ(k) in one compiled pass
+    (``_direct_front``), one sort, then per |ρ| group one compiled pass of
+    ``_direct_unrolled`` that gathers its pairs itself (by the sort's permutation) and whose
+    values are scattered straight to the pairs' places (float32's rejects redone in float64
+    as in ``_cov_direct``)."""
+    import torch
+
+    from nmruntime.torch_support import compiled
+
+    if h.requires_grad or k.requires_grad:
+        return None
+    front = compiled(h, f"front{cdf is None}", _direct_front)
+    if front is None:
+        return None
+    f64 = eps < 1e-10
+    _torch_ops_cached()
+    if h.device not in _DIRECT_LUT:
+        _direct_group_index(r[:1].abs())
+    key, base = front(h, k, r, _DIRECT_LUT[h.device], *(cdf or ()))
+    _, perm = torch.sort(key, stable=True)
+    counts = torch.bincount(key, minlength=len(_DIRECT_GROUPS) + 1).tolist()
+    c, ok = torch.empty_like(h), torch.empty_like(h, dtype=torch.bool)
+    start = 0
+    for (_, n64, n32), cnt in zip(_DIRECT_GROUPS, counts, strict=False):
+        if cnt:
+            idx = perm[start : start + cnt]
+            run = _direct_compiled(h, n64 if f64 else n32, eps, False, base is not None, True)
+            cs, oks = run(idx, h, k, r, *(() if base is None else (base,)))
+            c.index_copy_(0, idx, cs)
+            ok.index_copy_(0, idx, oks)
+        start += cnt
+    out = perm[start:]
+    if out.numel():
+        c.index_fill_(0, out, 0.0)
+        ok.index_fill_(0, out, False)
+    if not f64:  # float32: the rejected ones again in float64 arithmetic (``wide``)
+        redo = (key < len(_DIRECT_GROUPS)) & ~ok
+        redo = redo.nonzero().squeeze(1)
+        if redo.numel():
+            w = [v.index_select(0, redo).double() for v in (h, k, r)]
+            dom = torch.ones_like(redo, dtype=torch.bool)
+            c2, ok2 = _direct_sliced(*w, w[2].abs(), dom, eps, True)
+            c.index_copy_(0, redo, c2.to(c.dtype))
+            ok.index_copy_(0, redo, ok2)
+    return c, ok
+
+
 def _direct_unrolled(h, k, r, base, y: tuple, wy: tuple, eps: float, wide: bool):
     """(C, accepted) of ``_direct_integral`` and ``_direct_accept`` with the rule's nodes ``y``
     and weights ``wy`` as Python floats: the node loop unrolled into one elementwise
@@ -1146,23 +1210,34 @@ def _direct_unrolled(h, k, r, base, y: tuple, wy: tuple, eps: float, wide: bool)
     return _direct_accept(_TORCH_OPS[0], h, k, r, j, eps, wide, base)
 
 
-def _direct_compiled(like, n: int, eps: float, wide: bool, with_base: bool):
+def _direct_compiled(like, n: int, eps: float, wide: bool, with_base: bool, gather=False):
     """``_direct_unrolled`` for the n-point rule compiled (``torch_support.compiled``: one
     compile per rule size, dtype and variant, dynamic in the pair count), or None where the
-    compiled bulk is off or does not apply to ``like``."""
+    compiled bulk is off or does not apply to ``like``. ``gather``: the compiled function
+    takes (idx, h, k, r[, base]) and evaluates the pairs ``idx`` of them (the gather fused)."""
     from nmruntime.torch_support import compiled
 
     _torch_ops_cached()
     y, wy = (tuple(float(v) for v in t) for t in _direct_rule(n, np.zeros(0)))
 
-    def run(h, k, r, base=None):
-        return _direct_unrolled(h, k, r, base, y, wy, eps, wide)
+    if gather:
+
+        def run(idx, h, k, r, base=None):
+            hs, ks, rs = h[idx], k[idx], r[idx]
+            return _direct_unrolled(
+                hs, ks, rs, None if base is None else base[idx], y, wy, eps, wide
+            )
+
+    else:
+
+        def run(h, k, r, base=None):
+            return _direct_unrolled(h, k, r, base, y, wy, eps, wide)
 
     # a code object of its own per rule size: dynamo keys its cache (and its limit of 8
     # recompiles) on the code object, and 11 rule sizes would share one
-    code = run.__code__.replace(co_name=f"direct_{n}")
+    code = run.__code__.replace(co_name=f"direct_{n}{'_gather' if gather else ''}")
     fn = types.FunctionType(code, run.__globals__, code.co_name, run.__defaults__, run.__closure__)
-    return compiled(like, f"direct{n}:{eps}:{wide}:{with_base}", fn)
+    return compiled(like, f"direct{n}:{eps}:{wide}:{with_base}:{gather}", fn)
 
 
 #: |ρ| → group of ``_DIRECT_GROUPS`` by a table on ⌊40|ρ|⌋ (every group bound is a multiple of
