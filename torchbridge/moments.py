@@ -27,7 +27,7 @@ import torch
 from nmgen.generated import torch_kernels as K
 
 from nmruntime.relu_pair import normal_cdf_torch
-from nmruntime.torch_support import compiled_bulk, sync_free
+from nmruntime.torch_support import compiled, compiled_bulk, sync_free
 from torchbridge.covariance import check_full_covariance, require_tensor
 
 METHODS = ("exact", "series", "zero_mean")
@@ -192,6 +192,26 @@ def _correlation(cij: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> torch
     return torch.where(near, rho.detach().sign() + (rho - rho.detach()), rho)
 
 
+def _pair_front(si, sj, sigma, cflat, h, cdf, p: int):
+    """(σiσj, ρ, h_i, h_j, Φ(h_i), Φ(h_j)) of the pairs (si, sj) in one pass (compiled by
+    ``_fused_front``): the gathers of ``_pair_covariances``' direct path and
+    ``_correlation``'s eager formula for σ > 0 (the same values)."""
+    s1, s2 = sigma[si], sigma[sj]
+    denom = s1 * s2
+    rho = (cflat[si * p + sj] / denom).clamp(-1.0, 1.0)
+    near = rho.abs() >= 1.0 - 4.0 * torch.finfo(rho.dtype).eps
+    rho = torch.where(near, rho.sign(), rho)
+    return denom, rho, h[si], h[sj], cdf[si], cdf[sj]
+
+
+def _fused_front(mean: torch.Tensor, cov: torch.Tensor, shared: _Shared, method: str):
+    """The compiled ``_pair_front`` where the compiled bulk is on and the direct path applies
+    to one (unbatched) exactly symmetric problem; else None."""
+    if method != "exact" or not shared.direct or not shared.symmetric or mean.ndim != 1:
+        return None
+    return compiled(mean, "pair_front", _pair_front)
+
+
 def _pair_covariances(
     mean: torch.Tensor,
     cov: torch.Tensor,
@@ -214,6 +234,15 @@ def _pair_covariances(
         shared = _shared(mean, cov.unflatten(-1, (sigma.shape[-1],) * 2), sigma)
     ns = i.shape[-1] - nd
     si, sj, dg = i[:ns], j[:ns], i[ns:]
+    front = _fused_front(mean, cov, shared, method)
+    if front is not None:  # the compiled bulk: gathers and ρ in one pass
+        s12, rho, m1, m2, ph, pk = front(si, sj, sigma, cov, shared.h, shared.cdf, sigma.shape[-1])
+        off = s12 * K._relu_cov(m1, m2, rho, cdf=(ph, pk))
+        if bool((rho == 1.0).any()):  # as below: a duplicated variable's Cov is its variance
+            s1, s2 = sigma.index_select(-1, si), sigma.index_select(-1, sj)
+            dup = (rho == 1.0) & (mean.index_select(-1, si) == mean.index_select(-1, sj))
+            off = torch.where(dup & (s1 == s2), shared.var.index_select(-1, si), off)
+        return torch.cat([off, shared.var.index_select(-1, dg)], dim=-1)
     # gathers along the last dimension by ``index_select``: ``x[..., si]`` (advanced indexing)
     # took 2.3 ms vs 0.34 ms for p = 1024's 523,776 pairs
     p = sigma.shape[-1]
