@@ -1144,10 +1144,9 @@ def _direct_front(h, k, r, table, p0=None, p1=None):
 def _direct_fused(h, k, r, eps: float, cdf=None):
     """``_cov_direct``'s (C, accepted) with ``compiled_bulk`` on (eager CPU tensors outside
     autograd), else None: the group key and ρΦ(h)Φ(k) in one compiled pass
-    (``_direct_front``), one sort, then per |ρ| group one compiled pass of
-    ``_direct_unrolled`` that gathers its pairs itself (by the sort's permutation) and whose
-    values are scattered straight to the pairs' places (float32's rejects redone in float64
-    as in ``_cov_direct``)."""
+    (``_direct_front``), one sort and one gather in group order, then per |ρ| group one
+    compiled pass of ``_direct_unrolled`` whose values are scattered straight to the pairs'
+    places (float32's rejects redone in float64 as in ``_cov_direct``)."""
     import torch
 
     from nmruntime.torch_support import compiled
@@ -1165,12 +1164,15 @@ def _direct_fused(h, k, r, eps: float, cdf=None):
     _, perm = torch.sort(key, stable=True)
     counts = torch.bincount(key, minlength=len(_DIRECT_GROUPS) + 1).tolist()
     c, ok = torch.empty_like(h), torch.empty_like(h, dtype=torch.bool)
+    # one gather of each input in group order (a gather fused into the groups' kernels was
+    # no faster: measured 110.8 vs 108.2 ms per p = 1024 call, alternating)
+    ins = tuple(v.index_select(0, perm) for v in ((h, k, r) if base is None else (h, k, r, base)))
     start = 0
     for (_, n64, n32), cnt in zip(_DIRECT_GROUPS, counts, strict=False):
         if cnt:
+            run = _direct_compiled(h, n64 if f64 else n32, eps, False, base is not None)
+            cs, oks = run(*(v[start : start + cnt] for v in ins))
             idx = perm[start : start + cnt]
-            run = _direct_compiled(h, n64 if f64 else n32, eps, False, base is not None, True)
-            cs, oks = run(idx, h, k, r, *(() if base is None else (base,)))
             c.index_copy_(0, idx, cs)
             ok.index_copy_(0, idx, oks)
         start += cnt
@@ -1210,34 +1212,23 @@ def _direct_unrolled(h, k, r, base, y: tuple, wy: tuple, eps: float, wide: bool)
     return _direct_accept(_TORCH_OPS[0], h, k, r, j, eps, wide, base)
 
 
-def _direct_compiled(like, n: int, eps: float, wide: bool, with_base: bool, gather=False):
+def _direct_compiled(like, n: int, eps: float, wide: bool, with_base: bool):
     """``_direct_unrolled`` for the n-point rule compiled (``torch_support.compiled``: one
     compile per rule size, dtype and variant, dynamic in the pair count), or None where the
-    compiled bulk is off or does not apply to ``like``. ``gather``: the compiled function
-    takes (idx, h, k, r[, base]) and evaluates the pairs ``idx`` of them (the gather fused)."""
+    compiled bulk is off or does not apply to ``like``."""
     from nmruntime.torch_support import compiled
 
     _torch_ops_cached()
     y, wy = (tuple(float(v) for v in t) for t in _direct_rule(n, np.zeros(0)))
 
-    if gather:
-
-        def run(idx, h, k, r, base=None):
-            hs, ks, rs = h[idx], k[idx], r[idx]
-            return _direct_unrolled(
-                hs, ks, rs, None if base is None else base[idx], y, wy, eps, wide
-            )
-
-    else:
-
-        def run(h, k, r, base=None):
-            return _direct_unrolled(h, k, r, base, y, wy, eps, wide)
+    def run(h, k, r, base=None):
+        return _direct_unrolled(h, k, r, base, y, wy, eps, wide)
 
     # a code object of its own per rule size: dynamo keys its cache (and its limit of 8
     # recompiles) on the code object, and 11 rule sizes would share one
-    code = run.__code__.replace(co_name=f"direct_{n}{'_gather' if gather else ''}")
+    code = run.__code__.replace(co_name=f"direct_{n}")
     fn = types.FunctionType(code, run.__globals__, code.co_name, run.__defaults__, run.__closure__)
-    return compiled(like, f"direct{n}:{eps}:{wide}:{with_base}:{gather}", fn)
+    return compiled(like, f"direct{n}:{eps}:{wide}:{with_base}", fn)
 
 
 #: |ρ| → group of ``_DIRECT_GROUPS`` by a table on ⌊40|ρ|⌋ (every group bound is a multiple of

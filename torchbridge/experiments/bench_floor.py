@@ -166,6 +166,37 @@ def thread_check(
     return out
 
 
+def bar_check(mean64: torch.Tensor, cov64: torch.Tensor, args: argparse.Namespace) -> dict:
+    """{dtype: {"seconds": {label: median s}, "ratio_to_dvi": {label: ratio}}} at 1 thread:
+    the exact call (and, with ``--compiled``, the compiled one) and DVI interleaved inside each
+    repeat, so a load change on the shared machine hits each alike (the issue's bar: exact no
+    slower than DVI measured in the same run)."""
+    torch.set_num_threads(1)
+    fns = [("exact", lambda m, c: relu_moments(m, c, "exact", check_psd=False))]
+    if getattr(args, "compiled", False):
+        fns.append((EXACT_COMPILED, _exact_compiled))
+    fns.append(("DVI", dvi_relu_moments))
+    out = {}
+    for dname in str(args.dtypes).split(","):
+        if not dname.strip():
+            continue
+        mean, cov = mean64.to(DTYPES[dname]), cov64.to(DTYPES[dname])
+        times: dict[str, list[float]] = {label: [] for label, _ in fns}
+        for _, fn in fns:  # warm-up (compiled already by the main table)
+            fn(mean, cov)
+        for _ in range(max(args.repeats, 5)):
+            for label, fn in fns:
+                t0 = time.perf_counter()
+                fn(mean, cov)
+                times[label].append(time.perf_counter() - t0)
+        med = {label: float(torch.tensor(v).median()) for label, v in times.items()}
+        out[dname] = {
+            "seconds": med,
+            "ratio_to_dvi": {label: v / med["DVI"] for label, v in med.items()},
+        }
+    return out
+
+
 def run_floor(args: argparse.Namespace) -> dict:
     """Run the benchmark; write ``bench_floor.{json,md}``; return the JSON object."""
     from tqdm.auto import tqdm
@@ -255,6 +286,8 @@ def run_floor(args: argparse.Namespace) -> dict:
                 )
         if len(threads) > 1:
             result["thread_check"] = thread_check(mean64, cov64, threads, dtypes, args.repeats)
+        if 1 in threads:
+            result["bar_check"] = bar_check(mean64, cov64, args)
     finally:
         torch.set_num_threads(old_threads)
     cmd = command_line(args)
@@ -294,6 +327,14 @@ def run_floor(args: argparse.Namespace) -> dict:
         + f"; {max(threads)} vs {min(threads)} thread(s): {c['ratio']:.2f}×"
         for d, c in result.get("thread_check", {}).items()
     ]
+    bar_lines = [
+        f"- {d}: "
+        + ", ".join(
+            f"{label} {v:.3g} s ({c['ratio_to_dvi'][label]:.2f}× DVI)"
+            for label, v in c["seconds"].items()
+        )
+        for d, c in result.get("bar_check", {}).items()
+    ]
     md = "\n".join(
         [
             f"p = {args.p} ReLU covariance ({pairs} off-diagonal pairs), measured in one run.",
@@ -316,6 +357,16 @@ def run_floor(args: argparse.Namespace) -> dict:
                     *thread_lines,
                 ]
                 if thread_lines
+                else []
+            ),
+            *(
+                [
+                    "",
+                    "Exact vs DVI at 1 thread, interleaved in each repeat (medians):",
+                    "",
+                    *bar_lines,
+                ]
+                if bar_lines
                 else []
             ),
             "",
