@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -110,7 +111,24 @@ def _validate(mean: torch.Tensor, cov: torch.Tensor, check_psd: bool) -> bool:
 
 def _pair_blocks_nd(p: int, chunk: int, device) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """(i, j, nd): upper-triangle index pairs (i <= j) in row blocks of about ``chunk`` pairs,
-    the strict pairs first (row-major), then the block's ``nd`` diagonal pairs (i == j)."""
+    the strict pairs first (row-major), then the block's ``nd`` diagonal pairs (i == j).
+    One block (p rows of ``chunk``): the same tensors on every call for the last two (p,
+    device) (cached, never written: 3.6 ms of index generation per p = 1024 call)."""
+    if max(1, chunk // max(p, 1)) >= p:
+        yield _one_pair_block(p, torch.device(device))
+        return
+    yield from _pair_blocks_gen(p, chunk, device)
+
+
+@functools.lru_cache(maxsize=2)
+def _one_pair_block(p: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    return next(_pair_blocks_gen(p, max(p * p, 1), device))
+
+
+def _pair_blocks_gen(
+    p: int, chunk: int, device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """``_pair_blocks_nd``, generated."""
     rows = max(1, chunk // max(p, 1))
     for r0 in range(0, p, rows):
         nr = min(p, r0 + rows) - r0
