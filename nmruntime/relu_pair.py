@@ -1151,7 +1151,7 @@ def _direct_fused(h, k, r, eps: float, cdf=None):
 
     from nmruntime.torch_support import compiled
 
-    if h.requires_grad or k.requires_grad:
+    if isinstance(h, np.ndarray) or h.requires_grad or k.requires_grad:
         return None
     front = compiled(h, f"front{cdf is None}", _direct_front)
     if front is None:
@@ -1165,7 +1165,7 @@ def _direct_fused(h, k, r, eps: float, cdf=None):
     counts = torch.bincount(key, minlength=len(_DIRECT_GROUPS) + 1).tolist()
     c, ok = torch.empty_like(h), torch.empty_like(h, dtype=torch.bool)
     # one gather of each input in group order (a gather fused into the groups' kernels was
-    # no faster: measured 110.8 vs 108.2 ms per p = 1024 call, alternating)
+    # no faster at p = 1024, measured alternating)
     ins = tuple(v.index_select(0, perm) for v in ((h, k, r) if base is None else (h, k, r, base)))
     start = 0
     for (_, n64, n32), cnt in zip(_DIRECT_GROUPS, counts, strict=False):

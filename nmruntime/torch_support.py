@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -53,16 +54,44 @@ def compiled_bulk(on: bool = True) -> Iterator[None]:
         _COMPILED_BULK[0] = old
 
 
+_COMPILE_FAILED: list = [None]  # the first compile error (then the compiled bulk is off)
+
+
 def compiled(x: torch.Tensor, name: str, fn):
     """``torch.compile(fn, dynamic=True, fullgraph=True)`` (cached under ``name``) where the
-    compiled bulk is on and ``x`` is an eager CPU tensor outside autograd; else None."""
-    if not _COMPILED_BULK[0] or sync_free(x):
+    compiled bulk is on and ``x`` is an eager CPU tensor outside autograd; else None.
+
+    Where compiling fails (no C++ compiler, an inductor error), the call warns once, runs
+    ``fn`` eagerly, and the compiled bulk stays off for the rest of the process (an error of
+    ``fn`` itself is then raised by the eager call)."""
+    if not _COMPILED_BULK[0] or _COMPILE_FAILED[0] is not None or sync_free(x):
         return None
     if torch.is_grad_enabled() and x.requires_grad:
         return None
     if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+        _COMPILED[name] = _eager_on_failure(torch.compile(fn, dynamic=True, fullgraph=True), fn)
     return _COMPILED[name]
+
+
+def _eager_on_failure(cfn, fn):
+    """``cfn``, or ``fn`` after ``cfn`` raised (see ``compiled``)."""
+
+    def run(*args):
+        if _COMPILE_FAILED[0] is None:
+            try:
+                return cfn(*args)
+            except Exception as err:  # any compile failure: eager instead
+                _COMPILE_FAILED[0] = err
+                warnings.warn(
+                    f"torch.compile failed ({type(err).__name__}: {str(err)[:200]}); the "
+                    "compiled bulk is off for this process, the exact values come from the "
+                    "eager path",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return fn(*args)
+
+    return run
 
 
 def prepare(

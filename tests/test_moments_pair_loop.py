@@ -82,3 +82,26 @@ def test_compiled_option_falls_back_where_compile_does_not_apply():
     assert torch.equal(got.detach(), ref)
     (g,) = torch.autograd.grad(got.sum(), m)
     assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_compiled_option_without_a_working_compiler_warns_and_runs_eagerly(monkeypatch):
+    """Where ``torch.compile`` fails (here: every compiled call raises, as without a C++
+    compiler), ``compiled=True`` warns once and gives the default call's values."""
+    from nmruntime import torch_support
+
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C++ compiler (simulated)")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(torch_support, "_COMPILED", {})
+    monkeypatch.setattr(torch_support, "_COMPILE_FAILED", [None])
+    mean, cov = _problem(40, 4, torch.float64)
+    ref = relu_moments(mean, cov, "exact", check_psd=False)[1]
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        got = relu_moments(mean, cov, "exact", check_psd=False, compiled=True)[1]
+    eps = torch.finfo(torch.float64).eps
+    assert ((got - ref).abs() <= 16 * eps * ref.abs() + 1e-300).all()
+    assert torch.equal(relu_moments(mean, cov, "exact", check_psd=False, compiled=True)[1], ref)
