@@ -24,7 +24,10 @@ of ``--dtypes``:
 * **series(5)**, **series(20)**: Lemma 4 truncated (the paper's method);
 * **MC 1e4**: ``monte_carlo_moments`` with ``--mc-samples`` samples.
 
-Times are medians of ``--repeats`` runs after one warm-up. Errors: max abs difference from
+Times are medians of ``--repeats`` runs after one warm-up. With 1 among ``--threads``, the
+exact call (and with ``--compiled`` the compiled one) and DVI are also timed interleaved inside
+each repeat at 1 thread ("Exact vs DVI" lines: the issue's bar as a ratio that a load change
+on the shared machine hits alike; DVI timed back to back in the table can run much faster). Errors: max abs difference from
 the exact covariance of the same dtype, and max relative difference over its entries with
 |exact| ≥ 1e-6·max|exact| (below that an approximation's relative error says little); the float64 exact covariance is checked against
 mpmath by ``nmgen check-points <out>/bench_floor_oracle_points.json`` on ``--check-entries``
