@@ -145,6 +145,33 @@ def monte_carlo_layers(
     return out
 
 
+def _cached_monte_carlo(
+    args: argparse.Namespace,
+    gm32: fx.GraphModule,
+    x: torch.Tensor,
+    i: int,
+    sigma: float,
+    cross: set[str],
+) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
+    """``monte_carlo_layers`` for test image ``i`` at ``sigma`` (seed ``args.seed`` + i), read
+    from / written to ``args.mc_cache`` when given (the run is deterministic in model, image,
+    σ, samples and seed, which name the file); returns (stats, seconds of the original run)."""
+    path = None
+    if args.mc_cache:
+        name = f"mc_{args.model}_img{i}_s{sigma:g}_n{args.samples}_seed{args.seed + i}.pt"
+        path = Path(args.mc_cache) / name
+        if path.exists():
+            saved = torch.load(path)
+            return saved["mc"], saved["seconds"]
+    t = time.perf_counter()
+    mc = monte_carlo_layers(gm32, x, sigma, args.samples, args.seed + i, cross)
+    secs = time.perf_counter() - t
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"mc": mc, "seconds": secs}, path)
+    return mc, secs
+
+
 def _agg(x: torch.Tensor, y: torch.Tensor) -> float:
     """Σ|x − y| / Σ|y|."""
     return float((x - y).abs().sum() / y.abs().sum().clamp_min(1e-300))
@@ -229,9 +256,7 @@ def run(args: argparse.Namespace) -> dict:
     jobs = [(i, s) for i in args.images for s in args.sigmas]
     for i, sigma in tqdm(jobs, desc="diagnose"):
         x = test_x[i : i + 1].double()
-        t = time.perf_counter()
-        mc = monte_carlo_layers(gm32, x, sigma, args.samples, args.seed + i, set(pools))
-        mc_secs = time.perf_counter() - t
+        mc, mc_secs = _cached_monte_carlo(args, gm32, x, i, sigma, set(pools))
         layers = [n for n in mc if n in _layer_names(gm)]
         entry = {"image": i, "sigma": sigma, "mc_seconds": mc_secs, "layers": layers}
         entry["mc_noise"] = {n: (mc[n]["noise_mean"], mc[n]["noise_var"]) for n in layers}
@@ -396,6 +421,12 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--out", default="results", help="output folder (default results)")
+    p.add_argument(
+        "--mc-cache",
+        default=None,
+        help="folder where each (image, σ) Monte Carlo reference is saved and re-read "
+        "(file named by model, image, σ, samples and seed; default: none, always rerun)",
+    )
 
 
 if __name__ == "__main__":
