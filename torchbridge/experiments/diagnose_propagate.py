@@ -15,7 +15,9 @@ covariance held in full), ``auto`` (the default), ``auto-treerelu`` (the default
 ``window_relu="tree"``: relu(max-pool) from the re-fitted tree, the form before the numerical
 window moments), ``auto-stein`` / ``auto-winfull`` / ``auto-qmcpairs`` / ``auto-all`` (the
 default with ``window_gain="stein"`` / ``window_full=True`` / Stein gains and
-``window_pairs=True`` / all three), ``auto-tree`` (the default before:
+``window_pairs=True`` / all three), ``auto-pool2`` (the default with window pairs also at a
+max-pooling whose input factor is dense, as LeNet's max-pool2: ``LocalResidual.pool_units`` =
+``--pool-units``, ``pool_rho`` = ``--pool-rho``), ``auto-tree`` (the default before:
 pairwise tree, reading-order pairs), ``full``
 (full covariance as soon as the live tensors have at most ``--full-units`` units), ``diagonal``
 (ADF), and ``+pool-oracle`` versions in which the output of every max-pooling layer (the
@@ -43,6 +45,7 @@ from torchbridge.experiments.common import relative_difference
 from torchbridge.propagate import PropagateOptions, propagate_one, trace
 from torchbridge.propagate.lowering import commute_relu_max_pool
 from torchbridge.propagate.pooling import max_pool_windows
+from torchbridge.propagate.residual import LocalResidual
 
 VARIANTS = (
     "linearize",
@@ -56,6 +59,7 @@ VARIANTS = (
     "auto-qmcpairs",
     "auto-all",
     "auto-drop",
+    "auto-pool2",
     "lowrank-drop",
     "auto-tree",
     "full",
@@ -291,6 +295,9 @@ def run(args: argparse.Namespace) -> dict:
                     window_gain="stein", window_pairs=True, window_full=True
                 ),
                 "auto-drop": PropagateOptions(residual="drop"),
+                "auto-pool2": PropagateOptions(
+                    local=LocalResidual(pool_units=args.pool_units, pool_rho=args.pool_rho)
+                ),
                 "auto-tree": PropagateOptions(
                     pool_window=False, pool_pairing="fixed", residual="drop"
                 ),
@@ -418,6 +425,20 @@ def _add_args(p: argparse.ArgumentParser) -> None:
         "--full-relu",
         default="exact",
         help="variant full: ReLU covariance, exact | approx (default exact)",
+    )
+    p.add_argument(
+        "--pool-units",
+        type=int,
+        default=4096,
+        help="variant auto-pool2: LocalResidual.pool_units, largest max-pool output (units) "
+        "given window pairs with a dense input factor (default 4096)",
+    )
+    p.add_argument(
+        "--pool-rho",
+        type=float,
+        default=0.1,
+        help="variant auto-pool2: LocalResidual.pool_rho, |correlation| above which a pair "
+        "of such windows is kept (default 0.1)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--out", default="results", help="output folder (default results)")

@@ -108,8 +108,17 @@ def select_pairs(
     F: torch.Tensor, var: torch.Tensor, active: torch.Tensor, rho: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pairs i < j of ``active`` units (long (A,)) with |F_i·F_j| > ``rho`` σ_i σ_j, where
-    σ² = ``var`` (q,): the SciPy sparse Gram of the active rows (F is sparse where this is
-    used: ``LocalResidual.max_density``), thresholded, upper triangle."""
+    σ² = ``var`` (q,): the Gram of the active rows (SciPy sparse for a sparse F, dense
+    BLAS for a dense one: ``LocalResidual.pool_units``), thresholded, upper triangle."""
+    if density(F) > 0.25:  # a dense factor: the dense Gram (BLAS), thresholded
+        s = var[active].clamp_min(0).sqrt()
+        Fa = F[active]
+        gram = Fa @ Fa.T
+        keep = torch.triu(gram.abs() > rho * s[:, None] * s[None, :], diagonal=1)
+        r, c = torch.nonzero(keep, as_tuple=True)
+        i, j = active[r], active[c]
+        order = torch.argsort(i * F.shape[0] + j)
+        return i[order], j[order]
     s = var[active].clamp_min(0).sqrt().cpu().numpy()
     Fs = sparse_rows(F[active])
     gram = sp.triu(Fs @ Fs.T, k=1).tocoo()
@@ -244,9 +253,16 @@ class LocalResidual:
             receptive fields, where the residual correlations are local and the pairs few.
             After the first such layer the new noise directions make the factor dense, so
             later layers keep only their residual variances.
+        pool_units: a max-pooling with a dense input factor still gets its window pairs
+            (joint tree of the two windows, ``window_pair_cross``) when its output has at
+            most this many units (0: never). LeNet's pool2 (3136 windows) feeds ReLU2 and
+            fc1, whose variances its between-window residual correlations drive.
+        pool_rho: the |ρ| threshold of those pairs (under F Fᵀ + diag(D) of the output).
     """
 
     tol: float = 1e-3
     rho: float = 1e-2
     eig_tol: float = 1e-9
     max_density: float = 0.25
+    pool_units: int = 0
+    pool_rho: float = 0.1

@@ -480,7 +480,9 @@ class FactorState:
         if method == "approx":
             method = "exact"
         self.materialize(src)
-        local_here = self.local is not None and self._local_here(src)
+        local_here = self.local is not None and (
+            self._local_here(src) or 0 < rows.shape[1] <= self.local.pool_units
+        )
         m, F, D = self.mean[src], self.factor[src], self.resid[src]
         mu = m[rows].T  # (q_out, K)
         Fw = F[rows].transpose(0, 1)  # (q_out, K, r)
@@ -549,23 +551,30 @@ class FactorState:
         if float(top) <= 0:
             return
         active = torch.nonzero(resid >= self.local.tol * top).flatten()
-        i, j = local_residual.select_pairs(Fo, var, active, self.local.rho)
+        dense = not self._local_here(src)  # admitted by ``LocalResidual.pool_units``
+        rho = self.local.pool_rho if dense else self.local.rho
+        i, j = local_residual.select_pairs(Fo, var, active, rho)
         if i.numel() == 0:
             return
         K = mu0.shape[1]
-        cab = var.new_empty(i.numel(), K, K)  # Cov(elements of a, elements of b)
         kl = [(k, l_) for k in range(K) for l_ in range(K)]
-        lists = [(idx0[i, k], idx0[j, l_]) for k, l_ in kl]
-        dots = local_residual.pair_dots_many(self.factor[src], lists)
-        for (k, l_), (ek, el), d in zip(kl, lists, dots, strict=True):
-            cab[:, k, l_] = d + (ek == el) * D[ek]
         out = var.new_empty(i.numel())
-        step = 1 << 15
+        # a dense factor's dots are gathered row by row: chunks bound the (P, K, K) blocks
+        step = 1 << 15 if dense else max(i.numel(), 1)
         for a in range(0, i.numel(), step):
-            ia, ib, c = i[a : a + step], j[a : a + step], cab[a : a + step]
-            S = torch.cat([torch.cat([S0[ia], c], 2), torch.cat([c.transpose(1, 2), S0[ib]], 2)], 1)
-            mu = torch.stack([mu0[ia], mu0[ib]], 1)
-            out[a : a + step] = local_residual.window_pair_cross(mu, S, method)
+            ia, ib = i[a : a + step], j[a : a + step]
+            lists = [(idx0[ia, k], idx0[ib, l_]) for k, l_ in kl]
+            dots = local_residual.pair_dots_many(self.factor[src], lists)
+            c = var.new_empty(ia.numel(), K, K)  # Cov(elements of a, elements of b)
+            for (k, l_), (ek, el), d in zip(kl, lists, dots, strict=True):
+                c[:, k, l_] = d + (ek == el) * D[ek]
+            for b in range(0, ia.numel(), 1 << 15):
+                sa, sb, cc = ia[b : b + (1 << 15)], ib[b : b + (1 << 15)], c[b : b + (1 << 15)]
+                S = torch.cat(
+                    [torch.cat([S0[sa], cc], 2), torch.cat([cc.transpose(1, 2), S0[sb]], 2)], 1
+                )
+                mu = torch.stack([mu0[sa], mu0[sb]], 1)
+                out[a + b : a + b + sa.numel()] = local_residual.window_pair_cross(mu, S, method)
         self.pairs[nid] = Pairs(i, j, out - local_residual.pair_dots(Fo, i, j))
 
     def free(self, nid: int) -> None:
