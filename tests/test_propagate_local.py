@@ -149,3 +149,44 @@ def test_dense_max_pool_window_pairs_match_monte_carlo_and_dropping_does_not():
         z_old = ((res[0] - var) / se).abs()
         assert (z_new <= 5).all(), (cov, z_new)
         assert z_old.max() > 20, (cov, z_old)
+
+
+def test_relu_of_dense_max_pool_window_pairs_match_monte_carlo(monkeypatch):
+    """Conv → MaxPool (2 × 2) → ReLU → Linear on a 4 × 4 input (dense factor at the pool):
+    with the window pairs of the pool (``pool_units``, every pair) and ``window_pairs``,
+    Cov(relu(max a), relu(max b)) is integrated over the two windows' exact joint Gaussian
+    (2¹² Sobol' points per pair here, so that the integration error is below the Monte
+    Carlo noise of a single pair), the variances likewise: the output variance matches
+    Monte Carlo (4·10⁵ samples) within 5 standard errors, in the full-from-the-pool form
+    (``auto``) and in the factor form (``lowrank``). Without the pairs, or with them taken
+    by the exact kernel on the re-fitted maxima (``window_pairs=False``), it does not."""
+    from torchbridge.propagate import window_max
+
+    monkeypatch.setattr(window_max, "PAIR_POINTS", 1 << 12)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3)
+    )
+    model = model.to(D).eval()
+    x = torch.rand(1, 1, 4, 4, dtype=D) - 0.3
+    sigma = 0.5
+    gen = torch.Generator().manual_seed(1)
+    n = 400_000
+    with torch.no_grad():
+        y = model(x + sigma * torch.randn(n, 1, 4, 4, generator=gen, dtype=D))
+    c = y - y.mean(0)
+    var = c.square().mean(0) * n / (n - 1)
+    se = ((c**4).mean(0) - var.square()).clamp_min(0).div(n).sqrt()
+    every = LocalResidual(pool_units=100, pool_rho=0.0)
+    for cov in ("auto", "lowrank"):
+        z = {}
+        for name, local, pairs in (
+            ("new", every, True),
+            ("no pairs", LocalResidual(), True),
+            ("kernel pairs", every, False),
+        ):
+            opts = tb.PropagateOptions(covariance=cov, max_full=30, local=local, window_pairs=pairs)
+            got = tb.output_moments(model, x, sigma**2, options=opts).var[0]
+            z[name] = ((got - var) / se).abs()
+        assert (z["new"] <= 5).all(), (cov, z)
+        assert z["no pairs"].max() > 20 and z["kernel pairs"].max() > 20, (cov, z)

@@ -109,6 +109,9 @@ class FullState:
         #: max-pooling outputs whose ReLU takes numerical window moments (``window_full``
         #: of ``FactorState``): their windows' element Gaussians (mean (q, K), cov (q, K, K))
         self.windows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        #: of those, window pairs (i, j) with their cross blocks Cov(z_a, z_b) (P, K, K), whose
+        #: ReLU covariance is integrated numerically (``FactorState.pair_blocks``)
+        self.pair_blocks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def block(self, a: int, b: int) -> torch.Tensor:
         """Cov(a, b), shape (q_a, q_b)."""
@@ -155,14 +158,49 @@ class FullState:
         self.mean[nid] = rm
         self.shape[nid] = self.shape[src]
         if src in self.windows:
-            self._window_relu(nid, *self.windows[src])
+            ok = self._window_relu(nid, *self.windows[src])
+            if src in self.pair_blocks:
+                self._window_pair_qmc(
+                    nid,
+                    mu=self.windows[src][0],
+                    S=self.windows[src][1],
+                    blocks=self.pair_blocks[src],
+                    ok=ok,
+                )
         return self.mean[nid].reshape(self.shape[src])
 
-    def _window_relu(self, nid: int, mu: torch.Tensor, S: torch.Tensor) -> None:
+    def _window_pair_qmc(
+        self,
+        nid: int,
+        mu: torch.Tensor,
+        S: torch.Tensor,
+        blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        ok: torch.Tensor,
+    ) -> None:
+        """Cov(relu(max a), relu(max b)) of the window pairs in ``blocks`` = (i, j, cross
+        blocks (P, K, K)) where both windows took numerical moments (``ok``): integrated over
+        the two windows' joint Gaussian (``window_max.window_pair_covariance``), replacing
+        the exact kernel's value on the re-fitted maxima."""
+        from torchbridge.propagate import window_max
+
+        i, j, cab = blocks
+        sel = torch.nonzero(ok[i] & ok[j]).flatten()
+        C = self.cov[(nid, nid)]
+        step = 1 << 15
+        for a in range(0, sel.numel(), step):
+            t = sel[a : a + step]
+            ia, ib, c = i[t], j[t], cab[t]
+            Sj = torch.cat([torch.cat([S[ia], c], 2), torch.cat([c.transpose(1, 2), S[ib]], 2)], 1)
+            v = window_max.window_pair_covariance(torch.stack([mu[ia], mu[ib]], 1), Sj)
+            C[ia, ib] = v
+            C[ib, ia] = v
+
+    def _window_relu(self, nid: int, mu: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
         """relu(max-pool) in full covariance: each unit's mean and variance replaced by those
         of max(0, window elements) (``window_max``, where its integration error is below
         ``window_max.MAX_REL_SE`` of the variance); its row and column of every covariance
-        block scaled so that its correlations stay as propagated."""
+        block scaled so that its correlations stay as propagated. Returns the (q,) bool mask
+        of the units that took the numerical moments."""
         from torchbridge.propagate import window_max
 
         w = window_max.window_moments(mu, S, replicates=2)
@@ -177,6 +215,7 @@ class FullState:
                 self.cov[(a, b)] = self.cov[(a, b)] * s[:, None]
             elif b == nid:
                 self.cov[(a, b)] = self.cov[(a, b)] * s[None, :]
+        return ok
 
     def pair_nonlinearity(self, nid: int, ia: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
         """Nonlinear variance of relu(x[ia] − x[ib]) of tensor ``nid`` (see ``_nonlinear``)."""
@@ -189,6 +228,7 @@ class FullState:
         self.mean.pop(nid)
         self.shape.pop(nid)
         self.windows.pop(nid, None)
+        self.pair_blocks.pop(nid, None)
         for key in [k for k in self.cov if nid in k]:
             del self.cov[key]
 
@@ -242,6 +282,9 @@ class FactorState:
         #: pending off-diagonal residual covariance of a tensor on local pairs, turned into
         #: new factor columns (``materialize``) before a non-elementwise operation reads it
         self.pairs: dict[int, Pairs] = {}
+        #: window pairs (i, j) of a dense-input max-pooling (``LocalResidual.pool_units``) and
+        #: the cross blocks Cov(z_a, z_b) (P, K, K) of their elements, for ``FullState``
+        self.pair_blocks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def materialize(self, nid: int) -> None:
         """Move tensor ``nid``'s pending local residual covariance into new factor columns
@@ -559,6 +602,10 @@ class FactorState:
         K = mu0.shape[1]
         kl = [(k, l_) for k in range(K) for l_ in range(K)]
         out = var.new_empty(i.numel())
+        # pairs that a ReLU in full covariance integrates numerically (``window_pairs`` with
+        # ``window_full``): their cross blocks go along (``to_full``)
+        keep_blocks = dense and self.window_relu == "qmc" and self.window_full and self.window_pairs
+        blocks = []
         # a dense factor's dots are gathered row by row: chunks bound the (P, K, K) blocks
         step = 1 << 15 if dense else max(i.numel(), 1)
         for a in range(0, i.numel(), step):
@@ -575,12 +622,17 @@ class FactorState:
                 )
                 mu = torch.stack([mu0[sa], mu0[sb]], 1)
                 out[a + b : a + b + sa.numel()] = local_residual.window_pair_cross(mu, S, method)
+            if keep_blocks:
+                blocks.append(c)
         self.pairs[nid] = Pairs(i, j, out - local_residual.pair_dots(Fo, i, j))
+        if keep_blocks:
+            self.pair_blocks[nid] = (i, j, torch.cat(blocks))
 
     def free(self, nid: int) -> None:
         for d in (self.mean, self.shape, self.factor, self.resid):
             d.pop(nid)
         self.pairs.pop(nid, None)
+        self.pair_blocks.pop(nid, None)
         self.windows.pop(nid, None)
 
     def _add_pairs(self, nid: int, cov: torch.Tensor) -> torch.Tensor:
@@ -603,6 +655,7 @@ class FactorState:
         full = FullState()
         if self.window_relu == "qmc" and self.window_full and not self.diagonal:
             full.windows = {a: w[:2] for a, w in self.windows.items()}
+            full.pair_blocks = dict(self.pair_blocks)
         ids = list(self.mean)
         width = max(f.shape[1] for f in self.factor.values())
         fac = {
