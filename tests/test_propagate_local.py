@@ -190,3 +190,21 @@ def test_relu_of_dense_max_pool_window_pairs_match_monte_carlo(monkeypatch):
             z[name] = ((got - var) / se).abs()
         assert (z["new"] <= 5).all(), (cov, z)
         assert z["no pairs"].max() > 20 and z["kernel pairs"].max() > 20, (cov, z)
+
+
+def test_window_cross_blocks_read_the_covariance(monkeypatch):
+    """``window_cross_blocks`` (blocked Gram) equals Cov(z_a, z_b) read off F Fᵀ + diag(D)
+    directly, overlapping windows (shared elements: + D) included, across Gram blocks."""
+    from torchbridge.propagate import residual
+
+    monkeypatch.setattr(residual, "_GRAM_ELEMENTS", 3 * 4 * 10)  # 3 windows per Gram block
+    torch.manual_seed(0)
+    F = torch.randn(10, 6, dtype=D)
+    Dv = torch.rand(10, dtype=D)
+    idx = torch.randint(0, 10, (7, 4))
+    i = torch.tensor([0, 0, 1, 3, 4, 4, 6])
+    j = torch.tensor([1, 5, 2, 6, 5, 6, 6])
+    got = residual.window_cross_blocks(F, Dv, idx, i, j)
+    C = F @ F.T + torch.diag(Dv)
+    want = C[idx[i][:, :, None], idx[j][:, None, :]]
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)

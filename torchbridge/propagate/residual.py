@@ -38,6 +38,8 @@ from torchbridge.moments import relu_moments
 
 #: Pairs (rows of a chunk) evaluated at once.
 _PAIR_CHUNK = 1 << 14
+#: Entries of one Gram block of ``window_cross_blocks`` (2²⁴ doubles: 128 MiB).
+_GRAM_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,34 @@ def select_pairs(
     i, j = active[r], active[c]
     order = torch.argsort(i * F.shape[0] + j)
     return i[order], j[order]
+
+
+def window_cross_blocks(
+    F: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, i: torch.Tensor, j: torch.Tensor
+) -> torch.Tensor:
+    """Cov(z_a, z_b) (P, K, K) of the elements of window pairs (a, b) = (``i``, ``j``) (long
+    (P,), ``i`` sorted ascending), z ~ N(·, F Fᵀ + diag(D)), F (q, r) dense, window elements
+    ``idx`` (q_out, K). Blocks of windows a at a time, their element rows' Gram with every
+    row of F (one BLAS product of at most ``_GRAM_ELEMENTS`` entries), read at the pairs —
+    gathering r-long rows per pair would move P·K²·r numbers instead."""
+    P, K = i.numel(), idx.shape[1]
+    q = F.shape[0]
+    out = F.new_empty(P, K, K)
+    per = max(1, _GRAM_ELEMENTS // (K * q))
+    for w0 in range(0, idx.shape[0], per):
+        w1 = min(w0 + per, idx.shape[0])
+        lo, hi = (int(v) for v in torch.searchsorted(i, torch.tensor([w0, w1], device=i.device)))
+        if lo == hi:
+            continue
+        rows = idx[w0:w1].reshape(-1)  # (n_w K,) element rows of windows w0 .. w1 − 1
+        G = F[rows] @ F.T  # (n_w K, q)
+        a = (i[lo:hi] - w0)[:, None] * K + torch.arange(K, device=i.device)  # (p, K) rows
+        eb = idx[j[lo:hi]]  # (p, K) elements of b
+        ea = idx[i[lo:hi]]  # (p, K) elements of a
+        blk = G[a[:, :, None], eb[:, None, :]]
+        shared = ea[:, :, None] == eb[:, None, :]
+        out[lo:hi] = blk + shared * D[ea][:, :, None]
+    return out
 
 
 def merge_pairs(q: int, *pairs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

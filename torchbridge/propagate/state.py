@@ -599,34 +599,28 @@ class FactorState:
         i, j = local_residual.select_pairs(Fo, var, active, rho)
         if i.numel() == 0:
             return
-        K = mu0.shape[1]
-        kl = [(k, l_) for k in range(K) for l_ in range(K)]
+        if dense:
+            cab = local_residual.window_cross_blocks(self.factor[src], D, idx0, i, j)
+        else:
+            K = mu0.shape[1]
+            kl = [(k, l_) for k in range(K) for l_ in range(K)]
+            lists = [(idx0[i, k], idx0[j, l_]) for k, l_ in kl]
+            dots = local_residual.pair_dots_many(self.factor[src], lists)
+            cab = var.new_empty(i.numel(), K, K)  # Cov(elements of a, elements of b)
+            for (k, l_), (ek, el), d in zip(kl, lists, dots, strict=True):
+                cab[:, k, l_] = d + (ek == el) * D[ek]
         out = var.new_empty(i.numel())
+        step = 1 << 15
+        for a in range(0, i.numel(), step):
+            ia, ib, c = i[a : a + step], j[a : a + step], cab[a : a + step]
+            S = torch.cat([torch.cat([S0[ia], c], 2), torch.cat([c.transpose(1, 2), S0[ib]], 2)], 1)
+            mu = torch.stack([mu0[ia], mu0[ib]], 1)
+            out[a : a + step] = local_residual.window_pair_cross(mu, S, method)
+        self.pairs[nid] = Pairs(i, j, out - local_residual.pair_dots(Fo, i, j))
         # pairs that a ReLU in full covariance integrates numerically (``window_pairs`` with
         # ``window_full``): their cross blocks go along (``to_full``)
-        keep_blocks = dense and self.window_relu == "qmc" and self.window_full and self.window_pairs
-        blocks = []
-        # a dense factor's dots are gathered row by row: chunks bound the (P, K, K) blocks
-        step = 1 << 15 if dense else max(i.numel(), 1)
-        for a in range(0, i.numel(), step):
-            ia, ib = i[a : a + step], j[a : a + step]
-            lists = [(idx0[ia, k], idx0[ib, l_]) for k, l_ in kl]
-            dots = local_residual.pair_dots_many(self.factor[src], lists)
-            c = var.new_empty(ia.numel(), K, K)  # Cov(elements of a, elements of b)
-            for (k, l_), (ek, el), d in zip(kl, lists, dots, strict=True):
-                c[:, k, l_] = d + (ek == el) * D[ek]
-            for b in range(0, ia.numel(), 1 << 15):
-                sa, sb, cc = ia[b : b + (1 << 15)], ib[b : b + (1 << 15)], c[b : b + (1 << 15)]
-                S = torch.cat(
-                    [torch.cat([S0[sa], cc], 2), torch.cat([cc.transpose(1, 2), S0[sb]], 2)], 1
-                )
-                mu = torch.stack([mu0[sa], mu0[sb]], 1)
-                out[a + b : a + b + sa.numel()] = local_residual.window_pair_cross(mu, S, method)
-            if keep_blocks:
-                blocks.append(c)
-        self.pairs[nid] = Pairs(i, j, out - local_residual.pair_dots(Fo, i, j))
-        if keep_blocks:
-            self.pair_blocks[nid] = (i, j, torch.cat(blocks))
+        if dense and self.window_relu == "qmc" and self.window_full and self.window_pairs:
+            self.pair_blocks[nid] = (i, j, cab)
 
     def free(self, nid: int) -> None:
         for d in (self.mean, self.shape, self.factor, self.resid):
