@@ -31,7 +31,10 @@ Three representations of the joint covariance:
   ``LocalResidual`` (``PropagateOptions.residual = "local"``), where the factor is still
   sparse (local receptive fields), the residual covariances *between* correlated units of a
   ReLU or max-pooling output are kept on local pairs (``propagate.residual``) and turned
-  into new factor columns before the next non-elementwise layer.
+  into new factor columns before the next non-elementwise layer. A max-pooling whose input
+  factor is already dense gets window pairs too when its output is small
+  (``LocalResidual.pool_units``: LeNet's pool2, 3136 windows), the pairs above a correlation
+  ``pool_rho``, their cross blocks from blocked Grams (``residual.window_cross_blocks``).
   A ReLU of a max-pooling output (``window_relu = "qmc"``) takes the mean and variance of
   max(0, window elements) integrated numerically over the window's Gaussian
   (``propagate.window_max``) instead of those of the re-fitted tree; the unit's factor row,
@@ -41,7 +44,8 @@ Three representations of the joint covariance:
   exact for the window's Gaussian); ``window_pairs`` integrates the local pairs'
   Cov(max(0, z_a), max(0, z_b)) over the two windows' joint Gaussian; ``window_full``
   hands the windows to ``FullState``, whose ReLU of a max-pooling output then also takes the
-  numerical mean and variance.
+  numerical mean and variance (and, with ``window_pairs``, the numerical covariance of the
+  dense-input pool's window pairs).
 * A ``FactorState`` can be converted to a ``FullState`` (F Fᵀ + diag D) when the remaining
   layers are small enough (``PropagateOptions.max_full``).
 """
