@@ -182,7 +182,7 @@ def test_relu_of_dense_max_pool_window_pairs_match_monte_carlo(monkeypatch):
         z = {}
         for name, local, pairs in (
             ("new", every, True),
-            ("no pairs", LocalResidual(), True),
+            ("no pairs", LocalResidual(pool_units=0), True),
             ("kernel pairs", every, False),
         ):
             opts = tb.PropagateOptions(covariance=cov, max_full=30, local=local, window_pairs=pairs)

@@ -17,7 +17,8 @@ window moments), ``auto-stein`` / ``auto-winfull`` / ``auto-qmcpairs`` / ``auto-
 default with ``window_gain="stein"`` / ``window_full=True`` / Stein gains and
 ``window_pairs=True`` / all three), ``auto-pool2`` (the default with window pairs also at a
 max-pooling whose input factor is dense, as LeNet's max-pool2: ``LocalResidual.pool_units`` =
-``--pool-units``, ``pool_rho`` = ``--pool-rho``), ``auto-tree`` (the default before:
+``--pool-units``, ``pool_rho`` = ``--pool-rho``; with the default values, the default since
+session 19), ``auto-nopool2`` (the default without them: the default before), ``auto-tree`` (the default before:
 pairwise tree, reading-order pairs), ``full``
 (full covariance as soon as the live tensors have at most ``--full-units`` units), ``diagonal``
 (ADF), and ``+pool-oracle`` versions in which the output of every max-pooling layer (the
@@ -60,6 +61,7 @@ VARIANTS = (
     "auto-all",
     "auto-drop",
     "auto-pool2",
+    "auto-nopool2",
     "lowrank-drop",
     "auto-tree",
     "full",
@@ -298,6 +300,7 @@ def run(args: argparse.Namespace) -> dict:
                 "auto-pool2": PropagateOptions(
                     local=LocalResidual(pool_units=args.pool_units, pool_rho=args.pool_rho)
                 ),
+                "auto-nopool2": PropagateOptions(local=LocalResidual(pool_units=0)),
                 "auto-tree": PropagateOptions(
                     pool_window=False, pool_pairing="fixed", residual="drop"
                 ),
