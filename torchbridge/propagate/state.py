@@ -449,12 +449,15 @@ class FactorState:
             return
         i, j = p.i[sel], p.j[sel]
         K_ = idx.shape[1]
-        kl = [(k, l_) for k in range(K_) for l_ in range(K_)]
-        lists = [(idx[i, k], idx[j, l_]) for k, l_ in kl]
-        dots = local_residual.pair_dots_many(F_src, lists)
-        cab = S.new_empty(i.numel(), K_, K_)
-        for (k, l_), (ek, el), d in zip(kl, lists, dots, strict=True):
-            cab[:, k, l_] = d + (ek == el) * D_src[ek]
+        if local_residual.density(F_src) > self.local.max_density:  # dense: blocked Grams
+            cab = local_residual.window_cross_blocks(F_src, D_src, idx, i, j)
+        else:
+            kl = [(k, l_) for k in range(K_) for l_ in range(K_)]
+            lists = [(idx[i, k], idx[j, l_]) for k, l_ in kl]
+            dots = local_residual.pair_dots_many(F_src, lists)
+            cab = S.new_empty(i.numel(), K_, K_)
+            for (k, l_), (ek, el), d in zip(kl, lists, dots, strict=True):
+                cab[:, k, l_] = d + (ek == el) * D_src[ek]
         total = S.new_empty(i.numel())
         step = 1 << 15
         for a in range(0, i.numel(), step):
