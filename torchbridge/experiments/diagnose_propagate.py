@@ -15,7 +15,10 @@ covariance held in full), ``auto`` (the default), ``auto-treerelu`` (the default
 ``window_relu="tree"``: relu(max-pool) from the re-fitted tree, the form before the numerical
 window moments), ``auto-stein`` / ``auto-winfull`` / ``auto-qmcpairs`` / ``auto-all`` (the
 default with ``window_gain="stein"`` / ``window_full=True`` / Stein gains and
-``window_pairs=True`` / all three), ``auto-tree`` (the default before:
+``window_pairs=True`` / all three), ``auto-pool2`` (the default with window pairs also at a
+max-pooling whose input factor is dense, as LeNet's max-pool2: ``LocalResidual.pool_units`` =
+``--pool-units``, ``pool_rho`` = ``--pool-rho``; with the default values, the default since
+session 19), ``auto-nopool2`` (the default without them: the default before), ``auto-tree`` (the default before:
 pairwise tree, reading-order pairs), ``full``
 (full covariance as soon as the live tensors have at most ``--full-units`` units), ``diagonal``
 (ADF), and ``+pool-oracle`` versions in which the output of every max-pooling layer (the
@@ -43,6 +46,7 @@ from torchbridge.experiments.common import relative_difference
 from torchbridge.propagate import PropagateOptions, propagate_one, trace
 from torchbridge.propagate.lowering import commute_relu_max_pool
 from torchbridge.propagate.pooling import max_pool_windows
+from torchbridge.propagate.residual import LocalResidual
 
 VARIANTS = (
     "linearize",
@@ -56,6 +60,8 @@ VARIANTS = (
     "auto-qmcpairs",
     "auto-all",
     "auto-drop",
+    "auto-pool2",
+    "auto-nopool2",
     "lowrank-drop",
     "auto-tree",
     "full",
@@ -145,6 +151,33 @@ def monte_carlo_layers(
     return out
 
 
+def _cached_monte_carlo(
+    args: argparse.Namespace,
+    gm32: fx.GraphModule,
+    x: torch.Tensor,
+    i: int,
+    sigma: float,
+    cross: set[str],
+) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
+    """``monte_carlo_layers`` for test image ``i`` at ``sigma`` (seed ``args.seed`` + i), read
+    from / written to ``args.mc_cache`` when given (the run is deterministic in model, image,
+    σ, samples and seed, which name the file); returns (stats, seconds of the original run)."""
+    path = None
+    if args.mc_cache:
+        name = f"mc_{args.model}_img{i}_s{sigma:g}_n{args.samples}_seed{args.seed + i}.pt"
+        path = Path(args.mc_cache) / name
+        if path.exists():
+            saved = torch.load(path)
+            return saved["mc"], saved["seconds"]
+    t = time.perf_counter()
+    mc = monte_carlo_layers(gm32, x, sigma, args.samples, args.seed + i, cross)
+    secs = time.perf_counter() - t
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"mc": mc, "seconds": secs}, path)
+    return mc, secs
+
+
 def _agg(x: torch.Tensor, y: torch.Tensor) -> float:
     """Σ|x − y| / Σ|y|."""
     return float((x - y).abs().sum() / y.abs().sum().clamp_min(1e-300))
@@ -229,9 +262,7 @@ def run(args: argparse.Namespace) -> dict:
     jobs = [(i, s) for i in args.images for s in args.sigmas]
     for i, sigma in tqdm(jobs, desc="diagnose"):
         x = test_x[i : i + 1].double()
-        t = time.perf_counter()
-        mc = monte_carlo_layers(gm32, x, sigma, args.samples, args.seed + i, set(pools))
-        mc_secs = time.perf_counter() - t
+        mc, mc_secs = _cached_monte_carlo(args, gm32, x, i, sigma, set(pools))
         layers = [n for n in mc if n in _layer_names(gm)]
         entry = {"image": i, "sigma": sigma, "mc_seconds": mc_secs, "layers": layers}
         entry["mc_noise"] = {n: (mc[n]["noise_mean"], mc[n]["noise_var"]) for n in layers}
@@ -266,6 +297,10 @@ def run(args: argparse.Namespace) -> dict:
                     window_gain="stein", window_pairs=True, window_full=True
                 ),
                 "auto-drop": PropagateOptions(residual="drop"),
+                "auto-pool2": PropagateOptions(
+                    local=LocalResidual(pool_units=args.pool_units, pool_rho=args.pool_rho)
+                ),
+                "auto-nopool2": PropagateOptions(local=LocalResidual(pool_units=0)),
                 "auto-tree": PropagateOptions(
                     pool_window=False, pool_pairing="fixed", residual="drop"
                 ),
@@ -394,8 +429,28 @@ def _add_args(p: argparse.ArgumentParser) -> None:
         default="exact",
         help="variant full: ReLU covariance, exact | approx (default exact)",
     )
+    p.add_argument(
+        "--pool-units",
+        type=int,
+        default=4096,
+        help="variant auto-pool2: LocalResidual.pool_units, largest max-pool output (units) "
+        "given window pairs with a dense input factor (default 4096)",
+    )
+    p.add_argument(
+        "--pool-rho",
+        type=float,
+        default=0.1,
+        help="variant auto-pool2: LocalResidual.pool_rho, |correlation| above which a pair "
+        "of such windows is kept (default 0.1)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--out", default="results", help="output folder (default results)")
+    p.add_argument(
+        "--mc-cache",
+        default=None,
+        help="folder where each (image, σ) Monte Carlo reference is saved and re-read "
+        "(file named by model, image, σ, samples and seed; default: none, always rerun)",
+    )
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ from torchbridge.moments import relu_moments
 
 #: Pairs (rows of a chunk) evaluated at once.
 _PAIR_CHUNK = 1 << 14
+#: Entries of one Gram block of ``window_cross_blocks`` (2²⁴ doubles: 128 MiB).
+_GRAM_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -108,8 +110,17 @@ def select_pairs(
     F: torch.Tensor, var: torch.Tensor, active: torch.Tensor, rho: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pairs i < j of ``active`` units (long (A,)) with |F_i·F_j| > ``rho`` σ_i σ_j, where
-    σ² = ``var`` (q,): the SciPy sparse Gram of the active rows (F is sparse where this is
-    used: ``LocalResidual.max_density``), thresholded, upper triangle."""
+    σ² = ``var`` (q,): the Gram of the active rows (SciPy sparse for a sparse F, dense
+    BLAS for a dense one: ``LocalResidual.pool_units``), thresholded, upper triangle."""
+    if density(F) > 0.25:  # a dense factor: the dense Gram (BLAS), thresholded
+        s = var[active].clamp_min(0).sqrt()
+        Fa = F[active]
+        gram = Fa @ Fa.T
+        keep = torch.triu(gram.abs() > rho * s[:, None] * s[None, :], diagonal=1)
+        r, c = torch.nonzero(keep, as_tuple=True)
+        i, j = active[r], active[c]
+        order = torch.argsort(i * F.shape[0] + j)
+        return i[order], j[order]
     s = var[active].clamp_min(0).sqrt().cpu().numpy()
     Fs = sparse_rows(F[active])
     gram = sp.triu(Fs @ Fs.T, k=1).tocoo()
@@ -119,6 +130,34 @@ def select_pairs(
     i, j = active[r], active[c]
     order = torch.argsort(i * F.shape[0] + j)
     return i[order], j[order]
+
+
+def window_cross_blocks(
+    F: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, i: torch.Tensor, j: torch.Tensor
+) -> torch.Tensor:
+    """Cov(z_a, z_b) (P, K, K) of the elements of window pairs (a, b) = (``i``, ``j``) (long
+    (P,), ``i`` sorted ascending), z ~ N(·, F Fᵀ + diag(D)), F (q, r) dense, window elements
+    ``idx`` (q_out, K). Blocks of windows a at a time, their element rows' Gram with every
+    row of F (one BLAS product of at most ``_GRAM_ELEMENTS`` entries), read at the pairs —
+    gathering r-long rows per pair would move P·K²·r numbers instead."""
+    P, K = i.numel(), idx.shape[1]
+    q = F.shape[0]
+    out = F.new_empty(P, K, K)
+    per = max(1, _GRAM_ELEMENTS // (K * q))
+    for w0 in range(0, idx.shape[0], per):
+        w1 = min(w0 + per, idx.shape[0])
+        lo, hi = (int(v) for v in torch.searchsorted(i, torch.tensor([w0, w1], device=i.device)))
+        if lo == hi:
+            continue
+        rows = idx[w0:w1].reshape(-1)  # (n_w K,) element rows of windows w0 .. w1 − 1
+        G = F[rows] @ F.T  # (n_w K, q)
+        a = (i[lo:hi] - w0)[:, None] * K + torch.arange(K, device=i.device)  # (p, K) rows
+        eb = idx[j[lo:hi]]  # (p, K) elements of b
+        ea = idx[i[lo:hi]]  # (p, K) elements of a
+        blk = G[a[:, :, None], eb[:, None, :]]
+        shared = ea[:, :, None] == eb[:, None, :]
+        out[lo:hi] = blk + shared * D[ea][:, :, None]
+    return out
 
 
 def merge_pairs(q: int, *pairs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -244,9 +283,18 @@ class LocalResidual:
             receptive fields, where the residual correlations are local and the pairs few.
             After the first such layer the new noise directions make the factor dense, so
             later layers keep only their residual variances.
+        pool_units: a max-pooling with a dense input factor still gets its window pairs
+            (joint tree of the two windows, ``window_pair_cross``) when its output has at
+            most this many units (default 4096; 0: never, the earlier behaviour). LeNet's
+            pool2 (3136 windows, ≈ 5·10⁵ pairs at σ = 0.3, +1 min per image) feeds ReLU2
+            and fc1, whose variances its between-window residual correlations drive.
+        pool_rho: the |ρ| threshold of those pairs (under F Fᵀ + diag(D) of the output;
+            default 0.1).
     """
 
     tol: float = 1e-3
     rho: float = 1e-2
     eig_tol: float = 1e-9
     max_density: float = 0.25
+    pool_units: int = 4096
+    pool_rho: float = 0.1

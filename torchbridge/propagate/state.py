@@ -31,7 +31,10 @@ Three representations of the joint covariance:
   ``LocalResidual`` (``PropagateOptions.residual = "local"``), where the factor is still
   sparse (local receptive fields), the residual covariances *between* correlated units of a
   ReLU or max-pooling output are kept on local pairs (``propagate.residual``) and turned
-  into new factor columns before the next non-elementwise layer.
+  into new factor columns before the next non-elementwise layer. A max-pooling whose input
+  factor is already dense gets window pairs too when its output is small
+  (``LocalResidual.pool_units``: LeNet's pool2, 3136 windows), the pairs above a correlation
+  ``pool_rho``, their cross blocks from blocked Grams (``residual.window_cross_blocks``).
   A ReLU of a max-pooling output (``window_relu = "qmc"``) takes the mean and variance of
   max(0, window elements) integrated numerically over the window's Gaussian
   (``propagate.window_max``) instead of those of the re-fitted tree; the unit's factor row,
@@ -41,7 +44,8 @@ Three representations of the joint covariance:
   exact for the window's Gaussian); ``window_pairs`` integrates the local pairs'
   Cov(max(0, z_a), max(0, z_b)) over the two windows' joint Gaussian; ``window_full``
   hands the windows to ``FullState``, whose ReLU of a max-pooling output then also takes the
-  numerical mean and variance.
+  numerical mean and variance (and, with ``window_pairs``, the numerical covariance of the
+  dense-input pool's window pairs).
 * A ``FactorState`` can be converted to a ``FullState`` (F Fᵀ + diag D) when the remaining
   layers are small enough (``PropagateOptions.max_full``).
 """
@@ -109,6 +113,9 @@ class FullState:
         #: max-pooling outputs whose ReLU takes numerical window moments (``window_full``
         #: of ``FactorState``): their windows' element Gaussians (mean (q, K), cov (q, K, K))
         self.windows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        #: of those, window pairs (i, j) with their cross blocks Cov(z_a, z_b) (P, K, K), whose
+        #: ReLU covariance is integrated numerically (``FactorState.pair_blocks``)
+        self.pair_blocks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def block(self, a: int, b: int) -> torch.Tensor:
         """Cov(a, b), shape (q_a, q_b)."""
@@ -155,14 +162,49 @@ class FullState:
         self.mean[nid] = rm
         self.shape[nid] = self.shape[src]
         if src in self.windows:
-            self._window_relu(nid, *self.windows[src])
+            ok = self._window_relu(nid, *self.windows[src])
+            if src in self.pair_blocks:
+                self._window_pair_qmc(
+                    nid,
+                    mu=self.windows[src][0],
+                    S=self.windows[src][1],
+                    blocks=self.pair_blocks[src],
+                    ok=ok,
+                )
         return self.mean[nid].reshape(self.shape[src])
 
-    def _window_relu(self, nid: int, mu: torch.Tensor, S: torch.Tensor) -> None:
+    def _window_pair_qmc(
+        self,
+        nid: int,
+        mu: torch.Tensor,
+        S: torch.Tensor,
+        blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        ok: torch.Tensor,
+    ) -> None:
+        """Cov(relu(max a), relu(max b)) of the window pairs in ``blocks`` = (i, j, cross
+        blocks (P, K, K)) where both windows took numerical moments (``ok``): integrated over
+        the two windows' joint Gaussian (``window_max.window_pair_covariance``), replacing
+        the exact kernel's value on the re-fitted maxima."""
+        from torchbridge.propagate import window_max
+
+        i, j, cab = blocks
+        sel = torch.nonzero(ok[i] & ok[j]).flatten()
+        C = self.cov[(nid, nid)]
+        step = 1 << 15
+        for a in range(0, sel.numel(), step):
+            t = sel[a : a + step]
+            ia, ib, c = i[t], j[t], cab[t]
+            Sj = torch.cat([torch.cat([S[ia], c], 2), torch.cat([c.transpose(1, 2), S[ib]], 2)], 1)
+            v = window_max.window_pair_covariance(torch.stack([mu[ia], mu[ib]], 1), Sj)
+            C[ia, ib] = v
+            C[ib, ia] = v
+
+    def _window_relu(self, nid: int, mu: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
         """relu(max-pool) in full covariance: each unit's mean and variance replaced by those
         of max(0, window elements) (``window_max``, where its integration error is below
         ``window_max.MAX_REL_SE`` of the variance); its row and column of every covariance
-        block scaled so that its correlations stay as propagated."""
+        block scaled so that its correlations stay as propagated. Returns the (q,) bool mask
+        of the units that took the numerical moments."""
         from torchbridge.propagate import window_max
 
         w = window_max.window_moments(mu, S, replicates=2)
@@ -177,6 +219,7 @@ class FullState:
                 self.cov[(a, b)] = self.cov[(a, b)] * s[:, None]
             elif b == nid:
                 self.cov[(a, b)] = self.cov[(a, b)] * s[None, :]
+        return ok
 
     def pair_nonlinearity(self, nid: int, ia: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
         """Nonlinear variance of relu(x[ia] − x[ib]) of tensor ``nid`` (see ``_nonlinear``)."""
@@ -189,6 +232,7 @@ class FullState:
         self.mean.pop(nid)
         self.shape.pop(nid)
         self.windows.pop(nid, None)
+        self.pair_blocks.pop(nid, None)
         for key in [k for k in self.cov if nid in k]:
             del self.cov[key]
 
@@ -242,6 +286,9 @@ class FactorState:
         #: pending off-diagonal residual covariance of a tensor on local pairs, turned into
         #: new factor columns (``materialize``) before a non-elementwise operation reads it
         self.pairs: dict[int, Pairs] = {}
+        #: window pairs (i, j) of a dense-input max-pooling (``LocalResidual.pool_units``) and
+        #: the cross blocks Cov(z_a, z_b) (P, K, K) of their elements, for ``FullState``
+        self.pair_blocks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def materialize(self, nid: int) -> None:
         """Move tensor ``nid``'s pending local residual covariance into new factor columns
@@ -402,12 +449,15 @@ class FactorState:
             return
         i, j = p.i[sel], p.j[sel]
         K_ = idx.shape[1]
-        kl = [(k, l_) for k in range(K_) for l_ in range(K_)]
-        lists = [(idx[i, k], idx[j, l_]) for k, l_ in kl]
-        dots = local_residual.pair_dots_many(F_src, lists)
-        cab = S.new_empty(i.numel(), K_, K_)
-        for (k, l_), (ek, el), d in zip(kl, lists, dots, strict=True):
-            cab[:, k, l_] = d + (ek == el) * D_src[ek]
+        if local_residual.density(F_src) > self.local.max_density:  # dense: blocked Grams
+            cab = local_residual.window_cross_blocks(F_src, D_src, idx, i, j)
+        else:
+            kl = [(k, l_) for k in range(K_) for l_ in range(K_)]
+            lists = [(idx[i, k], idx[j, l_]) for k, l_ in kl]
+            dots = local_residual.pair_dots_many(F_src, lists)
+            cab = S.new_empty(i.numel(), K_, K_)
+            for (k, l_), (ek, el), d in zip(kl, lists, dots, strict=True):
+                cab[:, k, l_] = d + (ek == el) * D_src[ek]
         total = S.new_empty(i.numel())
         step = 1 << 15
         for a in range(0, i.numel(), step):
@@ -480,7 +530,9 @@ class FactorState:
         if method == "approx":
             method = "exact"
         self.materialize(src)
-        local_here = self.local is not None and self._local_here(src)
+        local_here = self.local is not None and (
+            self._local_here(src) or 0 < rows.shape[1] <= self.local.pool_units
+        )
         m, F, D = self.mean[src], self.factor[src], self.resid[src]
         mu = m[rows].T  # (q_out, K)
         Fw = F[rows].transpose(0, 1)  # (q_out, K, r)
@@ -549,16 +601,21 @@ class FactorState:
         if float(top) <= 0:
             return
         active = torch.nonzero(resid >= self.local.tol * top).flatten()
-        i, j = local_residual.select_pairs(Fo, var, active, self.local.rho)
+        dense = not self._local_here(src)  # admitted by ``LocalResidual.pool_units``
+        rho = self.local.pool_rho if dense else self.local.rho
+        i, j = local_residual.select_pairs(Fo, var, active, rho)
         if i.numel() == 0:
             return
-        K = mu0.shape[1]
-        cab = var.new_empty(i.numel(), K, K)  # Cov(elements of a, elements of b)
-        kl = [(k, l_) for k in range(K) for l_ in range(K)]
-        lists = [(idx0[i, k], idx0[j, l_]) for k, l_ in kl]
-        dots = local_residual.pair_dots_many(self.factor[src], lists)
-        for (k, l_), (ek, el), d in zip(kl, lists, dots, strict=True):
-            cab[:, k, l_] = d + (ek == el) * D[ek]
+        if dense:
+            cab = local_residual.window_cross_blocks(self.factor[src], D, idx0, i, j)
+        else:
+            K = mu0.shape[1]
+            kl = [(k, l_) for k in range(K) for l_ in range(K)]
+            lists = [(idx0[i, k], idx0[j, l_]) for k, l_ in kl]
+            dots = local_residual.pair_dots_many(self.factor[src], lists)
+            cab = var.new_empty(i.numel(), K, K)  # Cov(elements of a, elements of b)
+            for (k, l_), (ek, el), d in zip(kl, lists, dots, strict=True):
+                cab[:, k, l_] = d + (ek == el) * D[ek]
         out = var.new_empty(i.numel())
         step = 1 << 15
         for a in range(0, i.numel(), step):
@@ -567,11 +624,16 @@ class FactorState:
             mu = torch.stack([mu0[ia], mu0[ib]], 1)
             out[a : a + step] = local_residual.window_pair_cross(mu, S, method)
         self.pairs[nid] = Pairs(i, j, out - local_residual.pair_dots(Fo, i, j))
+        # pairs that a ReLU in full covariance integrates numerically (``window_pairs`` with
+        # ``window_full``): their cross blocks go along (``to_full``)
+        if dense and self.window_relu == "qmc" and self.window_full and self.window_pairs:
+            self.pair_blocks[nid] = (i, j, cab)
 
     def free(self, nid: int) -> None:
         for d in (self.mean, self.shape, self.factor, self.resid):
             d.pop(nid)
         self.pairs.pop(nid, None)
+        self.pair_blocks.pop(nid, None)
         self.windows.pop(nid, None)
 
     def _add_pairs(self, nid: int, cov: torch.Tensor) -> torch.Tensor:
@@ -594,6 +656,7 @@ class FactorState:
         full = FullState()
         if self.window_relu == "qmc" and self.window_full and not self.diagonal:
             full.windows = {a: w[:2] for a, w in self.windows.items()}
+            full.pair_blocks = dict(self.pair_blocks)
         ids = list(self.mean)
         width = max(f.shape[1] for f in self.factor.values())
         fac = {

@@ -151,14 +151,16 @@ _PAIR_CHUNK = 256
 
 
 def window_pair_covariance(
-    mu: torch.Tensor, S: torch.Tensor, points: int = PAIR_POINTS, seed: int = 0
+    mu: torch.Tensor, S: torch.Tensor, points: int | None = None, seed: int = 0
 ) -> torch.Tensor:
     """Cov(max(0, z_a), max(0, z_b)) for pairs of windows, by the same randomized QMC.
 
     ``mu`` (P, 2, K): the elements of windows a and b; ``S`` (P, 2K, 2K): their joint
     covariance, window a's elements first (float64). The points are antithetic and
-    moment-matched as in ``window_moments``. Returns (P,).
+    moment-matched as in ``window_moments``; ``points``: Sobol' points per pair (default
+    ``PAIR_POINTS``, read at the call). Returns (P,).
     """
+    points = PAIR_POINTS if points is None else points
     if (
         mu.ndim != 3
         or mu.shape[1] != 2
