@@ -650,6 +650,14 @@ def _cov_mehler(o, h, k, r, eps_ratio, eps, terms=_MEHLER_TERMS, rho_max=_MEHLER
     tests/test_pair_routes.py). Below the smallest normal number |C| counts as that number:
     there the result is accurate to a few subnormal ulps, and its sign is right.
     """
+    h, k, r, ar, hh, lin, dom, ah, sak = _mehler_prelude(o, h, k, r, rho_max)
+    total, mag, t, t_prev = _mehler_sums(o, ah, sak, ar, terms)
+    return _mehler_finish(o, r, ar, hh, lin, dom, (total, mag, t, t_prev), eps_ratio, eps)
+
+
+def _mehler_prelude(o, h, k, r, rho_max: float):
+    """Mehler's domain and loop inputs: (h, k, r masked to 0 outside the domain, |ρ|,
+    h² + k², ρΦ(h)Φ(k), domain, a·h, s·a·k) with a = √|ρ|, s = sign ρ."""
     ar = o.abs(r)
     hh = h * h + k * k
     dom = (
@@ -666,8 +674,7 @@ def _cov_mehler(o, h, k, r, eps_ratio, eps, terms=_MEHLER_TERMS, rho_max=_MEHLER
     a = o.sqrt(o.maximum(ar, 1e-300))  # > 0: a finite derivative at ρ = 0
     ah = a * h
     sak = o.where(r < 0, -a, a) * k
-    total, mag, t, t_prev = _mehler_sums(o, ah, sak, ar, terms)
-    return _mehler_finish(o, r, ar, hh, lin, dom, (total, mag, t, t_prev), eps_ratio, eps)
+    return h, k, r, ar, hh, lin, dom, ah, sak
 
 
 def _mehler_finish(o, r, ar, hh, lin, dom, sums, eps_ratio, eps):
@@ -707,21 +714,7 @@ def _cov_mehler_cascade(o, h, k, r, eps_ratio, eps):
     if _MEHLER_LONG_TERMS > _MEHLER_TERMS:
         points.append((_MEHLER_LONG_TERMS, _MEHLER_LONG_RHO))
     rho_max = max(v for _, v in points)
-    ar = o.abs(r)
-    hh = h * h + k * k
-    dom = (
-        (ar <= rho_max)
-        & (o.abs(h) <= _MEHLER_HK)
-        & (o.abs(k) <= _MEHLER_HK)
-        & (ar * hh <= _MEHLER_SPREAD)
-    )
-    h, k, r = o.where(dom, h, 0.0 * h), o.where(dom, k, 0.0 * k), o.where(dom, r, 0.0 * r)
-    ar = o.abs(r)
-    hh = h * h + k * k
-    lin = r * _ncdf(o, h) * _ncdf(o, k)
-    a = o.sqrt(o.maximum(ar, 1e-300))
-    ah = a * h
-    sak = o.where(r < 0, -a, a) * k
+    h, k, r, ar, hh, lin, dom, ah, sak = _mehler_prelude(o, h, k, r, rho_max)
     t = 0.5 + 0.0 * ah
     state = (1.0 + 0.0 * ah, ah, 1.0 + 0.0 * sak, sak, t, t, t, t)
     per = (h, k, r, ar, hh, lin, dom, ah, sak)  # per-element inputs, compacted with the state
