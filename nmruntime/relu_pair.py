@@ -748,15 +748,22 @@ def _cov_mehler_cascade(o, h, k, r, eps_ratio, eps):
 def _mehler_run(ah, sak, ar, state, m: int, terms: int):
     """Mehler's loop (``_mehler_sums``' state) advanced from step ``m`` to ``terms``: in the
     compiled blocks where ``compiled_bulk`` is on, the rest stacked (eager CPU, no autograd)."""
-    import torch
+    state, m = _mehler_blocks(ah, sak, ar, state, m, terms)
+    return _mehler_steps_stacked(ah, sak, ar, state, _mehler_coef(m, terms - m))
 
+
+def _mehler_blocks(ah, sak, ar, state, m: int, terms: int):
+    """(state, m) after the whole compiled blocks of ``_MEHLER_BLOCK`` steps from step ``m``
+    towards ``terms`` where ``compiled_bulk`` is on; else (state, m) unchanged."""
     block = _compiled_block(ah)
     if block is not None:
+        import torch
+
         while terms - m >= _MEHLER_BLOCK:
             coef = torch.tensor(_mehler_coef(m, _MEHLER_BLOCK), dtype=ah.dtype)
             state = block(ah, sak, ar, *state, coef)
             m += _MEHLER_BLOCK
-    return _mehler_steps_stacked(ah, sak, ar, state, _mehler_coef(m, terms - m))
+    return state, m
 
 
 def _mehler_coef(m0: int, count: int) -> list[tuple[float, float, float]]:
@@ -797,15 +804,7 @@ def _mehler_sums(o, ah, sak, ar, terms: int):
     """
     t = 0.5 + 0.0 * ah
     state = (1.0 + 0.0 * ah, ah, 1.0 + 0.0 * sak, sak, t, t, t, t)
-    m = 1
-    block = _compiled_block(ah)
-    if block is not None:
-        import torch
-
-        while terms - m >= _MEHLER_BLOCK:
-            coef = torch.tensor(_mehler_coef(m, _MEHLER_BLOCK), dtype=ah.dtype)
-            state = block(ah, sak, ar, *state, coef)
-            m += _MEHLER_BLOCK
+    state, m = _mehler_blocks(ah, sak, ar, state, 1, terms)
     coef = _mehler_coef(m, terms - m)
     if isinstance(ah, np.ndarray) or sync_free(ah) or ah.requires_grad or sak.requires_grad:
         state = _mehler_steps(ah, sak, ar, *state, coef)
