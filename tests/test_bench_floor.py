@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import math
 
 import pytest
@@ -56,8 +57,12 @@ def test_bench_floor_runs_small(tmp_path):
         out=str(tmp_path),
         no_progress=True,
         bench="floor",
+        heap="keep",
     )
     res = run_floor(args)
+    assert res["heap"] == "keep" and res["kept"] is (sys.platform == "linux")
+    faults = res["bar_check"]["float64"]["faults"]
+    assert set(faults) == {"exact", "DVI"} and all(v is not None and v >= 0 for v in faults.values())
     methods = res["runs"][0]["methods"]
     assert "DVI (Wu et al. 2019)" in methods
     assert methods["DVI (Wu et al. 2019)"]["max_rel_err_vs_exact"] > 0
@@ -82,6 +87,7 @@ def test_bench_floor_compiled_rows(tmp_path):
         no_progress=True,
         bench="floor",
         compiled=True,
+        heap="keep",
     )
     methods = run_floor(args)["runs"][0]["methods"]
     for label in ("exact, compiled bulk", "DVI, torch.compile"):

@@ -11,6 +11,7 @@ generated kernel ``relu_cross_covariance`` with the symmetrised Σ_ij.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -105,3 +106,61 @@ def test_compiled_option_without_a_working_compiler_warns_and_runs_eagerly(monke
     eps = torch.finfo(torch.float64).eps
     assert ((got - ref).abs() <= 16 * eps * ref.abs() + 1e-300).all()
     assert torch.equal(relu_moments(mean, cov, "exact", check_psd=False, compiled=True)[1], ref)
+
+
+def test_compiled_validation_rejects_what_eager_rejects():
+    """Under ``compiled=True`` the symmetry test is one compiled pass (``_symmetry_gap``): an
+    asymmetry beyond the tolerance still raises, naming the place; one within it is accepted,
+    and a NaN or an Inf is still refused (``all_finite``)."""
+    from nmruntime.torch_support import compiled_bulk
+
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    cov = w @ w.T / 6 + 0.1 * torch.eye(40, dtype=torch.float64)
+    cov = 0.5 * (cov + cov.T)
+    mean = torch.randn(40, generator=g, dtype=torch.float64)
+    bad = cov.clone()
+    bad[3, 17] += 1e-6
+    with pytest.raises(ValueError, match=r"not symmetric.*\(3, 17\)"):
+        relu_moments(mean, bad, compiled=True)
+    near = cov.clone()
+    near[3, 17] += 4 * torch.finfo(torch.float64).eps * float(cov[3, 17])
+    with compiled_bulk():  # exactly symmetric: True; within the tolerance: False, no error
+        assert check_full_covariance(cov, False) and not check_full_covariance(near, False)
+    for v in (float("nan"), float("inf")):
+        odd = cov.clone()
+        odd[5, 5] = v
+        with pytest.raises(ValueError, match="cov contains NaN or Inf"):
+            relu_moments(mean, odd, compiled=True)
+        with pytest.raises(ValueError, match="mean contains NaN or Inf"):
+            relu_moments(torch.where(torch.arange(40) == 2, v, mean), cov, compiled=True)
+
+
+def test_all_finite_matches_isfinite():
+    """``all_finite`` (a sum, then the elementwise test where the sum is not finite) agrees
+    with ``torch.isfinite(x).all()``, including finite values whose sum overflows."""
+    from torchbridge.covariance import all_finite
+
+    big = torch.full((4,), 1e308, dtype=torch.float64)
+    assert all_finite(big) and not math.isfinite(float(big.sum()))
+    for v in (float("nan"), float("inf"), -float("inf")):
+        x = big.clone()
+        x[2] = v
+        assert not all_finite(x)
+    assert all_finite(torch.zeros(0)) and all_finite(torch.arange(5.0))
+
+
+@pytest.mark.slow
+def test_compiled_front_on_an_inexactly_symmetric_cov():
+    """A cov symmetric only within rounding (W Wᵀ from BLAS often is) takes the compiled front
+    too, with Σ_ij symmetrised on the pairs as the eager path does: the eager covariance to a
+    few eps relative."""
+    mean, cov = _problem(200, 13, torch.float64)
+    g = torch.Generator().manual_seed(14)
+    skew = torch.randn(200, 200, generator=g, dtype=torch.float64).triu(1)
+    cov = cov + 8 * torch.finfo(torch.float64).eps * cov.abs() * torch.sign(skew)
+    assert not torch.equal(cov, cov.T)
+    ref = relu_moments(mean, cov, "exact", check_psd=False)[1]
+    got = relu_moments(mean, cov, "exact", check_psd=False, compiled=True)[1]
+    eps = torch.finfo(torch.float64).eps
+    assert ((got - ref).abs() <= 16 * eps * ref.abs() + torch.finfo(torch.float64).tiny).all()

@@ -27,11 +27,20 @@ of ``--dtypes``:
 Times are medians of ``--repeats`` runs after one warm-up. With 1 among ``--threads``, the
 exact call (and with ``--compiled`` the compiled one) and DVI are also timed interleaved inside
 each repeat at 1 thread ("Exact vs DVI" lines: the issue's bar as a ratio that a load change
-on the shared machine hits alike; DVI timed back to back in the table can run much faster). Errors: max abs difference from
-the exact covariance of the same dtype, and max relative difference over its entries with
-|exact| ≥ 1e-6·max|exact| (below that an approximation's relative error says little); the float64 exact covariance is checked against
-mpmath by ``nmgen check-points <out>/bench_floor_oracle_points.json`` on ``--check-entries``
-random entries (as in ``nm bench kernels``).
+on the shared machine hits alike), with each call's minor page faults.
+
+``--heap keep`` (the default, as every ``nm`` command): freed memory stays in the process
+(``torchbridge.heap``). With ``--heap default`` glibc returns it to the system after each call,
+so every large temporary page-faults on every call; methods then slow down by how much they
+allocate and by what ran before them (DVI interleaved with the exact call took 27,000 faults
+per call and ran ~1.8× slower than back to back): the ratios measure the allocator, not the
+kernels.
+
+Errors: max abs difference from the exact covariance of the same dtype, and max relative
+difference over its entries with |exact| ≥ 1e-6·max|exact| (below that an approximation's
+relative error says little); the float64 exact covariance is checked against mpmath by
+``nmgen check-points <out>/bench_floor_oracle_points.json`` on ``--check-entries`` random
+entries (as in ``nm bench kernels``).
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ from torchbridge.experiments.common import (
     write_markdown,
 )
 from torchbridge.experiments.oracle_points import check_hint, write_points
+from torchbridge.heap import keep_freed_memory, minor_faults
 from torchbridge.moments import relu_moments
 from torchbridge.montecarlo import monte_carlo_moments
 from torchbridge.propagate.approx import approx_relu_moments, dvi_relu_moments
@@ -170,8 +180,9 @@ def thread_check(
 
 
 def bar_check(mean64: torch.Tensor, cov64: torch.Tensor, args: argparse.Namespace) -> dict:
-    """{dtype: {"seconds": {label: median s}, "ratio_to_dvi": {label: ratio}}} at 1 thread:
-    the exact call (and, with ``--compiled``, the compiled one) and DVI interleaved inside each
+    """{dtype: {"seconds": {label: median s}, "ratio_to_dvi": {label: ratio}, "faults":
+    {label: minor page faults per call (mean; None where not measurable)}}} at 1 thread: the
+    exact call (and, with ``--compiled``, the compiled one) and DVI interleaved inside each
     repeat, so a load change on the shared machine hits each alike (the issue's bar: exact no
     slower than DVI measured in the same run)."""
     torch.set_num_threads(1)
@@ -185,17 +196,22 @@ def bar_check(mean64: torch.Tensor, cov64: torch.Tensor, args: argparse.Namespac
             continue
         mean, cov = mean64.to(DTYPES[dname]), cov64.to(DTYPES[dname])
         times: dict[str, list[float]] = {label: [] for label, _ in fns}
+        faults: dict[str, list[int]] = {label: [] for label, _ in fns}
         for _, fn in fns:  # warm-up (compiled already by the main table)
             fn(mean, cov)
         for _ in range(max(args.repeats, 5)):
             for label, fn in fns:
+                f0 = minor_faults()
                 t0 = time.perf_counter()
                 fn(mean, cov)
                 times[label].append(time.perf_counter() - t0)
+                if f0 is not None:
+                    faults[label].append(minor_faults() - f0)
         med = {label: float(torch.tensor(v).median()) for label, v in times.items()}
         out[dname] = {
             "seconds": med,
             "ratio_to_dvi": {label: v / med["DVI"] for label, v in med.items()},
+            "faults": {label: (sum(v) / len(v) if v else None) for label, v in faults.items()},
         }
     return out
 
@@ -206,6 +222,9 @@ def run_floor(args: argparse.Namespace) -> dict:
 
     from torchbridge.experiments.tightness import command_line
 
+    if args.heap not in ("keep", "default"):
+        raise ValueError(f"--heap must be 'keep' or 'default'; got {args.heap!r}")
+    kept = keep_freed_memory() if args.heap == "keep" else False
     threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
     dtypes = [d for d in str(args.dtypes).split(",") if d.strip()]
     for d in dtypes:
@@ -214,7 +233,7 @@ def run_floor(args: argparse.Namespace) -> dict:
     mean64, cov64 = random_problem(args.p, args.seed)
     pairs = args.p * (args.p - 1) // 2
     old_threads = torch.get_num_threads()
-    rows, result = [], {"p": args.p, "pairs": pairs, "runs": []}
+    rows, result = [], {"p": args.p, "pairs": pairs, "runs": [], "heap": args.heap, "kept": kept}
     jobs = [(t, d) for t in threads for d in dtypes]
     exact_ref: dict = {}
     try:
@@ -333,14 +352,25 @@ def run_floor(args: argparse.Namespace) -> dict:
     bar_lines = [
         f"- {d}: "
         + ", ".join(
-            f"{label} {v:.3g} s ({c['ratio_to_dvi'][label]:.2f}× DVI)"
+            f"{label} {v:.3g} s ({c['ratio_to_dvi'][label]:.2f}× DVI"
+            + (
+                f", {c['faults'][label]:.0f} page faults/call)"
+                if c["faults"][label] is not None
+                else ")"
+            )
             for label, v in c["seconds"].items()
         )
         for d, c in result.get("bar_check", {}).items()
     ]
     md = "\n".join(
         [
-            f"p = {args.p} ReLU covariance ({pairs} off-diagonal pairs), measured in one run.",
+            f"p = {args.p} ReLU covariance ({pairs} off-diagonal pairs), measured in one run; "
+            + (
+                "freed memory kept in the process (`--heap keep`)."
+                if kept
+                else f"glibc's default heap (`--heap {args.heap}`"
+                + (", keeping was refused)." if args.heap == "keep" else ").")
+            ),
             "",
             markdown_table(heads, rows),
             "",
@@ -423,6 +453,14 @@ def add_bench_parser(bench_subparsers) -> None:
         help="also time the exact method with the compiled bulk (nmruntime.torch_support."
         "compiled_bulk) and DVI under torch.compile; their first (compiling) call is timed "
         "apart (default: off)",
+    )
+    p.add_argument(
+        "--heap",
+        choices=("keep", "default"),
+        default="keep",
+        help="keep: freed memory stays in the process (torchbridge.heap, as every nm "
+        "command); default: glibc returns it after each call and large temporaries "
+        "page-fault on every call (default: keep)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run_floor)
