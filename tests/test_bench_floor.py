@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import math
+import sys
 
 import pytest
 import torch
@@ -62,7 +62,9 @@ def test_bench_floor_runs_small(tmp_path):
     res = run_floor(args)
     assert res["heap"] == "keep" and res["kept"] is (sys.platform == "linux")
     faults = res["bar_check"]["float64"]["faults"]
-    assert set(faults) == {"exact", "DVI"} and all(v is not None and v >= 0 for v in faults.values())
+    assert set(faults) == {"exact", "DVI"} and all(
+        v is not None and v >= 0 for v in faults.values()
+    )
     methods = res["runs"][0]["methods"]
     assert "DVI (Wu et al. 2019)" in methods
     assert methods["DVI (Wu et al. 2019)"]["max_rel_err_vs_exact"] > 0
