@@ -45,10 +45,14 @@ def test_no_value_dependent_python_in_generated_torch_kernels():
 def test_sync_free_path_matches_the_gathering_path(name, dtype, monkeypatch):
     """The masked path (compile / accelerators), run on the CPU, gives the eager values.
 
-    Same algorithm on both paths: eager CPU's extra long Mehler pass (which the masked path
-    skips: its quadrature takes those elements) is switched off here; it is checked against
-    mpmath in tests/test_pair_mehler_long.py."""
+    Same algorithm and the same elementary functions on both paths: eager CPU's extra long
+    Mehler pass (which the masked path skips: its quadrature takes those elements) is switched
+    off here, and so is its NumPy quadrature of few float64 elements (``_cov_std_few``: SciPy's
+    and NumPy's functions round otherwise, up to ~250 eps apart on these deep tails where each
+    path is up to ~1,000 eps from mpmath); they are checked against mpmath in
+    tests/test_pair_mehler_long.py and tests/test_pair_routes.py."""
     monkeypatch.setattr(relu_pair, "_MEHLER_LONG_TERMS", 0)
+    monkeypatch.setattr(relu_pair, "_QUAD_NUMPY_MAX", 0)
     args = _pairs(3000, dtype=dtype)
     f = getattr(TK, name)
     ref = f(*args)
