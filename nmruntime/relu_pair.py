@@ -1452,27 +1452,28 @@ def phi2_std(o: SimpleNamespace, h, k, r, rule, bvn=None):
 
 
 #: Up to this many elements, eager CPU tensors take the quadrature through the NumPy backend
-#: (``_cov_std_few``): its ~5,700 tensor operations cost ~50 µs each in per-call overhead in
-#: PyTorch and a third of that in NumPy, whose scalar exp is slower per element (measured on
-#: `nm bench floor`'s 190 quadrature pairs: 9.8 ms vs 3.5 ms; the values agree to 3.2 eps).
+#: (``_cov_std_few``): its ~5,700 tensor operations cost per-call overhead, less in NumPy,
+#: whose scalar exp is slower per element (measured on `nm bench floor`'s 190 float64
+#: quadrature pairs: 9.8 ms vs 3.5 ms; the values agree to 3.2 eps; float32 relu_moments
+#: 50.4 → 44.2 ms, its 210 quadrature pairs now the float64 values rounded).
 _QUAD_NUMPY_MAX = 4096
 
 
 def _cov_std_few(o, h, k, r, rule):
-    """``_cov_std`` on 1-D eager CPU tensors outside autograd: float64 ones through
-    ``numpy_ops()`` (the same algorithm) where there are at most ``_QUAD_NUMPY_MAX``
-    elements, else (and float32) through ``o``."""
+    """``_cov_std`` on 1-D eager CPU tensors outside autograd: through ``numpy_ops()`` (the
+    same algorithm, in float64; float32 inputs get the float64 value rounded) where there are
+    at most ``_QUAD_NUMPY_MAX`` elements, else through ``o``."""
     import torch
 
-    if h.device.type != "cpu" or h.dtype != torch.float64 or h.shape[0] > _QUAD_NUMPY_MAX:
+    if h.device.type != "cpu" or h.shape[0] > _QUAD_NUMPY_MAX:
         return _cov_std(o, h, k, r, rule)
     from nmgen.generated.gauss_legendre import RULES
 
     rule64 = tuple(np.asarray(v, dtype=np.float64) for v in RULES[int(rule[0].shape[0])])
     with np.errstate(all="ignore"):
-        args = (v.detach().numpy() for v in (h, k, r))
+        args = (v.detach().double().numpy() for v in (h, k, r))
         out = _cov_std(numpy_ops(), *args, rule64)
-    return torch.from_numpy(np.asarray(out, dtype=np.float64))
+    return torch.from_numpy(np.asarray(out, dtype=np.float64)).to(h.dtype)
 
 
 def _cov_std(o, h, k, r, rule):
