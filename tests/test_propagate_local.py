@@ -11,6 +11,21 @@ from torchbridge.propagate.residual import LocalResidual, Pairs, materialize, wi
 D = torch.float64
 
 
+def _mc_variance(
+    model: nn.Module, x: torch.Tensor, sigma: float, seed: int, n: int = 400_000
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(variance, its standard error) of ``model``'s outputs over n Monte Carlo samples of
+    x + σ·N(0, I) (generator seeded ``seed``): the unbiased variance and
+    √((m4 − var²)/n) from the fourth central moment."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        y = model(x + sigma * torch.randn(n, *x.shape[1:], generator=gen, dtype=D))
+    c = y - y.mean(0)
+    var = c.square().mean(0) * n / (n - 1)
+    se = ((c**4).mean(0) - var.square()).clamp_min(0).div(n).sqrt()
+    return var, se
+
+
 def _pool_net() -> nn.Module:
     torch.manual_seed(0)
     return (
@@ -67,13 +82,7 @@ def test_one_conv_relu_stage_matches_monte_carlo_and_dropping_does_not():
     drop = tb.output_moments(
         model, x, 0.1, options=tb.PropagateOptions(covariance="lowrank", residual="drop")
     )
-    gen = torch.Generator().manual_seed(0)
-    n = 400_000
-    with torch.no_grad():
-        y = model(x + 0.1**0.5 * torch.randn(n, 1, 6, 6, generator=gen, dtype=D))
-    c = y - y.mean(0)
-    var = c.square().mean(0) * n / (n - 1)
-    se = ((c**4).mean(0) - var.square()).clamp_min(0).div(n).sqrt()
+    var, se = _mc_variance(model, x, 0.1**0.5, seed=0)
     z_local = ((got.var[0] - var) / se).abs()
     z_drop = ((drop.var[0] - var) / se).abs()
     assert (z_local <= 5).all(), z_local
@@ -130,13 +139,7 @@ def test_dense_max_pool_window_pairs_match_monte_carlo_and_dropping_does_not():
     model = model.to(D).eval()
     x = torch.rand(1, 1, 3, 4, dtype=D)
     sigma = 0.5
-    gen = torch.Generator().manual_seed(1)
-    n = 400_000
-    with torch.no_grad():
-        y = model(x + sigma * torch.randn(n, 1, 3, 4, generator=gen, dtype=D))
-    c = y - y.mean(0)
-    var = c.square().mean(0) * n / (n - 1)
-    se = ((c**4).mean(0) - var.square()).clamp_min(0).div(n).sqrt()
+    var, se = _mc_variance(model, x, sigma, seed=1)
     full = tb.output_moments(model, x, sigma**2, options=tb.PropagateOptions(covariance="full"))
     for cov in ("auto", "lowrank"):
         res = {}
@@ -170,13 +173,7 @@ def test_relu_of_dense_max_pool_window_pairs_match_monte_carlo(monkeypatch):
     model = model.to(D).eval()
     x = torch.rand(1, 1, 4, 4, dtype=D) - 0.3
     sigma = 0.5
-    gen = torch.Generator().manual_seed(1)
-    n = 400_000
-    with torch.no_grad():
-        y = model(x + sigma * torch.randn(n, 1, 4, 4, generator=gen, dtype=D))
-    c = y - y.mean(0)
-    var = c.square().mean(0) * n / (n - 1)
-    se = ((c**4).mean(0) - var.square()).clamp_min(0).div(n).sqrt()
+    var, se = _mc_variance(model, x, sigma, seed=1)
     every = LocalResidual(pool_units=100, pool_rho=0.0)
     for cov in ("auto", "lowrank"):
         z = {}
