@@ -5,8 +5,8 @@ mmap threshold, adapted at run time) with fresh pages and returns the free top o
 the system (above its trim threshold), so a call that allocates tens of multi-MB temporaries
 takes a page fault on every 4 KiB page of each of them, on every call. Measured on the
 p = 1024 covariance (``nm bench floor --heap default``): ~9,000–11,000 minor faults per
-``relu_moments`` call and ~27,000–31,000 per DVI call when the two alternate, 12–44% of their
-time in the runs measured.
+``relu_moments`` call and 15,000–31,000 per DVI call when the two alternate: in alternating
+runs, about a fifth of the eager exact call's time and a third to a half of DVI's.
 
 ``keep_freed_memory()`` fixes both thresholds (``mallopt``), so freed blocks up to
 ``MMAP_THRESHOLD`` are reused instead. The price: the process keeps its peak heap (freed memory
