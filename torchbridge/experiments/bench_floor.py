@@ -32,9 +32,9 @@ on the shared machine hits alike), with each call's minor page faults.
 ``--heap keep`` (the default, as every ``nm`` command): freed memory stays in the process
 (``torchbridge.heap``). With ``--heap default`` glibc returns it to the system after each call,
 so every large temporary page-faults on every call; methods then slow down by how much they
-allocate and by what ran before them (DVI interleaved with the exact call took 27,000 faults
-per call and ran ~1.8× slower than back to back): the ratios measure the allocator, not the
-kernels.
+allocate and by what ran before them (DVI interleaved with the exact call took 15,000–31,000
+faults per call and ran 1.9–2.2× slower than with the heap kept): the ratios measure the
+allocator, not the kernels.
 
 Errors: max abs difference from the exact covariance of the same dtype, and max relative
 difference over its entries with |exact| ≥ 1e-6·max|exact| (below that an approximation's
