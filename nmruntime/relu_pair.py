@@ -601,8 +601,8 @@ def _closed_terms(o, h, k, r, p2):
 
 
 #: Mehler series: terms evaluated, and the |ρ|, |h|, |k| and |ρ|(h² + k²) where it is tried.
-#: The term counts (33, 81, 401) are 1 + multiples of ``_MEHLER_BLOCK``, so the compiled bulk
-#: runs them in whole blocks (a remainder would run eagerly, step by step).
+#: The term counts (33, 81, 401) are 1 + multiples of the last of ``_MEHLER_BLOCKS``, so the
+#: compiled bulk runs them in whole blocks (a remainder would run eagerly, step by step).
 _MEHLER_TERMS = 81
 #: Terms of the first, short pass on eager CPU (see ``_cov_general``).
 _MEHLER_SHORT = 33
@@ -767,17 +767,30 @@ def _mehler_run(ah, sak, ar, state, m: int, terms: int):
 
 
 def _mehler_blocks(ah, sak, ar, state, m: int, terms: int):
-    """(state, m) after the whole compiled blocks of ``_MEHLER_BLOCK`` steps from step ``m``
-    towards ``terms`` where ``compiled_bulk`` is on; else (state, m) unchanged."""
-    block = _compiled_block(ah)
-    if block is not None:
+    """(state, m) after the whole compiled blocks of Mehler's steps from step ``m`` towards
+    ``terms`` where ``compiled_bulk`` is on (the largest of ``_MEHLER_BLOCKS`` that fits,
+    repeatedly); else (state, m) unchanged."""
+    for size in _MEHLER_BLOCKS:
+        block = _compiled_block(ah, size)
+        if block is None:
+            break
+        while terms - m >= size:
+            state = block(ah, sak, ar, *state, _mehler_coef_tensor(m, size, ah.dtype))
+            m += size
+    return state, m
+
+
+_MEHLER_COEF: dict = {}
+
+
+def _mehler_coef_tensor(m0: int, count: int, dtype):
+    """``_mehler_coef(m0, count)`` as a ``count x 3`` CPU tensor of ``dtype`` (cached)."""
+    key = (m0, count, dtype)
+    if key not in _MEHLER_COEF:
         import torch
 
-        while terms - m >= _MEHLER_BLOCK:
-            coef = torch.tensor(_mehler_coef(m, _MEHLER_BLOCK), dtype=ah.dtype)
-            state = block(ah, sak, ar, *state, coef)
-            m += _MEHLER_BLOCK
-    return state, m
+        _MEHLER_COEF[key] = torch.tensor(_mehler_coef(m0, count), dtype=dtype)
+    return _MEHLER_COEF[key]
 
 
 def _mehler_coef(m0: int, count: int) -> list[tuple[float, float, float]]:
@@ -804,8 +817,11 @@ def _mehler_steps(ah, sak, ar, vh0, vh1, vk0, vk1, total, mag, t, t_prev, coef):
     return vh0, vh1, vk0, vk1, total, mag, t, t_prev
 
 
-#: Steps per call of the compiled Mehler block (``_mehler_sums`` with ``compiled_bulk``).
-_MEHLER_BLOCK = 8
+#: Steps per call of the compiled Mehler blocks (``_mehler_sums`` with ``compiled_bulk``),
+#: largest first: the long pass's 320 steps in 4 calls, the first 80 in 5. A compiled call
+#: costs ~40-85 µs of dynamo and wrapper overhead on the few thousand pairs the direct route
+#: leaves, more than its arithmetic: 8-step blocks made 50 calls per p = 1024 call.
+_MEHLER_BLOCKS = (80, 16)
 
 
 def _mehler_sums(o, ah, sak, ar, terms: int):
@@ -813,7 +829,7 @@ def _mehler_sums(o, ah, sak, ar, terms: int):
 
     Eager: one elementwise pass per operation and step. With
     ``nmruntime.torch_support.compiled_bulk`` on (eager CPU tensors without autograd), the
-    steps run in compiled blocks of ``_MEHLER_BLOCK`` (one fused pass over memory each; the
+    steps run in compiled blocks of ``_MEHLER_BLOCKS`` (one fused pass over memory each; the
     step's constants enter as a tensor, so one compiled block serves every m).
     """
     t = 0.5 + 0.0 * ah
@@ -846,13 +862,25 @@ def _mehler_steps_stacked(ah, sak, ar, state, coef):
     return v0[0], v1[0], v0[1], v1[1], total, mag, t, t_prev
 
 
-def _compiled_block(x):
-    """The compiled Mehler block for ``x``'s kind, or None (NumPy, autograd, sync-free, off)."""
+def _compiled_block(x, size: int):
+    """The compiled Mehler block of ``size`` steps for ``x``'s kind, or None (NumPy,
+    autograd, sync-free, off). A code object of its own per size (dynamo keys its cache on
+    the code object; the step count is specialised)."""
     if isinstance(x, np.ndarray):
         return None
     from nmruntime.torch_support import compiled
 
-    return compiled(x, "mehler", _mehler_steps)
+    return compiled(x, f"mehler{size}", _MEHLER_STEPS_NAMED[size])
+
+
+def _renamed(fn, name: str):
+    """``fn`` under a code object of its own named ``name``."""
+    code = fn.__code__.replace(co_name=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
+#: ``_mehler_steps`` per block size, each under a code object of its own.
+_MEHLER_STEPS_NAMED = {n: _renamed(_mehler_steps, f"mehler_{n}") for n in _MEHLER_BLOCKS}
 
 
 #: The smallest normal number (float64, float32), keyed by "float64 or not" through eps.
@@ -979,12 +1007,12 @@ def _direct_integral(h, k, r, rule):
     if isinstance(h, np.ndarray) or (h.requires_grad or k.requires_grad):
         t = r[..., None] * y
         u, v = 1.0 + t, 1.0 - t
-        den = u * v
-        g = (a[..., None] * u + b[..., None] * v) / den
+        q = 1.0 / (u * v)
+        g = (a[..., None] * u + b[..., None] * v) * q
         if isinstance(h, np.ndarray):
-            f = np.exp(g) / np.sqrt(den)
+            f = np.exp(g) * np.sqrt(q)
         else:
-            f = g.exp() / den.sqrt()
+            f = g.exp() * q.sqrt()
         return (r * r) * (f @ wy) * (0.25 / math.pi)
     import torch
 
@@ -992,8 +1020,8 @@ def _direct_integral(h, k, r, rule):
     u = t.add(1.0)
     v = torch.rsub(t, 1.0)
     g = torch.mul(u, a.unsqueeze(1)).addcmul_(v, b.unsqueeze(1))
-    den = u.mul_(v)
-    f = g.div_(den).exp_().mul_(den.rsqrt_())
+    q = u.mul_(v).reciprocal_()
+    f = g.mul_(q).exp_().mul_(q.sqrt_())
     return (r * r).mul_(f @ wy).mul_(0.25 / math.pi)
 
 
@@ -1006,8 +1034,9 @@ def _cov_direct(o, h, k, r, eps, cdf=None):
     Gauss–Legendre rule per |ρ| group (``_DIRECT_GROUPS``; ``sync_free``: the largest rule on
     every element, masked). ρ ≥ 0: two terms ≥ 0, nothing cancels; accepted where the rounding
     bound allows (``_direct_accept``); float32 elements it rejects are evaluated again in
-    float64 arithmetic (then only a 2¹⁶-fold cancellation rejects them). One exp and one rsqrt
-    per node; no Φ2, no conditional Φ terms. 1-D inputs. ``cdf``: optional (Φ(h), Φ(k)) of the
+    float64 arithmetic (then only a 2¹⁶-fold cancellation rejects them). One exp, one sqrt
+    and one reciprocal per node (q = 1/(1 − t²) gives G = num·q and 1/√(1 − t²) = √q: a
+    division fewer than num/(1 − t²) and rsqrt); no Φ2, no conditional Φ terms. 1-D inputs. ``cdf``: optional (Φ(h), Φ(k)) of the
     same shape, computed by the caller (e.g. once per variable and gathered per pair); used by
     the eager CPU route outside autograd, ignored elsewhere.
     """
@@ -1212,8 +1241,8 @@ def _direct_unrolled(h, k, r, base, y: tuple, wy: tuple, eps: float, wide: bool)
     for yi, wi in zip(y, wy, strict=True):
         t = r * yi
         u, v = 1.0 + t, 1.0 - t
-        den = u * v
-        acc = acc + wi * (torch.exp((u * a + v * b) / den) * torch.rsqrt(den))
+        q = torch.reciprocal(u * v)
+        acc = acc + wi * (torch.exp((u * a + v * b) * q) * torch.sqrt(q))
     j = (r * r) * acc * (0.25 / math.pi)
     return _direct_accept(_TORCH_OPS[0], h, k, r, j, eps, wide, base)
 
@@ -1232,9 +1261,7 @@ def _direct_compiled(like, n: int, eps: float, wide: bool, with_base: bool):
 
     # a code object of its own per rule size: dynamo keys its cache (and its limit of 8
     # recompiles) on the code object, and 11 rule sizes would share one
-    code = run.__code__.replace(co_name=f"direct_{n}")
-    fn = types.FunctionType(code, run.__globals__, code.co_name, run.__defaults__, run.__closure__)
-    return compiled(like, f"direct{n}:{eps}:{wide}:{with_base}", fn)
+    return compiled(like, f"direct{n}:{eps}:{wide}:{with_base}", _renamed(run, f"direct_{n}"))
 
 
 #: |ρ| → group of ``_DIRECT_GROUPS`` by a table on ⌊40|ρ|⌋ (every group bound is a multiple of
@@ -1548,7 +1575,10 @@ def _tail_moments(o, x, mu=None, s=None):
     """(m(−x), s(−x))/φ(x)·… for x ≥ 2, all positive: m(−x) = E[(Z − x)⁺] = φ(x) R F1 and
     s(−x) = E[((Z − x)⁺)²] = φ(x)(R − x R F1) = φ(x) 2 R F1 / D2 (nothing cancels).
     With ``mu``, ``s`` (x = −μ/σ), φ(x) is evaluated at the exact μ/σ (``_tail_exponent_fix``)."""
-    f1, d2 = _cf(o, x)
+    # the compiled bulk: the 128 levels (~260 elementwise operations, 1.8 ms of per-operation
+    # overhead at p = 1024 eagerly) in one pass; additions and divisions only, so the same
+    # values bit for bit
+    f1, d2 = _fused(o, "continued_fraction", _cf, x)
     if mu is None:
         pdf = o.exp(-0.5 * x * x) * _INV_SQRT_2PI
     else:

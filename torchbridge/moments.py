@@ -405,7 +405,7 @@ def relu_moments(
         p = mean.shape[-1]
         batch = torch.broadcast_shapes(mean.shape[:-1], cov.shape[:-2])
         mean, cov = mean.expand(*batch, p), cov.expand(*batch, p, p)  # views, never written
-        up = mean.new_zeros(*mean.shape[:-1], p * p)
+        up = mean.new_empty(*mean.shape[:-1], p * p)  # every place is written below
         rmean = None
         pairs = relu_pair_covariances(mean, cov, method, terms, chunk, symmetric=symmetric)
         for rm, i, j, c in pairs:
