@@ -226,9 +226,9 @@ def _correlation(cij: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> torch
 
 
 def _pair_front(si, sj, sigma, cflat, h, cdf, p: int, symmetric: bool):
-    """(σiσj, ρ, h_i, h_j, Φ(h_i), Φ(h_j)) of the pairs (si, sj) in one pass (compiled by
-    ``_fused_front``): the gathers of ``_pair_covariances``' direct path and
-    ``_correlation``'s eager formula for σ > 0 (the same values); ``symmetric``: Σ_ij is
+    """(σiσj, ρ, h_i, h_j, Φ(h_i), Φ(h_j), whether some ρ is 1) of the pairs (si, sj) in one
+    pass (compiled by ``_fused_front``): the gathers of ``_pair_covariances``' direct path
+    and ``_correlation``'s eager formula for σ > 0 (the same values); ``symmetric``: Σ_ij is
     read as is, else symmetrised on the pairs, (Σ_ij + Σ_ji)/2, as there."""
     s1, s2 = sigma[si], sigma[sj]
     denom = s1 * s2
@@ -236,7 +236,7 @@ def _pair_front(si, sj, sigma, cflat, h, cdf, p: int, symmetric: bool):
     rho = (cij / denom).clamp(-1.0, 1.0)
     near = rho.abs() >= 1.0 - 4.0 * torch.finfo(rho.dtype).eps
     rho = torch.where(near, rho.sign(), rho)
-    return denom, rho, h[si], h[sj], cdf[si], cdf[sj]
+    return denom, rho, h[si], h[sj], cdf[si], cdf[sj], (rho == 1.0).any()
 
 
 def _fused_front(mean: torch.Tensor, cov: torch.Tensor, shared: _Shared, method: str):
@@ -271,11 +271,11 @@ def _pair_covariances(
     si, sj, dg = i[:ns], j[:ns], i[ns:]
     front = _fused_front(mean, cov, shared, method)
     if front is not None:  # the compiled bulk: gathers and ρ in one pass
-        s12, rho, m1, m2, ph, pk = front(
+        s12, rho, m1, m2, ph, pk, one = front(
             si, sj, sigma, cov, shared.h, shared.cdf, sigma.shape[-1], shared.symmetric
         )
         off = s12 * K._relu_cov(m1, m2, rho, cdf=(ph, pk))
-        if bool((rho == 1.0).any()):  # as below: a duplicated variable's Cov is its variance
+        if bool(one):  # as below: a duplicated variable's Cov is its variance
             s1, s2 = sigma.index_select(-1, si), sigma.index_select(-1, sj)
             dup = (rho == 1.0) & (mean.index_select(-1, si) == mean.index_select(-1, sj))
             off = torch.where(dup & (s1 == s2), shared.var.index_select(-1, si), off)
