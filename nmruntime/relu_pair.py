@@ -1036,9 +1036,10 @@ def _cov_direct(o, h, k, r, eps, cdf=None):
     bound allows (``_direct_accept``); float32 elements it rejects are evaluated again in
     float64 arithmetic (then only a 2¹⁶-fold cancellation rejects them). One exp, one sqrt
     and one reciprocal per node (q = 1/(1 − t²) gives G = num·q and 1/√(1 − t²) = √q: a
-    division fewer than num/(1 − t²) and rsqrt); no Φ2, no conditional Φ terms. 1-D inputs. ``cdf``: optional (Φ(h), Φ(k)) of the
-    same shape, computed by the caller (e.g. once per variable and gathered per pair); used by
-    the eager CPU route outside autograd, ignored elsewhere.
+    division fewer than num/(1 − t²) and rsqrt); no Φ2, no conditional Φ terms. 1-D inputs.
+    ``cdf``: optional (Φ(h), Φ(k)) of the same shape, computed by the caller (e.g. once per
+    variable and gathered per pair); used by the eager CPU route outside autograd, ignored
+    elsewhere.
     """
     f64 = eps < 1e-10
     fused = _direct_fused(h, k, r, eps, cdf)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-#: relu_moments and DVI alternating at p = 512 (130,816 pairs: 1 MiB temporaries), as in
+#: relu_moments and DVI alternating at p = 1024 (523,776 pairs: 4 MiB temporaries), as in
 #: `nm bench floor`'s interleaved check; prints (kept, minor faults per exact + DVI pair).
 CHILD = """
 import sys, torch
@@ -17,7 +17,7 @@ from torchbridge.moments import relu_moments
 from torchbridge.propagate.approx import dvi_relu_moments
 kept = keep_freed_memory() if sys.argv[1] == "keep" else False
 g = torch.Generator().manual_seed(5)
-p = 512
+p = 1024
 mu = torch.randn(p, generator=g, dtype=torch.float64)
 w = torch.randn(p, 4, generator=g, dtype=torch.float64)
 cov = w @ w.T / 4 + 0.05 * torch.eye(p, dtype=torch.float64)
@@ -39,10 +39,12 @@ def _faults(mode: str) -> tuple[bool, float]:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
 def test_kept_heap_stops_the_page_faults():
-    """Kept, the alternating calls reuse their freed temporaries: at most a few hundred faults
-    per pair of calls (measured 1–129) out of the > 5,000 pages they allocate (twenty-odd 1 MiB
-    temporaries). glibc's default heap varies with its adaptive thresholds: 750–11,800 faults
-    measured on the same child, so it is not asserted on."""
+    """Kept, the alternating calls reuse their freed temporaries: a few thousand faults at most
+    per pair of calls out of the > 20,000 pages they allocate (dozens of 4 MiB temporaries).
+    Measured on this child (session 21): kept 1.75–1,538 (5 runs); glibc's default
+    3,058–32,197 (4 runs; it varies with its adaptive thresholds, so it is not asserted on).
+    At p = 512 the two overlapped (kept 1.5–769, default 1.75–3,530), so the check runs at
+    p = 1024 (~5 s)."""
     kept, with_keep = _faults("keep")
     assert kept
-    assert with_keep < 500
+    assert with_keep < 2500
