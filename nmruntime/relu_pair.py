@@ -35,7 +35,7 @@ singularity e^{−c/cos²θ} at |θ| = π/2 (|ρ| → 1) to a smooth decay.
 h, k are clamped to ±``_CLIP``: beyond it every Gaussian factor underflows in float64.
 
 Routing of C (``_cov_hybrid``, each route a mask): first the direct route (``_cov_direct``:
-|h|, |k| ≤ 6, |ρ| < 0.925, C = ρΦ(h)Φ(k) + ∫_0^ρ (ρ − t) φ2(h, k; t) dt by one fixed
+|h|, |k| ≤ 7, |ρ| < 0.925, C = ρΦ(h)Φ(k) + ∫_0^ρ (ρ − t) φ2(h, k; t) dt by one fixed
 Gauss–Legendre rule per |ρ| group, accepted where its rounding bound allows: the bulk of the
 pairs); on the elements it leaves (``_cov_routed``): 0 where a bound puts |C| below half the
 smallest subnormal (``_underflows``); ρΦ(k) (or ρΦ(h)) where one unit is on almost surely and
@@ -967,10 +967,24 @@ _DIRECT_GROUPS = (
     (0.9, 28, 18),
     (0.925, 32, 20),
 )
-_DIRECT_HK = 6.0
+#: The sizes hold to |h|, |k| ≤ 7 (checked in session 21 on the ring 6 < max(|h|, |k|) ≤ 7, a
+#: 113 × 113 grid of step 0.125, 12 ρ per group and sign, against a 512-point rule: float64
+#: ≤ 38 eps, float32 ≤ 0.0074 float32 eps, the float64 sizes on float32's re-evaluation
+#: ≤ 6.7e-4 float32 eps, ``_DIRECT_WIDE32``'s rule ≤ 0.0024). At 6 a single variable with
+#: μ/σ = −6.06 sent all its 1,023 pairs of `nm bench floor`'s problem to the other routes.
+_DIRECT_HK = 7.0
 #: Accepted where the rounding bound |ρΦ(h)Φ(k)| + (|G|max + 2)·J is at most ``_DIRECT_CANCEL``·|C|
 #: (float64, float32): a relative error of a few times that many eps.
 _DIRECT_CANCEL = {True: 32.0, False: 8.0}
+#: float32 on eager CPU outside autograd: (upper bound of |ρ|, rule size) of one more group
+#: beyond the last, 0.925 ≤ |ρ| < 0.99 (|h|, |k| ≤ ``_DIRECT_HK``), evaluated in float64
+#: arithmetic and accepted by the ``wide`` rounding test, as the float32 rejects are. Size: on
+#: a 97 × 97 grid of (h, k) over [−6, 6]² at 12 values of ρ per sign from 0.925 to the upper
+#: end, against a 512-point rule, on the elements that test accepts (98.4–100%): 40 points
+#: reached 0.041 float32 eps relative to C, 48 points 0.0015 (the float32 column's bar is
+#: 0.01). Without it, every such pair went to the closed form, Mehler's series or the
+#: quadrature: ~12 ms of per-call overhead at p = 1024 for 1,938 pairs (`nm bench floor`).
+_DIRECT_WIDE32 = (0.99, 48)
 _DIRECT_RULES: dict = {}
 
 
@@ -1026,7 +1040,7 @@ def _direct_integral(h, k, r, rule):
 
 
 def _cov_direct(o, h, k, r, eps, cdf=None):
-    """(C, accepted) by the direct route for |h|, |k| ≤ 6, |ρ| < 0.925:
+    """(C, accepted) by the direct route for |h|, |k| ≤ 7, |ρ| < 0.925:
 
         C = ρΦ(h)Φ(k) + J,   J = ∫_0^ρ (ρ − t) φ2(h, k; t) dt ≥ 0
 
@@ -1055,7 +1069,8 @@ def _cov_direct(o, h, k, r, eps, cdf=None):
         ok = dom & ok
         if not f64:  # as on eager CPU: the float32 rejects again in float64 arithmetic
             w = [v.double() for v in (hm, km, rm)]
-            c2, ok2 = _direct_accept(o, *w, _direct_integral(*w, _direct_rule(n, w[0])), eps, True)
+            rule = _direct_rule(max(g[1] for g in _DIRECT_GROUPS), w[0])  # float64's sizes
+            c2, ok2 = _direct_accept(o, *w, _direct_integral(*w, rule), eps, True)
             c = o.where(ok, c, c2.to(c.dtype))
             ok = ok | (dom & ok2)
         return c, ok
@@ -1077,13 +1092,14 @@ def _cov_direct(o, h, k, r, eps, cdf=None):
                 c2, ok2 = _direct_sliced(*w, dom.index_select(0, redo), eps, True)
                 c.index_copy_(0, redo, c2.to(c.dtype))
                 ok.index_copy_(0, redo, ok2)
+            _direct_high32(h, k, r, c, ok, (~dom).nonzero().squeeze(1))
         return c, ok
     c, ok = _direct_accept(o, h, k, r, j, eps)
     ok = dom & ok
     redo = dom & ~ok
     if not f64 and not isinstance(h, np.ndarray) and bool(redo.any()):  # as above (autograd)
         w = [v[redo].double() for v in (h, k, r)]
-        n = max(g[2] for g in _DIRECT_GROUPS)
+        n = max(g[1] for g in _DIRECT_GROUPS)  # float64's sizes (see ``_direct_accept``)
         c2, ok2 = _direct_accept(o, *w, _direct_integral(*w, _direct_rule(n, w[0])), eps, True)
         c = c.index_put((redo,), c2.to(c.dtype))  # out of place: autograd records it
         ok = ok.index_put((redo,), ok2)
@@ -1096,7 +1112,11 @@ def _direct_accept(o, h, k, r, j, eps, wide: bool = False, base=None):
     |G| ≤ max(A + B, A/(1 − ρ) + B/(1 + ρ)): G(t) is convex in t), and |C| a normal number of
     the target precision ``eps`` (or ρ = 0, where C = 0 exactly). ``wide``: a float32 target
     evaluated in float64, whose rounding (2⁻⁵² per term) may then lose up to 2¹⁶ to
-    cancellation and stay below 1e-4 float32 eps. ``base``: ρΦ(h)Φ(k) where the caller has it
+    cancellation and stay below 1e-4 float32 eps; the rule must then be float64's size too:
+    the float32 sizes' quadrature error is below 0.01 float32 eps of C only where at most 8
+    is lost (on a 49 × 49 grid over [−6, 6]² at 12 ρ per group and sign against a 512-point
+    rule: ≤ 0.0012 float32 eps there, but up to 31 float32 eps with 2¹⁶; float64's sizes
+    ≤ 2.5e-5 float32 eps with 2¹⁶). ``base``: ρΦ(h)Φ(k) where the caller has it
     (the same values: two erfc passes saved)."""
     f64 = eps < 1e-10
     cancel = 2.0**16 if wide else _DIRECT_CANCEL[f64]
@@ -1143,7 +1163,7 @@ def _direct_sliced(h, k, r, ar, dom, eps, wide: bool = False, cdf=None):
     okp = torch.zeros_like(h, dtype=torch.bool)
     start = 0
     for (_, n64, n32), cnt in zip(_DIRECT_GROUPS, counts, strict=False):
-        n = n64 if f64 else n32
+        n = n64 if f64 or wide else n32  # wide: float64's sizes (see ``_direct_accept``)
         fused = _direct_compiled(h, n, eps, wide, bool(basep)) if cnt else None
         if fused is not None:  # one fused pass over the whole group
             e = start + cnt
@@ -1225,7 +1245,36 @@ def _direct_fused(h, k, r, eps: float, cdf=None):
             c2, ok2 = _direct_sliced(*w, w[2].abs(), dom, eps, True)
             c.index_copy_(0, redo, c2.to(c.dtype))
             ok.index_copy_(0, redo, ok2)
+        _direct_high32(h, k, r, c, ok, out)
     return c, ok
+
+
+def _direct_high32(h, k, r, c, ok, cand) -> None:
+    """float32 (eager CPU, outside autograd): the pairs among the indices ``cand`` (outside the
+    groups' domain) with |h|, |k| ≤ ``_DIRECT_HK`` and |ρ| below ``_DIRECT_WIDE32``'s bound by
+    its rule in float64 arithmetic, accepted by the ``wide`` rounding test; their values and
+    acceptance written into ``c``, ``ok`` in place (compiled where the compiled bulk is on)."""
+    import torch
+
+    if cand.numel() == 0:
+        return
+    hi, n = _DIRECT_WIDE32
+    hc, kc, rc = (v.index_select(0, cand) for v in (h, k, r))
+    sel = (rc.abs() < hi) & (hc.abs() <= _DIRECT_HK) & (kc.abs() <= _DIRECT_HK)
+    sub = sel.nonzero().squeeze(1)
+    if sub.numel() == 0:
+        return
+    w = [v.index_select(0, sub).double() for v in (hc, kc, rc)]
+    eps = float(torch.finfo(h.dtype).eps)
+    run = _direct_compiled(w[0], n, eps, True, False)
+    if run is not None:
+        c2, ok2 = run(*w)
+    else:
+        j = _direct_integral(*w, _direct_rule(n, w[0]))
+        c2, ok2 = _direct_accept(_torch_ops_cached(), *w, j, eps, True)
+    idx = cand.index_select(0, sub)
+    c.index_copy_(0, idx, c2.to(c.dtype))
+    ok.index_copy_(0, idx, ok2)
 
 
 def _direct_unrolled(h, k, r, base, y: tuple, wy: tuple, eps: float, wide: bool):
