@@ -215,3 +215,50 @@ def test_float32_cancelling_pairs_evaluated_in_float64_match_mpmath():
     worst.sort(reverse=True)
     assert cancelling >= 20  # the float64 re-evaluation is exercised
     assert worst[0][0] <= 2.0, f"worst (rel/eps, h, k, rho): {worst[:3]}"
+
+
+def _rule_errors(h, k, rho_values, n, cancel, eps, tiny):
+    """Max over ``rho_values`` of the rule's quadrature error relative to |C| (in ``eps``) on
+    the elements the rounding test with ``cancel`` accepts, against a 512-point rule of the
+    same integral (NumPy, float64)."""
+    from scipy.special import ndtr
+
+    x, w = np.polynomial.legendre.leggauss(512)  # NumPy's nodes, not the generated rules
+    big = (0.5 * (1.0 + x), w * (1.0 - 0.5 * (1.0 + x)))
+    worst = 0.0
+    for r0 in rho_values:
+        r = np.full_like(h, r0)
+        jref = rp._direct_integral(h, k, r, big)
+        base = r * ndtr(h) * ndtr(k)
+        c = base + jref
+        a4, b4 = (h - k) ** 2, (h + k) ** 2
+        gmax = 0.25 * np.maximum(a4 + b4, a4 / (1 - r) + b4 / (1 + r))
+        ok = (np.abs(base) + jref * (gmax + 2) <= cancel * np.abs(c)) & (np.abs(c) >= tiny / eps)
+        if ok.any():
+            j = rp._direct_integral(h, k, r, rp._direct_rule(n, np.zeros(0)))
+            worst = max(worst, float((np.abs(j - jref)[ok] / np.abs(c[ok])).max() / eps))
+    return worst
+
+
+@pytest.mark.slow
+def test_rule_sizes_hold_on_the_extended_domain():
+    """The sizes chosen on [−6, 6]² hold on the ring 6 < max(|h|, |k|) ≤ 7 (``_DIRECT_HK``),
+    each for its use: float64 (32-eps rounding test) within 50 eps of C, float32 (8-eps test)
+    and float32's float64 re-evaluation with float64's sizes (2¹⁶) within 0.01 float32 eps;
+    and ``_DIRECT_WIDE32``'s rule on its |ρ| range over [−7, 7]² within 0.01 float32 eps
+    (session 21 measured 38 eps, 0.0074, 6.7e-4 and 0.0024 on a finer grid)."""
+    g = np.arange(-7.0, 7.0001, 0.25)
+    hh, kk = (v.ravel() for v in np.meshgrid(g, g, indexing="ij"))
+    ring = np.maximum(np.abs(hh), np.abs(kk)) > 6.0
+    e64, e32 = 2.0**-52, 2.0**-23
+    t64, t32 = 2.2250738585072014e-308, 1.1754943508222875e-38
+    lo = 0.0
+    for hi, n64, n32 in rp._DIRECT_GROUPS:
+        rhos = [s * v for s in (1, -1) for v in np.linspace(max(lo, 1e-3), hi - 1e-12, 6)]
+        assert _rule_errors(hh[ring], kk[ring], rhos, n64, 32.0, e64, t64) <= 50.0, hi
+        assert _rule_errors(hh[ring], kk[ring], rhos, n32, 8.0, e32, t32) <= 0.01, hi
+        assert _rule_errors(hh[ring], kk[ring], rhos, n64, 2.0**16, e32, t32) <= 0.01, hi
+        lo = hi
+    top, n = rp._DIRECT_WIDE32
+    rhos = [s * v for s in (1, -1) for v in np.linspace(rp._DIRECT_GROUPS[-1][0], top - 1e-12, 8)]
+    assert _rule_errors(hh, kk, rhos, n, 2.0**16, e32, t32) <= 0.01
