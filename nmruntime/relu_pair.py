@@ -818,10 +818,11 @@ def _mehler_steps(ah, sak, ar, vh0, vh1, vk0, vk1, total, mag, t, t_prev, coef):
 
 
 #: Steps per call of the compiled Mehler blocks (``_mehler_sums`` with ``compiled_bulk``),
-#: largest first: the long pass's 320 steps in 4 calls, the first 80 in 5. A compiled call
-#: costs ~40-85 µs of dynamo and wrapper overhead on the few thousand pairs the direct route
-#: leaves, more than its arithmetic: 8-step blocks made 50 calls per p = 1024 call.
-_MEHLER_BLOCKS = (80, 16)
+#: largest first. A compiled call costs ~40-85 µs of dynamo and wrapper overhead on the few
+#: thousand pairs the direct route leaves, more than its arithmetic: 8-step blocks made 50
+#: calls per p = 1024 call, 16-step blocks make 25 (the cascade 4.9 → 3.5 ms). (80, 16) made
+#: 9 (3.2 ms, within the noise) but its 80-step block took 65 s to compile cold (16: 19 s).
+_MEHLER_BLOCKS = (16,)
 
 
 def _mehler_sums(o, ah, sak, ar, terms: int):
@@ -976,9 +977,10 @@ _DIRECT_HK = 7.0
 #: Accepted where the rounding bound |ρΦ(h)Φ(k)| + (|G|max + 2)·J is at most ``_DIRECT_CANCEL``·|C|
 #: (float64, float32): a relative error of a few times that many eps.
 _DIRECT_CANCEL = {True: 32.0, False: 8.0}
-#: float32 on eager CPU outside autograd: (upper bound of |ρ|, rule size) of one more group
-#: beyond the last, 0.925 ≤ |ρ| < 0.99 (|h|, |k| ≤ ``_DIRECT_HK``), evaluated in float64
-#: arithmetic and accepted by the ``wide`` rounding test, as the float32 rejects are. Size: on
+#: float32 (PyTorch: eager, autograd and masked paths): (upper bound of |ρ|, rule size) of one
+#: more group beyond the last, 0.925 ≤ |ρ| < 0.99 (|h|, |k| ≤ ``_DIRECT_HK``), evaluated in
+#: float64 arithmetic and accepted by the ``wide`` rounding test, as the float32 rejects are
+#: (the masked and autograd paths evaluate those with this rule too). Size: on
 #: a 97 × 97 grid of (h, k) over [−6, 6]² at 12 values of ρ per sign from 0.925 to the upper
 #: end, against a 512-point rule, on the elements that test accepts (98.4–100%): 40 points
 #: reached 0.041 float32 eps relative to C, 48 points 0.0015 (the float32 column's bar is
@@ -1067,12 +1069,15 @@ def _cov_direct(o, h, k, r, eps, cdf=None):
         j = o.where(dom, _direct_integral(hm, km, rm, _direct_rule(n, h)), 0.0 * h)
         c, ok = _direct_accept(o, hm, km, rm, j, eps)
         ok = dom & ok
-        if not f64:  # as on eager CPU: the float32 rejects again in float64 arithmetic
-            w = [v.double() for v in (hm, km, rm)]
-            rule = _direct_rule(max(g[1] for g in _DIRECT_GROUPS), w[0])  # float64's sizes
-            c2, ok2 = _direct_accept(o, *w, _direct_integral(*w, rule), eps, True)
+        if not f64:  # as on eager CPU: the float32 rejects and ``_DIRECT_WIDE32``'s range
+            # again in float64 arithmetic, masked: one pass of its rule on every element
+            # (it also serves |ρ| < 0.925: ≤ 5e-5 float32 eps there, tests/test_pair_direct.py)
+            wide = _direct_wide_domain(o, h, k, ar)
+            w = [o.where(wide, v, 0.0 * v).double() for v in (h, k, r)]
+            j2 = _direct_integral(*w, _direct_rule(_DIRECT_WIDE32[1], w[0]))
+            c2, ok2 = _direct_accept(o, *w, j2, eps, True)
             c = o.where(ok, c, c2.to(c.dtype))
-            ok = ok | (dom & ok2)
+            ok = ok | (wide & ok2)
         return c, ok
     if isinstance(h, np.ndarray) or h.requires_grad or k.requires_grad:
         j = 0.0 * h
@@ -1096,14 +1101,22 @@ def _cov_direct(o, h, k, r, eps, cdf=None):
         return c, ok
     c, ok = _direct_accept(o, h, k, r, j, eps)
     ok = dom & ok
-    redo = dom & ~ok
-    if not f64 and not isinstance(h, np.ndarray) and bool(redo.any()):  # as above (autograd)
-        w = [v[redo].double() for v in (h, k, r)]
-        n = max(g[1] for g in _DIRECT_GROUPS)  # float64's sizes (see ``_direct_accept``)
-        c2, ok2 = _direct_accept(o, *w, _direct_integral(*w, _direct_rule(n, w[0])), eps, True)
-        c = c.index_put((redo,), c2.to(c.dtype))  # out of place: autograd records it
-        ok = ok.index_put((redo,), ok2)
+    if not f64 and not isinstance(h, np.ndarray):  # as above (autograd)
+        redo = _direct_wide_domain(o, h, k, ar) & ~ok
+        if bool(redo.any()):
+            w = [v[redo].double() for v in (h, k, r)]
+            j2 = _direct_integral(*w, _direct_rule(_DIRECT_WIDE32[1], w[0]))
+            c2, ok2 = _direct_accept(o, *w, j2, eps, True)
+            c = c.index_put((redo,), c2.to(c.dtype))  # out of place: autograd records it
+            ok = ok.index_put((redo,), ok2)
     return c, ok
+
+
+def _direct_wide_domain(o, h, k, ar):
+    """Where float32's float64 re-evaluation applies: |h|, |k| ≤ ``_DIRECT_HK`` and |ρ| below
+    ``_DIRECT_WIDE32``'s bound (the groups' range and the float32 group beyond it)."""
+    hk = (o.abs(h) <= _DIRECT_HK) & (o.abs(k) <= _DIRECT_HK)
+    return hk & (ar < _DIRECT_WIDE32[0])
 
 
 def _direct_accept(o, h, k, r, j, eps, wide: bool = False, base=None):
