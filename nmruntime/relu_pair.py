@@ -37,7 +37,8 @@ h, k are clamped to ±``_CLIP``: beyond it every Gaussian factor underflows in f
 Routing of C (``_cov_hybrid``, each route a mask): first the direct route (``_cov_direct``:
 |h|, |k| ≤ 7, |ρ| < 0.925, C = ρΦ(h)Φ(k) + ∫_0^ρ (ρ − t) φ2(h, k; t) dt by one fixed
 Gauss–Legendre rule per |ρ| group, accepted where its rounding bound allows: the bulk of the
-pairs); on the elements it leaves (``_cov_routed``): 0 where a bound puts |C| below half the
+pairs; float32 in PyTorch re-evaluates its rejects, and 0.925 ≤ |ρ| < 0.99, in float64
+arithmetic); on the elements it leaves (``_cov_routed``): 0 where a bound puts |C| below half the
 smallest subnormal (``_underflows``); ρΦ(k) (or ρΦ(h)) where one unit is on almost surely and
 the neglected term is provably below eps/4 relative (``_linear_ok``); the closed form
 E − m(h)m(k) where its rounding bound allows; Mehler's series (``_cov_mehler``, |h|, |k| ≤ 38.5)
