@@ -1272,10 +1272,9 @@ def _direct_high32(h, k, r, c, ok, cand) -> None:
 
     if cand.numel() == 0:
         return
-    hi, n = _DIRECT_WIDE32
+    n = _DIRECT_WIDE32[1]
     hc, kc, rc = (v.index_select(0, cand) for v in (h, k, r))
-    sel = (rc.abs() < hi) & (hc.abs() <= _DIRECT_HK) & (kc.abs() <= _DIRECT_HK)
-    sub = sel.nonzero().squeeze(1)
+    sub = _direct_wide_domain(_torch_ops_cached(), hc, kc, rc.abs()).nonzero().squeeze(1)
     if sub.numel() == 0:
         return
     w = [v.index_select(0, sub).double() for v in (hc, kc, rc)]

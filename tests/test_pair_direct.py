@@ -217,23 +217,19 @@ def test_float32_cancelling_pairs_evaluated_in_float64_match_mpmath():
     assert worst[0][0] <= 2.0, f"worst (rel/eps, h, k, rho): {worst[:3]}"
 
 
-def _rule_errors(h, k, rho_values, n, cancel, eps, tiny):
-    """Max over ``rho_values`` of the rule's quadrature error relative to |C| (in ``eps``) on
-    the elements the rounding test with ``cancel`` accepts, against a 512-point rule of the
-    same integral (NumPy, float64)."""
-    from scipy.special import ndtr
-
+def _rule_errors(h, k, rho_values, n, eps, wide=False):
+    """Max over ``rho_values`` of the n-point rule's quadrature error relative to |C| (in
+    ``eps``) on the elements the route's rounding test (``_direct_accept`` for the target
+    ``eps``, ``wide`` or not) accepts, against NumPy's 512-point rule of the same integral
+    (float64). It checks the rule sizes; the integral itself is checked against mpmath above."""
     x, w = np.polynomial.legendre.leggauss(512)  # NumPy's nodes, not the generated rules
     big = (0.5 * (1.0 + x), w * (1.0 - 0.5 * (1.0 + x)))
+    o = rp.numpy_ops()
     worst = 0.0
     for r0 in rho_values:
         r = np.full_like(h, r0)
         jref = rp._direct_integral(h, k, r, big)
-        base = r * ndtr(h) * ndtr(k)
-        c = base + jref
-        a4, b4 = (h - k) ** 2, (h + k) ** 2
-        gmax = 0.25 * np.maximum(a4 + b4, a4 / (1 - r) + b4 / (1 + r))
-        ok = (np.abs(base) + jref * (gmax + 2) <= cancel * np.abs(c)) & (np.abs(c) >= tiny / eps)
+        c, ok = rp._direct_accept(o, h, k, r, jref, eps, wide)
         if ok.any():
             j = rp._direct_integral(h, k, r, rp._direct_rule(n, np.zeros(0)))
             worst = max(worst, float((np.abs(j - jref)[ok] / np.abs(c[ok])).max() / eps))
@@ -252,14 +248,13 @@ def test_rule_sizes_hold_on_the_extended_domain():
     hh, kk = (v.ravel() for v in np.meshgrid(g, g, indexing="ij"))
     ring = np.maximum(np.abs(hh), np.abs(kk)) > 6.0
     e64, e32 = 2.0**-52, 2.0**-23
-    t64, t32 = 2.2250738585072014e-308, 1.1754943508222875e-38
     lo = 0.0
     for hi, n64, n32 in rp._DIRECT_GROUPS:
         rhos = [s * v for s in (1, -1) for v in np.linspace(max(lo, 1e-3), hi - 1e-12, 6)]
-        assert _rule_errors(hh[ring], kk[ring], rhos, n64, 32.0, e64, t64) <= 50.0, hi
-        assert _rule_errors(hh[ring], kk[ring], rhos, n32, 8.0, e32, t32) <= 0.01, hi
-        assert _rule_errors(hh[ring], kk[ring], rhos, n64, 2.0**16, e32, t32) <= 0.01, hi
+        assert _rule_errors(hh[ring], kk[ring], rhos, n64, e64) <= 50.0, hi
+        assert _rule_errors(hh[ring], kk[ring], rhos, n32, e32) <= 0.01, hi
+        assert _rule_errors(hh[ring], kk[ring], rhos, n64, e32, wide=True) <= 0.01, hi
         lo = hi
     top, n = rp._DIRECT_WIDE32  # its range, and the groups' (the masked path uses it there)
     rhos = [s * v for s in (1, -1) for v in np.linspace(1e-3, top - 1e-12, 16)]
-    assert _rule_errors(hh, kk, rhos, n, 2.0**16, e32, t32) <= 0.01
+    assert _rule_errors(hh, kk, rhos, n, e32, wide=True) <= 0.01
