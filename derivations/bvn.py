@@ -144,6 +144,18 @@ def gauss_legendre(n: int, dps: int = 40) -> tuple[list[str], list[str]]:
         return ([mp.nstr(nodes[j], 20) for j in order], [mp.nstr(weights[j], 20) for j in order])
 
 
+def gauss_laguerre(n: int, dps: int = 40) -> tuple[list[str], list[str]]:
+    """n-point Gauss–Laguerre rule, ∫_0^∞ e^{−x} f(x) dx ≈ Σ w_i f(x_i): (nodes ascending,
+    weights) as 20-digit strings, from mpmath's ``gauss_quadrature`` (Golub–Welsch: the
+    eigenvalues and eigenvectors of the Jacobi matrix) at ``dps`` + 10 digits."""
+    if n < 1:
+        raise ValueError("gauss_laguerre: n must be >= 1")
+    with mp.workdps(dps + 10):
+        x, w = mp.gauss_quadrature(n, "laguerre")
+        order = sorted(range(n), key=lambda j: x[j])
+        return ([mp.nstr(x[j], 20) for j in order], [mp.nstr(w[j], 20) for j in order])
+
+
 def interval_prob_mp(a: float | str | mp.mpf, b: float | str | mp.mpf, dps: int = 30) -> mp.mpf:
     """Reference P(a < Z < b) (0 if b ≤ a): ½(erfc(a/√2) − erfc(b/√2)) at enough extra digits
     that the difference does not cancel (the working precision grows with −log10 of the

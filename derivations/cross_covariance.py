@@ -45,8 +45,12 @@ from .spec import PAIR_ARGS, PAIR_SYMBOLS, Case, KernelSpec
 RULE_SIZE = 32
 #: Rule sizes of the runtime's direct route (``nmruntime.relu_pair._cov_direct``: the bulk of
 #: moderate pairs, C = ρΦ(h)Φ(k) + ∫_0^ρ (ρ − t) φ2(h, k; t) dt on t = ρ(1 + x)/2, one size
-#: per |ρ| group and dtype; 48: float32's group 0.925 ≤ |ρ| < 0.99, in float64 arithmetic).
-DIRECT_RULE_SIZES: tuple[int, ...] = (6, 8, 10, 12, 14, 16, 18, 20, 24, 28, 32, 48)
+#: per |ρ| group and dtype; 48 and 80: the group 0.925 ≤ |ρ| < 0.99 of float32 and float64,
+#: in float64 arithmetic).
+DIRECT_RULE_SIZES: tuple[int, ...] = (6, 8, 10, 12, 14, 16, 18, 20, 24, 28, 32, 48, 80)
+#: Gauss–Laguerre rule size of the runtime's ρ < 0 tail route (``nmruntime.relu_pair.
+#: _cov_neg_tail``: Φ2(h, k; ρ) = ∫_{−1}^ρ φ2 dt in the variable u = B(1/(1 + t) − 1/(1 + ρ))).
+LAGUERRE_SIZE = 32
 
 _m = lambda t: t * Phi(t) + phi(t)  # noqa: E731 - E[(t + Z)⁺]
 cov_expr = exact_expr - sigma1 * sigma2 * _m(h) * _m(k)

@@ -51,6 +51,7 @@ from __future__ import annotations
 import math
 import types
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -988,6 +989,13 @@ _DIRECT_CANCEL = {True: 32.0, False: 8.0}
 #: 0.01). Without it, every such pair went to the closed form, Mehler's series or the
 #: quadrature: ~12 ms of per-call overhead at p = 1024 for 1,938 pairs (`nm bench floor`).
 _DIRECT_WIDE32 = (0.99, 48)
+#: float64 (eager CPU and the compiled bulk, outside autograd): the same group, accepted by
+#: float64's rounding test (``_DIRECT_CANCEL``). Size: on a 113 × 113 grid over [−7, 7]² at 16
+#: ρ per sign from 0.925 to 0.99, against a 512-point rule, on the accepted elements: 64 points
+#: 838 eps, 72 points 49, 80 points 38.6 (the groups' rounding floor, 14–68 eps). Session 22:
+#: the bench problem's 1,776 pairs there went to the closed form (whose |ρ| ≥ 0.925 part is an
+#: eager Φ2: ~2 ms per call).
+_DIRECT_WIDE64 = (0.99, 80)
 _DIRECT_RULES: dict = {}
 
 
@@ -1098,7 +1106,7 @@ def _cov_direct(o, h, k, r, eps, cdf=None):
                 c2, ok2 = _direct_sliced(*w, dom.index_select(0, redo), eps, True)
                 c.index_copy_(0, redo, c2.to(c.dtype))
                 ok.index_copy_(0, redo, ok2)
-            _direct_high32(h, k, r, c, ok, (~dom).nonzero().squeeze(1))
+        _direct_high(h, k, r, c, ok, (~dom).nonzero().squeeze(1))
         return c, ok
     c, ok = _direct_accept(o, h, k, r, j, eps)
     ok = dom & ok
@@ -1172,7 +1180,9 @@ def _direct_sliced(h, k, r, ar, dom, eps, wide: bool = False, cdf=None):
     counts = torch.bincount(grp, minlength=len(_DIRECT_GROUPS) + 1).tolist()
     hp, kp, rp = (v.index_select(0, perm) for v in (h, k, r))
     # ρΦ(h)Φ(k) from the caller's Φ values, formed before the permutation: one gather, not two
-    basep = () if cdf is None else ((r * cdf[0] * cdf[1]).index_select(0, perm),)
+    if cdf is not None:
+        base = cdf.base if isinstance(cdf, DirectFront) else r * cdf[0] * cdf[1]
+    basep = () if cdf is None else (base.index_select(0, perm),)
     cp = torch.zeros_like(h)
     okp = torch.zeros_like(h, dtype=torch.bool)
     start = 0
@@ -1199,22 +1209,44 @@ def _direct_sliced(h, k, r, ar, dom, eps, wide: bool = False, cdf=None):
     return c, ok
 
 
-def _direct_front(h, k, r, table, p0=None, p1=None):
-    """(group key, ρΦ(h)Φ(k) or None) in one pass: ``_direct_group_index`` of |ρ| (the uint8
-    ``table``), ``len(_DIRECT_GROUPS)`` outside the direct route's domain."""
+class DirectFront(NamedTuple):
+    """The direct route's per-pair fields computed by a caller in its own compiled pass
+    (``direct_front`` inside ``torchbridge.moments``' pair front): the group key
+    (``_direct_front``) and ρΦ(h)Φ(k).
+    Passed as ``cdf`` to the torch binding's covariance (compiled bulk only)."""
+
+    key: object
+    base: object
+
+
+def direct_front(h, k, r, p0, p1):
+    """(group key, ρΦ(h)Φ(k)) of the pairs, given Φ(h) = ``p0`` and Φ(k) = ``p1``: the values
+    ``_direct_fused`` would compute (the same formula), for a caller that fuses them into its
+    own compiled pass."""
+    return _direct_front(h, k, r, p0, p1)
+
+
+def _direct_front(h, k, r, p0=None, p1=None):
+    """(uint8 group key, ρΦ(h)Φ(k) or None) in one pass: the number of group bounds at or
+    below |ρ| (the group of ``_DIRECT_GROUPS`` holding |ρ|), ``len(_DIRECT_GROUPS)`` outside
+    the direct route's domain. Counted in int64 and stored as uint8: in the compiled pass
+    uint8 arithmetic ran 20 ms at p = 1024, a table lookup 4.7 ms (the whole pair front), the
+    int64 count 2.3 ms; sorting uint8 keys took 1.0 ms vs 4.1 ms for int64."""
     import torch
 
     ar = r.abs()
     dom = (h.abs() <= _DIRECT_HK) & (k.abs() <= _DIRECT_HK) & (ar < _DIRECT_GROUPS[-1][0])
-    cell = torch.nan_to_num(ar * 40.0, nan=41.0).clamp(0.0, 41.0).to(torch.int64)
-    key = torch.where(dom, table[cell], len(_DIRECT_GROUPS))
+    key = (ar >= _DIRECT_GROUPS[0][0]).to(torch.int64)
+    for bound, _, _ in _DIRECT_GROUPS[1:-1]:
+        key = key + (ar >= bound).to(torch.int64)
+    key = torch.where(dom, key, len(_DIRECT_GROUPS)).to(torch.uint8)
     return key, (None if p0 is None else r * p0 * p1)
 
 
 def _direct_fused(h, k, r, eps: float, cdf=None):
     """``_cov_direct``'s (C, accepted) with ``compiled_bulk`` on (eager CPU tensors outside
     autograd), else None: the group key and ρΦ(h)Φ(k) in one compiled pass
-    (``_direct_front``), one sort and one gather in group order, then per |ρ| group one
+    (``_direct_front``; or from ``cdf``, a ``DirectFront``), one sort and one gather in group order, then per |ρ| group one
     compiled pass of ``_direct_unrolled`` whose values are scattered straight to the pairs'
     places (float32's rejects redone in float64 as in ``_cov_direct``)."""
     import torch
@@ -1228,9 +1260,10 @@ def _direct_fused(h, k, r, eps: float, cdf=None):
         return None
     f64 = eps < 1e-10
     _torch_ops_cached()
-    if h.device not in _DIRECT_LUT:
-        _direct_group_index(r[:1].abs())
-    key, base = front(h, k, r, _DIRECT_LUT[h.device], *(cdf or ()))
+    if isinstance(cdf, DirectFront):  # the caller's compiled pass computed them
+        key, base = cdf
+    else:
+        key, base = front(h, k, r, *(cdf or ()))
     _, perm = torch.sort(key, stable=True)
     counts = torch.bincount(key, minlength=len(_DIRECT_GROUPS) + 1).tolist()
     c, ok = torch.empty_like(h), torch.empty_like(h, dtype=torch.bool)
@@ -1259,35 +1292,44 @@ def _direct_fused(h, k, r, eps: float, cdf=None):
             c2, ok2 = _direct_sliced(*w, w[2].abs(), dom, eps, True)
             c.index_copy_(0, redo, c2.to(c.dtype))
             ok.index_copy_(0, redo, ok2)
-        _direct_high32(h, k, r, c, ok, out)
+    _direct_high(h, k, r, c, ok, out)
     return c, ok
 
 
-def _direct_high32(h, k, r, c, ok, cand) -> None:
-    """float32 (eager CPU, outside autograd): the pairs among the indices ``cand`` (outside the
-    groups' domain) with |h|, |k| ≤ ``_DIRECT_HK`` and |ρ| below ``_DIRECT_WIDE32``'s bound by
-    its rule in float64 arithmetic, accepted by the ``wide`` rounding test; their values and
-    acceptance written into ``c``, ``ok`` in place (compiled where the compiled bulk is on)."""
+def _direct_high(h, k, r, c, ok, cand) -> None:
+    """Eager CPU, outside autograd: the pairs among the indices ``cand`` (outside the groups'
+    domain) with |h|, |k| ≤ ``_DIRECT_HK`` and |ρ| below the wide group's bound by its rule
+    (``_DIRECT_WIDE32`` or ``_DIRECT_WIDE64``) in float64 arithmetic, accepted by the
+    ``wide`` rounding test (float32) or float64's; their values and acceptance written into
+    ``c``, ``ok`` in place (one compiled pass of ``_direct_matrix`` where the compiled bulk is
+    on)."""
     import torch
+
+    from nmruntime.torch_support import compiled
 
     if cand.numel() == 0:
         return
-    n = _DIRECT_WIDE32[1]
+    f64 = h.dtype == torch.float64
+    n = (_DIRECT_WIDE64 if f64 else _DIRECT_WIDE32)[1]
     hc, kc, rc = (v.index_select(0, cand) for v in (h, k, r))
     sub = _direct_wide_domain(_torch_ops_cached(), hc, kc, rc.abs()).nonzero().squeeze(1)
     if sub.numel() == 0:
         return
     w = [v.index_select(0, sub).double() for v in (hc, kc, rc)]
     eps = float(torch.finfo(h.dtype).eps)
-    run = _direct_compiled(w[0], n, eps, True, False)
-    if run is not None:
-        c2, ok2 = run(*w)
-    else:
-        j = _direct_integral(*w, _direct_rule(n, w[0]))
-        c2, ok2 = _direct_accept(_torch_ops_cached(), *w, j, eps, True)
+    run = compiled(w[0], f"direct_wide:{eps}", lambda *a: _direct_matrix(*a, eps, not f64))
+    c2, ok2 = (run or (lambda *a: _direct_matrix(*a, eps, not f64)))(*w, *_direct_rule(n, w[0]))
     idx = cand.index_select(0, sub)
     c.index_copy_(0, idx, c2.to(c.dtype))
     ok.index_copy_(0, idx, ok2)
+
+
+def _direct_matrix(h, k, r, y, wy, eps: float, wide: bool):
+    """(C, accepted) of ``_direct_integral`` (the [pairs, nodes] form, the rule as tensors)
+    and ``_direct_accept``: for a large rule on few pairs, compiled in 1.5 s where the
+    unrolled form of 80 nodes took 22 s (and ran 0.21 vs 0.25 ms on 2,000 pairs)."""
+    j = _direct_integral(h, k, r, (y, wy))
+    return _direct_accept(_torch_ops_cached(), h, k, r, j, eps, wide)
 
 
 def _direct_unrolled(h, k, r, base, y: tuple, wy: tuple, eps: float, wide: bool):
@@ -1325,6 +1367,88 @@ def _direct_compiled(like, n: int, eps: float, wide: bool, with_base: bool):
     # a code object of its own per rule size: dynamo keys its cache (and its limit of 8
     # recompiles) on the code object, and 11 rule sizes would share one
     return compiled(like, f"direct{n}:{eps}:{wide}:{with_base}", _renamed(run, f"direct_{n}"))
+
+
+#: The ρ < 0 tail route (``_cov_neg_tail``): h + k ≤ 0, |h|, |k| ≤ ``_DIRECT_HK``,
+#: −0.99 < ρ < 0, B/S ≥ ``_NEG_TAIL_B`` and A·S² ≤ B·(2 − S)² (A = (h − k)²/4, B = (h + k)²/4,
+#: S = 1 + ρ). There the Gauss–Laguerre variable's nearest singularity lies at least
+#: B/(2S) ≥ 4 left of the origin and the integrand decreases from it (h, k ≤ 0 give A ≤ B, so
+#: the last condition holds). Measured against mpmath (30 digits), session 22, with the
+#: 32-point Laguerre rule and the 32-point (|ρ| < 0.925) or 80-point Legendre rule for Q: on
+#: 219 random points of the domain (h ∈ [−7, 4], k ∈ [−7, 0]) ≤ 53.9 eps relative (at
+#: (h² + k²)/2 = 36: the exp's conditioning), B/S ≥ 6 the same, B/S ≥ 4 77.6 eps and, at
+#: ρ = −0.036, 366 eps; on 117 points with h, k ≤ 0 and B/S ≥ 8, 24 Laguerre points ≤ 39 eps
+#: and 16 points 4,700 eps. The bench problem's cancelling pairs have B/S ≥ 8.1.
+_NEG_TAIL_B = 8.0
+
+
+def _neg_tail_domain(h, k, r):
+    """Where ``_cov_neg_tail`` applies (see ``_NEG_TAIL_B``)."""
+    a, b, s = 0.25 * (h - k) ** 2, 0.25 * (h + k) ** 2, 1.0 + r
+    inside = (h + k <= 0.0) & (h.abs() <= _DIRECT_HK) & (k.abs() <= _DIRECT_HK)
+    inside = inside & (r < 0.0) & (r > -_DIRECT_WIDE64[0]) & (b >= _NEG_TAIL_B * s)
+    return inside & (a * s * s <= b * (2.0 - s) ** 2)
+
+
+def _neg_tail_values(h, k, r, y, wq, xl, wl):
+    """C(h, k, ρ) for ρ < 0, h + k ≤ 0 (float64 tensors, 1-D; rules as tensors) without
+    cancellation. C = ∫_0^ρ Φ2(h, k; r) dr = ρΦ2(h, k; ρ) + ∫_ρ^0 t φ2(t) dt (by parts) =
+    −(|ρ|P + Q), P = Φ2(h, k; ρ) = ∫_{−1}^ρ φ2 dt (Φ2(h, k; −1) = 0 as h + k ≤ 0) and
+    Q = ∫_ρ^0 |t| φ2 dt: two positive terms. With φ2(t) = e^{−A/(1 − t) − B/(1 + t)}/(2π√(1 − t²)),
+    A = (h − k)²/4, B = (h + k)²/4:
+
+        Q = ρ²/(4π) Σ w_i y_i e^{G(ρy_i)}/√(1 − ρ²y_i²)   (Gauss–Legendre on t = ρy, y ∈ [0, 1]),
+        P = 1/(2πB) Σ ω_j e^{−B/S − A/(2 − s_j)} s_j √(s_j/(2 − s_j)),   s_j = 1/(x_j/B + 1/S),
+
+    S = 1 + ρ, (x_j, ω_j) the Gauss–Laguerre rule: with s = 1 + t and u = B(1/s − 1/S),
+    e^{−B/s} = e^{−B/S} e^{−u} and ds = −(s²/B) du. ``wq`` = w·y of the [0, 1] rule ``y``."""
+    import torch
+
+    a = 0.25 * (h - k) ** 2
+    b = 0.25 * (h + k) ** 2
+    t = torch.outer(r, y)
+    u, v = 1.0 + t, 1.0 - t
+    q = torch.reciprocal(u * v)
+    g = -(u * a[:, None] + v * b[:, None]) * q
+    qv = (r * r) * ((torch.exp(g) * torch.sqrt(q)) @ wq) * (0.25 / math.pi)
+    sr = 1.0 + r
+    s = torch.reciprocal(xl / b[:, None] + torch.reciprocal(sr)[:, None])
+    e = -(b / sr)[:, None] - a[:, None] / (2.0 - s)
+    pv = ((torch.exp(e) * s * torch.sqrt(s / (2.0 - s))) @ wl) * (_INV_2PI / b)
+    return -(r.abs() * pv + qv)
+
+
+def _cov_neg_tail(h, k, r, eps: float):
+    """(C, accepted) by the ρ < 0 tail route (``_neg_tail_values``) on eager CPU tensors
+    outside autograd (1-D), evaluated in float64 arithmetic: (0, False) outside
+    ``_neg_tail_domain`` and where |C| is not a normal number of the target precision
+    ``eps``. It takes the pairs whose ρΦ(h)Φ(k) + J cancels beyond the direct route's
+    rounding test (ρ < 0, both units mostly off): on `nm bench floor`'s p = 1024 problem all
+    3,649 of them, which otherwise went to the closed form, Mehler's series and the
+    quadrature (~7 ms of per-call overhead). Compiled (one pass per Legendre size) with the
+    compiled bulk."""
+    import torch
+    from nmgen.generated.gauss_legendre import LAGUERRE
+
+    from nmruntime.torch_support import compiled
+
+    c = torch.zeros_like(h)
+    ok = torch.zeros_like(h, dtype=torch.bool)
+    dom = _neg_tail_domain(h, k, r)
+    high = r <= -_DIRECT_GROUPS[-1][0]
+    w64 = [v.double() for v in (h, k, r)]
+    lag = [torch.as_tensor(v, dtype=torch.float64, device=h.device) for v in LAGUERRE]
+    run = compiled(w64[0], "neg_tail", _neg_tail_values) or _neg_tail_values
+    for sel, n in ((dom & ~high, _DIRECT_GROUPS[-1][1]), (dom & high, _DIRECT_WIDE64[1])):
+        idx = sel.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            continue
+        y, wy = _direct_rule(n, w64[0])
+        wq = wy * y / (1.0 - y)  # w·y from the cached w(1 − y) (y < 1 at every node)
+        vals = run(*(v.index_select(0, idx) for v in w64), y, wq, *lag)
+        c.index_copy_(0, idx, vals.to(c.dtype))
+        ok.index_copy_(0, idx, vals.abs().to(c.dtype) >= _TINY_NORMAL[eps < 1e-10] / eps)
+    return c, ok
 
 
 #: |ρ| → group of ``_DIRECT_GROUPS`` by a table on ⌊40|ρ|⌋ (every group bound is a multiple of
@@ -1365,6 +1489,11 @@ def _cov_hybrid(o, h, k, r, rule, bvn, eps_ratio, eps=2.0**-52, cdf=None):
             if idx.numel() == 0:
                 return c
             hs, ks, rs = (v.index_select(0, idx) for v in (h, k, r))
+            c_neg, ok_neg = _cov_neg_tail(hs, ks, rs, eps)  # cancelling ρ < 0 pairs
+            c.index_copy_(0, idx, c_neg)
+            idx, hs, ks, rs = (v[~ok_neg] for v in (idx, hs, ks, rs))
+            if idx.numel() == 0:
+                return c
             rest = _cov_routed(o, *_clamped(o, hs, ks, rs), rule, bvn, eps_ratio, eps)
             return c.index_copy_(0, idx, rest)
         if bool(ok.all()):
@@ -1855,13 +1984,15 @@ def torch_binding(rule, bvn) -> tuple:
         return run
 
     def cov(h, k, rho, *, cdf=None):
-        """C(h, k, ρ); ``cdf``: optional (Φ(h), Φ(k)) of h's shape, dtype and device (e.g.
+        """C(h, k, ρ); ``cdf``: optional (Φ(h), Φ(k)) (or a ``DirectFront``) of h's shape, dtype and device (e.g.
         computed once per variable and gathered per pair; the same values as computed here,
         so the result is bit for bit the same, without two erfc passes per pair)."""
         r0 = rho.detach()
         ratio = _FAST_RATIO[h.element_size()]
         eps = torch.finfo(h.dtype).eps
         flat = None if cdf is None else tuple(v.reshape(-1) for v in cdf)
+        if isinstance(cdf, DirectFront):
+            flat = DirectFront(*flat)
         rule = rule_for(h)
         out = relu_cov_std(o, h, k, r0, rule, bvn=bvn, eps_ratio=ratio, eps=eps, cdf=flat)
         if rho.requires_grad:

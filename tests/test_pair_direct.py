@@ -96,10 +96,31 @@ def test_group_index_never_picks_a_smaller_rule():
     assert (got[ar >= bounds[-1]] == len(bounds)).all()
 
 
+def test_front_key_is_the_exact_group():
+    """``_direct_front``'s counted key (the compiled bulk's) is the group holding |ρ| exactly,
+    and ``len(_DIRECT_GROUPS)`` outside the domain (|h| or |k| > 7, |ρ| ≥ 0.925, NaN)."""
+    bounds = np.array([g[0] for g in rp._DIRECT_GROUPS])
+    ar = np.concatenate([bounds, np.nextafter(bounds, 0), np.nextafter(bounds, 1)])
+    ar = np.concatenate([ar, np.linspace(0, 0.99, 1001)])
+    r = torch.tensor(ar * np.resize([1.0, -1.0], ar.size))
+    h = torch.zeros_like(r)
+    key, _ = rp._direct_front(h, h, r)
+    assert key.dtype == torch.uint8
+    assert np.array_equal(key.numpy(), np.searchsorted(bounds, ar, side="right"))
+    nan = float("nan")
+    h, k, r = (
+        torch.tensor(v).double()
+        for v in ([7.01, 0, nan, 0, 0], [0, -7.2, 0, 0, 0], [0.1, 0.2, 0.3, 0.95, nan])
+    )
+    key, _ = rp._direct_front(h, k, r)
+    assert (key == len(bounds)).all()
+
+
 def test_outside_the_domain_nothing_is_accepted():
+    """|h| or |k| > 7, |ρ| ≥ 0.99 (beyond the wide group 0.925 ≤ |ρ| < 0.99), NaN, ρ = −1."""
     h = torch.tensor([7.5, 0.0, 0.0, float("nan"), 0.2])
     k = torch.tensor([0.0, -7.5, 0.0, 0.0, 0.1])
-    r = torch.tensor([0.5, 0.5, 0.93, 0.5, -1.0])
+    r = torch.tensor([0.5, 0.5, 0.995, 0.5, -1.0])
     _, ok = rp._cov_direct(rp.torch_ops(), h.double(), k.double(), r.double(), EPS[torch.float64])
     assert not ok.any()
 
@@ -187,6 +208,81 @@ def test_relu_moments_compiled_matches_eager(dtype):
         assert torch.equal(got.diagonal(), ref.diagonal())
 
 
+def test_float64_wide_group_matches_mpmath():
+    """float64 pairs with 0.925 ≤ |ρ| < 0.99 (``_DIRECT_WIDE64``'s 80-point rule, after the
+    groups): accepted values within ``BAR`` of mpmath on held-out points, both signs of ρ
+    (the rounding test defers the rest to the other routes)."""
+    rng = np.random.default_rng(47)
+    n = 40
+    h = rng.normal(0.0, 2.5, n).clip(-7, 7)
+    k = rng.normal(0.0, 2.5, n).clip(-7, 7)
+    r = rng.uniform(0.925, 0.99, n) * np.resize([1.0, -1.0], n)
+    r[:4] = [0.925, -0.925, 0.99 - 1e-9, -(0.99 - 1e-9)]
+    c, ok, (hd, kd, rd) = _direct(h, k, r, torch.float64)
+    assert ok.mean() > 0.6 and ok[rd > 0].sum() >= 10 and ok[rd < 0].sum() >= 8
+    for i in np.nonzero(ok)[0]:
+        ref = _swapped_ref(hd[i], kd[i], rd[i])
+        assert abs(c[i] - ref) <= BAR[torch.float64] * EPS[torch.float64] * abs(ref), i
+    assert not _direct([0.0], [0.0], [0.9901], torch.float64)[1].any()  # beyond the group
+
+
+def _neg_tail_ref(h: float, k: float, r: float) -> float:
+    """C = −(|ρ|∫_{−1}^ρ φ2 dt + ∫_ρ^0 |t| φ2 dt) for ρ < 0, h + k ≤ 0 by mpmath's adaptive
+    quadrature at 40 digits (positive integrands: at h = k = −7, ρ = −0.5 the swapped form's
+    ρΦ(h)Φ(k) + J lost 233 eps at 30 digits, this form agrees with the definition)."""
+    with mp.workdps(40):
+        h, k, r = mp.mpf(h), mp.mpf(k), mp.mpf(r)
+
+        def phi2(t):
+            q = (h * h - 2 * h * k * t + k * k) / (2 * (1 - t * t))
+            return mp.exp(-q) / (2 * mp.pi * mp.sqrt(1 - t * t))
+
+        p = mp.quad(phi2, [-1, (r - 1) / 2, r])
+        q = mp.quad(lambda t: -t * phi2(t), mp.linspace(r, 0, 4))
+        return float(-(abs(r) * p + q))
+
+
+def _neg_tail(h, k, r):
+    t = [torch.tensor(np.asarray(v, dtype=np.float64)) for v in (h, k, r)]
+    c, ok = rp._cov_neg_tail(*t, EPS[torch.float64])
+    return c.numpy(), ok.numpy()
+
+
+def test_neg_tail_route_matches_mpmath():
+    """The ρ < 0 tail route (``_cov_neg_tail``: C = −(|ρ|Φ2 + ∫_ρ^0 |t| φ2), no cancellation)
+    on held-out points of its domain, both units mostly off or of opposite signs, the
+    domain's edges (B → 8(1 + ρ), ρ → −0.99, h = k = −7, |ρ| across 0.925): within ``BAR`` of
+    mpmath's adaptive quadrature of the same two integrals; a few also against the
+    covariance's definition (which checks the integration by parts). These are
+    the pairs whose ρΦ(h)Φ(k) + J cancels beyond the direct route's rounding test."""
+    rng = np.random.default_rng(53)
+    n = 400
+    h, k = rng.uniform(-7.0, 3.0, n), rng.uniform(-7.0, 0.0, n)
+    r = -rng.uniform(0.02, 0.99, n)
+    keep = rp._neg_tail_domain(*(torch.tensor(v) for v in (h, k, r))).numpy()
+    h, k, r = h[keep][:60], k[keep][:60], r[keep][:60]
+    # corners, ρ → −0.99, B/S = 16, ρ → 0, both sides of |ρ| = 0.925 (Q's 32- and 80-point
+    # rules), mixed signs, and B/S → 8 (h = k = −1, ρ → −0.875)
+    edge_h = [-7.0, -7.0, -2.0, -3.0, -3.5, -3.5, 1.0, -0.5, -1.0]
+    edge_k = [-7.0, -6.5, -2.0, -3.0, -3.5, -3.5, -7.0, -4.0, -1.0]
+    edge_r = [-0.5, -0.989, -0.75, -0.05, -0.9249, -0.9251, -0.3, -0.93, -0.8751]
+    h, k, r = (np.concatenate([a, b]) for a, b in ((h, edge_h), (k, edge_k), (r, edge_r)))
+    assert (h * k < 0).sum() >= 5 and (r < -0.925).sum() >= 5
+    c, ok = _neg_tail(h, k, r)
+    assert ok.all()
+    assert (c < 0).all()
+    eps = EPS[torch.float64]
+    refs = [_neg_tail_ref(h[i], k[i], r[i]) for i in range(h.size)]
+    worst = max(abs(c[i] - ref) / abs(ref) for i, ref in enumerate(refs))
+    assert worst <= BAR[torch.float64] * eps, worst / eps
+    for i in (0, 1, 2, h.size - 9, h.size - 3):  # the definition (h = k = −7 among them)
+        ref = float(relu_cross_covariance_ref(h[i], k[i], 1.0, 1.0, r[i], dps=30))
+        assert abs(c[i] - ref) <= BAR[torch.float64] * eps * abs(ref), i
+    # outside: ρ ≥ 0, h + k > 0, B < 8(1 + ρ), ρ ≤ −0.99
+    c, ok = _neg_tail([-2.0, 1.0, -0.5, -3.0], [-2.0, 0.5, -0.5, -3.0], [0.3, -0.5, -0.5, -0.995])
+    assert not ok.any() and (c == 0).all()
+
+
 def test_float32_cancelling_pairs_evaluated_in_float64_match_mpmath():
     """float32 pairs whose ρΦ(h)Φ(k) + J cancels (ρ < 0, h, k < 0) are evaluated again in
     float64 arithmetic (``wide``): with float64's rule sizes their accepted values are within
@@ -258,3 +354,6 @@ def test_rule_sizes_hold_on_the_extended_domain():
     top, n = rp._DIRECT_WIDE32  # its range, and the groups' (the masked path uses it there)
     rhos = [s * v for s in (1, -1) for v in np.linspace(1e-3, top - 1e-12, 16)]
     assert _rule_errors(hh, kk, rhos, n, e32, wide=True) <= 0.01
+    top, n = rp._DIRECT_WIDE64  # float64's group 0.925 ≤ |ρ| < 0.99 (session 22: 38.6 eps)
+    rhos = [s * v for s in (1, -1) for v in np.linspace(rp._DIRECT_GROUPS[-1][0], top - 1e-12, 12)]
+    assert _rule_errors(hh, kk, rhos, n, e64) <= 50.0
