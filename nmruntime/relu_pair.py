@@ -38,7 +38,11 @@ Routing of C (``_cov_hybrid``, each route a mask): first the direct route (``_co
 |h|, |k| ≤ 7, |ρ| < 0.925, C = ρΦ(h)Φ(k) + ∫_0^ρ (ρ − t) φ2(h, k; t) dt by one fixed
 Gauss–Legendre rule per |ρ| group, accepted where its rounding bound allows: the bulk of the
 pairs; float32 in PyTorch re-evaluates its rejects, and 0.925 ≤ |ρ| < 0.99, in float64
-arithmetic); on the elements it leaves (``_cov_routed``): 0 where a bound puts |C| below half the
+arithmetic; float64 on eager CPU takes 0.925 ≤ |ρ| < 0.99 with an 80-point rule); on eager
+CPU outside autograd, the ρ < 0 tail route on what it rejects (``_cov_neg_tail``:
+C = −(|ρ|Φ2(h, k; ρ) + ∫_ρ^0 |t| φ2 dt) for h + k ≤ 0, Φ2 by Gauss–Laguerre in
+u = B(1/(1 + t) − 1/(1 + ρ)): the pairs whose ρΦ(h)Φ(k) + J cancels); on the elements they
+leave (``_cov_routed``): 0 where a bound puts |C| below half the
 smallest subnormal (``_underflows``); ρΦ(k) (or ρΦ(h)) where one unit is on almost surely and
 the neglected term is provably below eps/4 relative (``_linear_ok``); the closed form
 E − m(h)m(k) where its rounding bound allows; Mehler's series (``_cov_mehler``, |h|, |k| ≤ 38.5)
@@ -1121,11 +1125,12 @@ def _cov_direct(o, h, k, r, eps, cdf=None):
     return c, ok
 
 
-def _direct_wide_domain(o, h, k, ar):
+def _direct_wide_domain(o, h, k, ar, top: float | None = None):
     """Where float32's float64 re-evaluation applies: |h|, |k| ≤ ``_DIRECT_HK`` and |ρ| below
-    ``_DIRECT_WIDE32``'s bound (the groups' range and the float32 group beyond it)."""
+    ``top`` (default ``_DIRECT_WIDE32``'s bound: the groups' range and the float32 group
+    beyond it)."""
     hk = (o.abs(h) <= _DIRECT_HK) & (o.abs(k) <= _DIRECT_HK)
-    return hk & (ar < _DIRECT_WIDE32[0])
+    return hk & (ar < (_DIRECT_WIDE32[0] if top is None else top))
 
 
 def _direct_accept(o, h, k, r, j, eps, wide: bool = False, base=None):
@@ -1310,9 +1315,9 @@ def _direct_high(h, k, r, c, ok, cand) -> None:
     if cand.numel() == 0:
         return
     f64 = h.dtype == torch.float64
-    n = (_DIRECT_WIDE64 if f64 else _DIRECT_WIDE32)[1]
+    top, n = _DIRECT_WIDE64 if f64 else _DIRECT_WIDE32
     hc, kc, rc = (v.index_select(0, cand) for v in (h, k, r))
-    sub = _direct_wide_domain(_torch_ops_cached(), hc, kc, rc.abs()).nonzero().squeeze(1)
+    sub = _direct_wide_domain(_torch_ops_cached(), hc, kc, rc.abs(), top).nonzero().squeeze(1)
     if sub.numel() == 0:
         return
     w = [v.index_select(0, sub).double() for v in (hc, kc, rc)]

@@ -7,6 +7,7 @@ branches on values only on eager CPU (gathers), and is masked arithmetic when tr
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -50,9 +51,15 @@ def test_sync_free_path_matches_the_gathering_path(name, dtype, monkeypatch):
     off here, and so is its NumPy quadrature of few float64 elements (``_cov_std_few``: SciPy's
     and NumPy's functions round otherwise, up to ~250 eps apart on these deep tails where each
     path is up to ~1,000 eps from mpmath); they are checked against mpmath in
-    tests/test_pair_mehler_long.py and tests/test_pair_routes.py."""
+    tests/test_pair_mehler_long.py and tests/test_pair_routes.py. So are eager CPU's float64
+    group 0.925 ≤ |ρ| < 0.99 and its ρ < 0 tail route (the masked path sends those pairs to
+    the closed form, Mehler's series and the quadrature: session 22 measured 34 of these
+    3,000 pairs more than 16 eps apart, the eager values within 40 eps of mpmath there and the
+    masked ones up to 160; tests/test_pair_direct.py checks the new routes against mpmath)."""
     monkeypatch.setattr(relu_pair, "_MEHLER_LONG_TERMS", 0)
     monkeypatch.setattr(relu_pair, "_QUAD_NUMPY_MAX", 0)
+    monkeypatch.setattr(relu_pair, "_DIRECT_WIDE64", (relu_pair._DIRECT_GROUPS[-1][0], 80))
+    monkeypatch.setattr(relu_pair, "_NEG_TAIL_B", math.inf)
     args = _pairs(3000, dtype=dtype)
     f = getattr(TK, name)
     ref = f(*args)
