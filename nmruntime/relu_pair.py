@@ -1279,7 +1279,16 @@ def _direct_fused(h, k, r, eps: float, cdf=None):
     for (_, n64, n32), cnt in zip(_DIRECT_GROUPS, counts, strict=False):
         if cnt:
             run = _direct_compiled(h, n64 if f64 else n32, eps, False, base is not None)
-            cs, oks = run(*(v[start : start + cnt] for v in ins))
+            part = tuple(v[start : start + cnt] for v in ins)
+            cs, oks = run(*part)
+            if not f64:  # float32: this group's rejects again in float64 arithmetic (``wide``,
+                # float64's rule size), found in group order (no second sort: 2.65 → ~1 ms)
+                bad = (~oks).nonzero().squeeze(1)
+                if bad.numel():
+                    w = [v.index_select(0, bad).double() for v in part[:3]]
+                    c2, ok2 = _direct_compiled(w[0], n64, eps, True, False)(*w)
+                    cs.index_copy_(0, bad, c2.to(cs.dtype))
+                    oks.index_copy_(0, bad, ok2)
             idx = perm[start : start + cnt]
             c.index_copy_(0, idx, cs)
             ok.index_copy_(0, idx, oks)
@@ -1288,15 +1297,6 @@ def _direct_fused(h, k, r, eps: float, cdf=None):
     if out.numel():
         c.index_fill_(0, out, 0.0)
         ok.index_fill_(0, out, False)
-    if not f64:  # float32: the rejected ones again in float64 arithmetic (``wide``)
-        redo = (key < len(_DIRECT_GROUPS)) & ~ok
-        redo = redo.nonzero().squeeze(1)
-        if redo.numel():
-            w = [v.index_select(0, redo).double() for v in (h, k, r)]
-            dom = torch.ones_like(redo, dtype=torch.bool)
-            c2, ok2 = _direct_sliced(*w, w[2].abs(), dom, eps, True)
-            c.index_copy_(0, redo, c2.to(c.dtype))
-            ok.index_copy_(0, redo, ok2)
     _direct_high(h, k, r, c, ok, out)
     return c, ok
 

@@ -127,9 +127,13 @@ def test_compiled_validation_rejects_what_eager_rejects():
     near[3, 17] += 4 * torch.finfo(torch.float64).eps * float(cov[3, 17])
     with compiled_bulk():  # exactly symmetric: True; within the tolerance: False, no error
         assert check_full_covariance(cov, False) and not check_full_covariance(near, False)
-    for v in (float("nan"), float("inf")):
+    for v in (float("nan"), float("inf"), float("-inf")):
         odd = cov.clone()
         odd[5, 5] = v
+        with pytest.raises(ValueError, match="cov contains NaN or Inf"):
+            relu_moments(mean, odd, compiled=True)
+        odd = cov.clone()  # symmetric: the compiled symmetry gap alone proves non-finiteness
+        odd[2, 7] = odd[7, 2] = v
         with pytest.raises(ValueError, match="cov contains NaN or Inf"):
             relu_moments(mean, odd, compiled=True)
         with pytest.raises(ValueError, match="mean contains NaN or Inf"):

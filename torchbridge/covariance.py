@@ -171,9 +171,14 @@ def _symmetry_gap(c: torch.Tensor) -> torch.Tensor:
     return (c - c.transpose(-1, -2)).abs().amax((-2, -1))
 
 
-def check_full_covariance(cov: torch.Tensor, check_psd: bool = True, name: str = "cov") -> bool:
+def check_full_covariance(
+    cov: torch.Tensor, check_psd: bool = True, name: str = "cov", check_finite: bool = False
+) -> bool:
     """Raise ValueError unless ``cov`` (``batch_shape x n x n``, finite) is symmetric with a
     non-negative diagonal and (``check_psd``) PSD within the module's stated tolerances.
+    ``check_finite``: first raise ValueError("<name> contains NaN or Inf") where an entry is
+    not finite (with the compiled symmetry pass a finite gap max |c − cᵀ| proves it: an
+    infinite or NaN entry makes its gap NaN or infinite; no separate pass then).
 
     Returns True where ``cov`` was found exactly symmetric (tested on CPU only: False on an
     accelerator or with n = 0, meaning "not known")."""
@@ -181,13 +186,15 @@ def check_full_covariance(cov: torch.Tensor, check_psd: bool = True, name: str =
     n = c.shape[-1]
     if n == 0:
         return False
+    fused = compiled(c, "symmetry_gap", _symmetry_gap)  # the compiled bulk: one tiled pass
+    gap = None if fused is None else fused(c)
+    if check_finite and (gap is None or not bool(torch.isfinite(gap).all())) and not all_finite(c):
+        raise ValueError(f"{name} contains NaN or Inf")
     eps = torch.finfo(c.dtype).eps
     diag = c.diagonal(dim1=-2, dim2=-1)
     top = diag.abs().amax(-1).clamp_min(torch.finfo(c.dtype).tiny)[..., None, None]
     lim = SYMMETRY_TOL * eps * top
-    fused = compiled(c, "symmetry_gap", _symmetry_gap)  # the compiled bulk: one tiled pass
-    if fused is not None:
-        gap = fused(c)
+    if gap is not None:
         exact, bad = bool((gap == 0).all()), bool((gap > lim[..., 0, 0]).any())
     else:
         exact = c.device.type == "cpu" and torch.equal(c, c.transpose(-1, -2))  # one pass
