@@ -1275,30 +1275,58 @@ def _direct_fused(h, k, r, eps: float, cdf=None):
     # one gather of each input in group order (a gather fused into the groups' kernels was
     # no faster at p = 1024, measured alternating)
     ins = tuple(v.index_select(0, perm) for v in ((h, k, r) if base is None else (h, k, r, base)))
-    start = 0
+    okp = torch.empty_like(h, dtype=torch.bool)  # acceptance in group order
+    start, starts = 0, []
     for (_, n64, n32), cnt in zip(_DIRECT_GROUPS, counts, strict=False):
+        starts.append(start)
         if cnt:
             run = _direct_compiled(h, n64 if f64 else n32, eps, False, base is not None)
-            part = tuple(v[start : start + cnt] for v in ins)
-            cs, oks = run(*part)
-            if not f64:  # float32: this group's rejects again in float64 arithmetic (``wide``,
-                # float64's rule size), found in group order (no second sort: 2.65 → ~1 ms)
-                bad = (~oks).nonzero().squeeze(1)
-                if bad.numel():
-                    w = [v.index_select(0, bad).double() for v in part[:3]]
-                    c2, ok2 = _direct_compiled(w[0], n64, eps, True, False)(*w)
-                    cs.index_copy_(0, bad, c2.to(cs.dtype))
-                    oks.index_copy_(0, bad, ok2)
-            idx = perm[start : start + cnt]
-            c.index_copy_(0, idx, cs)
-            ok.index_copy_(0, idx, oks)
+            cs, oks = run(*(v[start : start + cnt] for v in ins))
+            c.index_copy_(0, perm[start : start + cnt], cs)
+            okp[start : start + cnt] = oks
         start += cnt
+    if not f64:  # float32: the rejects again in float64 arithmetic (``wide``)
+        _direct_redo32(ins, perm, okp[:start], starts, c, eps)
+    ok.index_copy_(0, perm[:start], okp[:start])
     out = perm[start:]
     if out.numel():
         c.index_fill_(0, out, 0.0)
         ok.index_fill_(0, out, False)
     _direct_high(h, k, r, c, ok, out)
     return c, ok
+
+
+#: float32's rejects of the compiled groups are redone in float64 arithmetic in these batches
+#: of groups (end indices into ``_DIRECT_GROUPS``), each with the largest float64 rule size of
+#: its groups (more nodes than a group needs: as accurate). Session 22, `nm bench floor`'s
+#: problem (17,878 rejects): one pass per group (11 nonzero, gather and scatter sets) took
+#: ~2-3 ms per call; three batches fewer.
+_REDO32_BATCHES = (5, 9, len(_DIRECT_GROUPS))
+
+
+def _direct_redo32(ins, perm, okp, starts, c, eps: float) -> None:
+    """float32 under the compiled bulk: the pairs the groups rejected (``okp`` False, in group
+    order; ``ins`` = h, k, ρ, … in group order, ``perm`` their places) evaluated again in
+    float64 arithmetic with float64's rule sizes (``_REDO32_BATCHES``) and accepted by the
+    ``wide`` test; values written into ``c`` (pair order), acceptance into ``okp``."""
+    import torch
+
+    bad = (~okp).nonzero().squeeze(1)
+    if bad.numel() == 0:
+        return
+    lo = 0
+    for end in _REDO32_BATCHES:
+        # the bad positions inside groups lo .. end − 1 (sorted: one searchsorted per edge)
+        edges = torch.tensor([starts[lo], starts[end] if end < len(starts) else okp.numel()])
+        a, b = torch.searchsorted(bad, edges).tolist()
+        if b > a:
+            sel = bad[a:b]
+            n = max(g[1] for g in _DIRECT_GROUPS[lo:end])
+            w = [v.index_select(0, sel).double() for v in ins[:3]]
+            c2, ok2 = _direct_compiled(w[0], n, eps, True, False)(*w)
+            c.index_copy_(0, perm.index_select(0, sel), c2.to(c.dtype))
+            okp.index_copy_(0, sel, ok2)
+        lo = end
 
 
 def _direct_high(h, k, r, c, ok, cand) -> None:
