@@ -1251,9 +1251,10 @@ def _direct_front(h, k, r, p0=None, p1=None):
 def _direct_fused(h, k, r, eps: float, cdf=None):
     """``_cov_direct``'s (C, accepted) with ``compiled_bulk`` on (eager CPU tensors outside
     autograd), else None: the group key and ρΦ(h)Φ(k) in one compiled pass
-    (``_direct_front``; or from ``cdf``, a ``DirectFront``), one sort and one gather in group order, then per |ρ| group one
-    compiled pass of ``_direct_unrolled`` whose values are scattered straight to the pairs'
-    places (float32's rejects redone in float64 as in ``_cov_direct``)."""
+    (``_direct_front``; or from ``cdf``, a ``DirectFront``), one sort and one gather in group
+    order, then per |ρ| group one compiled pass of ``_direct_unrolled`` whose values are
+    scattered straight to the pairs' places (float32's rejects redone in float64 arithmetic:
+    ``_direct_redo32``), then the group beyond the last (``_direct_high``)."""
     import torch
 
     from nmruntime.torch_support import compiled
@@ -2017,9 +2018,10 @@ def torch_binding(rule, bvn) -> tuple:
         return run
 
     def cov(h, k, rho, *, cdf=None):
-        """C(h, k, ρ); ``cdf``: optional (Φ(h), Φ(k)) (or a ``DirectFront``) of h's shape, dtype and device (e.g.
+        """C(h, k, ρ); ``cdf``: optional (Φ(h), Φ(k)) of h's shape, dtype and device (e.g.
         computed once per variable and gathered per pair; the same values as computed here,
-        so the result is bit for bit the same, without two erfc passes per pair)."""
+        so the result is bit for bit the same, without two erfc passes per pair), or a
+        ``DirectFront`` (the compiled bulk's pair front: the direct route's key and ρΦΦ)."""
         r0 = rho.detach()
         ratio = _FAST_RATIO[h.element_size()]
         eps = torch.finfo(h.dtype).eps

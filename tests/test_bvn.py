@@ -9,7 +9,7 @@ import mpmath as mp
 import numpy as np
 import pytest
 import torch
-from nmgen.derivations.bvn import GENZ_RULE_SIZES, bvn_cdf_mp, gauss_legendre
+from nmgen.derivations.bvn import GENZ_RULE_SIZES, bvn_cdf_mp, gauss_laguerre, gauss_legendre
 from scipy.special import ndtr
 
 from nmruntime.bvn_numpy import bvn_cdf as bvn_np
@@ -219,6 +219,28 @@ def test_gauss_legendre(n: int) -> None:
         for p in range(2 * n):  # exact for degree <= 2n - 1 (to the 20 printed digits)
             q = sum(wi * xi**p for xi, wi in zip(xm, wm, strict=True))
             assert abs(q - (mp.mpf(2) / (p + 1) if p % 2 == 0 else 0)) < mp.mpf(10) ** -18
+
+
+@pytest.mark.parametrize("n", [1, 6, 32])
+def test_gauss_laguerre(n: int) -> None:
+    """The Gauss–Laguerre rule (the ρ < 0 tail route's): NumPy's rule to rounding, exact for
+    x^m e^{−x} (Σ w x^m = m!) up to degree 2n − 1 to the printed 20 digits, and the generated
+    ``LAGUERRE`` is the derivation's rule of ``LAGUERRE_SIZE`` points rounded to float64."""
+    from nmgen.derivations.cross_covariance import LAGUERRE_SIZE
+    from nmgen.generated.gauss_legendre import LAGUERRE
+
+    x, w = gauss_laguerre(n)
+    assert len(x) == len(w) == n
+    xn, wn = np.polynomial.laguerre.laggauss(n)
+    np.testing.assert_allclose(np.array(x, float), xn, rtol=1e-13)
+    np.testing.assert_allclose(np.array(w, float), wn, rtol=1e-12, atol=1e-300)
+    with mp.workdps(40):
+        xm, wm = [mp.mpf(s) for s in x], [mp.mpf(s) for s in w]
+        for p in range(2 * n):
+            q = sum(wi * xi**p for xi, wi in zip(xm, wm, strict=True))
+            assert abs(q / mp.factorial(p) - 1) < mp.mpf(10) ** -17, p
+    if n == LAGUERRE_SIZE:
+        assert LAGUERRE == (tuple(float(v) for v in x), tuple(float(v) for v in w))
 
 
 # ---------------------------------------------------------------- kernels vs oracle ---------

@@ -242,8 +242,8 @@ def _pair_front(si, sj, sigma, cflat, h, cdf, p: int, symmetric: bool):
     (si, sj) in one pass (compiled by ``_fused_front``): the gathers of
     ``_pair_covariances``' direct path and ``_correlation``'s eager formula for σ > 0 (the
     same values), and the direct route's group key and ρΦ(h_i)Φ(h_j) (``direct_front``: one
-    pass fewer); ``symmetric``: Σ_ij is read as is, else
-    symmetrised on the pairs, (Σ_ij + Σ_ji)/2, as there."""
+    pass fewer); ``symmetric``: Σ_ij is read as is, else symmetrised on the pairs,
+    (Σ_ij + Σ_ji)/2, as there."""
     s1, s2 = sigma[si], sigma[sj]
     denom = s1 * s2
     cij = cflat[si * p + sj] if symmetric else 0.5 * (cflat[si * p + sj] + cflat[sj * p + si])
