@@ -18,6 +18,7 @@ from nmgen.generated import torch_kernels as TK
 from nmruntime import relu_pair
 from nmruntime.torch_support import force_sync_free
 from torchbridge.moments import _pair_blocks_nd, _pair_covariances, _safe_sqrt
+from torchbridge.propagate.approx import dvi_relu_moments
 
 D = torch.float64
 
@@ -88,6 +89,22 @@ def test_relu_cross_moment_compiles_with_fullgraph():
     got = cf(*args, validate=False)
     ref = TK.relu_cross_moment(*args)
     assert torch.allclose(got, ref, rtol=1e-14, atol=0)
+
+
+def test_dvi_compiles_with_fullgraph():
+    """The DVI baseline of `nm bench floor --compiled` ("DVI, torch.compile") traces as one
+    graph (its argument checks are eager only: they branched on values and broke the graph);
+    the compiled values equal the eager ones."""
+    p = 16
+    g = torch.Generator().manual_seed(5)
+    mean = torch.randn(p, generator=g, dtype=D)
+    w = torch.randn(p, 4, generator=g, dtype=D)
+    cov = w @ w.T / 4 + 0.05 * torch.eye(p, dtype=D)
+    torch._dynamo.reset()
+    got = torch.compile(dvi_relu_moments, fullgraph=True, backend="eager")(mean, cov)
+    ref = dvi_relu_moments(mean, cov)
+    for a, b in zip(got, ref, strict=True):
+        assert torch.allclose(a, b, rtol=1e-14, atol=0)
 
 
 def test_pair_loop_has_no_graph_break():

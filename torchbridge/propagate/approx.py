@@ -37,7 +37,10 @@ def _standardized(mean: torch.Tensor, cov: torch.Tensor):
     sigma = torch.where(pos, var.clamp_min(0).sqrt(), 0.0)
     safe = torch.where(pos, sigma, torch.ones_like(sigma))
     h = torch.where(pos, mean / safe, 0.0)
-    rmean, rvar = K.relu_mean_variance(mean, sigma)
+    # the argument checks branch on values: eager only (under ``torch.compile`` they would
+    # break the graph, e.g. `nm bench floor --compiled`'s "DVI, torch.compile" row)
+    check = not torch.compiler.is_compiling()
+    rmean, rvar = K.relu_mean_variance(mean, sigma, validate=check)
     return pos, safe, h, rmean, rvar
 
 
