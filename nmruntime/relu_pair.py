@@ -880,14 +880,16 @@ def _compiled_block(x, size: int):
     return compiled(x, f"mehler{size}", _MEHLER_STEPS_NAMED[size])
 
 
-def _renamed(fn, name: str):
-    """``fn`` under a code object of its own named ``name``."""
+def renamed(fn, name: str):
+    """``fn`` under a code object of its own named ``name``: dynamo keys its cache (and its
+    limit of 8 recompiles) on the code object, so a function compiled for several constants
+    (rule sizes, flags) needs one code object per variant."""
     code = fn.__code__.replace(co_name=name)
     return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
 #: ``_mehler_steps`` per block size, each under a code object of its own.
-_MEHLER_STEPS_NAMED = {n: _renamed(_mehler_steps, f"mehler_{n}") for n in _MEHLER_BLOCKS}
+_MEHLER_STEPS_NAMED = {n: renamed(_mehler_steps, f"mehler_{n}") for n in _MEHLER_BLOCKS}
 
 
 #: The smallest normal number (float64, float32), keyed by "float64 or not" through eps.
@@ -1000,6 +1002,19 @@ _DIRECT_WIDE32 = (0.99, 48)
 #: the bench problem's 1,776 pairs there went to the closed form (whose |ρ| ≥ 0.925 part is an
 #: eager Φ2: ~2 ms per call).
 _DIRECT_WIDE64 = (0.99, 80)
+#: (groups, rule size) of the compiled bulk's one pass (``torchbridge.moments._one_pass_bulk``;
+#: float64, float32): the pairs of the first ``groups`` |ρ| groups of ``_DIRECT_GROUPS``
+#: (float64 |ρ| < 0.7, float32 |ρ| < 0.85: 87% and 97% of `nm bench floor`'s pairs) are
+#: evaluated in pair order by one rule of that size, at least their own group's (no sort into
+#: groups, no gathers, no scatter back); the others take the groups. Session 24, that
+#: problem (p = 1024, 1 thread, medians of 11 interleaved repeats of the whole call, against
+#: the general path): float64 (2, 10) 1.21, (3, 12) 1.18, (5, 14) 1.00, (6, 16) 0.89, (7, 18)
+#: 0.89, (8, 20) 0.91, (9, 24) 0.92 of the time; float32 (5, 10) 0.95, (7, 12) 0.80, (9, 14)
+#: 0.75, (10, 18) 0.76. Sizes: on the 57 × 57 grid of [−7, 7]² at 12 ρ per group, against a
+#: 512-point rule, on the accepted elements: float64 16 points ≤ 48.2 eps relative to C (its
+#: groups' own sizes 26–46), float32 14 points ≤ 0.0029 float32 eps
+#: (tests/test_pair_direct.py).
+DIRECT_ONE_PASS = {True: (6, 16), False: (9, 14)}
 _DIRECT_RULES: dict = {}
 
 
@@ -1382,21 +1397,29 @@ def _direct_unrolled(h, k, r, base, y: tuple, wy: tuple, eps: float, wide: bool)
     return _direct_accept(_TORCH_OPS[0], h, k, r, j, eps, wide, base)
 
 
+def direct_group_values(n: int, eps: float, wide: bool = False):
+    """fn(h, k, ρ, base=None) -> (C, accepted): ``_direct_unrolled`` with the n-point rule's
+    nodes and weights as constants (``base``: ρΦ(h)Φ(k) or None), for a caller that compiles
+    it, alone (``_direct_compiled``) or inside its own pass (``torchbridge.moments``' one
+    pass). ``eps``: the target dtype's; ``wide``: see ``_direct_accept``."""
+    _torch_ops_cached()
+    y, wy = (tuple(float(v) for v in t) for t in _direct_rule(n, np.zeros(0)))
+
+    def values(h, k, r, base=None):
+        return _direct_unrolled(h, k, r, base, y, wy, eps, wide)
+
+    return values
+
+
 def _direct_compiled(like, n: int, eps: float, wide: bool, with_base: bool):
     """``_direct_unrolled`` for the n-point rule compiled (``torch_support.compiled``: one
     compile per rule size, dtype and variant, dynamic in the pair count), or None where the
     compiled bulk is off or does not apply to ``like``."""
     from nmruntime.torch_support import compiled
 
-    _torch_ops_cached()
-    y, wy = (tuple(float(v) for v in t) for t in _direct_rule(n, np.zeros(0)))
-
-    def run(h, k, r, base=None):
-        return _direct_unrolled(h, k, r, base, y, wy, eps, wide)
-
-    # a code object of its own per rule size: dynamo keys its cache (and its limit of 8
-    # recompiles) on the code object, and 11 rule sizes would share one
-    return compiled(like, f"direct{n}:{eps}:{wide}:{with_base}", _renamed(run, f"direct_{n}"))
+    run = direct_group_values(n, eps, wide)
+    # a code object of its own per rule size (``renamed``): 11 rule sizes would share one
+    return compiled(like, f"direct{n}:{eps}:{wide}:{with_base}", renamed(run, f"direct_{n}"))
 
 
 #: The ρ < 0 tail route (``_cov_neg_tail``): h + k ≤ 0, |h|, |k| ≤ ``_DIRECT_HK``,

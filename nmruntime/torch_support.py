@@ -57,9 +57,14 @@ def compiled_bulk(on: bool = True) -> Iterator[None]:
 _COMPILE_FAILED: list = [None]  # the first compile error (then the compiled bulk is off)
 
 
-def compiled(x: torch.Tensor, name: str, fn):
+def compiled(x: torch.Tensor, name: str, fn, indices_in_range: bool = False):
     """``torch.compile(fn, dynamic=True, fullgraph=True)`` (cached under ``name``) where the
     compiled bulk is on and ``x`` is an eager CPU tensor outside autograd; else None.
+
+    ``indices_in_range``: the caller guarantees that every index ``fn`` gathers or scatters
+    with is in range (built by the caller, never taken from user input): inductor's bounds
+    assertions on indirect indexing are left out of this function's kernels (its
+    ``assert_indirect_indexing`` option, for this compile only).
 
     Where compiling fails (no C++ compiler, an inductor error), the call warns once, runs
     ``fn`` eagerly, and the compiled bulk stays off for the rest of the process (an error of
@@ -69,7 +74,8 @@ def compiled(x: torch.Tensor, name: str, fn):
     if torch.is_grad_enabled() and x.requires_grad:
         return None
     if name not in _COMPILED:
-        cfn = torch.compile(fn, dynamic=True, fullgraph=True)
+        options = {"assert_indirect_indexing": False} if indices_in_range else None
+        cfn = torch.compile(fn, dynamic=True, fullgraph=True, options=options)
         _COMPILED[name] = _eager_on_failure(_float_constants(cfn), fn)
     return _COMPILED[name]
 

@@ -91,10 +91,15 @@ def test_bench_floor_compiled_rows(tmp_path):
         compiled=True,
         heap="keep",
     )
-    methods = run_floor(args)["runs"][0]["methods"]
+    res = run_floor(args)
+    methods = res["runs"][0]["methods"]
     for label in ("exact, compiled bulk", "DVI, torch.compile"):
         assert methods[label]["first_call_seconds"] > 0
     assert methods["exact, compiled bulk"]["max_rel_err_vs_exact"] <= 2 * 256 * 2.0**-52
     assert methods["DVI, torch.compile"]["max_rel_err_vs_exact"] == pytest.approx(
         methods["DVI (Wu et al. 2019)"]["max_rel_err_vs_exact"], rel=1e-6
     )
+    # the compiled call's own entries against mpmath (the 1e-15 absolute bar)
+    groups = check_file(res["compiled_oracle_points"]["file"], progress=False)["groups"]
+    assert [g["points"] for g in groups] == [2, 2]
+    assert max(g["max_abs_diff"] for g in groups) <= 1e-15

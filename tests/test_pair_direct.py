@@ -17,6 +17,7 @@ import torch
 from nmgen.derivations.cross_covariance import relu_cross_covariance_ref
 
 from nmruntime import relu_pair as rp
+from nmruntime import torch_support
 
 EPS = {torch.float64: 2.0**-52, torch.float32: 2.0**-23}
 #: Relative bars (in eps of the dtype) for accepted values. Measured on 3,000 random points
@@ -360,3 +361,54 @@ def test_rule_sizes_hold_on_the_extended_domain():
     top, n = rp._DIRECT_WIDE64  # float64's group 0.925 ≤ |ρ| < 0.99 (session 22: 38.6 eps)
     rhos = [s * v for s in (1, -1) for v in np.linspace(rp._DIRECT_GROUPS[-1][0], top - 1e-12, 12)]
     assert _rule_errors(hh, kk, rhos, n, e64) <= 50.0
+
+
+@pytest.mark.slow
+def test_one_pass_rule_holds_on_the_groups_it_covers():
+    """``DIRECT_ONE_PASS``: the one rule of the compiled bulk's pass in pair order, on every
+    |ρ| group it covers, over the whole domain [−7, 7]² (the bars of
+    ``test_rule_sizes_hold_on_the_extended_domain``; session 24 measured ≤ 48.2 eps float64
+    and ≤ 0.0029 float32 eps)."""
+    g = np.arange(-7.0, 7.0001, 0.25)
+    hh, kk = (v.ravel() for v in np.meshgrid(g, g, indexing="ij"))
+    for f64, bar in ((True, 50.0), (False, 0.01)):
+        top, n = rp.DIRECT_ONE_PASS[f64]
+        eps = 2.0**-52 if f64 else 2.0**-23
+        lo = 0.0
+        for hi, _, _ in rp._DIRECT_GROUPS[:top]:
+            rhos = [s * v for s in (1, -1) for v in np.linspace(max(lo, 1e-3), hi - 1e-12, 6)]
+            assert _rule_errors(hh, kk, rhos, n, eps) <= bar, (f64, hi)
+            lo = hi
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_relu_moments_one_pass_matches_mpmath(dtype):
+    """``relu_moments(..., compiled=True)`` on one unbatched problem takes the one pass
+    (``torchbridge.moments._one_pass_bulk``): its entries against mpmath (``_swapped_ref``
+    scaled by σiσj) on pairs it keeps and on pairs it leaves to the groups; the same values
+    when the pairs come in several blocks (``chunk``); exactly symmetric."""
+    from torchbridge.experiments.bench_kernels import random_problem
+    from torchbridge.moments import relu_moments
+
+    p = 96
+    mean, cov = random_problem(p, 11)
+    mean, cov = mean.to(dtype), cov.to(dtype)
+    got = relu_moments(mean, cov, "exact", check_psd=False, compiled=True)[1]
+    assert any(name.startswith("one_pass") for name in torch_support._COMPILED)  # it ran
+    blocks = relu_moments(mean, cov, "exact", check_psd=False, compiled=True, chunk=16 * p)[1]
+    assert torch.equal(got, blocks) and torch.equal(got, got.T)
+    m, c = mean.double(), cov.double()
+    s = c.diagonal().sqrt()
+    rho = c / (s[:, None] * s[None, :])
+    top = rp._DIRECT_GROUPS[rp.DIRECT_ONE_PASS[dtype == torch.float64][0] - 1][0]
+    rng = np.random.default_rng(12)
+    iu = np.array(np.triu_indices(p, 1))
+    kept = np.abs(rho.numpy()[iu[0], iu[1]]) < top
+    assert kept.mean() > 0.5 and (~kept).sum() > 20
+    picks = [rng.choice(np.flatnonzero(sel), 12, replace=False) for sel in (kept, ~kept)]
+    eps = EPS[dtype]
+    for q in np.concatenate(picks):
+        i, j = iu[:, q]
+        h, k = float(m[i] / s[i]), float(m[j] / s[j])
+        ref = float(s[i] * s[j]) * _swapped_ref(h, k, float(rho[i, j]))
+        assert abs(float(got[i, j]) - ref) <= BAR[dtype] * eps * abs(ref), (i, j)

@@ -27,7 +27,14 @@ from collections.abc import Callable, Iterator
 import torch
 from nmgen.generated import torch_kernels as K
 
-from nmruntime.relu_pair import DirectFront, direct_front, normal_cdf_torch
+from nmruntime.relu_pair import (
+    DIRECT_ONE_PASS,
+    DirectFront,
+    direct_front,
+    direct_group_values,
+    normal_cdf_torch,
+    renamed,
+)
 from nmruntime.torch_support import compiled, compiled_bulk, sync_free
 from torchbridge.covariance import all_finite, check_full_covariance, require_tensor
 
@@ -237,6 +244,17 @@ def _correlation(cij: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> torch
     return torch.where(near, rho.detach().sign() + (rho - rho.detach()), rho)
 
 
+def _pair_rho(si, sj, sigma, cflat, p: int, symmetric: bool):
+    """(σiσj, ρ) of the pairs (si, sj) inside a compiled pass: ``_correlation``'s eager
+    formula for σ > 0 (the same values); ``symmetric``: Σ_ij read as is, else (Σ_ij + Σ_ji)/2.
+    The one formula of ``_pair_front`` and ``_one_pass``."""
+    denom = sigma[si] * sigma[sj]
+    cij = cflat[si * p + sj] if symmetric else 0.5 * (cflat[si * p + sj] + cflat[sj * p + si])
+    rho = (cij / denom).clamp(-1.0, 1.0)
+    near = rho.abs() >= 1.0 - 4.0 * torch.finfo(rho.dtype).eps
+    return denom, torch.where(near, rho.sign(), rho)
+
+
 def _pair_front(si, sj, sigma, cflat, h, cdf, p: int, symmetric: bool):
     """(σiσj, ρ, h_i, h_j, the direct route's fields, whether some ρ is 1) of the pairs
     (si, sj) in one pass (compiled by ``_fused_front``): the gathers of
@@ -244,12 +262,7 @@ def _pair_front(si, sj, sigma, cflat, h, cdf, p: int, symmetric: bool):
     same values), and the direct route's group key and ρΦ(h_i)Φ(h_j) (``direct_front``: one
     pass fewer); ``symmetric``: Σ_ij is read as is, else symmetrised on the pairs,
     (Σ_ij + Σ_ji)/2, as there."""
-    s1, s2 = sigma[si], sigma[sj]
-    denom = s1 * s2
-    cij = cflat[si * p + sj] if symmetric else 0.5 * (cflat[si * p + sj] + cflat[sj * p + si])
-    rho = (cij / denom).clamp(-1.0, 1.0)
-    near = rho.abs() >= 1.0 - 4.0 * torch.finfo(rho.dtype).eps
-    rho = torch.where(near, rho.sign(), rho)
+    denom, rho = _pair_rho(si, sj, sigma, cflat, p, symmetric)
     hi, hj = h[si], h[sj]
     key, base = direct_front(hi, hj, rho, cdf[si], cdf[sj])
     return denom, rho, hi, hj, key, base, (rho == 1.0).any()
@@ -353,6 +366,68 @@ def _pair_covariances(
     return torch.cat([off, var.index_select(-1, dg)], dim=-1)
 
 
+def _one_pass(up, si, sj, sigma, cflat, h, cdf, p: int, symmetric: bool, values, top: int):
+    """``_one_pass_bulk``'s pass over the pairs (si, sj) in their own order: ρ, h, k and
+    ρΦ(h)Φ(k) as ``_pair_front`` forms them, C by one rule for every pair (``values``:
+    ``direct_group_values``), σiσj·C written to the places i·p + j of ``up`` (flat p·p, in
+    place); returns where that value is final (accepted and ``direct_front``'s group key below
+    ``top``)."""
+    s12, rho = _pair_rho(si, sj, sigma, cflat, p, symmetric)
+    hi, hj = h[si], h[sj]
+    key, base = direct_front(hi, hj, rho, cdf[si], cdf[sj])
+    c, ok = values(hi, hj, rho, base)
+    up.index_put_((si * p + sj,), s12 * c)
+    return ok & (key < top)
+
+
+def _one_pass_bulk(
+    up: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor, chunk: int, symmetric: bool
+) -> torch.Tensor | None:
+    """``relu_moments``' exact covariance written straight into ``up`` (flat p·p: upper
+    triangle and diagonal) where the compiled bulk applies to one unbatched problem with every
+    σ > 0; returns E[relu(z)], or None (nothing written: the caller takes the general path).
+
+    Per block of ``_pair_blocks_nd``: one compiled pass over the strict pairs in their own
+    order (``_one_pass``) evaluates every pair by the rule of ``DIRECT_ONE_PASS`` and keeps
+    the values of the |ρ| groups that rule covers (no sort, no gathers into group order, no
+    scatter back, no per-pair arrays); the pairs it does not keep and the diagonal then go
+    through ``_pair_covariances`` (the general path, on those pairs only)."""
+    p = mean.shape[-1]
+    if mean.ndim != 1 or p < 2:
+        return None
+    top, n = DIRECT_ONE_PASS[mean.dtype == torch.float64]
+    eps = float(torch.finfo(mean.dtype).eps)
+    name = f"one_pass{n}:{top}:{eps}:{symmetric}"
+    fn = compiled(mean, name, _one_pass_kernel(n, top, eps, symmetric), indices_in_range=True)
+    if fn is None:
+        return None
+    sigma = _safe_sqrt(cov.diagonal())
+    shared = _shared(mean, cov, sigma, symmetric)
+    if not shared.direct:
+        return None
+    cflat = cov.reshape(-1)
+    for i, j, nd in _pair_blocks_nd(p, chunk, mean.device):
+        ns = i.shape[0] - nd
+        done = fn(up, i[:ns], j[:ns], sigma, cflat, shared.h, shared.cdf, p)
+        diag = torch.arange(ns, ns + nd, device=up.device)
+        left = torch.cat([(~done).nonzero().squeeze(1), diag])
+        li, lj = i.index_select(0, left), j.index_select(0, left)
+        c = _pair_covariances(mean, cflat, sigma, shared.rmean, "exact", 5, li, lj, nd, shared)
+        up.index_copy_(0, li * p + lj, c)
+    return shared.rmean
+
+
+@functools.lru_cache(maxsize=8)
+def _one_pass_kernel(n: int, top: int, eps: float, symmetric: bool):
+    """``_one_pass`` with the n-point rule and ``top``, under a code object of its own."""
+    values = direct_group_values(n, eps)
+
+    def run(up, si, sj, sigma, cflat, h, cdf, p):
+        return _one_pass(up, si, sj, sigma, cflat, h, cdf, p, symmetric, values, top)
+
+    return renamed(run, f"one_pass_{n}")
+
+
 def relu_pair_covariances(
     mean: torch.Tensor,
     cov: torch.Tensor,
@@ -406,10 +481,13 @@ def relu_moments(
         check_psd: also run a Cholesky PSD check (O(p³); symmetry, finiteness and the
             diagonal are always checked). Nothing passed in is modified.
         compiled: run the exact covariance's bulk through ``torch.compile``
-            (``nmruntime.torch_support.compiled_bulk``: the direct route as one fused pass
-            per |ρ| group, among others) where that applies (eager CPU tensors outside
-            autograd; elsewhere, e.g. CUDA or ``requires_grad``, the call is the default
-            one). The same values to a few eps; the first call per process and dtype
+            (``nmruntime.torch_support.compiled_bulk``: for one unbatched problem, most
+            pairs in one fused pass in their own order (``_one_pass_bulk``), the others by
+            the direct route as one fused pass per |ρ| group, among others) where that
+            applies (eager CPU tensors outside autograd; elsewhere, e.g. CUDA or
+            ``requires_grad``, the call is the default one). The same values to a few eps
+            (within the routes' accuracy: tests/test_pair_direct.py); the first call per
+            process and dtype
             compiles (seconds to a minute, less with inductor's disk cache); needs a C++
             compiler.
 
@@ -426,13 +504,14 @@ def relu_moments(
         batch = torch.broadcast_shapes(mean.shape[:-1], cov.shape[:-2])
         mean, cov = mean.expand(*batch, p), cov.expand(*batch, p, p)  # views, never written
         up = mean.new_empty(*mean.shape[:-1], p * p)  # the upper triangle is written below
-        rmean = None
-        pairs = relu_pair_covariances(mean, cov, method, terms, chunk, symmetric=symmetric)
-        for rm, i, j, c in pairs:
-            rmean = rm
-            # in place on a fresh tensor (autograd records it): each upper-triangle value
-            # (diagonal included) at (i, j); exactly symmetric: the lower triangle is the
-            # upper one's mirror image (the places (j, i) are never written)
-            up.index_copy_(-1, _flat_places(i, j, p), c)
+        rmean = _one_pass_bulk(up, mean, cov, chunk, symmetric) if method == "exact" else None
+        if rmean is None:
+            pairs = relu_pair_covariances(mean, cov, method, terms, chunk, symmetric=symmetric)
+            for rm, i, j, c in pairs:
+                rmean = rm
+                # in place on a fresh tensor (autograd records it): each upper-triangle value
+                # (diagonal included) at (i, j); exactly symmetric: the lower triangle is the
+                # upper one's mirror image (the places (j, i) are never written)
+                up.index_copy_(-1, _flat_places(i, j, p), c)
         full = up.reshape(*mean.shape, p)
         return rmean, _mirrored(full)

@@ -40,7 +40,8 @@ Errors: max abs difference from the exact covariance of the same dtype, and max 
 difference over its entries with |exact| ≥ 1e-6·max|exact| (below that an approximation's
 relative error says little); the float64 exact covariance is checked against mpmath by
 ``nmgen check-points <out>/bench_floor_oracle_points.json`` on ``--check-entries`` random
-entries (as in ``nm bench kernels``).
+entries (as in ``nm bench kernels``), and with ``--compiled`` the compiled call's covariance on
+the same entries by ``<out>/bench_floor_compiled_oracle_points.json``.
 """
 
 from __future__ import annotations
@@ -236,6 +237,7 @@ def run_floor(args: argparse.Namespace) -> dict:
     rows, result = [], {"p": args.p, "pairs": pairs, "runs": [], "heap": args.heap, "kept": kept}
     jobs = [(t, d) for t in threads for d in dtypes]
     exact_ref: dict = {}
+    compiled_ref: dict = {}  # the compiled exact covariance (``--compiled``), by dtype
     try:
         for nthreads, dname in tqdm(jobs, desc="bench floor", disable=args.no_progress):
             torch.set_num_threads(nthreads)
@@ -270,6 +272,8 @@ def run_floor(args: argparse.Namespace) -> dict:
                     run["methods"][label]["first_call_seconds"] = first
             ex = outs["exact"]
             exact_ref.setdefault(dname, ex)
+            if EXACT_COMPILED in outs:
+                compiled_ref.setdefault(dname, outs[EXACT_COMPILED])
             for label, m in run["methods"].items():
                 m["ratio_to_exact"] = m["seconds"] / run["methods"]["exact"]["seconds"]
                 m["ratio_to_floor"] = m["seconds"] / floor
@@ -321,6 +325,17 @@ def run_floor(args: argparse.Namespace) -> dict:
             cmd,
         )
         result["oracle_points"] = {"file": str(points), "check": check_hint(points)}
+    compiled_points = None
+    if "float64" in compiled_ref:  # the same entries of the compiled call's covariance
+        compiled_points = write_points(
+            out_dir(args.out) / "bench_floor_compiled_oracle_points.json",
+            oracle_entries(mean64, cov64, compiled_ref["float64"], args.check_entries, args.seed),
+            cmd,
+        )
+        result["compiled_oracle_points"] = {
+            "file": str(compiled_points),
+            "check": check_hint(compiled_points),
+        }
     heads = [
         "threads",
         "dtype",
@@ -407,6 +422,11 @@ def run_floor(args: argparse.Namespace) -> dict:
             "off-diagonal and 5 diagonal entries)."
             if points is not None
             else "No float64 run: no oracle points written.",
+            *(
+                [f"Exact float64, compiled bulk, vs mpmath: `{check_hint(compiled_points)}`."]
+                if compiled_points is not None
+                else []
+            ),
             "",
             f"Command: `{cmd}`",
         ]
