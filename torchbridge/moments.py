@@ -370,14 +370,15 @@ def _one_pass(up, si, sj, sigma, cflat, h, cdf, p: int, symmetric: bool, values,
     """``_one_pass_bulk``'s pass over the pairs (si, sj) in their own order: ρ, h, k and
     ρΦ(h)Φ(k) as ``_pair_front`` forms them, C by one rule for every pair (``values``:
     ``direct_group_values``), σiσj·C written to the places i·p + j of ``up`` (flat p·p, in
-    place); returns where that value is final (accepted and ``direct_front``'s group key below
-    ``top``)."""
+    place); returns where that value is not final (rejected, or ``direct_front``'s group key
+    at or above ``top``) as uint8 1 (a bool output cost 2.0 ms more per p = 1024 call in
+    float64, 2.3 ms in float32: inductor stores bool masks element by element)."""
     s12, rho = _pair_rho(si, sj, sigma, cflat, p, symmetric)
     hi, hj = h[si], h[sj]
     key, base = direct_front(hi, hj, rho, cdf[si], cdf[sj])
     c, ok = values(hi, hj, rho, base)
     up.index_put_((si * p + sj,), s12 * c)
-    return ok & (key < top)
+    return (~(ok & (key < top))).to(torch.uint8)
 
 
 def _one_pass_bulk(
@@ -408,9 +409,9 @@ def _one_pass_bulk(
     cflat = cov.reshape(-1)
     for i, j, nd in _pair_blocks_nd(p, chunk, mean.device):
         ns = i.shape[0] - nd
-        done = fn(up, i[:ns], j[:ns], sigma, cflat, shared.h, shared.cdf, p)
+        need = fn(up, i[:ns], j[:ns], sigma, cflat, shared.h, shared.cdf, p)
         diag = torch.arange(ns, ns + nd, device=up.device)
-        left = torch.cat([(~done).nonzero().squeeze(1), diag])
+        left = torch.cat([need.nonzero().squeeze(1), diag])
         li, lj = i.index_select(0, left), j.index_select(0, left)
         c = _pair_covariances(mean, cflat, sigma, shared.rmean, "exact", 5, li, lj, nd, shared)
         up.index_copy_(0, li * p + lj, c)
