@@ -1259,6 +1259,16 @@ def direct_front(h, k, r, p0=None, p1=None):
     return key, (None if p0 is None else r * p0 * p1)
 
 
+def direct_groups_below(h, k, r, top: int):
+    """Whether (h, k, ρ) is in one of the first ``top`` |ρ| groups of the direct route
+    (1 ≤ top < ``len(_DIRECT_GROUPS)``): ``direct_front``'s key below ``top`` (NaN: False),
+    in one comparison of |ρ| instead of counting bounds (the same values; the compiled one
+    pass of ``torchbridge.moments`` at p = 1024 took 19.04 vs 19.51 ms in float64, 8.25 vs
+    8.99 ms in float32, medians of 25 interleaved runs)."""
+    bound = _DIRECT_GROUPS[top - 1][0]
+    return (h.abs() <= _DIRECT_HK) & (k.abs() <= _DIRECT_HK) & (r.abs() < bound)
+
+
 def _direct_fused(h, k, r, eps: float, cdf=None):
     """``_cov_direct``'s (C, accepted) with ``compiled_bulk`` on (eager CPU tensors outside
     autograd), else None: the group key and ρΦ(h)Φ(k) in one compiled pass

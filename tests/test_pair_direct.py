@@ -117,6 +117,22 @@ def test_front_key_is_the_exact_group():
     assert (key == len(bounds)).all()
 
 
+def test_groups_below_is_the_key_comparison():
+    """``direct_groups_below`` (the one pass's single comparison) is ``direct_front``'s key
+    below ``top`` for every ``top`` it takes: at the bounds and next to them, in the domain's
+    corners, outside it and at NaN."""
+    bounds = np.array([g[0] for g in rp._DIRECT_GROUPS])
+    ar = np.concatenate([bounds, np.nextafter(bounds, 0), np.nextafter(bounds, 1)])
+    ar = np.concatenate([ar, np.linspace(0, 0.99, 201), [float("nan")]])
+    hs = [0.0, 7.0, -7.0, np.nextafter(7.0, 8.0), float("nan")]
+    r = torch.tensor(np.tile(ar * np.resize([1.0, -1.0], ar.size), len(hs) ** 2))
+    h = torch.tensor(np.repeat(np.repeat(hs, len(hs)), ar.size))
+    k = torch.tensor(np.repeat(np.tile(hs, len(hs)), ar.size))
+    key, _ = rp.direct_front(h, k, r)
+    for top in range(1, len(bounds)):
+        assert torch.equal(rp.direct_groups_below(h, k, r, top), key < top), top
+
+
 def test_outside_the_domain_nothing_is_accepted():
     """|h| or |k| > 7, |ρ| ≥ 0.99 (beyond the wide group 0.925 ≤ |ρ| < 0.99), NaN, ρ = −1."""
     h = torch.tensor([7.5, 0.0, 0.0, float("nan"), 0.2])

@@ -32,6 +32,7 @@ from nmruntime.relu_pair import (
     DirectFront,
     direct_front,
     direct_group_values,
+    direct_groups_below,
     normal_cdf_torch,
     renamed,
 )
@@ -370,15 +371,14 @@ def _one_pass(up, si, sj, sigma, cflat, h, cdf, p: int, symmetric: bool, values,
     """``_one_pass_bulk``'s pass over the pairs (si, sj) in their own order: ρ, h, k and
     ρΦ(h)Φ(k) as ``_pair_front`` forms them, C by one rule for every pair (``values``:
     ``direct_group_values``), σiσj·C written to the places i·p + j of ``up`` (flat p·p, in
-    place); returns where that value is not final (rejected, or ``direct_front``'s group key
-    at or above ``top``) as uint8 1 (a bool output cost 2.0 ms more per p = 1024 call in
+    place); returns where that value is not final (rejected, or not in the first ``top`` |ρ|
+    groups: ``direct_groups_below``) as uint8 1 (a bool output cost 2.0 ms more per p = 1024 call in
     float64, 2.3 ms in float32: inductor stores bool masks element by element)."""
     s12, rho = _pair_rho(si, sj, sigma, cflat, p, symmetric)
     hi, hj = h[si], h[sj]
-    key, base = direct_front(hi, hj, rho, cdf[si], cdf[sj])
-    c, ok = values(hi, hj, rho, base)
+    c, ok = values(hi, hj, rho, rho * cdf[si] * cdf[sj])  # ρΦ(h)Φ(k) as ``direct_front``'s
     up.index_put_((si * p + sj,), s12 * c)
-    return (~(ok & (key < top))).to(torch.uint8)
+    return (~(ok & direct_groups_below(hi, hj, rho, top))).to(torch.uint8)
 
 
 def _one_pass_bulk(
