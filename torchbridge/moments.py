@@ -372,8 +372,8 @@ def _one_pass(up, si, sj, sigma, cflat, h, cdf, p: int, symmetric: bool, values,
     ρΦ(h)Φ(k) as ``_pair_front`` forms them, C by one rule for every pair (``values``:
     ``direct_group_values``), σiσj·C written to the places i·p + j of ``up`` (flat p·p, in
     place); returns where that value is not final (rejected, or not in the first ``top`` |ρ|
-    groups: ``direct_groups_below``) as uint8 1 (a bool output cost 2.0 ms more per p = 1024 call in
-    float64, 2.3 ms in float32: inductor stores bool masks element by element)."""
+    groups: ``direct_groups_below``) as uint8 1 (a bool output cost 2.0 ms more per p = 1024
+    call in float64, 2.3 ms in float32: inductor stores bool masks element by element)."""
     s12, rho = _pair_rho(si, sj, sigma, cflat, p, symmetric)
     hi, hj = h[si], h[sj]
     c, ok = values(hi, hj, rho, rho * cdf[si] * cdf[sj])  # ρΦ(h)Φ(k) as ``direct_front``'s
