@@ -1269,6 +1269,18 @@ def direct_groups_below(h, k, r, top: int):
     return (h.abs() <= _DIRECT_HK) & (k.abs() <= _DIRECT_HK) & (r.abs() < bound)
 
 
+def direct_wide32_values():
+    """``direct_group_values`` of float32's float64 re-evaluation: the rule of
+    ``_DIRECT_WIDE32``, float32's eps, the ``wide`` rounding test (h, k, ρ in float64)."""
+    return direct_group_values(_DIRECT_WIDE32[1], 2.0**-23, True)
+
+
+def direct_wide_domain(h, k, r):
+    """Where float32's float64 re-evaluation applies (``_direct_wide_domain``): |h|, |k| ≤
+    ``_DIRECT_HK`` and |ρ| below ``_DIRECT_WIDE32``'s bound; for a caller's compiled pass."""
+    return _direct_wide_domain(_TORCH_OPS[0], h, k, r.abs())
+
+
 def _direct_fused(h, k, r, eps: float, cdf=None):
     """``_cov_direct``'s (C, accepted) with ``compiled_bulk`` on (eager CPU tensors outside
     autograd), else None: the group key and ρΦ(h)Φ(k) in one compiled pass

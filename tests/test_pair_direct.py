@@ -400,9 +400,10 @@ def test_one_pass_rule_holds_on_the_groups_it_covers():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_relu_moments_one_pass_matches_mpmath(dtype):
     """``relu_moments(..., compiled=True)`` on one unbatched problem takes the one pass
-    (``torchbridge.moments._one_pass_bulk``): its entries against mpmath (``_swapped_ref``
-    scaled by σiσj) on pairs it keeps and on pairs it leaves to the groups; the same values
-    when the pairs come in several blocks (``chunk``); exactly symmetric."""
+    (``torchbridge.moments._one_pass_bulk``; float32 also its second pass in float64): its
+    entries against mpmath (``_swapped_ref`` scaled by σiσj) on pairs the first pass keeps
+    and on pairs it leaves; the same values when the pairs come in several blocks
+    (``chunk``); exactly symmetric."""
     from torchbridge.experiments.bench_kernels import random_problem
     from torchbridge.moments import relu_moments
 
@@ -411,6 +412,8 @@ def test_relu_moments_one_pass_matches_mpmath(dtype):
     mean, cov = mean.to(dtype), cov.to(dtype)
     got = relu_moments(mean, cov, "exact", check_psd=False, compiled=True)[1]
     assert any(name.startswith("one_pass") for name in torch_support._COMPILED)  # it ran
+    if dtype == torch.float32:  # and float32's second pass, in float64 arithmetic
+        assert any(name.startswith("wide_pass") for name in torch_support._COMPILED)
     blocks = relu_moments(mean, cov, "exact", check_psd=False, compiled=True, chunk=16 * p)[1]
     assert torch.equal(got, blocks) and torch.equal(got, got.T)
     m, c = mean.double(), cov.double()

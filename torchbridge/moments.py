@@ -33,6 +33,8 @@ from nmruntime.relu_pair import (
     direct_front,
     direct_group_values,
     direct_groups_below,
+    direct_wide32_values,
+    direct_wide_domain,
     normal_cdf_torch,
     renamed,
 )
@@ -381,6 +383,30 @@ def _one_pass(up, si, sj, sigma, cflat, h, cdf, p: int, symmetric: bool, values,
     return (~(ok & direct_groups_below(hi, hj, rho, top))).to(torch.uint8)
 
 
+def _wide_pass(up, si, sj, sigma, cflat, h, p: int, symmetric: bool, values):
+    """float32's second pass over the pairs the first left (``_one_pass_bulk``): ρ as there,
+    then h, k, ρ in float64 arithmetic by float32's wide rule (``values``:
+    ``direct_wide32_values``, ρΦ(h)Φ(k) from float64 Φ), as the general path
+    re-evaluates float32's rejects; σiσj·C written to ``up``; returns where that value is not
+    final (rejected by the ``wide`` test, or outside ``direct_wide_domain``) as uint8 1."""
+    s12, rho = _pair_rho(si, sj, sigma, cflat, p, symmetric)
+    hi, hj, r = h[si].double(), h[sj].double(), rho.double()
+    c, ok = values(hi, hj, r)
+    up.index_put_((si * p + sj,), s12 * c.to(s12.dtype))
+    return (~(ok & direct_wide_domain(hi, hj, r))).to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=4)
+def _wide_pass_kernel(symmetric: bool):
+    """``_wide_pass`` with its rule, under a code object of its own."""
+    values = direct_wide32_values()
+
+    def run(up, si, sj, sigma, cflat, h, p):
+        return _wide_pass(up, si, sj, sigma, cflat, h, p, symmetric, values)
+
+    return renamed(run, "wide_pass")
+
+
 def _one_pass_bulk(
     up: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor, chunk: int, symmetric: bool
 ) -> torch.Tensor | None:
@@ -396,12 +422,15 @@ def _one_pass_bulk(
     p = mean.shape[-1]
     if mean.ndim != 1 or p < 2:
         return None
-    top, n = DIRECT_ONE_PASS[mean.dtype == torch.float64]
+    f64 = mean.dtype == torch.float64
+    top, n = DIRECT_ONE_PASS[f64]
     eps = float(torch.finfo(mean.dtype).eps)
     name = f"one_pass{n}:{top}:{eps}:{symmetric}"
     fn = compiled(mean, name, _one_pass_kernel(n, top, eps, symmetric), indices_in_range=True)
     if fn is None:
         return None
+    kern = _wide_pass_kernel(symmetric)
+    wide = None if f64 else compiled(mean, f"wide_pass{symmetric}", kern, indices_in_range=True)
     sigma = _safe_sqrt(cov.diagonal())
     shared = _shared(mean, cov, sigma, symmetric)
     if not shared.direct:
@@ -409,10 +438,16 @@ def _one_pass_bulk(
     cflat = cov.reshape(-1)
     for i, j, nd in _pair_blocks_nd(p, chunk, mean.device):
         ns = i.shape[0] - nd
-        need = fn(up, i[:ns], j[:ns], sigma, cflat, shared.h, shared.cdf, p)
-        diag = torch.arange(ns, ns + nd, device=up.device)
-        left = torch.cat([need.nonzero().squeeze(1), diag])
-        li, lj = i.index_select(0, left), j.index_select(0, left)
+        need = fn(up, i[:ns], j[:ns], sigma, cflat, shared.h, shared.cdf, p).nonzero()
+        li, lj = i.index_select(0, need.squeeze(1)), j.index_select(0, need.squeeze(1))
+        if wide is not None and li.numel():
+            need = wide(up, li, lj, sigma, cflat, shared.h, p).nonzero().squeeze(1)
+            li, lj = li.index_select(0, need), lj.index_select(0, need)
+        dg = i[ns:]
+        if li.numel() == 0:  # only the diagonal: the ReLU variances, as the general path
+            up.index_copy_(0, dg * (p + 1), shared.var.index_select(0, dg))
+            continue
+        li, lj = torch.cat([li, dg]), torch.cat([lj, dg])
         c = _pair_covariances(mean, cflat, sigma, shared.rmean, "exact", 5, li, lj, nd, shared)
         up.index_copy_(0, li * p + lj, c)
     return shared.rmean
