@@ -369,42 +369,24 @@ def _pair_covariances(
     return torch.cat([off, var.index_select(-1, dg)], dim=-1)
 
 
-def _one_pass(up, si, sj, sigma, cflat, h, cdf, p: int, symmetric: bool, values, top: int):
-    """``_one_pass_bulk``'s pass over the pairs (si, sj) in their own order: ρ, h, k and
+def _one_pass(up, si, sj, sigma, cflat, h, cdf, p: int, symmetric: bool, values, keep, wide):
+    """One pass of ``_one_pass_bulk`` over the pairs (si, sj) in their own order: ρ, h, k and
     ρΦ(h)Φ(k) as ``_pair_front`` forms them, C by one rule for every pair (``values``:
-    ``direct_group_values``), σiσj·C written to the places i·p + j of ``up`` (flat p·p, in
-    place); returns where that value is not final (rejected, or not in the first ``top`` |ρ|
-    groups: ``direct_groups_below``) as uint8 1 (a bool output cost 2.0 ms more per p = 1024
-    call in float64, 2.3 ms in float32: inductor stores bool masks element by element)."""
+    ``direct_group_values`` or, ``wide``, ``direct_wide32_values`` on h, k, ρ in float64
+    arithmetic with ρΦ(h)Φ(k) from float64 Φ, as the general path re-evaluates float32's
+    rejects), σiσj·C written to the places i·p + j of ``up`` (flat p·p, in place); returns
+    where that value is not final (rejected, or outside ``keep``: ``direct_groups_below`` or
+    ``direct_wide_domain``) as uint8 1 (a bool output cost 2.0 ms more per p = 1024 call in
+    float64, 2.3 ms in float32: inductor stores bool masks element by element)."""
     s12, rho = _pair_rho(si, sj, sigma, cflat, p, symmetric)
     hi, hj = h[si], h[sj]
-    c, ok = values(hi, hj, rho, rho * cdf[si] * cdf[sj])  # ρΦ(h)Φ(k) as ``direct_front``'s
-    up.index_put_((si * p + sj,), s12 * c)
-    return (~(ok & direct_groups_below(hi, hj, rho, top))).to(torch.uint8)
-
-
-def _wide_pass(up, si, sj, sigma, cflat, h, p: int, symmetric: bool, values):
-    """float32's second pass over the pairs the first left (``_one_pass_bulk``): ρ as there,
-    then h, k, ρ in float64 arithmetic by float32's wide rule (``values``:
-    ``direct_wide32_values``, ρΦ(h)Φ(k) from float64 Φ), as the general path
-    re-evaluates float32's rejects; σiσj·C written to ``up``; returns where that value is not
-    final (rejected by the ``wide`` test, or outside ``direct_wide_domain``) as uint8 1."""
-    s12, rho = _pair_rho(si, sj, sigma, cflat, p, symmetric)
-    hi, hj, r = h[si].double(), h[sj].double(), rho.double()
-    c, ok = values(hi, hj, r)
+    if wide:
+        hi, hj, rho = hi.double(), hj.double(), rho.double()
+        c, ok = values(hi, hj, rho)
+    else:  # ρΦ(h)Φ(k) as ``direct_front``'s
+        c, ok = values(hi, hj, rho, rho * cdf[si] * cdf[sj])
     up.index_put_((si * p + sj,), s12 * c.to(s12.dtype))
-    return (~(ok & direct_wide_domain(hi, hj, r))).to(torch.uint8)
-
-
-@functools.lru_cache(maxsize=4)
-def _wide_pass_kernel(symmetric: bool):
-    """``_wide_pass`` with its rule, under a code object of its own."""
-    values = direct_wide32_values()
-
-    def run(up, si, sj, sigma, cflat, h, p):
-        return _wide_pass(up, si, sj, sigma, cflat, h, p, symmetric, values)
-
-    return renamed(run, "wide_pass")
+    return (~(ok & keep(hi, hj, rho))).to(torch.uint8)
 
 
 def _one_pass_bulk(
@@ -417,20 +399,19 @@ def _one_pass_bulk(
     Per block of ``_pair_blocks_nd``: one compiled pass over the strict pairs in their own
     order (``_one_pass``) evaluates every pair by the rule of ``DIRECT_ONE_PASS`` and keeps
     the values of the |ρ| groups that rule covers (no sort, no gathers into group order, no
-    scatter back, no per-pair arrays); the pairs it does not keep and the diagonal then go
-    through ``_pair_covariances`` (the general path, on those pairs only)."""
+    scatter back, no per-pair arrays); in float32 a second pass takes the pairs it left in
+    float64 arithmetic by the wide rule; the pairs still left and the diagonal then go
+    through ``_pair_covariances`` (the general path, on those pairs only), or, where none is
+    left, the diagonal is written directly."""
     p = mean.shape[-1]
     if mean.ndim != 1 or p < 2:
         return None
     f64 = mean.dtype == torch.float64
-    top, n = DIRECT_ONE_PASS[f64]
-    eps = float(torch.finfo(mean.dtype).eps)
-    name = f"one_pass{n}:{top}:{eps}:{symmetric}"
-    fn = compiled(mean, name, _one_pass_kernel(n, top, eps, symmetric), indices_in_range=True)
-    if fn is None:
+    passes = [_pass_kernel(mean, symmetric, False)] + (
+        [] if f64 else [_pass_kernel(mean, symmetric, True)]
+    )
+    if passes[0] is None:
         return None
-    kern = _wide_pass_kernel(symmetric)
-    wide = None if f64 else compiled(mean, f"wide_pass{symmetric}", kern, indices_in_range=True)
     sigma = _safe_sqrt(cov.diagonal())
     shared = _shared(mean, cov, sigma, symmetric)
     if not shared.direct:
@@ -438,11 +419,12 @@ def _one_pass_bulk(
     cflat = cov.reshape(-1)
     for i, j, nd in _pair_blocks_nd(p, chunk, mean.device):
         ns = i.shape[0] - nd
-        need = fn(up, i[:ns], j[:ns], sigma, cflat, shared.h, shared.cdf, p).nonzero()
-        li, lj = i.index_select(0, need.squeeze(1)), j.index_select(0, need.squeeze(1))
-        if wide is not None and li.numel():
-            need = wide(up, li, lj, sigma, cflat, shared.h, p).nonzero().squeeze(1)
+        li, lj = i[:ns], j[:ns]
+        for run in passes:  # each on the pairs the ones before left
+            need = run(up, li, lj, sigma, cflat, shared.h, shared.cdf, p).nonzero().squeeze(1)
             li, lj = li.index_select(0, need), lj.index_select(0, need)
+            if li.numel() == 0:
+                break
         dg = i[ns:]
         if li.numel() == 0:  # only the diagonal: the ReLU variances, as the general path
             up.index_copy_(0, dg * (p + 1), shared.var.index_select(0, dg))
@@ -453,15 +435,32 @@ def _one_pass_bulk(
     return shared.rmean
 
 
+def _pass_kernel(like: torch.Tensor, symmetric: bool, wide: bool):
+    """The compiled ``_one_pass`` for ``like``'s dtype: the first pass (``DIRECT_ONE_PASS``'s
+    rule, kept in its groups) or float32's ``wide`` one; None where the compiled bulk does
+    not apply (``torch_support.compiled``). Its indices are built here (in range)."""
+    f64 = like.dtype == torch.float64
+    top, n = DIRECT_ONE_PASS[f64]
+    eps = float(torch.finfo(like.dtype).eps)
+    name = f"wide_pass{symmetric}" if wide else f"one_pass{n}:{top}:{eps}:{symmetric}"
+    return compiled(like, name, _pass_fn(n, top, eps, symmetric, wide), indices_in_range=True)
+
+
 @functools.lru_cache(maxsize=8)
-def _one_pass_kernel(n: int, top: int, eps: float, symmetric: bool):
-    """``_one_pass`` with the n-point rule and ``top``, under a code object of its own."""
-    values = direct_group_values(n, eps)
+def _pass_fn(n: int, top: int, eps: float, symmetric: bool, wide: bool):
+    """``_one_pass`` with its rule and kept set bound, under a code object of its own."""
+    if wide:
+        values, keep = direct_wide32_values(), direct_wide_domain
+    else:
+        values = direct_group_values(n, eps)
+
+        def keep(h, k, r):
+            return direct_groups_below(h, k, r, top)
 
     def run(up, si, sj, sigma, cflat, h, cdf, p):
-        return _one_pass(up, si, sj, sigma, cflat, h, cdf, p, symmetric, values, top)
+        return _one_pass(up, si, sj, sigma, cflat, h, cdf, p, symmetric, values, keep, wide)
 
-    return renamed(run, f"one_pass_{n}")
+    return renamed(run, "wide_pass" if wide else f"one_pass_{n}")
 
 
 def relu_pair_covariances(
@@ -523,9 +522,8 @@ def relu_moments(
             applies (eager CPU tensors outside autograd; elsewhere, e.g. CUDA or
             ``requires_grad``, the call is the default one). The same values to a few eps
             (within the routes' accuracy: tests/test_pair_direct.py); the first call per
-            process and dtype
-            compiles (seconds to a minute, less with inductor's disk cache); needs a C++
-            compiler.
+            process and dtype compiles (seconds to a minute, less with inductor's disk
+            cache); needs a C++ compiler.
 
     Returns:
         (out_mean ``batch_shape x p``, out_cov ``batch_shape x p x p``); out_cov is exactly
