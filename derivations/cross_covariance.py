@@ -49,7 +49,7 @@ RULE_SIZE = 32
 #: in float64 arithmetic).
 DIRECT_RULE_SIZES: tuple[int, ...] = (6, 8, 10, 12, 14, 16, 18, 20, 24, 28, 32, 48, 80)
 #: Gauss–Laguerre rule size of the runtime's ρ < 0 tail route (``nmruntime.relu_pair.
-#: _cov_neg_tail``: Φ2(h, k; ρ) = ∫_{−1}^ρ φ2 dt in the variable u = B(1/(1 + t) − 1/(1 + ρ))).
+#: cov_neg_tail``: Φ2(h, k; ρ) = ∫_{−1}^ρ φ2 dt in the variable u = B(1/(1 + t) − 1/(1 + ρ))).
 LAGUERRE_SIZE = 32
 
 _m = lambda t: t * Phi(t) + phi(t)  # noqa: E731 - E[(t + Z)⁺]

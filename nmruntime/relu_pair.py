@@ -39,7 +39,7 @@ Routing of C (``_cov_hybrid``, each route a mask): first the direct route (``_co
 Gauss–Legendre rule per |ρ| group, accepted where its rounding bound allows: the bulk of the
 pairs; float32 in PyTorch re-evaluates its rejects, and 0.925 ≤ |ρ| < 0.99, in float64
 arithmetic; float64 on eager CPU takes 0.925 ≤ |ρ| < 0.99 with an 80-point rule); on eager
-CPU outside autograd, the ρ < 0 tail route on what it rejects (``_cov_neg_tail``:
+CPU outside autograd, the ρ < 0 tail route on what it rejects (``cov_neg_tail``:
 C = −(|ρ|Φ2(h, k; ρ) + ∫_ρ^0 |t| φ2 dt) for h + k ≤ 0, Φ2 by Gauss–Laguerre in
 u = B(1/(1 + t) − 1/(1 + ρ)): the pairs whose ρΦ(h)Φ(k) + J cancels); on the elements they
 leave (``_cov_routed``): 0 where a bound puts |C| below half the
@@ -52,8 +52,10 @@ float64 elements go through the NumPy backend: ``_cov_std_few``).
 
 from __future__ import annotations
 
+import functools
 import math
 import types
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -1006,7 +1008,8 @@ _DIRECT_WIDE64 = (0.99, 80)
 #: float64, float32): the pairs of the first ``groups`` |ρ| groups of ``_DIRECT_GROUPS``
 #: (float64 |ρ| < 0.7, float32 |ρ| < 0.85: 87% and 97% of `nm bench floor`'s pairs) are
 #: evaluated in pair order by one rule of that size, at least their own group's (no sort into
-#: groups, no gathers, no scatter back); the others take the groups. Session 24, that
+#: groups, no gathers, no scatter back); the others take the passes after it
+#: (``direct_passes``). Session 24, that
 #: problem (p = 1024, 1 thread, medians of 11 interleaved repeats of the whole call, against
 #: the general path): float64 (2, 10) 1.21, (3, 12) 1.18, (5, 14) 1.00, (6, 16) 0.89, (7, 18)
 #: 0.89, (8, 20) 0.91, (9, 24) 0.92 of the time; float32 (5, 10) 0.95, (7, 12) 0.80, (9, 14)
@@ -1015,6 +1018,16 @@ _DIRECT_WIDE64 = (0.99, 80)
 #: groups' own sizes 26–46), float32 14 points ≤ 0.0029 float32 eps
 #: (tests/test_pair_direct.py).
 DIRECT_ONE_PASS = {True: (6, 16), False: (9, 14)}
+#: (groups, rule size) of float64's second pass (``direct_passes``): every group of
+#: ``_DIRECT_GROUPS`` by its largest rule, on the pairs the one pass left (13% of `nm bench
+#: floor`'s: |ρ| ≥ 0.7 and rejects). One pass of 32 points instead of the sort, gathers,
+#: group kernels and scatter of the general path: with the wide pass and the tail route after
+#: it, 0.92–0.95 of the call's time on that problem (session 25, medians of 21 interleaved
+#: repeats; two passes of 20 or 24 and 32 points, or a first pass of 18 or 20 points, were
+#: within 3% of it) and half the first call's compile time (35 vs 64 s, inductor's cache
+#: cold). On the 57 × 57 grid of [−7, 7]² at 12 ρ per group against a 512-point rule:
+#: tests/test_pair_direct.py.
+DIRECT_GROUPS_PASS = (len(_DIRECT_GROUPS), max(g[1] for g in _DIRECT_GROUPS))
 _DIRECT_RULES: dict = {}
 
 
@@ -1261,7 +1274,7 @@ def direct_front(h, k, r, p0=None, p1=None):
 
 def direct_groups_below(h, k, r, top: int):
     """Whether (h, k, ρ) is in one of the first ``top`` |ρ| groups of the direct route
-    (1 ≤ top < ``len(_DIRECT_GROUPS)``): ``direct_front``'s key below ``top`` (NaN: False),
+    (1 ≤ top ≤ ``len(_DIRECT_GROUPS)``): ``direct_front``'s key below ``top`` (NaN: False),
     in one comparison of |ρ| instead of counting bounds (the same values; the compiled one
     pass of ``torchbridge.moments`` at p = 1024 took 19.04 vs 19.51 ms in float64, 8.25 vs
     8.99 ms in float32, medians of 25 interleaved runs)."""
@@ -1269,16 +1282,64 @@ def direct_groups_below(h, k, r, top: int):
     return (h.abs() <= _DIRECT_HK) & (k.abs() <= _DIRECT_HK) & (r.abs() < bound)
 
 
-def direct_wide32_values():
-    """``direct_group_values`` of float32's float64 re-evaluation: the rule of
-    ``_DIRECT_WIDE32``, float32's eps, the ``wide`` rounding test (h, k, ρ in float64)."""
-    return direct_group_values(_DIRECT_WIDE32[1], 2.0**-23, True)
+class DirectPass(NamedTuple):
+    """One compiled pass of the direct route in pair order (``direct_passes``): its name (a
+    code object of its own), ``values`` (fn(h, k, ρ, base=None) -> (C, accepted): one rule
+    for every pair), ``keep`` (fn(h, k, ρ) -> where those values are final when accepted) and
+    ``wide`` (h, k, ρ taken to float64 arithmetic first, ρΦ(h)Φ(k) formed there: float32's
+    re-evaluation)."""
+
+    name: str
+    values: Callable
+    keep: Callable
+    wide: bool
 
 
-def direct_wide_domain(h, k, r):
-    """Where float32's float64 re-evaluation applies (``_direct_wide_domain``): |h|, |k| ≤
-    ``_DIRECT_HK`` and |ρ| below ``_DIRECT_WIDE32``'s bound; for a caller's compiled pass."""
-    return _direct_wide_domain(_TORCH_OPS[0], h, k, r.abs())
+def _groups_band(lo: int, top: int) -> Callable:
+    """Whether (h, k, ρ) is in the groups ``lo`` … ``top`` − 1 of the direct route (0-based:
+    ``direct_groups_below(h, k, ρ, top)`` and |ρ| at or above group ``lo``'s lower bound)."""
+    if lo == 0:
+        return lambda h, k, r: direct_groups_below(h, k, r, top)
+    bound = _DIRECT_GROUPS[lo - 1][0]
+    return lambda h, k, r: direct_groups_below(h, k, r, top) & (r.abs() >= bound)
+
+
+def _wide_band(f64: bool) -> Callable:
+    """Whether (h, k, ρ) is in the wide group (float64: 0.925 ≤ |ρ| < 0.99, |h|, |k| ≤ 7;
+    float32: its re-evaluation's domain, every |ρ| < 0.99), for a compiled pass."""
+    if not f64:
+        return lambda h, k, r: _direct_wide_domain(_TORCH_OPS[0], h, k, r.abs())
+    top, bound = _DIRECT_WIDE64[0], _DIRECT_GROUPS[-1][0]
+    return lambda h, k, r: (
+        _direct_wide_domain(_TORCH_OPS[0], h, k, r.abs(), top) & (r.abs() >= bound)
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def direct_passes(f64: bool) -> tuple[DirectPass, ...]:
+    """The compiled bulk's passes in pair order (``torchbridge.moments._one_pass_bulk``), each
+    on the pairs the ones before left, each keeping its own band of |ρ|: the one pass
+    (``DIRECT_ONE_PASS``); in float64 the other groups (0.7 ≤ |ρ| < 0.925) by their largest
+    rule (``DIRECT_GROUPS_PASS``); then the wide group by its rule: float64 0.925 ≤ |ρ| < 0.99
+    (``_DIRECT_WIDE64``, float64's rounding test), float32 every |ρ| < 0.99 left
+    (``_DIRECT_WIDE32`` in float64 arithmetic, the ``wide`` test), as the general path
+    evaluates them. The pairs a band's rounding test rejects stay for the routes after."""
+    eps = 2.0**-52 if f64 else 2.0**-23
+    first, n = DIRECT_ONE_PASS[f64]
+    keep = _groups_band(0, first)
+    passes = [DirectPass(f"one_pass_{n}", direct_group_values(n, eps), keep, False)]
+    if f64:
+        top, n = DIRECT_GROUPS_PASS
+        keep = _groups_band(first, top)
+        passes.append(DirectPass(f"groups_pass_{n}", direct_group_values(n, eps), keep, False))
+    n = (_DIRECT_WIDE64 if f64 else _DIRECT_WIDE32)[1]
+    # float64's 80 points on few pairs as a reduction over the nodes: compiled in 2.7 s where
+    # the unrolled form took 20.7 s, at the same speed (0.94 vs 0.92-0.95 of the call without
+    # these passes); float32's 48 points on more pairs unrolled (0.86 vs 0.91: session 25,
+    # p = 1024, medians of 21 interleaved repeats)
+    values = (direct_matrix_values if f64 else direct_group_values)(n, eps, not f64)
+    passes.append(DirectPass(f"wide_pass_{n}", values, _wide_band(f64), not f64))
+    return tuple(passes)
 
 
 def _direct_fused(h, k, r, eps: float, cdf=None):
@@ -1433,6 +1494,30 @@ def direct_group_values(n: int, eps: float, wide: bool = False):
     return values
 
 
+def direct_matrix_values(n: int, eps: float, wide: bool = False):
+    """``direct_group_values`` as a reduction over the nodes (the [pairs, nodes] form of
+    ``_direct_integral``; float64 inputs): for a large rule on few pairs inside a caller's
+    compiled pass, which compiles in seconds where the unrolled form of 80 nodes took 21 s."""
+    import torch
+
+    _torch_ops_cached()
+    rule = _direct_rule(n, torch.zeros(0, dtype=torch.float64))
+
+    y, wy = rule
+
+    def values(h, k, r, base=None):
+        a = -0.25 * (h - k) ** 2
+        b = -0.25 * (h + k) ** 2
+        t = r[:, None] * y
+        u, v = 1.0 + t, 1.0 - t
+        q = torch.reciprocal(u * v)
+        f = torch.exp((u * a[:, None] + v * b[:, None]) * q) * torch.sqrt(q)
+        j = (r * r) * (f * wy).sum(1) * (0.25 / math.pi)
+        return _direct_accept(_TORCH_OPS[0], h, k, r, j, eps, wide, base)
+
+    return values
+
+
 def _direct_compiled(like, n: int, eps: float, wide: bool, with_base: bool):
     """``_direct_unrolled`` for the n-point rule compiled (``torch_support.compiled``: one
     compile per rule size, dtype and variant, dynamic in the pair count), or None where the
@@ -1444,7 +1529,7 @@ def _direct_compiled(like, n: int, eps: float, wide: bool, with_base: bool):
     return compiled(like, f"direct{n}:{eps}:{wide}:{with_base}", renamed(run, f"direct_{n}"))
 
 
-#: The ρ < 0 tail route (``_cov_neg_tail``): h + k ≤ 0, |h|, |k| ≤ ``_DIRECT_HK``,
+#: The ρ < 0 tail route (``cov_neg_tail``): h + k ≤ 0, |h|, |k| ≤ ``_DIRECT_HK``,
 #: −0.99 < ρ < 0, B/S ≥ ``_NEG_TAIL_B`` and A·S² ≤ B·(2 − S)² (A = (h − k)²/4, B = (h + k)²/4,
 #: S = 1 + ρ). There the Gauss–Laguerre variable's nearest singularity lies at least
 #: B/(2S) ≥ 4 left of the origin and the integrand decreases from it (h, k ≤ 0 give A ≤ B, so
@@ -1458,7 +1543,7 @@ _NEG_TAIL_B = 8.0
 
 
 def _neg_tail_domain(h, k, r):
-    """Where ``_cov_neg_tail`` applies (see ``_NEG_TAIL_B``)."""
+    """Where ``cov_neg_tail`` applies (see ``_NEG_TAIL_B``)."""
     a, b, s = 0.25 * (h - k) ** 2, 0.25 * (h + k) ** 2, 1.0 + r
     inside = (h + k <= 0.0) & (h.abs() <= _DIRECT_HK) & (k.abs() <= _DIRECT_HK)
     inside = inside & (r < 0.0) & (r > -_DIRECT_WIDE64[0]) & (b >= _NEG_TAIL_B * s)
@@ -1493,7 +1578,7 @@ def _neg_tail_values(h, k, r, y, wq, xl, wl):
     return -(r.abs() * pv + qv)
 
 
-def _cov_neg_tail(h, k, r, eps: float):
+def cov_neg_tail(h, k, r, eps: float):
     """(C, accepted) by the ρ < 0 tail route (``_neg_tail_values``) on eager CPU tensors
     outside autograd (1-D), evaluated in float64 arithmetic: (0, False) outside
     ``_neg_tail_domain`` and where |C| is not a normal number of the target precision
@@ -1564,7 +1649,7 @@ def _cov_hybrid(o, h, k, r, rule, bvn, eps_ratio, eps=2.0**-52, cdf=None):
             if idx.numel() == 0:
                 return c
             hs, ks, rs = (v.index_select(0, idx) for v in (h, k, r))
-            c_neg, ok_neg = _cov_neg_tail(hs, ks, rs, eps)  # cancelling ρ < 0 pairs
+            c_neg, ok_neg = cov_neg_tail(hs, ks, rs, eps)  # cancelling ρ < 0 pairs
             c.index_copy_(0, idx, c_neg)
             idx, hs, ks, rs = (v[~ok_neg] for v in (idx, hs, ks, rs))
             if idx.numel() == 0:

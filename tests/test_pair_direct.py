@@ -264,12 +264,12 @@ def _neg_tail_ref(h: float, k: float, r: float) -> float:
 
 def _neg_tail(h, k, r):
     t = [torch.tensor(np.asarray(v, dtype=np.float64)) for v in (h, k, r)]
-    c, ok = rp._cov_neg_tail(*t, EPS[torch.float64])
+    c, ok = rp.cov_neg_tail(*t, EPS[torch.float64])
     return c.numpy(), ok.numpy()
 
 
 def test_neg_tail_route_matches_mpmath():
-    """The ρ < 0 tail route (``_cov_neg_tail``: C = −(|ρ|Φ2 + ∫_ρ^0 |t| φ2), no cancellation)
+    """The ρ < 0 tail route (``cov_neg_tail``: C = −(|ρ|Φ2 + ∫_ρ^0 |t| φ2), no cancellation)
     on held-out points of its domain, both units mostly off or of opposite signs, the
     domain's edges (B → 8(1 + ρ), ρ → −0.99, h = k = −7, |ρ| across 0.925): within ``BAR`` of
     mpmath's adaptive quadrature of the same two integrals; a few also against the
@@ -381,19 +381,22 @@ def test_rule_sizes_hold_on_the_extended_domain():
 
 @pytest.mark.slow
 def test_one_pass_rule_holds_on_the_groups_it_covers():
-    """``DIRECT_ONE_PASS``: the one rule of the compiled bulk's pass in pair order, on every
-    |ρ| group it covers, over the whole domain [−7, 7]² (the bars of
-    ``test_rule_sizes_hold_on_the_extended_domain``; session 24 measured ≤ 48.2 eps float64
-    and ≤ 0.0029 float32 eps)."""
+    """The rules of the compiled bulk's passes in pair order (``direct_passes``) on every |ρ|
+    group each keeps, over the whole domain [−7, 7]² (the bars of
+    ``test_rule_sizes_hold_on_the_extended_domain``): ``DIRECT_ONE_PASS`` (session 24
+    measured ≤ 48.2 eps float64 and ≤ 0.0029 float32 eps) and float64's
+    ``DIRECT_GROUPS_PASS`` on 0.7 ≤ |ρ| < 0.925 (session 25: ≤ 43.2 eps). The wide rules are
+    checked above."""
     g = np.arange(-7.0, 7.0001, 0.25)
     hh, kk = (v.ravel() for v in np.meshgrid(g, g, indexing="ij"))
-    for f64, bar in ((True, 50.0), (False, 0.01)):
-        top, n = rp.DIRECT_ONE_PASS[f64]
-        eps = 2.0**-52 if f64 else 2.0**-23
-        lo = 0.0
-        for hi, _, _ in rp._DIRECT_GROUPS[:top]:
+    rules = [(f64, 0, *rp.DIRECT_ONE_PASS[f64]) for f64 in (True, False)]
+    rules.append((True, rp.DIRECT_ONE_PASS[True][0], *rp.DIRECT_GROUPS_PASS))
+    for f64, first, top, n in rules:
+        bar, eps = (50.0, 2.0**-52) if f64 else (0.01, 2.0**-23)
+        lo = rp._DIRECT_GROUPS[first - 1][0] if first else 0.0
+        for hi, _, _ in rp._DIRECT_GROUPS[first:top]:
             rhos = [s * v for s in (1, -1) for v in np.linspace(max(lo, 1e-3), hi - 1e-12, 6)]
-            assert _rule_errors(hh, kk, rhos, n, eps) <= bar, (f64, hi)
+            assert _rule_errors(hh, kk, rhos, n, eps) <= bar, (f64, n, hi)
             lo = hi
 
 
@@ -431,3 +434,57 @@ def test_relu_moments_one_pass_matches_mpmath(dtype):
         h, k = float(m[i] / s[i]), float(m[j] / s[j])
         ref = float(s[i] * s[j]) * _swapped_ref(h, k, float(rho[i, j]))
         assert abs(float(got[i, j]) - ref) <= BAR[dtype] * eps * abs(ref), (i, j)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_relu_moments_passes_leave_the_rest_to_the_other_routes(dtype, monkeypatch):
+    """The pairs the compiled passes leave: the ρ < 0 tail route (``_tail_route``) on the
+    cancelling ones, the general path (``_pair_covariances``) on the others (here |μ/σ| > 7
+    and a duplicated variable, ρ = 1). Each route is taken (the tail route in float64: float32's
+    wide pass in float64 arithmetic accepts these pairs); its entries match mpmath, the matrix
+    is exactly symmetric, the duplicate's covariance is its variance, one block or several
+    give the same matrix."""
+    from torchbridge import moments
+    from torchbridge.experiments.bench_kernels import random_problem
+
+    p = 64
+    mean, cov = random_problem(p, 5)
+    cov[0], cov[:, 0] = cov[1], cov[:, 1]  # variable 0 duplicates variable 1: ρ = 1
+    cov[0, 0] = cov[1, 1]
+    mean[0] = mean[1]
+    sd = cov.diagonal().sqrt()
+    mean[2] = 8.5 * sd[2]  # outside the direct route's |h| ≤ 7
+    mean[3:24] = -3.0 * sd[3:24]  # both units mostly off: ρ < 0 pairs cancel
+    mean, cov = mean.to(dtype), cov.to(dtype)
+    seen = {"tail": [], "general": []}
+
+    def general(*args):
+        seen["general"].append(torch.stack(args[6:8], 1))
+        return pair_covariances(*args)
+
+    def tail(up, li, lj, *args):  # the pairs it takes: those it does not return
+        left = tail_route(up, li, lj, *args)
+        taken = ~torch.isin(li * p + lj, left[0] * p + left[1])
+        seen["tail"].append(torch.stack([li[taken], lj[taken]], 1))
+        return left
+
+    pair_covariances, tail_route = moments._pair_covariances, moments._tail_route
+    monkeypatch.setattr(moments, "_tail_route", tail)
+    monkeypatch.setattr(moments, "_pair_covariances", general)
+    got = moments.relu_moments(mean, cov, check_psd=False, compiled=True)[1]
+    blocks = moments.relu_moments(mean, cov, check_psd=False, compiled=True, chunk=8 * p)[1]
+    assert torch.equal(got, blocks) and torch.equal(got, got.T)
+    assert got[0, 1] == got[1, 1]  # the duplicate
+    m, c = mean.double(), cov.double()
+    s = c.diagonal().sqrt()
+    rng = np.random.default_rng(3)
+    for name in ("tail", "general") if dtype == torch.float64 else ("general",):
+        pairs = torch.cat(seen[name][:1]).numpy()
+        # strict pairs (the general path gets the diagonal too), not the duplicate
+        pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+        pairs = pairs[(pairs[:, 0] > 1) | (pairs[:, 1] > 1)]
+        assert len(pairs) >= 8, name
+        for i, j in pairs[rng.choice(len(pairs), 8, replace=False)]:
+            h, k = float(m[i] / s[i]), float(m[j] / s[j])
+            ref = float(s[i] * s[j]) * _swapped_ref(h, k, float(c[i, j] / (s[i] * s[j])))
+            assert abs(float(got[i, j]) - ref) <= BAR[dtype] * EPS[dtype] * abs(ref), (name, i, j)

@@ -28,13 +28,11 @@ import torch
 from nmgen.generated import torch_kernels as K
 
 from nmruntime.relu_pair import (
-    DIRECT_ONE_PASS,
     DirectFront,
+    DirectPass,
+    cov_neg_tail,
     direct_front,
-    direct_group_values,
-    direct_groups_below,
-    direct_wide32_values,
-    direct_wide_domain,
+    direct_passes,
     normal_cdf_torch,
     renamed,
 )
@@ -369,24 +367,23 @@ def _pair_covariances(
     return torch.cat([off, var.index_select(-1, dg)], dim=-1)
 
 
-def _one_pass(up, si, sj, sigma, cflat, h, cdf, p: int, symmetric: bool, values, keep, wide):
+def _one_pass(up, si, sj, sigma, cflat, h, cdf, p: int, symmetric: bool, rule: DirectPass):
     """One pass of ``_one_pass_bulk`` over the pairs (si, sj) in their own order: ρ, h, k and
-    ρΦ(h)Φ(k) as ``_pair_front`` forms them, C by one rule for every pair (``values``:
-    ``direct_group_values`` or, ``wide``, ``direct_wide32_values`` on h, k, ρ in float64
-    arithmetic with ρΦ(h)Φ(k) from float64 Φ, as the general path re-evaluates float32's
-    rejects), σiσj·C written to the places i·p + j of ``up`` (flat p·p, in place); returns
-    where that value is not final (rejected, or outside ``keep``: ``direct_groups_below`` or
-    ``direct_wide_domain``) as uint8 1 (a bool output cost 2.0 ms more per p = 1024 call in
-    float64, 2.3 ms in float32: inductor stores bool masks element by element)."""
+    ρΦ(h)Φ(k) as ``_pair_front`` forms them, C by ``rule.values`` for every pair (``wide``:
+    on h, k, ρ in float64 arithmetic, ρΦ(h)Φ(k) from float64 Φ, as the general path
+    re-evaluates float32's rejects), σiσj·C written to the places i·p + j of ``up`` (flat p·p,
+    in place); returns where that value is not final (rejected, or outside ``rule.keep``) as
+    uint8 1 (a bool output cost 2.0 ms more per p = 1024 call in float64, 2.3 ms in float32:
+    inductor stores bool masks element by element)."""
     s12, rho = _pair_rho(si, sj, sigma, cflat, p, symmetric)
     hi, hj = h[si], h[sj]
-    if wide:
+    if rule.wide:
         hi, hj, rho = hi.double(), hj.double(), rho.double()
-        c, ok = values(hi, hj, rho)
+        c, ok = rule.values(hi, hj, rho)
     else:  # ρΦ(h)Φ(k) as ``direct_front``'s
-        c, ok = values(hi, hj, rho, rho * cdf[si] * cdf[sj])
+        c, ok = rule.values(hi, hj, rho, rho * cdf[si] * cdf[sj])
     up.index_put_((si * p + sj,), s12 * c.to(s12.dtype))
-    return (~(ok & keep(hi, hj, rho))).to(torch.uint8)
+    return (~(ok & rule.keep(hi, hj, rho))).to(torch.uint8)
 
 
 def _one_pass_bulk(
@@ -396,21 +393,18 @@ def _one_pass_bulk(
     triangle and diagonal) where the compiled bulk applies to one unbatched problem with every
     σ > 0; returns E[relu(z)], or None (nothing written: the caller takes the general path).
 
-    Per block of ``_pair_blocks_nd``: one compiled pass over the strict pairs in their own
-    order (``_one_pass``) evaluates every pair by the rule of ``DIRECT_ONE_PASS`` and keeps
-    the values of the |ρ| groups that rule covers (no sort, no gathers into group order, no
-    scatter back, no per-pair arrays); in float32 a second pass takes the pairs it left in
-    float64 arithmetic by the wide rule; the pairs still left and the diagonal then go
-    through ``_pair_covariances`` (the general path, on those pairs only), or, where none is
-    left, the diagonal is written directly."""
+    Per block of ``_pair_blocks_nd``: the compiled passes of ``direct_passes`` over the strict
+    pairs in their own order (``_one_pass``), each on the pairs the ones before left: no sort,
+    no gathers into group order, no scatter back, no per-pair arrays. The first evaluates
+    every pair by the rule of ``DIRECT_ONE_PASS`` and keeps the |ρ| groups that rule covers;
+    the next take the other groups and the wide one. The pairs still left take the ρ < 0
+    tail route (``_tail_route``), then the general path (``_pair_covariances``, on those
+    pairs and the diagonal); where none is left the diagonal is written directly."""
     p = mean.shape[-1]
     if mean.ndim != 1 or p < 2:
         return None
-    f64 = mean.dtype == torch.float64
-    passes = [_pass_kernel(mean, symmetric, False)] + (
-        [] if f64 else [_pass_kernel(mean, symmetric, True)]
-    )
-    if passes[0] is None:
+    passes = _pass_kernels(mean, symmetric)
+    if passes is None:
         return None
     sigma = _safe_sqrt(cov.diagonal())
     shared = _shared(mean, cov, sigma, symmetric)
@@ -425,6 +419,8 @@ def _one_pass_bulk(
             li, lj = li.index_select(0, need), lj.index_select(0, need)
             if li.numel() == 0:
                 break
+        if li.numel():
+            li, lj = _tail_route(up, li, lj, sigma, cflat, shared.h, symmetric)
         dg = i[ns:]
         if li.numel() == 0:  # only the diagonal: the ReLU variances, as the general path
             up.index_copy_(0, dg * (p + 1), shared.var.index_select(0, dg))
@@ -435,32 +431,42 @@ def _one_pass_bulk(
     return shared.rmean
 
 
-def _pass_kernel(like: torch.Tensor, symmetric: bool, wide: bool):
-    """The compiled ``_one_pass`` for ``like``'s dtype: the first pass (``DIRECT_ONE_PASS``'s
-    rule, kept in its groups) or float32's ``wide`` one; None where the compiled bulk does
-    not apply (``torch_support.compiled``). Its indices are built here (in range)."""
-    f64 = like.dtype == torch.float64
-    top, n = DIRECT_ONE_PASS[f64]
-    eps = float(torch.finfo(like.dtype).eps)
-    name = f"wide_pass{symmetric}" if wide else f"one_pass{n}:{top}:{eps}:{symmetric}"
-    return compiled(like, name, _pass_fn(n, top, eps, symmetric, wide), indices_in_range=True)
+def _tail_route(up, li, lj, sigma, cflat, h, symmetric: bool):
+    """The pairs (li, lj) the passes left (few) by the ρ < 0 tail route (``cov_neg_tail``:
+    the cancelling pairs with ρ < 0 and both units mostly off, as the general path takes
+    them after the direct route), σiσj·C written into ``up`` where it applies; returns the
+    pairs it leaves."""
+    p = sigma.shape[0]
+    s12, rho = _pair_rho(li, lj, sigma, cflat, p, symmetric)
+    c, ok = cov_neg_tail(h[li], h[lj], rho, float(torch.finfo(up.dtype).eps))
+    done = ok.nonzero().squeeze(1)
+    up.index_copy_(0, (li * p + lj).index_select(0, done), (s12 * c).index_select(0, done))
+    rest = (~ok).nonzero().squeeze(1)
+    return li.index_select(0, rest), lj.index_select(0, rest)
+
+
+def _pass_kernels(like: torch.Tensor, symmetric: bool) -> list | None:
+    """The compiled ``_one_pass`` of each of ``direct_passes`` for ``like``'s dtype, or None
+    where the compiled bulk does not apply (``torch_support.compiled``). Their indices are
+    built by ``_one_pass_bulk`` (in range)."""
+    runs = []
+    for rule in direct_passes(like.dtype == torch.float64):
+        name = f"{rule.name}:{like.dtype}:{symmetric}"
+        run = compiled(like, name, _pass_fn(rule, symmetric), indices_in_range=True)
+        if run is None:
+            return None
+        runs.append(run)
+    return runs
 
 
 @functools.lru_cache(maxsize=8)
-def _pass_fn(n: int, top: int, eps: float, symmetric: bool, wide: bool):
-    """``_one_pass`` with its rule and kept set bound, under a code object of its own."""
-    if wide:
-        values, keep = direct_wide32_values(), direct_wide_domain
-    else:
-        values = direct_group_values(n, eps)
-
-        def keep(h, k, r):
-            return direct_groups_below(h, k, r, top)
+def _pass_fn(rule: DirectPass, symmetric: bool):
+    """``_one_pass`` with its rule bound, under a code object of its own."""
 
     def run(up, si, sj, sigma, cflat, h, cdf, p):
-        return _one_pass(up, si, sj, sigma, cflat, h, cdf, p, symmetric, values, keep, wide)
+        return _one_pass(up, si, sj, sigma, cflat, h, cdf, p, symmetric, rule)
 
-    return renamed(run, "wide_pass" if wide else f"one_pass_{n}")
+    return renamed(run, rule.name)
 
 
 def relu_pair_covariances(
@@ -516,9 +522,9 @@ def relu_moments(
         check_psd: also run a Cholesky PSD check (O(p³); symmetry, finiteness and the
             diagonal are always checked). Nothing passed in is modified.
         compiled: run the exact covariance's bulk through ``torch.compile``
-            (``nmruntime.torch_support.compiled_bulk``: for one unbatched problem, most
-            pairs in one fused pass in their own order (``_one_pass_bulk``), the others by
-            the direct route as one fused pass per |ρ| group, among others) where that
+            (``nmruntime.torch_support.compiled_bulk``: for one unbatched problem, the pairs
+            in a few fused passes in their own order (``_one_pass_bulk``), the few they
+            leave by the other routes) where that
             applies (eager CPU tensors outside autograd; elsewhere, e.g. CUDA or
             ``requires_grad``, the call is the default one). The same values to a few eps
             (within the routes' accuracy: tests/test_pair_direct.py); the first call per
