@@ -1018,15 +1018,15 @@ _DIRECT_WIDE64 = (0.99, 80)
 #: groups' own sizes 26–46), float32 14 points ≤ 0.0029 float32 eps
 #: (tests/test_pair_direct.py).
 DIRECT_ONE_PASS = {True: (6, 16), False: (9, 14)}
-#: (groups, rule size) of float64's second pass (``direct_passes``): every group of
-#: ``_DIRECT_GROUPS`` by its largest rule, on the pairs the one pass left (13% of `nm bench
-#: floor`'s: |ρ| ≥ 0.7 and rejects). One pass of 32 points instead of the sort, gathers,
-#: group kernels and scatter of the general path: with the wide pass and the tail route after
-#: it, 0.92–0.95 of the call's time on that problem (session 25, medians of 21 interleaved
-#: repeats; two passes of 20 or 24 and 32 points, or a first pass of 18 or 20 points, were
-#: within 3% of it) and half the first call's compile time (35 vs 64 s, inductor's cache
-#: cold). On the 57 × 57 grid of [−7, 7]² at 12 ρ per group against a 512-point rule:
-#: tests/test_pair_direct.py.
+#: (groups, rule size) of float64's second pass (``direct_passes``): the groups after the one
+#: pass's (0.7 ≤ |ρ| < 0.925) by their largest rule, on the pairs the one pass left (13% of
+#: `nm bench floor`'s). One pass of 32 points instead of the general path's front, sort,
+#: gathers, group kernels and scatter: with the wide pass and the tail route after it, 0.91 of
+#: the call's time on that problem and the cold first call 36 vs 64 s (session 25, separate
+#: processes against the code before; in one process, two passes of 20 or 24 and 32 points, or
+#: a first pass of 18 or 20 points, were within 3% of it). On the 57 × 57 grid of [−7, 7]² at
+#: 12 ρ per group against a 512-point rule: ≤ 43.2 eps of C on those groups
+#: (tests/test_pair_direct.py).
 DIRECT_GROUPS_PASS = (len(_DIRECT_GROUPS), max(g[1] for g in _DIRECT_GROUPS))
 _DIRECT_RULES: dict = {}
 
@@ -1336,7 +1336,7 @@ def direct_passes(f64: bool) -> tuple[DirectPass, ...]:
     # float64's 80 points on few pairs as a reduction over the nodes: compiled in 2.7 s where
     # the unrolled form took 20.7 s, at the same speed (0.94 vs 0.92-0.95 of the call without
     # these passes); float32's 48 points on more pairs unrolled (0.86 vs 0.91: session 25,
-    # p = 1024, medians of 21 interleaved repeats)
+    # p = 1024, medians of 21 repeats interleaved in one process)
     values = (direct_matrix_values if f64 else direct_group_values)(n, eps, not f64)
     passes.append(DirectPass(f"wide_pass_{n}", values, _wide_band(f64), not f64))
     return tuple(passes)
@@ -1501,9 +1501,7 @@ def direct_matrix_values(n: int, eps: float, wide: bool = False):
     import torch
 
     _torch_ops_cached()
-    rule = _direct_rule(n, torch.zeros(0, dtype=torch.float64))
-
-    y, wy = rule
+    y, wy = _direct_rule(n, torch.zeros(0, dtype=torch.float64))
 
     def values(h, k, r, base=None):
         a = -0.25 * (h - k) ** 2
