@@ -1333,7 +1333,7 @@ def direct_passes(f64: bool) -> tuple[DirectPass, ...]:
         keep = _groups_band(first, top)
         passes.append(DirectPass(f"groups_pass_{n}", direct_group_values(n, eps), keep, False))
     n = (_DIRECT_WIDE64 if f64 else _DIRECT_WIDE32)[1]
-    # float64's 80 points on few pairs as a reduction over the nodes: compiled in 2.7 s where
+    # float64's 80 points on few pairs in the [pairs, nodes] form: compiled in seconds where
     # the unrolled form took 20.7 s, at the same speed (0.94 vs 0.92-0.95 of the call without
     # these passes); float32's 48 points on more pairs unrolled (0.86 vs 0.91: session 25,
     # p = 1024, medians of 21 repeats interleaved in one process)
@@ -1495,22 +1495,16 @@ def direct_group_values(n: int, eps: float, wide: bool = False):
 
 
 def direct_matrix_values(n: int, eps: float, wide: bool = False):
-    """``direct_group_values`` as a reduction over the nodes (the [pairs, nodes] form of
-    ``_direct_integral``; float64 inputs): for a large rule on few pairs inside a caller's
-    compiled pass, which compiles in seconds where the unrolled form of 80 nodes took 21 s."""
+    """``direct_group_values`` in the [pairs, nodes] form of ``_direct_integral`` (float64
+    inputs; ``_direct_matrix``'s): for a large rule on few pairs inside a caller's compiled
+    pass, which compiles in seconds where the unrolled form of 80 nodes took 21 s."""
     import torch
 
     _torch_ops_cached()
-    y, wy = _direct_rule(n, torch.zeros(0, dtype=torch.float64))
+    rule = _direct_rule(n, torch.zeros(0, dtype=torch.float64))
 
     def values(h, k, r, base=None):
-        a = -0.25 * (h - k) ** 2
-        b = -0.25 * (h + k) ** 2
-        t = r[:, None] * y
-        u, v = 1.0 + t, 1.0 - t
-        q = torch.reciprocal(u * v)
-        f = torch.exp((u * a[:, None] + v * b[:, None]) * q) * torch.sqrt(q)
-        j = (r * r) * (f * wy).sum(1) * (0.25 / math.pi)
+        j = _direct_integral(h, k, r, rule)
         return _direct_accept(_TORCH_OPS[0], h, k, r, j, eps, wide, base)
 
     return values
