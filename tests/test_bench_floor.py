@@ -48,7 +48,7 @@ def test_dvi_is_an_approximation_of_the_exact_covariance():
 def test_bench_floor_runs_small(tmp_path):
     args = argparse.Namespace(
         p=24,
-        threads="1",
+        threads="1,2",
         dtypes="float64",
         repeats=1,
         mc_samples=200,
@@ -68,6 +68,15 @@ def test_bench_floor_runs_small(tmp_path):
     methods = res["runs"][0]["methods"]
     assert "DVI (Wu et al. 2019)" in methods
     assert methods["DVI (Wu et al. 2019)"]["max_rel_err_vs_exact"] > 0
+    assert [r["threads"] for r in res["runs"]] == [1, 2]
+    check = res["thread_check"]["float64"]  # every call timed at 1 and 2 threads
+    assert set(check) == {"exact", "DVI"}
+    for c in check.values():
+        assert set(c["seconds"]) == {1, 2} and all(v > 0 for v in c["seconds"].values())
+        assert c["ratio"] == pytest.approx(c["seconds"][2] / c["seconds"][1])
+    assert check["DVI"]["ratio_to_dvi"] == {1: 1.0, 2: 1.0}
+    md = (tmp_path / "bench_floor.md").read_text()
+    assert "float64, exact: 1 thread(s)" in md and "2 vs 1 thread(s)" in md
     groups = check_file(res["oracle_points"]["file"], progress=False)["groups"]
     assert [g["points"] for g in groups] == [2, 2]
     assert max(g["max_abs_diff"] for g in groups) <= 1e-15

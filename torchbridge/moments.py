@@ -36,8 +36,9 @@ from nmruntime.relu_pair import (
     normal_cdf_torch,
     renamed,
 )
-from nmruntime.torch_support import compiled, compiled_bulk, sync_free
+from nmruntime.torch_support import compiled, compiled_bulk, float_constants, sync_free
 from torchbridge.covariance import all_finite, check_full_covariance, require_tensor
+from torchbridge.pair_split import run_split, usable_threads
 
 METHODS = ("exact", "series", "zero_mean")
 DEFAULT_CHUNK = 1 << 20
@@ -51,18 +52,21 @@ _SERIES_SLICE = 1 << 16  # pairs per series kernel call (cache-sized temporaries
 #: argument checks are inside the cap too: left at torch's 2 threads they took 0.134 s vs
 #: 0.033 s at 1 (p = 1024, loaded machine), which made the 2-thread call 1.19x the 1-thread
 #: one (0.842 s vs 0.710 s, medians of 7 interleaved repeats); with the checks inside the
-#: cap, 0.546 s (2 threads) vs 0.603 s (1 thread) in the same kind of run.
+#: cap, 0.546 s (2 threads) vs 0.603 s (1 thread) in the same kind of run. With
+#: ``compiled=True`` the bulk's passes use torch's thread count in another way: Python threads,
+#: each at this cap, taking ranges of pairs as they come free (``torchbridge.pair_split``).
 PAIR_THREADS = 1
 
 
 @contextlib.contextmanager
-def _pair_threads() -> Iterator[None]:
-    """torch's intra-op thread count capped at ``PAIR_THREADS`` inside, restored after."""
+def _pair_threads() -> Iterator[int]:
+    """torch's intra-op thread count capped at ``PAIR_THREADS`` inside, restored after;
+    yields the count before the cap (the threads the caller allows)."""
     old = torch.get_num_threads()
     if old > PAIR_THREADS:
         torch.set_num_threads(PAIR_THREADS)
     try:
-        yield
+        yield old
     finally:
         if old > PAIR_THREADS:
             torch.set_num_threads(old)
@@ -387,7 +391,12 @@ def _one_pass(up, si, sj, sigma, cflat, h, cdf, p: int, symmetric: bool, rule: D
 
 
 def _one_pass_bulk(
-    up: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor, chunk: int, symmetric: bool
+    up: torch.Tensor,
+    mean: torch.Tensor,
+    cov: torch.Tensor,
+    chunk: int,
+    symmetric: bool,
+    threads: int = 1,
 ) -> torch.Tensor | None:
     """``relu_moments``' exact covariance written straight into ``up`` (flat p·p: upper
     triangle and diagonal) where the compiled bulk applies to one unbatched problem with every
@@ -399,7 +408,11 @@ def _one_pass_bulk(
     every pair by the rule of ``DIRECT_ONE_PASS`` and keeps the |ρ| groups that rule covers;
     the next take the other groups and the wide one. The pairs still left take the ρ < 0
     tail route (``_tail_route``), then the general path (``_pair_covariances``, on those
-    pairs and the diagonal); where none is left the diagonal is written directly."""
+    pairs and the diagonal); where none is left the diagonal is written directly.
+
+    ``threads``: the passes run on up to that many threads, each taking the next range of the
+    block's strict pairs as it comes free (``run_split``; they release the GIL). Each pair is
+    written by the thread of its range: the same values at any thread count."""
     p = mean.shape[-1]
     if mean.ndim != 1 or p < 2:
         return None
@@ -411,14 +424,14 @@ def _one_pass_bulk(
     if not shared.direct:
         return None
     cflat = cov.reshape(-1)
+    args = (up, sigma, cflat, shared.h, shared.cdf, p)
+    warm = (mean.dtype, symmetric) in _PASSES_RAN  # the first call compiles on one thread
+    threads = usable_threads(threads) if warm else 1
     for i, j, nd in _pair_blocks_nd(p, chunk, mean.device):
         ns = i.shape[0] - nd
-        li, lj = i[:ns], j[:ns]
-        for run in passes:  # each on the pairs the ones before left
-            need = run(up, li, lj, sigma, cflat, shared.h, shared.cdf, p).nonzero().squeeze(1)
-            li, lj = li.index_select(0, need), lj.index_select(0, need)
-            if li.numel() == 0:
-                break
+        with float_constants():  # entered here for every thread (see ``_float_constants``)
+            left = run_split(functools.partial(_run_passes, passes, args, i, j), ns, threads)
+        li, lj = torch.cat([a for a, _ in left]), torch.cat([b for _, b in left])
         if li.numel():
             li, lj = _tail_route(up, li, lj, sigma, cflat, shared.h, symmetric)
         dg = i[ns:]
@@ -428,7 +441,25 @@ def _one_pass_bulk(
         li, lj = torch.cat([li, dg]), torch.cat([lj, dg])
         c = _pair_covariances(mean, cflat, sigma, shared.rmean, "exact", 5, li, lj, nd, shared)
         up.index_copy_(0, li * p + lj, c)
+    _PASSES_RAN.add((mean.dtype, symmetric))
     return shared.rmean
+
+
+_PASSES_RAN: set = set()  # (dtype, symmetric) of the passes that have run (compiled) once
+
+
+def _run_passes(passes: list, args: tuple, i, j, start: int, stop: int):
+    """The pairs (i, j)[start:stop] through ``passes`` in turn (``_pass_kernels``; ``args``:
+    their arguments after the pairs), each on the pairs the ones before left; returns the
+    pairs they all left."""
+    up, sigma, cflat, h, cdf, p = args
+    li, lj = i[start:stop], j[start:stop]
+    for run in passes:
+        need = run(up, li, lj, sigma, cflat, h, cdf, p).nonzero().squeeze(1)
+        li, lj = li.index_select(0, need), lj.index_select(0, need)
+        if li.numel() == 0:
+            break
+    return li, lj
 
 
 def _tail_route(up, li, lj, sigma, cflat, h, symmetric: bool):
@@ -452,7 +483,8 @@ def _pass_kernels(like: torch.Tensor, symmetric: bool) -> list | None:
     runs = []
     for rule in direct_passes(like.dtype == torch.float64):
         name = f"{rule.name}:{like.dtype}:{symmetric}"
-        run = compiled(like, name, _pass_fn(rule, symmetric), indices_in_range=True)
+        fn = _pass_fn(rule, symmetric)
+        run = compiled(like, name, fn, indices_in_range=True, releases_gil=True)
         if run is None:
             return None
         runs.append(run)
@@ -529,7 +561,9 @@ def relu_moments(
             ``requires_grad``, the call is the default one). The same values to a few eps
             (within the routes' accuracy: tests/test_pair_direct.py); the first call per
             process and dtype compiles (seconds to a minute, less with inductor's disk
-            cache); needs a C++ compiler.
+            cache); needs a C++ compiler. Its passes then run on torch's thread count of
+            threads (``torchbridge.pair_split``: ranges of pairs taken as threads come free;
+            the same values at any count); the rest of the call on one thread.
 
     Returns:
         (out_mean ``batch_shape x p``, out_cov ``batch_shape x p x p``); out_cov is exactly
@@ -538,13 +572,14 @@ def relu_moments(
     """
     _check_method(method, terms)
     bulk = compiled_bulk() if compiled else contextlib.nullcontext()
-    with _pair_threads(), bulk:  # the whole call, validation included (see PAIR_THREADS)
+    with _pair_threads() as threads, bulk:  # the whole call, validation included (PAIR_THREADS)
         symmetric = _validate(mean, cov, check_psd)
         p = mean.shape[-1]
         batch = torch.broadcast_shapes(mean.shape[:-1], cov.shape[:-2])
         mean, cov = mean.expand(*batch, p), cov.expand(*batch, p, p)  # views, never written
         up = mean.new_empty(*mean.shape[:-1], p * p)  # the upper triangle is written below
-        rmean = _one_pass_bulk(up, mean, cov, chunk, symmetric) if method == "exact" else None
+        bulk_args = (up, mean, cov, chunk, symmetric, threads)
+        rmean = _one_pass_bulk(*bulk_args) if method == "exact" else None
         if rmean is None:
             pairs = relu_pair_covariances(mean, cov, method, terms, chunk, symmetric=symmetric)
             for rm, i, j, c in pairs:

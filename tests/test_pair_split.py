@@ -1,0 +1,134 @@
+"""Ranges of pairs split between threads (torchbridge.pair_split) and relu_moments on them."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import torch
+
+from torchbridge import moments, pair_split
+from torchbridge.pair_split import MIN_RANGE, ranges, run_split, usable_threads
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, MIN_RANGE, 3 * MIN_RANGE + 7, 523_776, 8_386_560])
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_ranges_cover_in_order_and_shrink(n, threads):
+    parts = ranges(n, threads)
+    if n == 0:
+        assert parts == []
+        return
+    starts = [a for a, _ in parts]
+    stops = [b for _, b in parts]
+    assert starts == [0, *stops[:-1]] and stops[-1] == n
+    sizes = [b - a for a, b in parts]
+    assert all(s > 0 for s in sizes)
+    if threads == 1:
+        assert len(parts) == 1
+    else:  # guided: never growing, each at least MIN_RANGE but the last
+        assert sizes == sorted(sizes, reverse=True)
+        assert all(s >= MIN_RANGE for s in sizes[:-1])
+        assert sizes[0] == min(n, max(MIN_RANGE, n // (2 * threads)))
+
+
+def test_usable_threads_leaves_out_busy_cpus(monkeypatch):
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    monkeypatch.setattr(pair_split, "_other_running", lambda: 0)
+    assert usable_threads(0) == 1 and usable_threads(1) == 1
+    assert usable_threads(64) == min(64, cpus)
+    monkeypatch.setattr(pair_split, "_other_running", lambda: 1)  # a busy process elsewhere
+    assert usable_threads(64) == max(1, cpus - 1)
+    monkeypatch.setattr(pair_split, "_other_running", lambda: 10 * cpus)
+    assert usable_threads(64) == 1
+
+
+def test_other_running_counts_runnable_tasks():
+    """Linux: /proc/loadavg's runnable count less this thread, a count and never negative."""
+    n = pair_split._other_running()
+    assert isinstance(n, int) and n >= 0
+    if os.path.exists("/proc/loadavg"):
+        with open("/proc/loadavg", encoding="ascii") as f:
+            running, total = map(int, f.read().split()[3].split("/"))
+        assert running >= 1 and n < total
+
+
+def test_run_split_uses_the_helpers_and_keeps_range_order():
+    """Two threads in fn at once (a barrier that times out otherwise), results in range order."""
+    n = 6 * MIN_RANGE
+    both = threading.Barrier(2, timeout=30)
+    seen = set()
+
+    def fn(a, b):
+        if threading.get_ident() not in seen:  # each thread's first range meets the other's
+            seen.add(threading.get_ident())
+            try:
+                both.wait()
+            except threading.BrokenBarrierError:
+                pass
+        return a, b
+
+    got = run_split(fn, n, 2)
+    assert got == ranges(n, 2)
+    assert len(seen) == 2 and not both.broken
+
+
+def test_run_split_raises_after_every_started_range_is_done():
+    """The first error is raised once no range is running; the ranges not started are
+    skipped."""
+    n = 12 * MIN_RANGE
+    running = [0]
+    lock = threading.Lock()
+    done = []
+
+    def fn(a, b):
+        with lock:
+            running[0] += 1
+        try:
+            if a == ranges(n, 2)[1][0]:
+                raise KeyError("range 1")
+            threading.Event().wait(0.02)
+            return a
+        finally:
+            with lock:
+                running[0] -= 1
+                done.append(a)
+
+    with pytest.raises(KeyError, match="range 1"):
+        run_split(fn, n, 2)
+    assert running[0] == 0  # nobody still writes after the call
+    assert len(done) < len(ranges(n, 2))
+
+
+def test_relu_moments_compiled_is_the_same_at_any_thread_count(monkeypatch):
+    """p = 600 (3 ranges at 2 threads): the compiled call at torch thread counts 1 and 2 gives
+    bit-identical mean and covariance, exactly symmetric; once compiled, the 2-thread call
+    splits the passes between 2 threads where this process may run on 2 CPUs, and the
+    caller's thread count is restored."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(600, 6, generator=g, dtype=torch.float64)
+    cov = w @ w.T / 6 + 0.05 * torch.eye(600, dtype=torch.float64)
+    mean = torch.randn(600, generator=g, dtype=torch.float64)
+    calls = []
+    split = moments.run_split
+
+    def recorded(fn, n, threads):
+        calls.append(threads)
+        return split(fn, n, threads)
+
+    monkeypatch.setattr(moments, "run_split", recorded)
+    monkeypatch.setattr(pair_split, "_other_running", lambda: 0)  # as on an idle machine
+    before = torch.get_num_threads()
+    try:
+        outs = {}
+        for t in (1, 2, 1, 2):  # the first call compiles (on one thread)
+            torch.set_num_threads(t)
+            calls.clear()
+            outs[t] = moments.relu_moments(mean, cov, check_psd=False, compiled=True)
+            assert torch.get_num_threads() == t
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[1][0], outs[2][0]) and torch.equal(outs[1][1], outs[2][1])
+    assert torch.equal(outs[2][1], outs[2][1].T)
+    assert len(ranges(600 * 599 // 2, 2)) == 3
+    assert calls == [usable_threads(2)]  # the last call: 2 threads, compiled already

@@ -1,0 +1,116 @@
+"""Ranges of pairs split between threads as they come free (issue #13 thread policy).
+
+``relu_moments(..., compiled=True)`` runs its bulk (the compiled passes over the strict pairs,
+which release the GIL: ``nmruntime.torch_support.compiled(..., releases_gil=True)``) through
+``run_split``: the calling thread and up to ``threads - 1`` pool threads each take the next
+range of pairs when they are done with the last (a guided schedule: ranges shrink as the work
+runs out), each at one intra-op thread. A thread that gets less CPU takes fewer ranges, and
+the call waits at most for the range it holds; OpenMP threads over each kernel split every
+pass evenly and wait for the slowest, which made the compiled passes 2.5–2.9× slower at 2
+threads with the other core busy (session 24). The thread count leaves out the CPUs other
+processes keep busy at the call (``usable_threads``), as libgomp's ``OMP_DYNAMIC`` leaves
+out its load average: there a second thread would share a core with the first.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+#: the fewest pairs in a range (about 3 ms of the float64 passes on the 2-core Xeon of
+#: issue #13): below it, a range's fixed cost (a kernel call per pass, a nonzero, two gathers:
+#: about 0.2 ms) is not amortised. p = 1024's 523,776 strict pairs make 7 ranges at 2 threads.
+MIN_RANGE = 1 << 16
+
+_POOL: list = [None]
+_POOL_LOCK = threading.Lock()
+
+
+def usable_threads(requested: int) -> int:
+    """``requested`` (torch's thread count at the call), at most the CPUs this process may run
+    on (its affinity mask where the platform has one) less the other tasks running on the
+    machine right now (Linux: ``/proc/loadavg``'s count of runnable tasks, this thread
+    excluded), at least 1. Where another process keeps a core busy, a second thread of ours
+    shares a core and only adds each range's fixed cost: with a busy loop on the other core of
+    the 2-core machine of issue #13, 2 threads took 1.05–1.07× the time of 1 (p = 1024)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks on this platform
+        cpus = os.cpu_count() or 1
+    return max(1, min(int(requested), cpus - _other_running()))
+
+
+def _other_running() -> int:
+    """Runnable tasks on the machine other than the calling thread (0 where unknown)."""
+    try:
+        with open("/proc/loadavg", encoding="ascii") as f:
+            running = f.read().split()[3].split("/")[0]
+        return max(0, int(running) - 1)
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def ranges(n: int, threads: int, min_range: int = MIN_RANGE) -> list[tuple[int, int]]:
+    """[start, stop) ranges covering range(n) in order: each the rest's 1/(2·threads), at least
+    ``min_range`` (the last: what is left); one range where ``threads`` is 1."""
+    if n <= 0:
+        return []
+    if threads <= 1:
+        return [(0, n)]
+    out, start = [], 0
+    while start < n:
+        size = min(n - start, max(min_range, (n - start) // (2 * threads)))
+        out.append((start, start + size))
+        start += size
+    return out
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The process's pool of helper threads (created on first use, threads started as
+    needed, never more than the CPUs)."""
+    with _POOL_LOCK:
+        if _POOL[0] is None:
+            _POOL[0] = concurrent.futures.ThreadPoolExecutor(
+                max_workers=max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="nm-pairs"
+            )
+        return _POOL[0]
+
+
+def run_split(fn: Callable[[int, int], T], n: int, threads: int) -> list[T]:
+    """[fn(start, stop) for each of ``ranges(n, threads)``], in range order: the calling
+    thread and up to ``threads - 1`` pool threads take the next range as they come free.
+    ``fn`` must write only what its range owns. Returns after every range is done, or raises
+    the first error (the ranges not started by then are skipped; the started ones finish)."""
+    parts = ranges(n, threads)
+    helpers = min(threads, len(parts)) - 1
+    if helpers <= 0:
+        return [fn(a, b) for a, b in parts]
+    results: list = [None] * len(parts)
+    nxt, lock, failed = [0], threading.Lock(), threading.Event()
+
+    def work() -> None:
+        while not failed.is_set():
+            with lock:
+                k = nxt[0]
+                nxt[0] += 1
+            if k >= len(parts):
+                return
+            try:
+                results[k] = fn(*parts[k])
+            except BaseException:
+                failed.set()
+                raise
+
+    futures = [_pool().submit(work) for _ in range(helpers)]
+    try:
+        work()
+    finally:  # the helpers write into the caller's tensors: never return before they stop
+        concurrent.futures.wait(futures)
+    for f in futures:
+        f.result()  # a helper's error, raised here
+    return results
