@@ -1323,7 +1323,8 @@ def direct_passes(f64: bool) -> tuple[DirectPass, ...]:
     rule (``DIRECT_GROUPS_PASS``); then the wide group by its rule: float64 0.925 ≤ |ρ| < 0.99
     (``_DIRECT_WIDE64``, float64's rounding test), float32 every |ρ| < 0.99 left
     (``_DIRECT_WIDE32`` in float64 arithmetic, the ``wide`` test), as the general path
-    evaluates them. The pairs a band's rounding test rejects stay for the routes after."""
+    evaluates them; then the ρ < 0 tail route (``neg_tail_pass_values``). The pairs a band's
+    rounding test rejects stay for the routes after."""
     eps = 2.0**-52 if f64 else 2.0**-23
     first, n = DIRECT_ONE_PASS[f64]
     keep = _groups_band(0, first)
@@ -1339,7 +1340,11 @@ def direct_passes(f64: bool) -> tuple[DirectPass, ...]:
     # p = 1024, medians of 21 repeats interleaved in one process)
     values = (direct_matrix_values if f64 else direct_group_values)(n, eps, not f64)
     passes.append(DirectPass(f"wide_pass_{n}", values, _wide_band(f64), not f64))
-    return tuple(passes)
+    # the ρ < 0 tail route on the cancelling pairs left (few: 3,649 of p = 1024's float64
+    # pairs, none of float32's): compiled into each thread's ranges, where it ran eagerly
+    # after them on all the pairs left (1.6 ms of the float64 call, one thread)
+    tail = DirectPass("neg_tail_pass", neg_tail_pass_values(eps), _neg_tail_domain, True)
+    return (*passes, tail)
 
 
 def _direct_fused(h, k, r, eps: float, cdf=None):
@@ -1601,6 +1606,30 @@ def cov_neg_tail(h, k, r, eps: float):
         c.index_copy_(0, idx, vals.to(c.dtype))
         ok.index_copy_(0, idx, vals.abs().to(c.dtype) >= _TINY_NORMAL[eps < 1e-10] / eps)
     return c, ok
+
+
+def neg_tail_pass_values(eps: float):
+    """fn(h, k, ρ, base=None) -> (C, accepted): ``cov_neg_tail`` for a caller that compiles
+    it inside its own pass (float64 h, k, ρ: the ``wide`` passes of ``direct_passes``), masked
+    where ``cov_neg_tail`` gathers: both Legendre sizes on every pair, each pair taking its
+    own; accepted where ``_neg_tail_domain`` holds and |C| is a normal number of the target
+    precision ``eps``. ``base`` is not used."""
+    import torch
+    from nmgen.generated.gauss_legendre import LAGUERRE
+
+    lag = [torch.as_tensor(v, dtype=torch.float64) for v in LAGUERRE]
+    rules = []
+    for n in (_DIRECT_GROUPS[-1][1], _DIRECT_WIDE64[1]):
+        y, wy = _direct_rule(n, lag[0])
+        rules.append((y, wy * y / (1.0 - y)))  # w·y from the cached w(1 − y), as cov_neg_tail
+    low = _TINY_NORMAL[eps < 1e-10] / eps
+
+    def values(h, k, r, base=None):
+        lo, hi = (_neg_tail_values(h, k, r, y, wq, *lag) for y, wq in rules)
+        c = torch.where(r <= -_DIRECT_GROUPS[-1][0], hi, lo)
+        return c, _neg_tail_domain(h, k, r) & (c.abs() >= low)
+
+    return values
 
 
 #: |ρ| → group of ``_DIRECT_GROUPS`` by a table on ⌊40|ρ|⌋ (every group bound is a multiple of

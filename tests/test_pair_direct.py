@@ -438,12 +438,12 @@ def test_relu_moments_one_pass_matches_mpmath(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_relu_moments_passes_leave_the_rest_to_the_other_routes(dtype, monkeypatch):
-    """The pairs the compiled passes leave: the ρ < 0 tail route (``_tail_route``) on the
-    cancelling ones, the general path (``_pair_covariances``) on the others (here |μ/σ| > 7
-    and a duplicated variable, ρ = 1). Each route is taken (the tail route in float64: float32's
-    wide pass in float64 arithmetic accepts these pairs); its entries match mpmath, the matrix
-    is exactly symmetric, the duplicate's covariance is its variance, one block or several
-    give the same matrix."""
+    """The pairs the direct route's passes leave: the ρ < 0 tail route's pass
+    (``neg_tail_pass``) on the cancelling ones, the general path (``_pair_covariances``) on
+    the others (here |μ/σ| > 7 and a duplicated variable, ρ = 1). Each route is taken (the tail
+    route in float64: float32's wide pass in float64 arithmetic accepts these pairs); its
+    entries match mpmath, the matrix is exactly symmetric, the duplicate's covariance is its
+    variance, one block or several give the same matrix."""
     from torchbridge import moments
     from torchbridge.experiments.bench_kernels import random_problem
 
@@ -462,14 +462,20 @@ def test_relu_moments_passes_leave_the_rest_to_the_other_routes(dtype, monkeypat
         seen["general"].append(torch.stack(args[6:8], 1))
         return pair_covariances(*args)
 
-    def tail(up, li, lj, *args):  # the pairs it takes: those it does not return
-        left = tail_route(up, li, lj, *args)
-        taken = ~torch.isin(li * p + lj, left[0] * p + left[1])
-        seen["tail"].append(torch.stack([li[taken], lj[taken]], 1))
-        return left
+    def recorded(like, symmetric):  # the tail pass records the pairs it takes
+        runs = pass_kernels(like, symmetric)
+        names = [rule.name for rule in rp.direct_passes(like.dtype == torch.float64)]
+        assert names[-1] == "neg_tail_pass" and len(runs) == len(names)
 
-    pair_covariances, tail_route = moments._pair_covariances, moments._tail_route
-    monkeypatch.setattr(moments, "_tail_route", tail)
+        def tail(up, li, lj, *args):
+            left = runs[-1](up, li, lj, *args)
+            seen["tail"].append(torch.stack([li[left == 0], lj[left == 0]], 1))
+            return left
+
+        return [*runs[:-1], tail]
+
+    pair_covariances, pass_kernels = moments._pair_covariances, moments._pass_kernels
+    monkeypatch.setattr(moments, "_pass_kernels", recorded)
     monkeypatch.setattr(moments, "_pair_covariances", general)
     got = moments.relu_moments(mean, cov, check_psd=False, compiled=True)[1]
     blocks = moments.relu_moments(mean, cov, check_psd=False, compiled=True, chunk=8 * p)[1]

@@ -30,7 +30,6 @@ from nmgen.generated import torch_kernels as K
 from nmruntime.relu_pair import (
     DirectFront,
     DirectPass,
-    cov_neg_tail,
     direct_front,
     direct_passes,
     normal_cdf_torch,
@@ -406,9 +405,9 @@ def _one_pass_bulk(
     pairs in their own order (``_one_pass``), each on the pairs the ones before left: no sort,
     no gathers into group order, no scatter back, no per-pair arrays. The first evaluates
     every pair by the rule of ``DIRECT_ONE_PASS`` and keeps the |ρ| groups that rule covers;
-    the next take the other groups and the wide one. The pairs still left take the ρ < 0
-    tail route (``_tail_route``), then the general path (``_pair_covariances``, on those
-    pairs and the diagonal); where none is left the diagonal is written directly.
+    the next take the other groups, the wide one and the ρ < 0 tail route. The pairs still
+    left take the general path (``_pair_covariances``, on those pairs and the diagonal);
+    where none is left the diagonal is written directly.
 
     ``threads``: the passes run on up to that many threads, each taking the next range of the
     block's strict pairs as it comes free (``run_split``; they release the GIL). Each pair is
@@ -432,8 +431,6 @@ def _one_pass_bulk(
         with float_constants():  # entered here for every thread (see ``_float_constants``)
             left = run_split(functools.partial(_run_passes, passes, args, i, j), ns, threads)
         li, lj = torch.cat([a for a, _ in left]), torch.cat([b for _, b in left])
-        if li.numel():
-            li, lj = _tail_route(up, li, lj, sigma, cflat, shared.h, symmetric)
         dg = i[ns:]
         if li.numel() == 0:  # only the diagonal: the ReLU variances, as the general path
             up.index_copy_(0, dg * (p + 1), shared.var.index_select(0, dg))
@@ -460,20 +457,6 @@ def _run_passes(passes: list, args: tuple, i, j, start: int, stop: int):
         if li.numel() == 0:
             break
     return li, lj
-
-
-def _tail_route(up, li, lj, sigma, cflat, h, symmetric: bool):
-    """The pairs (li, lj) the passes left (few) by the ρ < 0 tail route (``cov_neg_tail``:
-    the cancelling pairs with ρ < 0 and both units mostly off, as the general path takes
-    them after the direct route), σiσj·C written into ``up`` where it applies; returns the
-    pairs it leaves."""
-    p = sigma.shape[0]
-    s12, rho = _pair_rho(li, lj, sigma, cflat, p, symmetric)
-    c, ok = cov_neg_tail(h[li], h[lj], rho, float(torch.finfo(up.dtype).eps))
-    done = ok.nonzero().squeeze(1)
-    up.index_copy_(0, (li * p + lj).index_select(0, done), (s12 * c).index_select(0, done))
-    rest = (~ok).nonzero().squeeze(1)
-    return li.index_select(0, rest), lj.index_select(0, rest)
 
 
 def _pass_kernels(like: torch.Tensor, symmetric: bool) -> list | None:
