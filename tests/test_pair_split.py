@@ -132,3 +132,30 @@ def test_relu_moments_compiled_is_the_same_at_any_thread_count(monkeypatch):
     assert torch.equal(outs[2][1], outs[2][1].T)
     assert len(ranges(600 * 599 // 2, 2)) == 3
     assert calls == [usable_threads(2)]  # the last call: 2 threads, compiled already
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_run_split_works_in_a_forked_child():
+    """After the parent used its pool, a forked child's call still uses two threads and
+    returns (it would wait forever on the parent's pool, whose threads it does not have)."""
+    import multiprocessing
+
+    n = 6 * MIN_RANGE
+    assert run_split(lambda a, b: b - a, n, 2) == [b - a for a, b in ranges(n, 2)]
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_child_split, (n,)).get(timeout=60)
+    assert got == (sum(b - a for a, b in ranges(n, 2)), 2)
+
+
+def _child_split(n: int) -> tuple[int, int]:
+    seen = set()
+    both = threading.Barrier(2, timeout=30)
+
+    def fn(a, b):
+        if threading.get_ident() not in seen:
+            seen.add(threading.get_ident())
+            both.wait()
+        return b - a
+
+    return sum(run_split(fn, n, 2)), len(seen)

@@ -31,6 +31,19 @@ _POOL: list = [None]
 _POOL_LOCK = threading.Lock()
 
 
+def _forget_pool() -> None:
+    """A forked child has none of its parent's pool threads: it starts a pool of its own
+    (the parent's would queue the ranges for threads that do not exist, and the call would
+    wait for them forever)."""
+    global _POOL_LOCK
+    _POOL[0] = None
+    _POOL_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def usable_threads(requested: int) -> int:
     """``requested`` (torch's thread count at the call), at most the CPUs this process may run
     on (its affinity mask where the platform has one) less the other tasks running on the
