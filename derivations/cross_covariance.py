@@ -43,12 +43,12 @@ from .spec import PAIR_ARGS, PAIR_SYMBOLS, Case, KernelSpec
 
 #: Gauss–Legendre rule size of the runtime's pair integrals.
 RULE_SIZE = 32
-#: Rule sizes of the runtime's direct route (``nmruntime.relu_pair._cov_direct``: the bulk of
+#: Rule sizes of the runtime's direct route (``nmruntime.pair_direct._cov_direct``: the bulk of
 #: moderate pairs, C = ρΦ(h)Φ(k) + ∫_0^ρ (ρ − t) φ2(h, k; t) dt on t = ρ(1 + x)/2, one size
 #: per |ρ| group and dtype; 48 and 80: the group 0.925 ≤ |ρ| < 0.99 of float32 and float64,
 #: in float64 arithmetic).
 DIRECT_RULE_SIZES: tuple[int, ...] = (6, 8, 10, 12, 14, 16, 18, 20, 24, 28, 32, 48, 80)
-#: Gauss–Laguerre rule size of the runtime's ρ < 0 tail route (``nmruntime.relu_pair.
+#: Gauss–Laguerre rule size of the runtime's ρ < 0 tail route (``nmruntime.pair_direct.
 #: cov_neg_tail``: Φ2(h, k; ρ) = ∫_{−1}^ρ φ2 dt in the variable u = B(1/(1 + t) − 1/(1 + ρ))).
 LAGUERRE_SIZE = 32
 

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import math
 
+from nmruntime.pair_ops import sync_free
+
 __all__ = [
     "GAUSS_MIN_ROOT",
     "SUM_MIN",
@@ -75,7 +77,7 @@ def tail_integral(o, h, k, te, ta, weight: str, rule):
     t_a = −1 where hk < 0).
 
     ``weight``: "one" (w = 1), "abs" (w = −t = |t|) or "gap" (w = t_e − t). ``o``: the
-    backend's operations (``relu_pair.numpy_ops()``/``torch_ops()``); ``rule``: Gauss–Legendre
+    backend's operations (``pair_ops.numpy_ops()``/``torch_ops()``); ``rule``: Gauss–Legendre
     (nodes, weights) on [−1, 1]. Elsewhere the value is finite garbage (callers select with a
     mask, see ``tail_or``). Result ≥ 0, relatively accurate down to underflow.
     """
@@ -138,8 +140,6 @@ def _on_mask(o, mask, fn, args: tuple, safe: tuple):
     """fn(*args) where ``mask`` holds (1-D inputs), zeros elsewhere. Eager CPU and NumPy: on
     the gathered elements only; ``sync_free`` tensors: masked arithmetic, the arguments
     replaced by the finite point ``safe`` outside ``mask`` (no NaN values or gradients)."""
-    from nmruntime.relu_pair import sync_free
-
     if sync_free(args[0]):
         z = 0.0 * args[0]
         val = fn(*(o.where(mask, a, z + v) for a, v in zip(args, safe, strict=True)))

@@ -1,4 +1,4 @@
-"""The direct route of the exact pair covariance (``nmruntime.relu_pair._cov_direct``, issue #13).
+"""The direct route of the exact pair covariance (``nmruntime.pair_direct._cov_direct``, issue #13).
 
 C(h, k, ρ) = ρΦ(h)Φ(k) + ∫_0^ρ (ρ − t) φ2(h, k; t) dt by one fixed Gauss–Legendre rule per
 |ρ| group, for |h|, |k| ≤ 7 and |ρ| < 0.925. Its rule sizes were chosen on a grid against a
@@ -16,7 +16,8 @@ import pytest
 import torch
 from nmgen.derivations.cross_covariance import relu_cross_covariance_ref
 
-from nmruntime import relu_pair as rp
+from nmruntime import pair_direct as pd
+from nmruntime import pair_ops as po
 from nmruntime import torch_support
 
 EPS = {torch.float64: 2.0**-52, torch.float32: 2.0**-23}
@@ -41,7 +42,7 @@ def _swapped_ref(h: float, k: float, r: float) -> float:
 
 def _direct(h, k, r, dtype):
     t = [torch.tensor(v, dtype=dtype) for v in (h, k, r)]
-    c, ok = rp._cov_direct(rp.torch_ops(), *t, EPS[dtype])
+    c, ok = pd._cov_direct(po.torch_ops(), *t, EPS[dtype])
     return c.double().numpy(), ok.numpy(), [v.double().numpy() for v in t]
 
 
@@ -52,7 +53,7 @@ def _points(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     h = rng.normal(0.0, 2.5, n).clip(-7, 7)
     k = rng.normal(0.0, 2.5, n).clip(-7, 7)
     r = rng.uniform(-0.925, 0.925, n)
-    ends = np.array([g[0] for g in rp._DIRECT_GROUPS])
+    ends = np.array([g[0] for g in pd._DIRECT_GROUPS])
     m = min(n // 4, 2 * len(ends))
     r[:m] = np.resize(np.concatenate([ends - 1e-9, -(ends - 1e-9)]), m)
     h[:m] = rng.choice([-7.0, -6.0, -5.5, 6.0, 6.9], m)
@@ -88,10 +89,10 @@ def test_accepted_values_match_the_definition():
 def test_group_index_never_picks_a_smaller_rule():
     """The table on ⌊40|ρ|⌋ gives every |ρ| its own group or (within rounding of a bound)
     the next one: never fewer nodes than the grid search asked for."""
-    bounds = np.array([g[0] for g in rp._DIRECT_GROUPS])
+    bounds = np.array([g[0] for g in pd._DIRECT_GROUPS])
     ar = np.concatenate([bounds, np.nextafter(bounds, 0), np.nextafter(bounds, 1)])
     ar = np.concatenate([ar, np.linspace(0, 0.99, 1001)])
-    got = rp._direct_group_index(torch.tensor(ar)).numpy()
+    got = pd._direct_group_index(torch.tensor(ar)).numpy()
     true = np.searchsorted(bounds, ar, side="right")
     assert (got >= true).all() and (got <= true + 1).all()
     assert (got[ar >= bounds[-1]] == len(bounds)).all()
@@ -100,12 +101,12 @@ def test_group_index_never_picks_a_smaller_rule():
 def test_front_key_is_the_exact_group():
     """``direct_front``'s counted key (the compiled bulk's) is the group holding |ρ| exactly,
     and ``len(_DIRECT_GROUPS)`` outside the domain (|h| or |k| > 7, |ρ| ≥ 0.925, NaN)."""
-    bounds = np.array([g[0] for g in rp._DIRECT_GROUPS])
+    bounds = np.array([g[0] for g in pd._DIRECT_GROUPS])
     ar = np.concatenate([bounds, np.nextafter(bounds, 0), np.nextafter(bounds, 1)])
     ar = np.concatenate([ar, np.linspace(0, 0.99, 1001)])
     r = torch.tensor(ar * np.resize([1.0, -1.0], ar.size))
     h = torch.zeros_like(r)
-    key, _ = rp.direct_front(h, h, r)
+    key, _ = pd.direct_front(h, h, r)
     assert key.dtype == torch.uint8
     assert np.array_equal(key.numpy(), np.searchsorted(bounds, ar, side="right"))
     nan = float("nan")
@@ -113,7 +114,7 @@ def test_front_key_is_the_exact_group():
         torch.tensor(v).double()
         for v in ([7.01, 0, nan, 0, 0], [0, -7.2, 0, 0, 0], [0.1, 0.2, 0.3, 0.95, nan])
     )
-    key, _ = rp.direct_front(h, k, r)
+    key, _ = pd.direct_front(h, k, r)
     assert (key == len(bounds)).all()
 
 
@@ -121,16 +122,16 @@ def test_groups_below_is_the_key_comparison():
     """``direct_groups_below`` (the one pass's single comparison) is ``direct_front``'s key
     below ``top`` for every ``top`` it takes: at the bounds and next to them, in the domain's
     corners, outside it and at NaN."""
-    bounds = np.array([g[0] for g in rp._DIRECT_GROUPS])
+    bounds = np.array([g[0] for g in pd._DIRECT_GROUPS])
     ar = np.concatenate([bounds, np.nextafter(bounds, 0), np.nextafter(bounds, 1)])
     ar = np.concatenate([ar, np.linspace(0, 0.99, 201), [float("nan")]])
     hs = [0.0, 7.0, -7.0, np.nextafter(7.0, 8.0), float("nan")]
     r = torch.tensor(np.tile(ar * np.resize([1.0, -1.0], ar.size), len(hs) ** 2))
     h = torch.tensor(np.repeat(np.repeat(hs, len(hs)), ar.size))
     k = torch.tensor(np.repeat(np.tile(hs, len(hs)), ar.size))
-    key, _ = rp.direct_front(h, k, r)
+    key, _ = pd.direct_front(h, k, r)
     for top in range(1, len(bounds)):
-        assert torch.equal(rp.direct_groups_below(h, k, r, top), key < top), top
+        assert torch.equal(pd.direct_groups_below(h, k, r, top), key < top), top
 
 
 def test_outside_the_domain_nothing_is_accepted():
@@ -138,7 +139,7 @@ def test_outside_the_domain_nothing_is_accepted():
     h = torch.tensor([7.5, 0.0, 0.0, float("nan"), 0.2])
     k = torch.tensor([0.0, -7.5, 0.0, 0.0, 0.1])
     r = torch.tensor([0.5, 0.5, 0.995, 0.5, -1.0])
-    _, ok = rp._cov_direct(rp.torch_ops(), h.double(), k.double(), r.double(), EPS[torch.float64])
+    _, ok = pd._cov_direct(po.torch_ops(), h.double(), k.double(), r.double(), EPS[torch.float64])
     assert not ok.any()
 
 
@@ -151,19 +152,19 @@ def test_unrolled_form_matches_the_eager_route_and_mpmath(dtype):
     t = [torch.tensor(v, dtype=dtype) for v in (h, k, r)]
     eps = EPS[dtype]
     f64 = dtype == torch.float64
-    rp._torch_ops_cached()
-    grp = rp._direct_group_index(t[2].abs()).long()
+    po._torch_ops_cached()
+    grp = pd._direct_group_index(t[2].abs()).long()
     checked = 0
-    for g, (_, n64, n32) in enumerate(rp._DIRECT_GROUPS):
-        sel = (grp == g) & (t[0].abs() <= rp._DIRECT_HK) & (t[1].abs() <= rp._DIRECT_HK)
+    for g, (_, n64, n32) in enumerate(pd._DIRECT_GROUPS):
+        sel = (grp == g) & (t[0].abs() <= pd._DIRECT_HK) & (t[1].abs() <= pd._DIRECT_HK)
         if not sel.any():
             continue
         hs, ks, rs = (v[sel] for v in t)
-        y, wy = (tuple(float(v) for v in a) for a in rp._direct_rule(n64 if f64 else n32, h))
-        c, ok = rp._direct_unrolled(hs, ks, rs, None, y, wy, eps, False)
-        rule = rp._direct_rule(n64 if f64 else n32, hs)
-        c_ref, ok_ref = rp._direct_accept(
-            rp.torch_ops(), hs, ks, rs, rp._direct_integral(hs, ks, rs, rule), eps
+        y, wy = (tuple(float(v) for v in a) for a in pd._direct_rule(n64 if f64 else n32, h))
+        c, ok = pd._direct_unrolled(hs, ks, rs, None, y, wy, eps, False)
+        rule = pd._direct_rule(n64 if f64 else n32, hs)
+        c_ref, ok_ref = pd._direct_accept(
+            po.torch_ops(), hs, ks, rs, pd._direct_integral(hs, ks, rs, rule), eps
         )
         assert torch.equal(ok, ok_ref) or (ok != ok_ref).sum() <= 1  # a bound within rounding
         both = ok & ok_ref
@@ -183,18 +184,18 @@ def test_compiled_rule_matches_the_eager_route():
 
     rng = np.random.default_rng(11)
     eps = EPS[torch.float64]
-    hi, n64, _ = rp._DIRECT_GROUPS[0]
+    hi, n64, _ = pd._DIRECT_GROUPS[0]
     with compiled_bulk():
-        fn = rp._direct_compiled(torch.zeros(1, dtype=torch.float64), n64, eps, False, False)
+        fn = pd._direct_compiled(torch.zeros(1, dtype=torch.float64), n64, eps, False, False)
         assert fn is not None
         for n in (300, 1000):
             h = torch.tensor(rng.normal(0, 2, n).clip(-6, 6))
             k = torch.tensor(rng.normal(0, 2, n).clip(-6, 6))
             r = torch.tensor(rng.uniform(-hi, hi, n))
             c, ok = fn(h, k, r)
-            rule = rp._direct_rule(n64, h)
-            c_ref, ok_ref = rp._direct_accept(
-                rp.torch_ops(), h, k, r, rp._direct_integral(h, k, r, rule), eps
+            rule = pd._direct_rule(n64, h)
+            c_ref, ok_ref = pd._direct_accept(
+                po.torch_ops(), h, k, r, pd._direct_integral(h, k, r, rule), eps
             )
             both = ok & ok_ref
             assert both.sum() >= 0.9 * ok_ref.sum() and (ok != ok_ref).sum() <= 2
@@ -264,7 +265,7 @@ def _neg_tail_ref(h: float, k: float, r: float) -> float:
 
 def _neg_tail(h, k, r):
     t = [torch.tensor(np.asarray(v, dtype=np.float64)) for v in (h, k, r)]
-    c, ok = rp.cov_neg_tail(*t, EPS[torch.float64])
+    c, ok = pd.cov_neg_tail(*t, EPS[torch.float64])
     return c.numpy(), ok.numpy()
 
 
@@ -279,7 +280,7 @@ def test_neg_tail_route_matches_mpmath():
     n = 400
     h, k = rng.uniform(-7.0, 3.0, n), rng.uniform(-7.0, 0.0, n)
     r = -rng.uniform(0.02, 0.99, n)
-    keep = rp._neg_tail_domain(*(torch.tensor(v) for v in (h, k, r))).numpy()
+    keep = pd._neg_tail_domain(*(torch.tensor(v) for v in (h, k, r))).numpy()
     h, k, r = h[keep][:60], k[keep][:60], r[keep][:60]
     # corners, ρ → −0.99, B/S = 16, ρ → 0, both sides of |ρ| = 0.925 (Q's 32- and 80-point
     # rules), mixed signs, and B/S → 8 (h = k = −1, ρ → −0.875)
@@ -340,14 +341,14 @@ def _rule_errors(h, k, rho_values, n, eps, wide=False):
     (float64). It checks the rule sizes; the integral itself is checked against mpmath above."""
     x, w = np.polynomial.legendre.leggauss(512)  # NumPy's nodes, not the generated rules
     big = (0.5 * (1.0 + x), w * (1.0 - 0.5 * (1.0 + x)))
-    o = rp.numpy_ops()
+    o = po.numpy_ops()
     worst = 0.0
     for r0 in rho_values:
         r = np.full_like(h, r0)
-        jref = rp._direct_integral(h, k, r, big)
-        c, ok = rp._direct_accept(o, h, k, r, jref, eps, wide)
+        jref = pd._direct_integral(h, k, r, big)
+        c, ok = pd._direct_accept(o, h, k, r, jref, eps, wide)
         if ok.any():
-            j = rp._direct_integral(h, k, r, rp._direct_rule(n, np.zeros(0)))
+            j = pd._direct_integral(h, k, r, pd._direct_rule(n, np.zeros(0)))
             worst = max(worst, float((np.abs(j - jref)[ok] / np.abs(c[ok])).max() / eps))
     return worst
 
@@ -365,17 +366,17 @@ def test_rule_sizes_hold_on_the_extended_domain():
     ring = np.maximum(np.abs(hh), np.abs(kk)) > 6.0
     e64, e32 = 2.0**-52, 2.0**-23
     lo = 0.0
-    for hi, n64, n32 in rp._DIRECT_GROUPS:
+    for hi, n64, n32 in pd._DIRECT_GROUPS:
         rhos = [s * v for s in (1, -1) for v in np.linspace(max(lo, 1e-3), hi - 1e-12, 6)]
         assert _rule_errors(hh[ring], kk[ring], rhos, n64, e64) <= 50.0, hi
         assert _rule_errors(hh[ring], kk[ring], rhos, n32, e32) <= 0.01, hi
         assert _rule_errors(hh[ring], kk[ring], rhos, n64, e32, wide=True) <= 0.01, hi
         lo = hi
-    top, n = rp._DIRECT_WIDE32  # its range, and the groups' (the masked path uses it there)
+    top, n = pd._DIRECT_WIDE32  # its range, and the groups' (the masked path uses it there)
     rhos = [s * v for s in (1, -1) for v in np.linspace(1e-3, top - 1e-12, 16)]
     assert _rule_errors(hh, kk, rhos, n, e32, wide=True) <= 0.01
-    top, n = rp._DIRECT_WIDE64  # float64's group 0.925 ≤ |ρ| < 0.99 (session 22: 38.6 eps)
-    rhos = [s * v for s in (1, -1) for v in np.linspace(rp._DIRECT_GROUPS[-1][0], top - 1e-12, 12)]
+    top, n = pd._DIRECT_WIDE64  # float64's group 0.925 ≤ |ρ| < 0.99 (session 22: 38.6 eps)
+    rhos = [s * v for s in (1, -1) for v in np.linspace(pd._DIRECT_GROUPS[-1][0], top - 1e-12, 12)]
     assert _rule_errors(hh, kk, rhos, n, e64) <= 50.0
 
 
@@ -389,12 +390,12 @@ def test_one_pass_rule_holds_on_the_groups_it_covers():
     checked above."""
     g = np.arange(-7.0, 7.0001, 0.25)
     hh, kk = (v.ravel() for v in np.meshgrid(g, g, indexing="ij"))
-    rules = [(f64, 0, *rp.DIRECT_ONE_PASS[f64]) for f64 in (True, False)]
-    rules.append((True, rp.DIRECT_ONE_PASS[True][0], *rp.DIRECT_GROUPS_PASS))
+    rules = [(f64, 0, *pd.DIRECT_ONE_PASS[f64]) for f64 in (True, False)]
+    rules.append((True, pd.DIRECT_ONE_PASS[True][0], *pd.DIRECT_GROUPS_PASS))
     for f64, first, top, n in rules:
         bar, eps = (50.0, 2.0**-52) if f64 else (0.01, 2.0**-23)
-        lo = rp._DIRECT_GROUPS[first - 1][0] if first else 0.0
-        for hi, _, _ in rp._DIRECT_GROUPS[first:top]:
+        lo = pd._DIRECT_GROUPS[first - 1][0] if first else 0.0
+        for hi, _, _ in pd._DIRECT_GROUPS[first:top]:
             rhos = [s * v for s in (1, -1) for v in np.linspace(max(lo, 1e-3), hi - 1e-12, 6)]
             assert _rule_errors(hh, kk, rhos, n, eps) <= bar, (f64, n, hi)
             lo = hi
@@ -422,7 +423,7 @@ def test_relu_moments_one_pass_matches_mpmath(dtype):
     m, c = mean.double(), cov.double()
     s = c.diagonal().sqrt()
     rho = c / (s[:, None] * s[None, :])
-    top = rp._DIRECT_GROUPS[rp.DIRECT_ONE_PASS[dtype == torch.float64][0] - 1][0]
+    top = pd._DIRECT_GROUPS[pd.DIRECT_ONE_PASS[dtype == torch.float64][0] - 1][0]
     rng = np.random.default_rng(12)
     iu = np.array(np.triu_indices(p, 1))
     kept = np.abs(rho.numpy()[iu[0], iu[1]]) < top
@@ -464,7 +465,7 @@ def test_relu_moments_passes_leave_the_rest_to_the_other_routes(dtype, monkeypat
 
     def recorded(like, symmetric):  # the tail pass records the pairs it takes
         runs = pass_kernels(like, symmetric)
-        names = [rule.name for rule in rp.direct_passes(like.dtype == torch.float64)]
+        names = [rule.name for rule in pd.direct_passes(like.dtype == torch.float64)]
         assert names[-1] == "neg_tail_pass" and len(runs) == len(names)
 
         def tail(up, li, lj, *args):

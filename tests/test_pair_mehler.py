@@ -9,6 +9,7 @@ from nmgen.derivations.cross_covariance import relu_cross_covariance_ref
 from nmgen.derivations.reference import to_float
 from nmgen.generated import torch_kernels as TK
 
+from nmruntime import pair_ops as po
 from nmruntime import relu_pair as rp
 
 
@@ -18,7 +19,7 @@ def test_accepted_mehler_values_match_mpmath():
     h = torch.tensor(rng.uniform(-6, 6, n))
     k = torch.tensor(rng.uniform(-6, 6, n))
     r = torch.tensor(rng.uniform(-0.8, 0.8, n))
-    c, ok = rp._cov_mehler(rp.torch_ops(), h, k, r, 256.0, 2.0**-52)
+    c, ok = rp._cov_mehler(po.torch_ops(), h, k, r, 256.0, 2.0**-52)
     assert ok.double().mean() > 0.3  # the route takes a good share of this box
     idx = torch.nonzero(ok).squeeze(1)[:: max(1, int(ok.sum()) // 5)][:5]
     for i in idx.tolist():
@@ -34,6 +35,6 @@ def test_mehler_route_rejects_where_it_cannot_converge():
     h = torch.tensor([1e4, 0.5, -40.0, 20.0, 0.3, -7.0])
     k = torch.tensor([2e4, 0.5, 0.0, -20.0, 0.2, 0.0])
     r = torch.tensor([-0.5, 0.95, 0.3, 0.5, 0.1, 0.3])
-    c, ok = rp._cov_mehler(rp.torch_ops(), h, k, r, 32.0, 2.0**-23)
+    c, ok = rp._cov_mehler(po.torch_ops(), h, k, r, 32.0, 2.0**-23)
     assert torch.isfinite(c).all()
     assert ok.tolist() == [False, False, False, False, True, True]

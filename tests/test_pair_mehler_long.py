@@ -12,6 +12,7 @@ from nmgen.derivations.cross_covariance import relu_cross_covariance_ref
 from nmgen.derivations.reference import to_float
 from nmgen.generated import torch_kernels as TK
 
+from nmruntime import pair_ops as po
 from nmruntime import relu_pair as rp
 from nmruntime.torch_support import compiled_bulk
 
@@ -37,7 +38,7 @@ def _long_only(n: int, seed: int):
     h = torch.tensor(rng.normal(0.0, 3.0, n))
     k = torch.tensor(rng.normal(0.0, 3.0, n))
     r = torch.tensor(rng.uniform(-0.95, 0.95, n))
-    o = rp.torch_ops()
+    o = po.torch_ops()
     _, short_ok = rp._cov_mehler(o, h, k, r, 256.0, EPS)
     c, ok = rp._cov_mehler(o, h, k, r, 256.0, EPS, rp._MEHLER_LONG_TERMS, rp._MEHLER_LONG_RHO)
     ok = ok & rp._cramer_tail_ok(o, h, k, r, c, rp._MEHLER_LONG_TERMS, EPS)

@@ -16,10 +16,11 @@ import torch
 from nmgen.derivations.pair_tail import tail_integral_ref
 from nmgen.generated.gauss_legendre import PAIR_SIZE, RULES
 
-from nmruntime import pair_tail, relu_pair
+from nmruntime import pair_ops as po
+from nmruntime import pair_tail
 
 RULE = tuple(np.asarray(v, dtype=np.float64) for v in RULES[PAIR_SIZE])
-OPS = {"numpy": relu_pair.numpy_ops, "torch": relu_pair.torch_ops}
+OPS = {"numpy": po.numpy_ops, "torch": po.torch_ops}
 
 
 def _points(n=8, seed=11):
@@ -48,7 +49,7 @@ def _eval(backend, h, k, te, ta, weight):
 def test_tail_integrals_relative_1e13(backend):
     """Φ2's lower piece, the |t|-weighted piece and the cross moment's (ρ − t) piece."""
     worst, used = 0.0, 0
-    o = relu_pair.numpy_ops()
+    o = po.numpy_ops()
     for h, k, r in _points():
         for te, ta, weight in ((r, -1.0, "one"), (0.0, r, "abs"), (r, -1.0, "gap")):
             if not pair_tail.tail_ok(o, np.float64(h), np.float64(k), np.float64(te)):
@@ -66,7 +67,7 @@ def test_tail_integrals_relative_1e13(backend):
 
 
 def test_routing_mask():
-    o = relu_pair.numpy_ops()
+    o = po.numpy_ops()
     h = np.array([-20.0, -20.0, 0.5, -1.0, 3.0, -20.0])
     k = np.array([-3.0, 2.0, 0.4, -0.5, 1.5, -3.0])
     te = np.array([-0.5, -0.5, -0.5, -0.5, -0.5, -1.0])
@@ -76,7 +77,7 @@ def test_routing_mask():
 
 def test_masked_out_elements_have_finite_gradients():
     """tail_or evaluates masked-out elements at a safe point: no NaN leaks into gradients."""
-    o = relu_pair.torch_ops()
+    o = po.torch_ops()
     rule = tuple(torch.as_tensor(v) for v in RULE)
     h = torch.tensor([-20.0, 3.0, 0.0, -25.0], dtype=torch.float64, requires_grad=True)
     k = torch.tensor([-10.0, -4.0, 0.0, -1.0], dtype=torch.float64, requires_grad=True)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from nmgen.generated import torch_kernels as TK
 
+from nmruntime import pair_direct as pd
 from nmruntime import relu_pair
 from nmruntime.torch_support import force_sync_free
 from torchbridge.moments import _pair_blocks_nd, _pair_covariances, _safe_sqrt
@@ -59,8 +60,8 @@ def test_sync_free_path_matches_the_gathering_path(name, dtype, monkeypatch):
     masked ones up to 160; tests/test_pair_direct.py checks the new routes against mpmath)."""
     monkeypatch.setattr(relu_pair, "_MEHLER_LONG_TERMS", 0)
     monkeypatch.setattr(relu_pair, "_QUAD_NUMPY_MAX", 0)
-    monkeypatch.setattr(relu_pair, "_DIRECT_WIDE64", (relu_pair._DIRECT_GROUPS[-1][0], 80))
-    monkeypatch.setattr(relu_pair, "_NEG_TAIL_B", math.inf)
+    monkeypatch.setattr(pd, "_DIRECT_WIDE64", (pd._DIRECT_GROUPS[-1][0], 80))
+    monkeypatch.setattr(pd, "_NEG_TAIL_B", math.inf)
     args = _pairs(3000, dtype=dtype)
     f = getattr(TK, name)
     ref = f(*args)

@@ -27,14 +27,8 @@ from collections.abc import Callable, Iterator
 import torch
 from nmgen.generated import torch_kernels as K
 
-from nmruntime.relu_pair import (
-    DirectFront,
-    DirectPass,
-    direct_front,
-    direct_passes,
-    normal_cdf_torch,
-    renamed,
-)
+from nmruntime.pair_direct import DirectFront, DirectPass, direct_front, direct_passes
+from nmruntime.pair_ops import normal_cdf_torch, renamed
 from nmruntime.torch_support import compiled, compiled_bulk, float_constants, sync_free
 from torchbridge.covariance import all_finite, check_full_covariance, require_tensor
 from torchbridge.pair_split import run_split, usable_threads
