@@ -97,9 +97,7 @@ def _float_constants(cfn):
     default ``dynamic=True`` makes each such float a graph input, converted to a tensor on
     every call (66 conversions per call of the 32-node direct rule; 5,350 per p = 1024
     ``relu_moments`` call). No compiled function here takes a float argument that varies
-    between calls (which would then recompile). Threads that run ``cfn`` side by side do so
-    inside ``float_constants()`` entered by the thread that started them (dynamo's config is
-    global: a patch entered and left by each of them could leave it switched)."""
+    between calls (which would then recompile)."""
 
     def run(*args):
         if torch._dynamo.config.specialize_float:
@@ -111,7 +109,9 @@ def _float_constants(cfn):
 
 
 def float_constants() -> contextlib.AbstractContextManager:
-    """dynamo's ``specialize_float`` on inside (see ``_float_constants``)."""
+    """dynamo's ``specialize_float`` on inside, for the calling thread: dynamo's config is
+    thread-local (torch 2.13), so each thread that runs a compiled function sets its own
+    (``_float_constants``; ``torchbridge.pair_split``'s threads too)."""
     return torch._dynamo.config.patch(specialize_float=True)
 
 

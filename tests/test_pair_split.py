@@ -159,3 +159,46 @@ def _child_split(n: int) -> tuple[int, int]:
         return b - a
 
     return sum(run_split(fn, n, 2)), len(seen)
+
+
+def test_float_constants_is_per_thread():
+    """dynamo's config is thread-local: ``float_constants`` in one thread leaves another's
+    ``specialize_float`` alone, and each thread's is restored when it leaves, in any order
+    (the pair_split threads set their own around each compiled call)."""
+    from nmruntime.torch_support import float_constants
+
+    config = torch._dynamo.config
+    before = config.specialize_float
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def thread_a():
+        with float_constants():
+            seen["a inside"] = config.specialize_float
+            a_in.set()
+            b_in.wait(10)
+        seen["a after"] = config.specialize_float
+        a_out.set()
+
+    def thread_b():
+        a_in.wait(10)
+        seen["b while a inside"] = config.specialize_float
+        with float_constants():
+            b_in.set()
+            a_out.wait(10)
+            seen["b after a left"] = config.specialize_float
+        seen["b after"] = config.specialize_float
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert seen == {
+        "a inside": True,
+        "b while a inside": False,
+        "b after a left": True,
+        "a after": False,
+        "b after": False,
+    }
+    assert config.specialize_float == before

@@ -29,7 +29,7 @@ from nmgen.generated import torch_kernels as K
 
 from nmruntime.pair_direct import DirectFront, DirectPass, direct_front, direct_passes
 from nmruntime.pair_ops import normal_cdf_torch, renamed
-from nmruntime.torch_support import compiled, compiled_bulk, float_constants, sync_free
+from nmruntime.torch_support import compiled, compiled_bulk, sync_free
 from torchbridge.covariance import all_finite, check_full_covariance, require_tensor
 from torchbridge.pair_split import run_split, usable_threads
 
@@ -422,8 +422,7 @@ def _one_pass_bulk(
     threads = usable_threads(threads) if warm else 1
     for i, j, nd in _pair_blocks_nd(p, chunk, mean.device):
         ns = i.shape[0] - nd
-        with float_constants():  # entered here for every thread (see ``_float_constants``)
-            left = run_split(functools.partial(_run_passes, passes, args, i, j), ns, threads)
+        left = run_split(functools.partial(_run_passes, passes, args, i, j), ns, threads)
         li, lj = torch.cat([a for a, _ in left]), torch.cat([b for _, b in left])
         dg = i[ns:]
         if li.numel() == 0:  # only the diagonal: the ReLU variances, as the general path
