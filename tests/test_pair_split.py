@@ -132,6 +132,16 @@ def test_relu_moments_compiled_is_the_same_at_any_thread_count(monkeypatch):
     assert torch.equal(outs[2][1], outs[2][1].T)
     assert len(ranges(600 * 599 // 2, 2)) == 3
     assert calls == [usable_threads(2)]  # the last call: 2 threads, compiled already
+    # the helper threads run in the caller's grad and inference modes (torch's are per thread:
+    # an inference tensor written outside inference mode is an error)
+    torch.set_num_threads(2)
+    try:
+        for mode in (torch.no_grad, torch.inference_mode):
+            with mode():
+                got = moments.relu_moments(mean, cov, check_psd=False, compiled=True)
+            assert torch.equal(got[1], outs[2][1]), mode
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
@@ -202,3 +212,24 @@ def test_float_constants_is_per_thread():
         "b after": False,
     }
     assert config.specialize_float == before
+
+
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference"])
+def test_run_split_runs_the_helpers_in_the_callers_modes(mode):
+    """torch's grad and inference modes are per thread: every range sees the caller's."""
+    n = 6 * MIN_RANGE
+    both = threading.Barrier(2, timeout=30)
+    seen, modes = set(), []
+
+    def fn(a, b):
+        if threading.get_ident() not in seen:  # both threads take part
+            seen.add(threading.get_ident())
+            both.wait()
+        modes.append((torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
+        return a
+
+    ctx = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference": torch.inference_mode}
+    with ctx[mode]():
+        want = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        run_split(fn, n, 2)
+    assert len(seen) == 2 and set(modes) == {want}

@@ -444,11 +444,14 @@ def _run_passes(passes: list, args: tuple, i, j, start: int, stop: int):
     pairs they all left."""
     up, sigma, cflat, h, cdf, p = args
     li, lj = i[start:stop], j[start:stop]
-    for run in passes:
-        need = run(up, li, lj, sigma, cflat, h, cdf, p).nonzero().squeeze(1)
-        li, lj = li.index_select(0, need), lj.index_select(0, need)
-        if li.numel() == 0:
-            break
+    # outside autograd here (``_pass_kernels``): without grad whatever the caller's mode, so
+    # that a call under torch.no_grad() finds the same compiled passes (no recompile)
+    with torch.no_grad():
+        for run in passes:
+            need = run(up, li, lj, sigma, cflat, h, cdf, p).nonzero().squeeze(1)
+            li, lj = li.index_select(0, need), lj.index_select(0, need)
+            if li.numel() == 0:
+                break
     return li, lj
 
 

@@ -20,6 +20,8 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
+import torch
+
 T = TypeVar("T")
 
 #: the fewest pairs in a range (about 3 ms of the float64 passes on the 2-core Xeon of
@@ -96,8 +98,8 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
 
 def run_split(fn: Callable[[int, int], T], n: int, threads: int) -> list[T]:
     """[fn(start, stop) for each of ``ranges(n, threads)``], in range order: the calling
-    thread and up to ``threads - 1`` pool threads take the next range as they come free.
-    ``fn`` must write only what its range owns. Returns after every range is done, or raises
+    thread and up to ``threads - 1`` pool threads take the next range as they come free, in
+    the caller's grad and inference modes. ``fn`` must write only what its range owns. Returns after every range is done, or raises
     the first error (the ranges not started by then are skipped; the started ones finish)."""
     parts = ranges(n, threads)
     helpers = min(threads, len(parts)) - 1
@@ -105,8 +107,13 @@ def run_split(fn: Callable[[int, int], T], n: int, threads: int) -> list[T]:
         return [fn(a, b) for a, b in parts]
     results: list = [None] * len(parts)
     nxt, lock, failed = [0], threading.Lock(), threading.Event()
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
-    def work() -> None:
+    def work() -> None:  # in the caller's grad and inference modes (torch's are per thread)
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            _take_ranges()
+
+    def _take_ranges() -> None:
         while not failed.is_set():
             with lock:
                 k = nxt[0]
