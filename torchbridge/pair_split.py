@@ -99,8 +99,9 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
 def run_split(fn: Callable[[int, int], T], n: int, threads: int) -> list[T]:
     """[fn(start, stop) for each of ``ranges(n, threads)``], in range order: the calling
     thread and up to ``threads - 1`` pool threads take the next range as they come free, in
-    the caller's grad and inference modes. ``fn`` must write only what its range owns. Returns after every range is done, or raises
-    the first error (the ranges not started by then are skipped; the started ones finish)."""
+    the caller's grad and inference modes. ``fn`` must write only what its range owns.
+    Returns after every range is done, or raises the first error (the ranges not started by
+    then are skipped; the started ones finish)."""
     parts = ranges(n, threads)
     helpers = min(threads, len(parts)) - 1
     if helpers <= 0:
