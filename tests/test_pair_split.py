@@ -34,6 +34,7 @@ def test_ranges_cover_in_order_and_shrink(n, threads):
 
 def test_usable_threads_leaves_out_busy_cpus(monkeypatch):
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    monkeypatch.setattr(pair_split, "_cpu_quota", lambda: None)
     monkeypatch.setattr(pair_split, "_other_running", lambda: 0)
     assert usable_threads(0) == 1 and usable_threads(1) == 1
     assert usable_threads(64) == min(64, cpus)
@@ -233,3 +234,40 @@ def test_run_split_runs_the_helpers_in_the_callers_modes(mode):
         want = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         run_split(fn, n, 2)
     assert len(seen) == 2 and set(modes) == {want}
+
+
+@pytest.mark.parametrize(
+    ("v2", "v1", "want"),
+    [
+        ("200000 100000\n", None, 2.0),
+        ("150000 100000\n", None, 1.5),
+        ("max 100000\n", ("50000", "100000"), None),  # v2 says none: v1 is not read
+        (None, ("50000\n", "100000\n"), 0.5),
+        (None, ("-1\n", "100000\n"), None),
+        (None, None, None),
+        ("garbage\n", None, None),
+    ],
+)
+def test_cpu_quota_reads_the_cgroup_files(tmp_path, monkeypatch, v2, v1, want):
+    def file(name, text):
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text)
+        return str(path)
+
+    monkeypatch.setattr(pair_split, "CPU_MAX", file("cpu.max", v2))
+    quota, period = v1 or (None, None)
+    monkeypatch.setattr(pair_split, "CFS_QUOTA", (file("q", quota), file("p", period)))
+    assert pair_split._cpu_quota() == want
+
+
+def test_usable_threads_keeps_to_the_cpu_quota(monkeypatch):
+    """A container limited to 1.5 CPUs that sees more: at most 2 threads; to 0.5: 1."""
+    monkeypatch.setattr(pair_split, "_other_running", lambda: 0)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    monkeypatch.setattr(pair_split, "_cpu_quota", lambda: 1.5)
+    assert usable_threads(64) == min(cpus, 2)
+    monkeypatch.setattr(pair_split, "_cpu_quota", lambda: 0.5)
+    assert usable_threads(64) == 1
+    monkeypatch.setattr(pair_split, "_cpu_quota", lambda: None)
+    assert usable_threads(64) == cpus

@@ -15,6 +15,7 @@ out its load average: there a second thread would share a core with the first.
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -48,24 +49,52 @@ if hasattr(os, "register_at_fork"):
 
 def usable_threads(requested: int) -> int:
     """``requested`` (torch's thread count at the call), at most the CPUs this process may run
-    on (its affinity mask where the platform has one) less the other tasks running on the
-    machine right now (Linux: ``/proc/loadavg``'s count of runnable tasks, this thread
-    excluded), at least 1. Where another process keeps a core busy, a second thread of ours
-    shares a core and only adds each range's fixed cost: with a busy loop on the other core of
-    the 2-core machine of issue #13, 2 threads took 1.05–1.07× the time of 1 (p = 1024)."""
+    on (its affinity mask where the platform has one, and its cgroup's CPU quota: a container
+    limited to 2 CPUs may see all the host's) less the other tasks running on the machine
+    right now (Linux: ``/proc/loadavg``'s count of runnable tasks, this thread excluded), at
+    least 1. Where another process keeps a core busy, a second thread of ours shares a core
+    and only adds each range's fixed cost: with a busy loop on the other core of the 2-core
+    machine of issue #13, 2 threads took 1.05–1.07× the time of 1 (p = 1024)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # no affinity masks on this platform
         cpus = os.cpu_count() or 1
+    quota = _cpu_quota()
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota)))
     return max(1, min(int(requested), cpus - _other_running()))
+
+
+#: cgroup v2's and v1's CPU quota files, as a container sees its own cgroup
+CPU_MAX = "/sys/fs/cgroup/cpu.max"
+CFS_QUOTA = ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+
+
+def _cpu_quota() -> float | None:
+    """CPUs of the cgroup's CPU quota (v2 ``cpu.max``: "quota period" or "max period"; v1
+    ``cpu.cfs_quota_us`` over ``cpu.cfs_period_us``, −1 for none), or None where there is
+    no quota or it cannot be read."""
+    try:
+        quota, period = _read(CPU_MAX).split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota, period = (int(_read(path)) for path in CFS_QUOTA)
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="ascii") as f:
+        return f.read()
 
 
 def _other_running() -> int:
     """Runnable tasks on the machine other than the calling thread (0 where unknown)."""
     try:
-        with open("/proc/loadavg", encoding="ascii") as f:
-            running = f.read().split()[3].split("/")[0]
-        return max(0, int(running) - 1)
+        return max(0, int(_read("/proc/loadavg").split()[3].split("/")[0]) - 1)
     except (OSError, IndexError, ValueError):
         return 0
 
