@@ -646,6 +646,25 @@ def _neg_tail_values(h, k, r, y, wq, xl, wl):
     return -(r.abs() * pv + qv)
 
 
+#: ρ at and below which the tail route's Legendre part takes the wide group's rule
+_NEG_TAIL_HIGH = -_DIRECT_GROUPS[-1][0]
+
+
+def _neg_tail_rules(like):
+    """The tail route's rules as float64 tensors on ``like``'s device: the Gauss–Laguerre
+    [nodes, weights], and the Gauss–Legendre (y, w·y) for ρ above and at or below
+    ``_NEG_TAIL_HIGH`` (the last group's size and the wide group's)."""
+    import torch
+    from nmgen.generated.gauss_legendre import LAGUERRE
+
+    lag = [torch.as_tensor(v, dtype=torch.float64, device=like.device) for v in LAGUERRE]
+    legendre = []
+    for n in (_DIRECT_GROUPS[-1][1], _DIRECT_WIDE64[1]):
+        y, wy = _direct_rule(n, lag[0])
+        legendre.append((y, wy * y / (1.0 - y)))  # w·y from the cached w(1 − y) (y < 1)
+    return lag, legendre
+
+
 def cov_neg_tail(h, k, r, eps: float):
     """(C, accepted) by the ρ < 0 tail route (``_neg_tail_values``) on eager CPU tensors
     outside autograd (1-D), evaluated in float64 arithmetic: (0, False) outside
@@ -656,23 +675,20 @@ def cov_neg_tail(h, k, r, eps: float):
     quadrature (~7 ms of per-call overhead). Compiled (one pass per Legendre size) with the
     compiled bulk."""
     import torch
-    from nmgen.generated.gauss_legendre import LAGUERRE
 
     from nmruntime.torch_support import compiled
 
     c = torch.zeros_like(h)
     ok = torch.zeros_like(h, dtype=torch.bool)
     dom = _neg_tail_domain(h, k, r)
-    high = r <= -_DIRECT_GROUPS[-1][0]
+    high = r <= _NEG_TAIL_HIGH
     w64 = [v.double() for v in (h, k, r)]
-    lag = [torch.as_tensor(v, dtype=torch.float64, device=h.device) for v in LAGUERRE]
+    lag, (low_rule, high_rule) = _neg_tail_rules(w64[0])
     run = compiled(w64[0], "neg_tail", _neg_tail_values) or _neg_tail_values
-    for sel, n in ((dom & ~high, _DIRECT_GROUPS[-1][1]), (dom & high, _DIRECT_WIDE64[1])):
+    for sel, (y, wq) in ((dom & ~high, low_rule), (dom & high, high_rule)):
         idx = sel.nonzero().squeeze(1)
         if idx.numel() == 0:
             continue
-        y, wy = _direct_rule(n, w64[0])
-        wq = wy * y / (1.0 - y)  # w·y from the cached w(1 − y) (y < 1 at every node)
         vals = run(*(v.index_select(0, idx) for v in w64), y, wq, *lag)
         c.index_copy_(0, idx, vals.to(c.dtype))
         ok.index_copy_(0, idx, vals.abs().to(c.dtype) >= _TINY_NORMAL[eps < 1e-10] / eps)
@@ -686,18 +702,13 @@ def neg_tail_pass_values(eps: float):
     own; accepted where ``_neg_tail_domain`` holds and |C| is a normal number of the target
     precision ``eps``. ``base`` is not used."""
     import torch
-    from nmgen.generated.gauss_legendre import LAGUERRE
 
-    lag = [torch.as_tensor(v, dtype=torch.float64) for v in LAGUERRE]
-    rules = []
-    for n in (_DIRECT_GROUPS[-1][1], _DIRECT_WIDE64[1]):
-        y, wy = _direct_rule(n, lag[0])
-        rules.append((y, wy * y / (1.0 - y)))  # w·y from the cached w(1 − y), as cov_neg_tail
+    lag, rules = _neg_tail_rules(torch.zeros(0, dtype=torch.float64))
     low = _TINY_NORMAL[eps < 1e-10] / eps
 
     def values(h, k, r, base=None):
         lo, hi = (_neg_tail_values(h, k, r, y, wq, *lag) for y, wq in rules)
-        c = torch.where(r <= -_DIRECT_GROUPS[-1][0], hi, lo)
+        c = torch.where(r <= _NEG_TAIL_HIGH, hi, lo)
         return c, _neg_tail_domain(h, k, r) & (c.abs() >= low)
 
     return values

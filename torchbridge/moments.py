@@ -470,7 +470,7 @@ def _pass_kernels(like: torch.Tensor, symmetric: bool) -> list | None:
     return runs
 
 
-@functools.lru_cache(maxsize=8)
+@functools.cache  # 7 rules (both dtypes) × symmetric or not
 def _pass_fn(rule: DirectPass, symmetric: bool):
     """``_one_pass`` with its rule bound, under a code object of its own."""
 

@@ -99,16 +99,16 @@ def _other_running() -> int:
         return 0
 
 
-def ranges(n: int, threads: int, min_range: int = MIN_RANGE) -> list[tuple[int, int]]:
+def ranges(n: int, threads: int) -> list[tuple[int, int]]:
     """[start, stop) ranges covering range(n) in order: each the rest's 1/(2·threads), at least
-    ``min_range`` (the last: what is left); one range where ``threads`` is 1."""
+    ``MIN_RANGE`` (the last: what is left); one range where ``threads`` is 1."""
     if n <= 0:
         return []
     if threads <= 1:
         return [(0, n)]
     out, start = [], 0
     while start < n:
-        size = min(n - start, max(min_range, (n - start) // (2 * threads)))
+        size = min(n - start, max(MIN_RANGE, (n - start) // (2 * threads)))
         out.append((start, start + size))
         start += size
     return out
