@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 
@@ -30,6 +31,22 @@ def test_ranges_cover_in_order_and_shrink(n, threads):
         assert sizes == sorted(sizes, reverse=True)
         assert all(s >= MIN_RANGE for s in sizes[:-1])
         assert sizes[0] == min(n, max(MIN_RANGE, n // (2 * threads)))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_ranges_stop_only_at_the_given_bounds(threads):
+    """With ``bounds`` (here the starts of the rows of p = 700's strict upper triangle) every
+    range stops at a bound, the first at the first bound at or after its guided size."""
+    p = 700
+    bounds = list(itertools.accumulate(p - 1 - r for r in range(p)))
+    n = bounds[-1]
+    parts = ranges(n, threads, bounds)
+    assert [a for a, _ in parts] == [0, *(b for _, b in parts[:-1])] and parts[-1][1] == n
+    assert all(b in bounds for _, b in parts) and all(b > a for a, b in parts)
+    if threads > 1:
+        size = max(MIN_RANGE, n // (2 * threads))
+        assert parts[0][1] == min(b for b in bounds if b >= size)
+        assert len(parts) > 1
 
 
 def test_usable_threads_leaves_out_busy_cpus(monkeypatch):
@@ -113,9 +130,9 @@ def test_relu_moments_compiled_is_the_same_at_any_thread_count(monkeypatch):
     calls = []
     split = moments.run_split
 
-    def recorded(fn, n, threads):
+    def recorded(fn, n, threads, bounds=None):
         calls.append(threads)
-        return split(fn, n, threads)
+        return split(fn, n, threads, bounds)
 
     monkeypatch.setattr(moments, "run_split", recorded)
     monkeypatch.setattr(pair_split, "_other_running", lambda: 0)  # as on an idle machine
@@ -133,6 +150,19 @@ def test_relu_moments_compiled_is_the_same_at_any_thread_count(monkeypatch):
     assert torch.equal(outs[2][1], outs[2][1].T)
     assert len(ranges(600 * 599 // 2, 2)) == 3
     assert calls == [usable_threads(2)]  # the last call: 2 threads, compiled already
+    # two blocks of 300 rows (``chunk``): the first in 2 ranges of whole rows, each mirrored
+    # by its thread; the same matrix
+    torch.set_num_threads(2)
+    try:
+        blocks = moments.relu_moments(mean, cov, check_psd=False, compiled=True, chunk=300 * 600)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(blocks[1], outs[2][1])
+    # the eager call (no passes, no threads): the same values to a few eps
+    eager = moments.relu_moments(mean, cov, check_psd=False)[1]
+    scale = eager.diagonal().sqrt()
+    err = (outs[2][1] - eager).abs() / (scale[:, None] * scale[None, :])
+    assert float(err.max()) <= 64 * torch.finfo(torch.float64).eps
     # the helper threads run in the caller's grad and inference modes (torch's are per thread:
     # an inference tensor written outside inference mode is an error)
     torch.set_num_threads(2)

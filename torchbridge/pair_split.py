@@ -14,11 +14,12 @@ out its load average: there a second thread would share a core with the first.
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import math
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
@@ -99,18 +100,22 @@ def _other_running() -> int:
         return 0
 
 
-def ranges(n: int, threads: int) -> list[tuple[int, int]]:
+def ranges(n: int, threads: int, bounds: Sequence[int] | None = None) -> list[tuple[int, int]]:
     """[start, stop) ranges covering range(n) in order: each the rest's 1/(2·threads), at least
-    ``MIN_RANGE`` (the last: what is left); one range where ``threads`` is 1."""
+    ``MIN_RANGE`` (the last: what is left); one range where ``threads`` is 1. ``bounds``:
+    the allowed stops, increasing, ending at n (each range then ends at the first allowed
+    stop at or after its size; e.g. the starts of rows)."""
     if n <= 0:
         return []
     if threads <= 1:
         return [(0, n)]
     out, start = [], 0
     while start < n:
-        size = min(n - start, max(MIN_RANGE, (n - start) // (2 * threads)))
-        out.append((start, start + size))
-        start += size
+        stop = start + min(n - start, max(MIN_RANGE, (n - start) // (2 * threads)))
+        if bounds is not None:
+            stop = bounds[bisect.bisect_left(bounds, stop)]
+        out.append((start, stop))
+        start = stop
     return out
 
 
@@ -125,13 +130,15 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
         return _POOL[0]
 
 
-def run_split(fn: Callable[[int, int], T], n: int, threads: int) -> list[T]:
-    """[fn(start, stop) for each of ``ranges(n, threads)``], in range order: the calling
+def run_split(
+    fn: Callable[[int, int], T], n: int, threads: int, bounds: Sequence[int] | None = None
+) -> list[T]:
+    """[fn(start, stop) for each of ``ranges(n, threads, bounds)``], in range order: the calling
     thread and up to ``threads - 1`` pool threads take the next range as they come free, in
     the caller's grad and inference modes. ``fn`` must write only what its range owns.
     Returns after every range is done, or raises the first error (the ranges not started by
     then are skipped; the started ones finish)."""
-    parts = ranges(n, threads)
+    parts = ranges(n, threads, bounds)
     helpers = min(threads, len(parts)) - 1
     if helpers <= 0:
         return [fn(a, b) for a, b in parts]
