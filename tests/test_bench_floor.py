@@ -112,3 +112,19 @@ def test_bench_floor_compiled_rows(tmp_path):
     groups = check_file(res["compiled_oracle_points"]["file"], progress=False)["groups"]
     assert [g["points"] for g in groups] == [2, 2]
     assert max(g["max_abs_diff"] for g in groups) <= 1e-15
+
+
+def test_repeat_order_balances_positions_and_predecessors():
+    """Over 2n repeats each of n calls takes each position twice, and each call is preceded
+    (inside a repeat) by each of the others."""
+    from torchbridge.experiments.bench_floor import repeat_order
+
+    items = ["exact", "compiled", "DVI"]
+    orders = [repeat_order(items, r) for r in range(6)]
+    assert orders[0] == items and orders[1] == items[::-1]
+    assert repeat_order(items, 6) == items and repeat_order([], 3) == []
+    for pos in range(3):
+        assert sorted(o[pos] for o in orders) == sorted(items * 2)
+    for x in items:
+        before = {o[o.index(x) - 1] for o in orders if o.index(x) > 0}
+        assert before == set(items) - {x}
