@@ -476,9 +476,10 @@ def _run_rows(passes: list, args: tuple, i, j, first: int, starts: tuple, start:
 
 #: rows per band of ``_run_rows``' mirror (a transposed copy of the band's columns right of
 #: it, then its own triangle). On the 2-core Xeon of issue #13 (p = 1024, float64, 1 | 2
-#: threads): 64 rows 0.0353 | 0.0253 s, 128: 0.0346 | 0.0244 s, 256: 0.0344 | 0.0244 s,
-#: 512: 0.0361 | 0.0247 s, a whole range's rows: 0.0420 | 0.0247 s; the compiled mirror after
-#: the passes (the general path's ``_mirrored``): 0.0390 | 0.0281 s.
+#: threads, means of two separate-process runs): 64 rows 0.0353 | 0.0253 s, 128: 0.0346 |
+#: 0.0244 s, 256: 0.0344 | 0.0244 s, 512: 0.0361 | 0.0247 s, a whole range's rows: 0.0420 |
+#: 0.0247 s; the compiled mirror after the passes (the general path's ``_mirrored``):
+#: 0.0390 | 0.0281 s.
 MIRROR_BAND = 128
 
 
@@ -607,7 +608,8 @@ def relu_moments(
         p = mean.shape[-1]
         batch = torch.broadcast_shapes(mean.shape[:-1], cov.shape[:-2])
         mean, cov = mean.expand(*batch, p), cov.expand(*batch, p, p)  # views, never written
-        up = mean.new_empty(*mean.shape[:-1], p * p)  # the upper triangle is written below
+        # written below: all of it by the compiled bulk, else the upper triangle and mirrored
+        up = mean.new_empty(*mean.shape[:-1], p * p)
         bulk_args = (up, mean, cov, chunk, symmetric, threads)
         rmean = _one_pass_bulk(*bulk_args) if method == "exact" else None
         if rmean is not None:  # the passes wrote both triangles
