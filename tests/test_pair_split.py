@@ -301,3 +301,16 @@ def test_usable_threads_keeps_to_the_cpu_quota(monkeypatch):
     assert usable_threads(64) == 1
     monkeypatch.setattr(pair_split, "_cpu_quota", lambda: None)
     assert usable_threads(64) == cpus
+
+
+def test_relu_moments_compiled_with_a_block_per_row():
+    """``chunk`` below 2p: one row per block, the last block the last row alone (no strict
+    pair: it raised ValueError from ``torch.cat`` before). The same matrix as one block,
+    exactly symmetric."""
+    from torchbridge.experiments.bench_kernels import random_problem
+
+    mean, cov = random_problem(40, 3)
+    one = moments.relu_moments(mean, cov, check_psd=False, compiled=True)[1]
+    for chunk in (1, 40, 79):
+        rows = moments.relu_moments(mean, cov, check_psd=False, compiled=True, chunk=chunk)[1]
+        assert torch.equal(rows, one) and torch.equal(rows, rows.T), chunk

@@ -424,12 +424,13 @@ def _one_pass_bulk(
     threads = usable_threads(threads) if warm else 1
     for i, j, nd in _pair_blocks_nd(p, chunk, mean.device):
         ns = i.shape[0] - nd
-        first = int(i[ns])  # the block's rows: first .. first + nd - 1 (its diagonal)
+        dg = i[ns:]
+        first = int(dg[0])  # the block's rows: first .. first + nd - 1 (its diagonal)
         starts = _row_starts(p, first, nd)
         run = functools.partial(_run_rows, passes, args, i, j, first, starts)
-        left = run_split(run, ns, threads, bounds=starts[1:])
-        li, lj = torch.cat([a for a, _ in left]), torch.cat([b for _, b in left])
-        dg = i[ns:]
+        left = run_split(run, ns, threads, bounds=starts[1:])  # none: the last row alone
+        li = torch.cat([i[:0], *(a for a, _ in left)])
+        lj = torch.cat([j[:0], *(b for _, b in left)])
         if li.numel() == 0:  # only the diagonal: the ReLU variances, as the general path
             up.index_copy_(0, dg * (p + 1), shared.var.index_select(0, dg))
             continue
