@@ -451,7 +451,11 @@ def _direct_fused(h, k, r, eps: float, cdf=None):
     for (_, n64, n32), cnt in zip(_DIRECT_GROUPS, counts, strict=False):
         starts.append(start)
         if cnt:
-            run = _direct_compiled(h, n64 if f64 else n32, eps, False, base is not None)
+            n = n64 if f64 else n32
+            # eager where compiling failed during this call (``torch_support.compiled``)
+            run = _direct_compiled(h, n, eps, False, base is not None) or direct_group_values(
+                n, eps
+            )
             cs, oks = run(*(v[start : start + cnt] for v in ins))
             c.index_copy_(0, perm[start : start + cnt], cs)
             okp[start : start + cnt] = oks
@@ -494,7 +498,8 @@ def _direct_redo32(ins, perm, okp, starts, c, eps: float) -> None:
             sel = bad[a:b]
             n = max(g[1] for g in _DIRECT_GROUPS[lo:end])
             w = [v.index_select(0, sel).double() for v in ins[:3]]
-            c2, ok2 = _direct_compiled(w[0], n, eps, True, False)(*w)
+            run = _direct_compiled(w[0], n, eps, True, False) or direct_group_values(n, eps, True)
+            c2, ok2 = run(*w)
             c.index_copy_(0, perm.index_select(0, sel), c2.to(c.dtype))
             okp.index_copy_(0, sel, ok2)
         lo = end

@@ -384,7 +384,8 @@ def _cov_closed_grouped(o, h, k, r, bvn):
             continue
         rest[sel] = False
         x, w = (tuple(float(t) for t in v) for v in rules[n])
-        run = compiled(h, f"closed{n}", lambda a, b, c, x=x, w=w: _closed_low(a, b, c, x, w))
+        low = lambda a, b, c, x=x, w=w: _closed_low(a, b, c, x, w)  # noqa: E731
+        run = compiled(h, f"closed{n}", low) or low  # eager where compiling failed in this call
         c[sel], bound[sel] = run(h[sel], k[sel], r[sel])
     sel = rest.nonzero().squeeze(1)
     if sel.numel():

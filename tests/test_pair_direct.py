@@ -495,3 +495,34 @@ def test_relu_moments_passes_leave_the_rest_to_the_other_routes(dtype, monkeypat
             h, k = float(m[i] / s[i]), float(m[j] / s[j])
             ref = float(s[i] * s[j]) * _swapped_ref(h, k, float(c[i, j] / (s[i] * s[j])))
             assert abs(float(got[i, j]) - ref) <= BAR[dtype] * EPS[dtype] * abs(ref), (name, i, j)
+
+
+def test_compiled_bulk_failing_mid_call_falls_back_to_eager(monkeypatch):
+    """A compile that fails once a call has started (dynamo's recompile limit, say) turns the
+    compiled bulk off for the process; the rest of that call then runs eagerly, the eager
+    call's values to a few eps (before: the next |ρ| group's kernel was None, TypeError).
+    Simulated on the general path (a batch of two problems) by a failing compile of the
+    direct route's front."""
+    from torchbridge.experiments.bench_kernels import random_problem
+    from torchbridge.moments import relu_moments
+
+    real = torch_support.compiled
+    monkeypatch.setattr(torch_support, "_COMPILE_FAILED", [None])
+
+    def failing(*args):
+        raise RuntimeError("simulated compile failure")
+
+    def flaky(x, name, fn, *args, **kwargs):
+        if name.startswith("front") and torch_support._COMPILE_FAILED[0] is None:
+            return torch_support._eager_on_failure(failing, fn)
+        return real(x, name, fn, *args, **kwargs)
+
+    monkeypatch.setattr(torch_support, "compiled", flaky)
+    mean, cov = random_problem(40, 6)
+    batch = torch.stack([mean, mean - 0.5])
+    with pytest.warns(RuntimeWarning, match="compiled bulk is off"):
+        got = relu_moments(batch, cov, check_psd=False, compiled=True)[1]
+    assert isinstance(torch_support._COMPILE_FAILED[0], RuntimeError)
+    monkeypatch.setattr(torch_support, "_COMPILE_FAILED", [None])
+    want = relu_moments(batch, cov, check_psd=False)[1]
+    assert float((got - want).abs().max()) <= 16 * EPS[torch.float64] * float(want.abs().max())
