@@ -87,32 +87,49 @@ def compiled(
         if releases_gil:
             options["cpp_wrapper"] = True
         cfn = torch.compile(fn, dynamic=True, fullgraph=True, options=options or None)
-        _COMPILED[name] = _eager_on_failure(_float_constants(cfn), fn)
+        _COMPILED[name] = _eager_on_failure(_with_compile_settings(cfn), fn)
     return _COMPILED[name]
 
 
-def _float_constants(cfn):
-    """``cfn`` traced with Python floats as constants (dynamo's ``specialize_float``): the
-    rules' nodes and weights, unrolled from closures, enter the kernels as immediates. By
-    default ``dynamic=True`` makes each such float a graph input, converted to a tensor on
-    every call (66 conversions per call of the 32-node direct rule; 5,350 per p = 1024
-    ``relu_moments`` call). No compiled function here takes a float argument that varies
-    between calls (which would then recompile)."""
+def _with_compile_settings(cfn):
+    """``cfn`` run under ``compile_settings``. Python floats are traced as constants (dynamo's
+    ``specialize_float``): the rules' nodes and weights, unrolled from closures, enter the
+    kernels as immediates. By default ``dynamic=True`` makes each such float a graph input,
+    converted to a tensor on every call (66 conversions per call of the 32-node direct rule;
+    5,350 per p = 1024 ``relu_moments`` call). No compiled function here takes a float
+    argument that varies between calls (which would then recompile)."""
 
     def run(*args):
-        if torch._dynamo.config.specialize_float:
-            return cfn(*args)
-        with float_constants():
+        with compile_settings():
             return cfn(*args)
 
     return run
 
 
-def float_constants() -> contextlib.AbstractContextManager:
-    """dynamo's ``specialize_float`` on inside, for the calling thread: dynamo's config is
-    thread-local (torch 2.13), so each thread that runs a compiled function sets its own
-    (``_float_constants``; ``torchbridge.pair_split``'s threads too)."""
-    return torch._dynamo.config.patch(specialize_float=True)
+#: dynamo's recompiles per function allowed inside ``compile_settings`` (its default is 8).
+#: One function here serves both dtypes, views and plain tensors, and sizes 0, 1 and more,
+#: each a specialization of its own. A mixed workload (both dtypes, a batch, small ``chunk``
+#: values: scratch ``/tmp/s27/edge3.py``) hit 8 on ``direct_front``, and the compiled bulk was
+#: then off for the rest of the process.
+RECOMPILE_LIMIT = 64
+
+
+@contextlib.contextmanager
+def compile_settings() -> Iterator[None]:
+    """dynamo's ``specialize_float`` on and its recompile limit at least ``RECOMPILE_LIMIT``
+    inside, for the calling thread: dynamo's config is thread-local (torch 2.13), so each
+    thread that runs a compiled function sets its own (``_with_compile_settings``;
+    ``torchbridge.pair_split``'s threads too). Set and restored by hand: 6.4 µs per use
+    where ``config.patch`` of the two took 23.6 µs (about 30 compiled calls per p = 1024
+    ``relu_moments`` call at 2 threads)."""
+    config = torch._dynamo.config
+    old = (config.specialize_float, config.recompile_limit)
+    config.specialize_float = True
+    config.recompile_limit = max(old[1], RECOMPILE_LIMIT)
+    try:
+        yield
+    finally:
+        config.specialize_float, config.recompile_limit = old
 
 
 def _eager_on_failure(cfn, fn):

@@ -202,11 +202,11 @@ def _child_split(n: int) -> tuple[int, int]:
     return sum(run_split(fn, n, 2)), len(seen)
 
 
-def test_float_constants_is_per_thread():
-    """dynamo's config is thread-local: ``float_constants`` in one thread leaves another's
+def test_compile_settings_are_per_thread():
+    """dynamo's config is thread-local: ``compile_settings`` in one thread leaves another's
     ``specialize_float`` alone, and each thread's is restored when it leaves, in any order
     (the pair_split threads set their own around each compiled call)."""
-    from nmruntime.torch_support import float_constants
+    from nmruntime.torch_support import compile_settings
 
     config = torch._dynamo.config
     before = config.specialize_float
@@ -214,7 +214,7 @@ def test_float_constants_is_per_thread():
     seen = {}
 
     def thread_a():
-        with float_constants():
+        with compile_settings():
             seen["a inside"] = config.specialize_float
             a_in.set()
             b_in.wait(10)
@@ -224,7 +224,7 @@ def test_float_constants_is_per_thread():
     def thread_b():
         a_in.wait(10)
         seen["b while a inside"] = config.specialize_float
-        with float_constants():
+        with compile_settings():
             b_in.set()
             a_out.wait(10)
             seen["b after a left"] = config.specialize_float
