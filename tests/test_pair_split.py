@@ -243,6 +243,16 @@ def test_compile_settings_are_per_thread():
         "b after": False,
     }
     assert config.specialize_float == before
+    # the recompile limit too (dynamo's default, 8, turned the compiled bulk off for a process
+    # with a mixed workload), never lowered, restored after
+    from nmruntime.torch_support import RECOMPILE_LIMIT
+
+    limit = config.recompile_limit
+    with compile_settings():
+        assert config.recompile_limit == max(limit, RECOMPILE_LIMIT) >= 64
+        with torch._dynamo.config.patch(recompile_limit=1000), compile_settings():
+            assert config.recompile_limit == 1000
+    assert config.recompile_limit == limit
 
 
 @pytest.mark.parametrize("mode", ["grad", "no_grad", "inference"])
