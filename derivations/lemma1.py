@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .functions import Phi, ReluMeanMS, ReluSecondMS, ReluVarMS, phi, to_elementary
+from .functions import Phi, phi, relu_mean_ms, relu_second_ms, relu_var_ms, to_elementary
 from .reference import relu_mean_ref, relu_second_moment_ref, relu_variance_ref
 from .spec import ArgSpec, Case, KernelSpec
 from .theorem1 import gaussian_density, relu_mean_expr
@@ -90,7 +90,7 @@ KERNELS = (
         name="relu_second_moment",
         args=_ARGS,
         cases=(
-            Case(ReluSecondMS(_m, _s), _s > 0, _SAFE, "σ > 0 (tail-exact form below μ/σ = −2)"),
+            Case(relu_second_ms(_m, _s), _s > 0, _SAFE, "σ > 0 (tail-exact form below μ/σ = −2)"),
             Case(sp.Max(_m, 0) ** 2, sp.true, {}, "σ = 0: relu(μ)²"),
         ),
         doc="E[max(x, 0)²] for x ~ N(mu, sigma²).",
@@ -105,7 +105,7 @@ KERNELS = (
         args=_ARGS,
         cases=(
             Case(
-                ReluVarMS(_m, _s),
+                relu_var_ms(_m, _s),
                 _s > 0,
                 _SAFE,
                 "σ > 0: σ²(Φ(h) − m(h)m(−h)); below μ/σ = −2 second moment − mean²",
@@ -123,7 +123,7 @@ KERNELS = (
         name="relu_mean_variance",
         args=_ARGS,
         cases=(
-            Case((ReluMeanMS(_m, _s), ReluVarMS(_m, _s)), _s > 0, _SAFE, "σ > 0"),
+            Case((relu_mean_ms(_m, _s), relu_var_ms(_m, _s)), _s > 0, _SAFE, "σ > 0"),
             Case((sp.Max(_m, 0), sp.Integer(0)), sp.true, {}, "σ = 0"),
         ),
         doc="(E[max(x, 0)], Var[max(x, 0)]) for x ~ N(mu, sigma²), sharing one CSE.",

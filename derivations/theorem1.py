@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .functions import Phi, ReluMeanMS, phi, to_elementary
+from .functions import Phi, phi, relu_mean_ms, to_elementary
 from .reference import relu_mean_ref
 from .spec import ArgSpec, Case, KernelSpec
 
@@ -77,7 +77,7 @@ KERNELS = (
         args=(ArgSpec(_m, "real"), ArgSpec(_s, "nonneg")),
         cases=(
             Case(
-                ReluMeanMS(_m, _s),
+                relu_mean_ms(_m, _s),
                 _s > 0,
                 {_s: 1.0},
                 "σ > 0: μΦ(μ/σ) + σφ(μ/σ) (μ/σ ≥ −2), continued-fraction tail form below",

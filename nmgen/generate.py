@@ -248,7 +248,7 @@ _TRANSCENDENTAL = re.compile(
     r"\b(?:torch|numpy|scipy\.special|torch\.special|math)\.(exp|expm1|log|log1p|sqrt|erf|"
     r"erfc|erfcx|ndtr|asin|arcsin|atan|arctan|sin|cos)\("
 )
-_RUNTIME = re.compile(r"\b(_bvn|_relu_mean|_relu_second|_relu_var|_relu_cov|_relu_cross)\(")
+_RUNTIME = re.compile(r"\b(_bvn|_relu_moments|_relu_cov|_relu_cross)\(")
 
 
 def op_counts(code_lines: list[str]) -> str:
@@ -398,7 +398,7 @@ def _runtime_prelude(backend: Backend, specs: list[KernelSpec]) -> list[str]:
             "",
             f"from nmruntime.relu_pair import {bind} as _rp_bind  # noqa: E402",
             "",
-            "_relu_mean, _relu_second, _relu_var, _relu_cov, _relu_cross, _bvn = _rp_bind(",
+            "_relu_moments, _relu_cov, _relu_cross, _bvn = _rp_bind(",
             f"    RULES[PAIR_SIZE], {fast}",
             ")",
         ]

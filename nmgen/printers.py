@@ -13,7 +13,7 @@ from sympy.printing.numpy import SciPyPrinter
 from sympy.printing.pycode import PythonCodePrinter
 from sympy.printing.pytorch import TorchPrinter
 
-from nmgen.derivations.functions import BVN, RUNTIME_CALLS, Phi, _RuntimeCall, phi
+from nmgen.derivations.functions import BVN, RUNTIME_CALLS, Item, Phi, _RuntimeCall, phi
 
 
 def _fold(expr: sp.Basic) -> sp.Basic:
@@ -89,6 +89,9 @@ class _KernelPrinterMixin:
 
     def _print_BVN(self, expr):
         return "_bvn(" + ", ".join(self._print(a) for a in expr.args) + ")"
+
+    def _print_Item(self, expr):
+        return f"{self._print(expr.args[0])}[{int(expr.args[1])}]"
 
     def _print_Function(self, expr):
         if isinstance(expr, _RuntimeCall):
@@ -194,6 +197,7 @@ SUPPORTED_FUNCTIONS = (
     phi,
     BVN,
     *RUNTIME_CALLS,
+    Item,
     sp.exp,
     sp.erf,
     sp.erfc,

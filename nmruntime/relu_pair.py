@@ -1228,7 +1228,8 @@ def relu_cross_ms(o: SimpleNamespace, mu1, mu2, s1, s2, r, rule):
 
 
 def numpy_binding(rule, bvn) -> tuple:
-    """(mean, second, variance, cov, cross, Φ2) callables for the generated NumPy module.
+    """(moments, cov, cross, Φ2) callables for the generated NumPy module; moments returns
+    (mean, second moment, variance).
 
     ``bvn`` is the backend's fast Φ2; the returned Φ2 is ``phi2_std`` (relatively accurate).
 
@@ -1240,7 +1241,7 @@ def numpy_binding(rule, bvn) -> tuple:
     x = np.asarray(rule[0], dtype=np.float64)
     w = np.asarray(rule[1], dtype=np.float64)
 
-    def call(fn, index=None):
+    def call(fn):
         def run(*args):
             dt = np.result_type(*args)
             a64 = [np.asarray(v, dtype=np.float64).copy() for v in np.broadcast_arrays(*args)]
@@ -1253,16 +1254,14 @@ def numpy_binding(rule, bvn) -> tuple:
                     out = fn(o, *a64, (x, w))
                 else:
                     out = fn(o, *a64)
-            if index is not None:
-                out = out[index]
+            if isinstance(out, tuple):
+                return tuple(np.asarray(v, dtype=dt) for v in out)
             return np.asarray(out, dtype=dt)
 
         return run
 
     return (
-        call(relu_moments_ms, 0),
-        call(relu_moments_ms, 1),
-        call(relu_moments_ms, 2),
+        call(relu_moments_ms),
         call(relu_cov_std),
         call(relu_cross_ms),
         call(phi2_std),
@@ -1270,7 +1269,8 @@ def numpy_binding(rule, bvn) -> tuple:
 
 
 def torch_binding(rule, bvn) -> tuple:
-    """(mean, second, variance, cov, cross, Φ2) callables for the generated PyTorch module.
+    """(moments, cov, cross, Φ2) callables for the generated PyTorch module; moments returns
+    (mean, second moment, variance) (``relu_moments_ms``).
 
     ``bvn`` is the backend's fast Φ2 (with its autograd); the returned Φ2 is ``phi2_std``:
     relatively accurate values, ``bvn``'s gradients.
@@ -1290,11 +1290,8 @@ def torch_binding(rule, bvn) -> tuple:
             cache[key] = tuple(torch.as_tensor(v, dtype=t.dtype, device=t.device) for v in rule)
         return cache[key]
 
-    def moments(index):
-        def run(mu, sigma):
-            return relu_moments_ms(o, mu, sigma)[index]
-
-        return run
+    def moments(mu, sigma):
+        return relu_moments_ms(o, mu, sigma)
 
     def cov(h, k, rho, *, cdf=None):
         """C(h, k, ρ); ``cdf``: optional (Φ(h), Φ(k)) of h's shape, dtype and device (e.g.
@@ -1324,4 +1321,4 @@ def torch_binding(rule, bvn) -> tuple:
     def phi2(h, k, rho):
         return phi2_std(o, h, k, rho, rule_for(h), bvn=bvn)
 
-    return moments(0), moments(1), moments(2), cov, cross, phi2
+    return moments, cov, cross, phi2
