@@ -55,7 +55,10 @@ def usable_threads(requested: int) -> int:
     right now (Linux: ``/proc/loadavg``'s count of runnable tasks, this thread excluded), at
     least 1. Where another process keeps a core busy, a second thread of ours shares a core
     and only adds each range's fixed cost: with a busy loop on the other core of the 2-core
-    machine of issue #13, 2 threads took 1.05–1.07× the time of 1 (p = 1024)."""
+    machine of issue #13, 2 threads took 1.05–1.07× the time of 1 (p = 1024). One thread
+    requested: 1, with no file read (the reads take about 25 µs per call)."""
+    if requested <= 1:
+        return 1
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # no affinity masks on this platform
