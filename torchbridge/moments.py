@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 from nmgen.generated import torch_kernels as K
@@ -426,9 +427,9 @@ def _one_pass_bulk(
         ns = i.shape[0] - nd
         dg = i[ns:]
         first = int(dg[0])  # the block's rows: first .. first + nd - 1 (its diagonal)
-        starts = _row_starts(p, first, nd)
-        run = functools.partial(_run_rows, passes, args, i, j, first, starts)
-        left = run_split(run, ns, threads, bounds=starts[1:])  # none: the last row alone
+        block = _RowBlock(i, j, first, _row_starts(p, first, nd))
+        run = functools.partial(_run_rows, passes, args, block)
+        left = run_split(run, ns, threads, bounds=block.starts[1:])  # none: the last row alone
         li = torch.cat([i[:0], *(a for a, _ in left)])
         lj = torch.cat([j[:0], *(b for _, b in left)])
         if li.numel() == 0:  # only the diagonal: the ReLU variances, as the general path
@@ -456,26 +457,45 @@ def _row_starts(p: int, first: int, rows: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _run_rows(passes: list, args: tuple, i, j, first: int, starts: tuple, start: int, stop: int):
-    """``_run_passes`` on the pairs [start, stop): whole rows of the block whose rows start at
-    row ``first`` (``_row_starts``: ``starts``). Then the rows' mirror image, each value
-    copied to its place (j, i) in the lower triangle by the thread that wrote it, in bands of
-    ``MIRROR_BAND`` rows. A pair the passes leave is written to both places later, by the
-    general path. Returns the pairs left."""
-    left = _run_passes(passes, args, i, j, start, stop)
+class _RowBlock(NamedTuple):
+    """A block of ``_pair_blocks_nd`` for ``_run_rows``: its pairs (i, j), its first row, and
+    where its rows start among its strict pairs (``_row_starts``)."""
+
+    i: torch.Tensor
+    j: torch.Tensor
+    first: int
+    starts: tuple[int, ...]
+
+    def rows(self, start: int, stop: int) -> tuple[int, int]:
+        """The rows [a, b) of the matrix whose strict pairs are [start, stop) (whole rows)."""
+        a = self.first + bisect.bisect_left(self.starts, start)
+        return a, self.first + bisect.bisect_left(self.starts, stop)
+
+
+def _run_rows(passes: list, args: tuple, block: _RowBlock, start: int, stop: int):
+    """``_run_passes`` on the block's pairs [start, stop) (whole rows), then those rows'
+    mirror image (``_mirror_rows``) by the thread that wrote them. A pair the passes leave is
+    written to both places later, by the general path. Returns the pairs left."""
+    left = _run_passes(passes, args, block.i, block.j, start, stop)
     up, p = args[0], args[-1]
-    a = first + bisect.bisect_left(starts, start)
-    b = first + bisect.bisect_left(starts, stop)  # rows [a, b) of the matrix
-    full = up.view(p, p)
+    _mirror_rows(up.view(p, p), *block.rows(start, stop))
+    return left
+
+
+def _mirror_rows(full: torch.Tensor, a: int, b: int) -> None:
+    """Rows [a, b) of ``full``'s strict upper triangle copied to their places (j, i) in the
+    lower one, in place, in bands of ``MIRROR_BAND`` rows: a transposed copy of the band's
+    columns right of it, then its own triangle. It writes only in columns [a, b), on rows
+    from a on, and reads only rows [a, b): threads with other rows neither write the same
+    places nor read what it writes."""
     for a2 in range(a, b, MIRROR_BAND):
         b2 = min(b, a2 + MIRROR_BAND)
         full[b2:, a2:b2].copy_(full[a2:b2, b2:].mT)
         tri = full[a2:b2, a2:b2]
-        tri.copy_(torch.where(_upper(b2 - a2, up.device), tri, tri.mT))
-    return left
+        tri.copy_(torch.where(_upper(b2 - a2, full.device), tri, tri.mT))
 
 
-#: rows per band of ``_run_rows``' mirror (a transposed copy of the band's columns right of
+#: rows per band of ``_mirror_rows`` (a transposed copy of the band's columns right of
 #: it, then its own triangle). On the 2-core Xeon of issue #13 (p = 1024, float64, 1 | 2
 #: threads, means of two separate-process runs): 64 rows 0.0353 | 0.0253 s, 128: 0.0346 |
 #: 0.0244 s, 256: 0.0344 | 0.0244 s, 512: 0.0361 | 0.0247 s, a whole range's rows: 0.0420 |
