@@ -49,6 +49,21 @@ def test_ranges_stop_only_at_the_given_bounds(threads):
         assert len(parts) > 1
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ranges_keep_to_most(threads):
+    """``most`` bounds every range (a memory bound), at 1 thread too; with row ``bounds`` a
+    range may pass it by less than a row."""
+    n = 3 * MIN_RANGE + 11
+    parts = ranges(n, threads, most=MIN_RANGE // 2)
+    assert parts[0][0] == 0 and parts[-1][1] == n
+    assert all(b - a <= MIN_RANGE // 2 for a, b in parts) and len(parts) >= 7
+    p = 700
+    bounds = list(itertools.accumulate(p - 1 - r for r in range(p)))
+    rows = ranges(bounds[-1], threads, bounds, most=5000)
+    assert all(b in bounds and b - a < 5000 + p for a, b in rows)
+    assert [a for a, _ in rows] == [0, *(b for _, b in rows[:-1])] and rows[-1][1] == bounds[-1]
+
+
 def test_usable_threads_leaves_out_busy_cpus(monkeypatch):
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     monkeypatch.setattr(pair_split, "_cpu_quota", lambda: None)
@@ -130,9 +145,9 @@ def test_relu_moments_compiled_is_the_same_at_any_thread_count(monkeypatch):
     calls = []
     split = moments.run_split
 
-    def recorded(fn, n, threads, bounds=None):
+    def recorded(fn, n, threads, bounds=None, most=None):
         calls.append(threads)
-        return split(fn, n, threads, bounds)
+        return split(fn, n, threads, bounds, most)
 
     monkeypatch.setattr(moments, "run_split", recorded)
     monkeypatch.setattr(pair_split, "_other_running", lambda: 0)  # as on an idle machine
@@ -150,8 +165,8 @@ def test_relu_moments_compiled_is_the_same_at_any_thread_count(monkeypatch):
     assert torch.equal(outs[2][1], outs[2][1].T)
     assert len(ranges(600 * 599 // 2, 2)) == 3
     assert calls == [usable_threads(2)]  # the last call: 2 threads, compiled already
-    # two blocks of 300 rows (``chunk``): the first in 2 ranges of whole rows, each mirrored
-    # by its thread; the same matrix
+    # ``chunk`` below p²: no cached pairs, each range (whole rows, at most about 180,000
+    # pairs) makes its own and is mirrored by its thread; the same matrix
     torch.set_num_threads(2)
     try:
         blocks = moments.relu_moments(mean, cov, check_psd=False, compiled=True, chunk=300 * 600)

@@ -397,18 +397,18 @@ def _one_pass_bulk(
     matrix) where the compiled bulk applies to one unbatched problem with every
     σ > 0; returns E[relu(z)], or None (nothing written: the caller takes the general path).
 
-    Per block of ``_pair_blocks_nd``: the compiled passes of ``direct_passes`` over the strict
-    pairs in their own order (``_one_pass``), each on the pairs the ones before left: no sort,
-    no gathers into group order, no scatter back, no per-pair arrays. The first evaluates
-    every pair by the rule of ``DIRECT_ONE_PASS`` and keeps the |ρ| groups that rule covers;
-    the next take the other groups, the wide one and the ρ < 0 tail route. The pairs still
-    left take the general path (``_pair_covariances``, on those pairs and the diagonal);
-    where none is left the diagonal is written directly.
+    The strict pairs, in ranges of whole rows (at most about ``chunk`` pairs each), go
+    through the compiled passes of ``direct_passes`` in their own order (``_one_pass``), each
+    on the pairs the ones before left: no sort, no gathers into group order, no scatter back,
+    no per-pair arrays. The first evaluates every pair by the rule of ``DIRECT_ONE_PASS`` and
+    keeps the |ρ| groups that rule covers; the next take the other groups, the wide one and
+    the ρ < 0 tail route. The pairs still left take the general path (``_pair_covariances``,
+    ``chunk`` pairs at a time); the diagonal is the ReLU variances.
 
-    ``threads``: the passes run on up to that many threads, each taking the next range of the
-    block's strict pairs as it comes free (``run_split``; they release the GIL). Each pair is
-    written by the thread of its range, to both its places (i, j) and (j, i) (``_run_rows``:
-    ranges of whole rows): the same values at any thread count, and no mirror pass after."""
+    ``threads``: the passes run on up to that many threads, each taking the next range as it
+    comes free (``run_split``; they release the GIL). Each pair is written by the thread of
+    its range, to both its places (i, j) and (j, i) (``_run_rows``): the same values at any
+    thread count, and no mirror pass after."""
     p = mean.shape[-1]
     if mean.ndim != 1 or p < 2:
         return None
@@ -423,23 +423,19 @@ def _one_pass_bulk(
     args = (up, sigma, cflat, shared.h, shared.cdf, p)
     warm = (mean.dtype, symmetric) in _PASSES_RAN  # the first call compiles on one thread
     threads = usable_threads(threads) if warm else 1
-    for i, j, nd in _pair_blocks_nd(p, chunk, mean.device):
-        ns = i.shape[0] - nd
-        dg = i[ns:]
-        first = int(dg[0])  # the block's rows: first .. first + nd - 1 (its diagonal)
-        block = _RowBlock(i, j, first, _row_starts(p, first, nd))
-        run = functools.partial(_run_rows, passes, args, block)
-        left = run_split(run, ns, threads, bounds=block.starts[1:])  # none: the last row alone
-        li = torch.cat([i[:0], *(a for a, _ in left)])
-        lj = torch.cat([j[:0], *(b for _, b in left)])
-        if li.numel() == 0:  # only the diagonal: the ReLU variances, as the general path
-            up.index_copy_(0, dg * (p + 1), shared.var.index_select(0, dg))
-            continue
-        k = li.numel()  # the strict pairs left, then the diagonal
-        li, lj = torch.cat([li, dg]), torch.cat([lj, dg])
-        c = _pair_covariances(mean, cflat, sigma, shared.rmean, "exact", 5, li, lj, nd, shared)
-        up.index_copy_(0, li * p + lj, c)
-        up.index_copy_(0, lj[:k] * p + li[:k], c[:k])  # and their mirror image
+    block = _row_block(p, chunk, mean.device)
+    run = functools.partial(_run_rows, passes, args, block)
+    # ranges of whole rows, at most about ``chunk`` pairs each (their pair indices)
+    left = run_split(run, block.starts[-1], threads, bounds=block.starts[1:], most=chunk)
+    dg = torch.arange(p, device=mean.device)
+    up.index_copy_(0, dg * (p + 1), shared.var)  # the diagonal: the ReLU variances
+    li = torch.cat([dg[:0], *(a for a, _ in left)])
+    lj = torch.cat([dg[:0], *(b for _, b in left)])
+    for a in range(0, li.numel(), max(chunk, 1)):  # the pairs left: the general path
+        si, sj = li[a : a + chunk], lj[a : a + chunk]
+        c = _pair_covariances(mean, cflat, sigma, shared.rmean, "exact", 5, si, sj, 0, shared)
+        up.index_copy_(0, si * p + sj, c)
+        up.index_copy_(0, sj * p + si, c)  # and their mirror image
     _PASSES_RAN.add((mean.dtype, symmetric))
     return shared.rmean
 
@@ -447,7 +443,7 @@ def _one_pass_bulk(
 _PASSES_RAN: set = set()  # (dtype, symmetric) of the passes that have run (compiled) once
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=64)
 def _row_starts(p: int, first: int, rows: int) -> tuple[int, ...]:
     """Where rows first .. first + rows − 1 of the p×p strict upper triangle start among a
     row-major block of their strict pairs (row r has p − 1 − r), and the block's end."""
@@ -458,26 +454,50 @@ def _row_starts(p: int, first: int, rows: int) -> tuple[int, ...]:
 
 
 class _RowBlock(NamedTuple):
-    """A block of ``_pair_blocks_nd`` for ``_run_rows``: its pairs (i, j), its first row, and
-    where its rows start among its strict pairs (``_row_starts``)."""
+    """Rows ``first`` .. ``first + len(starts) − 2`` of the p×p matrix for ``_run_rows``:
+    where its rows start among its strict pairs, row-major (``_row_starts``; the last entry:
+    their count), and its pairs (i, j) where they are cached (one block: ``_one_pair_block``;
+    else None, each range making its own)."""
 
-    i: torch.Tensor
-    j: torch.Tensor
+    p: int
     first: int
     starts: tuple[int, ...]
+    i: torch.Tensor | None = None
+    j: torch.Tensor | None = None
 
     def rows(self, start: int, stop: int) -> tuple[int, int]:
         """The rows [a, b) of the matrix whose strict pairs are [start, stop) (whole rows)."""
         a = self.first + bisect.bisect_left(self.starts, start)
         return a, self.first + bisect.bisect_left(self.starts, stop)
 
+    def pairs(self, start: int, stop: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(i, j) of the strict pairs [start, stop): slices of the cached ones, or made for
+        those rows (in the calling thread: 10 ms of serial index making per p = 2048 call in
+        four blocks, 2 threads, before)."""
+        if self.i is not None:
+            return self.i[start:stop], self.j[start:stop]
+        a, b = self.rows(start, stop)
+        ij = torch.triu_indices(b - a, self.p, offset=a + 1, device=device)
+        return ij[0] + a, ij[1]
+
+
+def _row_block(p: int, chunk: int, device) -> _RowBlock:
+    """All the rows as one ``_RowBlock``: with the cached pairs of ``_one_pair_block`` where
+    ``chunk`` holds them all (p² ≤ chunk, as ``_pair_blocks_nd``), else without (each range
+    makes its own). One block for the threads' ranges: at p = 2048 (2 threads, float64) four
+    blocks with a ``run_split`` each took 0.099 s, one 0.085 s."""
+    if max(1, chunk // max(p, 1)) >= p:
+        i, j, _ = _one_pair_block(p, torch.device(device))
+        return _RowBlock(p, 0, _row_starts(p, 0, p), i, j)
+    return _RowBlock(p, 0, _row_starts(p, 0, p))
+
 
 def _run_rows(passes: list, args: tuple, block: _RowBlock, start: int, stop: int):
     """``_run_passes`` on the block's pairs [start, stop) (whole rows), then those rows'
     mirror image (``_mirror_rows``) by the thread that wrote them. A pair the passes leave is
     written to both places later, by the general path. Returns the pairs left."""
-    left = _run_passes(passes, args, block.i, block.j, start, stop)
     up, p = args[0], args[-1]
+    left = _run_passes(passes, args, *block.pairs(start, stop, up.device))
     _mirror_rows(up.view(p, p), *block.rows(start, stop))
     return left
 
@@ -510,12 +530,11 @@ def _upper(n: int, device: torch.device) -> torch.Tensor:
     return torch.ones(n, n, dtype=torch.bool, device=device).triu()
 
 
-def _run_passes(passes: list, args: tuple, i, j, start: int, stop: int):
-    """The pairs (i, j)[start:stop] through ``passes`` in turn (``_pass_kernels``; ``args``:
-    their arguments after the pairs), each on the pairs the ones before left; returns the
-    pairs they all left."""
+def _run_passes(passes: list, args: tuple, li: torch.Tensor, lj: torch.Tensor):
+    """The pairs (li, lj) through ``passes`` in turn (``_pass_kernels``; ``args``: their
+    arguments after the pairs), each on the pairs the ones before left; returns the pairs
+    they all left."""
     up, sigma, cflat, h, cdf, p = args
-    li, lj = i[start:stop], j[start:stop]
     # outside autograd here (``_pass_kernels``): without grad whatever the caller's mode, so
     # that a call under torch.no_grad() finds the same compiled passes (no recompile)
     with torch.no_grad():

@@ -103,18 +103,23 @@ def _other_running() -> int:
         return 0
 
 
-def ranges(n: int, threads: int, bounds: Sequence[int] | None = None) -> list[tuple[int, int]]:
+def ranges(
+    n: int, threads: int, bounds: Sequence[int] | None = None, most: int | None = None
+) -> list[tuple[int, int]]:
     """[start, stop) ranges covering range(n) in order: each the rest's 1/(2·threads), at least
-    ``MIN_RANGE`` (the last: what is left); one range where ``threads`` is 1. ``bounds``:
-    the allowed stops, increasing, ending at n (each range then ends at the first allowed
-    stop at or after its size; e.g. the starts of rows)."""
+    ``MIN_RANGE`` (the last: what is left); one range where ``threads`` is 1. ``most``: at
+    most that many (a memory bound; then several at 1 thread too). ``bounds``: the allowed
+    stops, increasing, ending at n (each range then ends at the first allowed stop at or
+    after its size; e.g. the starts of rows)."""
     if n <= 0:
         return []
-    if threads <= 1:
-        return [(0, n)]
     out, start = [], 0
     while start < n:
-        stop = start + min(n - start, max(MIN_RANGE, (n - start) // (2 * threads)))
+        rest = n - start
+        size = rest if threads <= 1 else max(MIN_RANGE, rest // (2 * threads))
+        if most is not None:
+            size = min(size, max(1, most))
+        stop = start + min(rest, size)
         if bounds is not None:
             stop = bounds[bisect.bisect_left(bounds, stop)]
         out.append((start, stop))
@@ -134,14 +139,18 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
 
 
 def run_split(
-    fn: Callable[[int, int], T], n: int, threads: int, bounds: Sequence[int] | None = None
+    fn: Callable[[int, int], T],
+    n: int,
+    threads: int,
+    bounds: Sequence[int] | None = None,
+    most: int | None = None,
 ) -> list[T]:
-    """[fn(start, stop) for each of ``ranges(n, threads, bounds)``], in range order: the calling
+    """[fn(start, stop) for each of ``ranges(n, threads, bounds, most)``], in range order: the calling
     thread and up to ``threads - 1`` pool threads take the next range as they come free, in
     the caller's grad and inference modes. ``fn`` must write only what its range owns.
     Returns after every range is done, or raises the first error (the ranges not started by
     then are skipped; the started ones finish)."""
-    parts = ranges(n, threads, bounds)
+    parts = ranges(n, threads, bounds, most)
     helpers = min(threads, len(parts)) - 1
     if helpers <= 0:
         return [fn(a, b) for a, b in parts]
