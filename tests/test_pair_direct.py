@@ -500,7 +500,8 @@ def test_relu_moments_passes_leave_the_rest_to_the_other_routes(dtype, monkeypat
 def test_compiled_bulk_failing_mid_call_falls_back_to_eager(monkeypatch):
     """A compile that fails once a call has started (dynamo's recompile limit, say) turns the
     compiled bulk off for the process; the rest of that call then runs eagerly, the eager
-    call's values to a few eps (before: the next |ρ| group's kernel was None, TypeError).
+    call's values to a few eps relative, entry by entry (measured 4.3 eps; before: the next
+    |ρ| group's kernel was None, TypeError).
     Simulated on the general path (a batch of two problems) by a failing compile of the
     direct route's front."""
     from torchbridge.experiments.bench_kernels import random_problem
@@ -527,4 +528,4 @@ def test_compiled_bulk_failing_mid_call_falls_back_to_eager(monkeypatch):
     monkeypatch.setattr(torch_support, "compiled", real)
     monkeypatch.setattr(torch_support, "_COMPILE_FAILED", [None])
     want = relu_moments(batch, cov, check_psd=False)[1]
-    assert float((got - want).abs().max()) <= 16 * EPS[torch.float64] * float(want.abs().max())
+    assert bool(((got - want).abs() <= 16 * EPS[torch.float64] * want.abs()).all())

@@ -173,11 +173,11 @@ def test_relu_moments_compiled_is_the_same_at_any_thread_count(monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(blocks[1], outs[2][1])
-    # the eager call (no passes, no threads): the same values to a few eps
+    # the eager call (no passes, no threads): the same values to a few eps relative, entry
+    # by entry (measured 11.7 eps)
     eager = moments.relu_moments(mean, cov, check_psd=False)[1]
-    scale = eager.diagonal().sqrt()
-    err = (outs[2][1] - eager).abs() / (scale[:, None] * scale[None, :])
-    assert float(err.max()) <= 64 * torch.finfo(torch.float64).eps
+    err = (outs[2][1] - eager).abs()
+    assert bool((err <= 64 * torch.finfo(torch.float64).eps * eager.abs()).all())
     # the helper threads run in the caller's grad and inference modes (torch's are per thread:
     # an inference tensor written outside inference mode is an error)
     torch.set_num_threads(2)
