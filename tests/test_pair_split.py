@@ -77,13 +77,50 @@ def test_usable_threads_leaves_out_busy_cpus(monkeypatch):
 
 
 def test_other_running_counts_runnable_tasks():
-    """Linux: /proc/loadavg's runnable count less this thread, a count and never negative."""
+    """Linux: /proc/loadavg's runnable count less this process's, a count and never negative."""
     n = pair_split._other_running()
     assert isinstance(n, int) and n >= 0
     if os.path.exists("/proc/loadavg"):
         with open("/proc/loadavg", encoding="ascii") as f:
             running, total = map(int, f.read().split()[3].split("/"))
         assert running >= 1 and n < total
+
+
+def test_other_running_leaves_out_this_process(monkeypatch):
+    """Runnable threads of this process (torch's OpenMP workers spinning after a parallel op)
+    are not other processes' load; where the count shows only the caller, no task is read."""
+    monkeypatch.setattr(pair_split, "_read", lambda path: "0.50 0.40 0.30 3/200 12345\n")
+    monkeypatch.setattr(pair_split, "_own_running", lambda: 2)  # the caller and one worker
+    assert pair_split._other_running() == 1
+    monkeypatch.setattr(pair_split, "_own_running", lambda: 3)
+    assert pair_split._other_running() == 0
+    monkeypatch.setattr(pair_split, "_own_running", lambda: 0)  # unreadable: the caller only
+    assert pair_split._other_running() == 2
+    monkeypatch.setattr(pair_split, "_read", lambda path: "0.50 0.40 0.30 1/200 12345\n")
+    monkeypatch.setattr(pair_split, "_own_running", lambda: 1 / 0)  # never called
+    assert pair_split._other_running() == 0
+
+
+def test_own_running_sees_a_busy_thread():
+    """Linux: a thread of this process busy in a torch op and the caller are both counted
+    (at most this process's threads)."""
+    if not os.path.exists("/proc/self/task"):
+        pytest.skip("no /proc/self/task on this platform")
+    stop = threading.Event()
+    x = torch.ones(1 << 22, dtype=torch.float64)
+
+    def spin() -> None:  # torch ops release the GIL: runnable while the caller reads
+        while not stop.is_set():
+            torch.exp(x)
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        seen = max(pair_split._own_running() for _ in range(50))
+    finally:
+        stop.set()
+        spinner.join()
+    assert 2 <= seen <= len(os.listdir("/proc/self/task")) + 1
 
 
 def test_run_split_uses_the_helpers_and_keeps_range_order():
@@ -339,3 +376,31 @@ def test_relu_moments_compiled_with_a_block_per_row():
     for chunk in (1, 40, 79):
         rows = moments.relu_moments(mean, cov, check_psd=False, compiled=True, chunk=chunk)[1]
         assert torch.equal(rows, one) and torch.equal(rows, rows.T), chunk
+
+
+def test_compiled_passes_give_a_lone_pair_the_bits_it_has_among_others():
+    """A range or a pass left with one pair (dynamo compiles size 1 apart): every pair of a
+    p = 40 problem, each alone through the compiled passes, gets bit for bit the value it
+    gets with all the pairs at once."""
+    from nmruntime.torch_support import compiled_bulk
+    from torchbridge.experiments.bench_kernels import random_problem
+
+    mean, cov = random_problem(40, 3)
+    p = 40
+    with compiled_bulk():
+        moments.relu_moments(mean, cov, check_psd=False, compiled=True)  # compiles the passes
+        passes = moments._pass_kernels(mean, True)
+        sigma = moments._safe_sqrt(cov.diagonal())
+        shared = moments._shared(mean, cov, sigma, True)
+        i, j = moments._row_pairs(p, 0, p, mean.device)
+        together, alone = (torch.full((p * p,), float("nan"), dtype=mean.dtype) for _ in "ab")
+        args = (together, sigma, cov.reshape(-1), shared.h, shared.cdf, p)
+        left = moments._run_passes(passes, args, i, j)
+        for k in range(i.numel()):
+            args = (alone, *args[1:])
+            moments._run_passes(passes, args, i[k : k + 1], j[k : k + 1])
+    done = torch.ones(p * p, dtype=torch.bool)
+    done[left[0] * p + left[1]] = False  # pairs for the general path: written by neither
+    places = (i * p + j)[done[i * p + j]]
+    assert places.numel() > 700
+    assert torch.equal(alone[places], together[places])
