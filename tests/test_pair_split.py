@@ -30,7 +30,7 @@ def test_ranges_cover_in_order_and_shrink(n, threads):
     else:  # guided: never growing, each at least MIN_RANGE but the last
         assert sizes == sorted(sizes, reverse=True)
         assert all(s >= MIN_RANGE for s in sizes[:-1])
-        assert sizes[0] == min(n, max(MIN_RANGE, n // (2 * threads)))
+        assert sizes[0] == min(n, max(MIN_RANGE, n // threads))
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -44,7 +44,7 @@ def test_ranges_stop_only_at_the_given_bounds(threads):
     assert [a for a, _ in parts] == [0, *(b for _, b in parts[:-1])] and parts[-1][1] == n
     assert all(b in bounds for _, b in parts) and all(b > a for a, b in parts)
     if threads > 1:
-        size = max(MIN_RANGE, n // (2 * threads))
+        size = max(MIN_RANGE, n // threads)
         assert parts[0][1] == min(b for b in bounds if b >= size)
         assert len(parts) > 1
 
