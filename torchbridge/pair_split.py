@@ -54,9 +54,10 @@ def usable_threads(requested: int) -> int:
     limited to 2 CPUs may see all the host's) less the other processes' tasks running on
     the machine right now (Linux: ``/proc/loadavg``'s count of runnable tasks, this process's
     own excluded: ``_other_running``), at least 1. Where another process keeps a core busy, a
-    second thread of ours shares a core and only adds each range's fixed cost: with a busy loop on the other core of the 2-core
-    machine of issue #13, 2 threads took 1.05–1.07× the time of 1 (p = 1024). One thread
-    requested: 1, with no file read (the reads take about 25 µs per call)."""
+    second thread of ours shares a core and only adds each range's fixed cost: with a busy
+    loop on the other core of the 2-core machine of issue #13, 2 threads took 1.05–1.07× the
+    time of 1 (p = 1024). One thread requested: 1, with no file read (the reads take about
+    25 µs per call)."""
     if requested <= 1:
         return 1
     try:
@@ -124,7 +125,8 @@ def _own_running() -> int:
                 stat = f.read()
         except OSError:  # the thread ended
             continue
-        n += stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] == b"R"
+        end = stat.rindex(b")")  # the state follows the name, which may hold spaces
+        n += stat[end + 2 : end + 3] == b"R"
     return n
 
 
