@@ -90,14 +90,14 @@ def test_other_running_leaves_out_this_process(monkeypatch):
     """Runnable threads of this process (torch's OpenMP workers spinning after a parallel op)
     are not other processes' load; where the count shows only the caller, no task is read."""
     monkeypatch.setattr(pair_split, "_read", lambda path: "0.50 0.40 0.30 3/200 12345\n")
-    monkeypatch.setattr(pair_split, "_own_running", lambda: 2)  # the caller and one worker
+    monkeypatch.setattr(pair_split, "_own_running", lambda most: 2)  # the caller and a worker
     assert pair_split._other_running() == 1
-    monkeypatch.setattr(pair_split, "_own_running", lambda: 3)
+    monkeypatch.setattr(pair_split, "_own_running", lambda most: 3)
     assert pair_split._other_running() == 0
-    monkeypatch.setattr(pair_split, "_own_running", lambda: 0)  # unreadable: the caller only
+    monkeypatch.setattr(pair_split, "_own_running", lambda most: 0)  # unreadable: the caller
     assert pair_split._other_running() == 2
     monkeypatch.setattr(pair_split, "_read", lambda path: "0.50 0.40 0.30 1/200 12345\n")
-    monkeypatch.setattr(pair_split, "_own_running", lambda: 1 / 0)  # never called
+    monkeypatch.setattr(pair_split, "_own_running", lambda most: 1 / 0)  # never called
     assert pair_split._other_running() == 0
 
 
@@ -117,10 +117,12 @@ def test_own_running_sees_a_busy_thread():
     spinner.start()
     try:
         seen = max(pair_split._own_running() for _ in range(50))
+        capped = max(pair_split._own_running(1) for _ in range(50))
     finally:
         stop.set()
         spinner.join()
     assert 2 <= seen <= len(os.listdir("/proc/self/task")) + 1
+    assert capped == 1  # counting stops at ``most``
 
 
 def test_run_split_uses_the_helpers_and_keeps_range_order():

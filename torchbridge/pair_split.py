@@ -108,18 +108,21 @@ def _other_running() -> int:
         running = int(_read("/proc/loadavg").split()[3].split("/")[0])
     except (OSError, IndexError, ValueError):
         return 0
-    return 0 if running <= 1 else max(0, running - max(1, _own_running()))
+    return 0 if running <= 1 else max(0, running - max(1, _own_running(running)))
 
 
-def _own_running() -> int:
-    """This process's runnable threads (Linux: the state field of each
-    ``/proc/self/task/*/stat``; 0 where unreadable). About 30 µs with 4 threads."""
+def _own_running(most: int | None = None) -> int:
+    """This process's runnable threads, counted up to ``most`` (Linux: the state field of each
+    ``/proc/self/task/*/stat``, in the order listed, the oldest threads first; 0 where
+    unreadable). About 6 µs per thread read: 27 µs with 4 threads, 176 µs with 30."""
     n = 0
     try:
         tasks = os.listdir("/proc/self/task")
     except OSError:
         return 0
     for tid in tasks:
+        if most is not None and n >= most:
+            break
         try:
             with open(f"/proc/self/task/{tid}/stat", "rb") as f:
                 stat = f.read()
