@@ -33,7 +33,12 @@ from nmgen.generated import torch_kernels as K
 from nmruntime.pair_direct import DirectFront, DirectPass, direct_front, direct_passes
 from nmruntime.pair_ops import normal_cdf_torch, renamed
 from nmruntime.torch_support import compiled, compiled_bulk, sync_free
-from torchbridge.covariance import all_finite, check_full_covariance, require_tensor
+from torchbridge.covariance import (
+    all_finite,
+    check_full_covariance,
+    exactly_symmetric,
+    require_tensor,
+)
 from torchbridge.pair_split import run_split, usable_threads
 
 METHODS = ("exact", "series", "zero_mean")
@@ -214,7 +219,7 @@ def _shared(
         torch.is_grad_enabled() and (mean.requires_grad or cov.requires_grad)
     )
     if symmetric is None:
-        symmetric = eager and torch.equal(cov, cov.transpose(-1, -2))
+        symmetric = eager and exactly_symmetric(cov)
     symmetric = eager and symmetric
     same = mean.shape[:-1] == cov.shape[:-2]  # the pairs' tensors share one shape
     direct = eager and same and bool((sigma > 0).all())
