@@ -189,11 +189,13 @@ def exactly_symmetric(c: torch.Tensor) -> bool:
 
 
 #: rows per block of ``_positive_definite``'s blocked Cholesky factorization. On the 2-core
-#: Xeon of issue #13 (torch 2.13 with MKL 2024.2, medians of 7), against
-#: ``torch.linalg.cholesky_ex`` on the same matrix: float64 p = 1024 10.9 vs 21.5 ms (1 thread)
-#: and 6.2 vs 12.7 ms (2 threads); p = 2048 87 vs 139 ms (1 thread), 47 vs 83 ms (2); p = 512
-#: 1.96 vs 3.16 ms; float32 p = 1024 6.4 vs 17.2 ms. Blocks of 64, 128 and 512 rows were
-#: slower at p = 1024 and 2048 (1 thread: 12.6, 11.3, 15.5 ms at p = 1024).
+#: Xeon of issue #13 (torch 2.13 with MKL 2024.2, medians of 7–9), against
+#: ``torch.linalg.cholesky_ex`` on the same matrix: float64 p = 1024 8.8 vs 22.5 ms (1 thread)
+#: and 5.5 vs 12.5 ms (2 threads); p = 2048 68 vs 145 ms (1 thread); float32 p = 1024 5.7 vs
+#: 19.0 ms. With the whole trailing square updated (not only its lower part) and the factor
+#: written back: 11.1, 6.7, 90 and 6.7 ms. Blocks of 128 rows: 8.2, 5.2, 74 and 5.2 ms; of 64
+#: and 512 rows slower still (whole-square updates, p = 1024, 1 thread: 12.6 and 15.5 ms
+#: against 10.9 ms for 256).
 CHOLESKY_BLOCK = 256
 
 
@@ -201,13 +203,14 @@ def _positive_definite(a: torch.Tensor) -> bool:
     """Whether every matrix of ``a`` (``batch_shape x n x n``, symmetric; only its lower
     triangle is read) has a Cholesky factor, i.e. is positive definite in floating point.
 
-    One CPU matrix with n ≥ 2·``CHOLESKY_BLOCK``: a right-looking blocked factorization in
-    place (``a`` is overwritten: its lower triangle becomes the factor where it exists): per
-    block of rows, ``torch.linalg.cholesky_ex`` of the diagonal block, a triangular solve for
-    the panel below it and one matrix product to update the trailing matrix, stopping at
-    the first block without a factor. The same test as one ``cholesky_ex`` call, in about half
-    its time here (MKL's factorization runs far below its matrix product's speed; see
-    ``CHOLESKY_BLOCK``). Otherwise one ``torch.linalg.cholesky_ex`` (``a`` unchanged)."""
+    One CPU matrix with n ≥ 2·``CHOLESKY_BLOCK``: a right-looking blocked factorization that
+    keeps only the decision (``a`` is overwritten: each trailing part becomes its Schur
+    complement). Per block of rows, ``torch.linalg.cholesky_ex`` of the diagonal block
+    (stopping at the first without a factor), a triangular solve for the panel L21 = A21 L11⁻ᵀ
+    below it and a matrix product per block column for A22 −= L21 L21ᵀ on and below the
+    diagonal. The same test as one ``cholesky_ex`` call, in under half its time here (MKL's
+    factorization runs far below its matrix product's speed; see ``CHOLESKY_BLOCK``).
+    Otherwise one ``torch.linalg.cholesky_ex`` (``a`` unchanged)."""
     n = a.shape[-1]
     if a.ndim != 2 or a.device.type != "cpu" or n < 2 * CHOLESKY_BLOCK:
         _, info = torch.linalg.cholesky_ex(a)
@@ -217,11 +220,11 @@ def _positive_definite(a: torch.Tensor) -> bool:
         low, info = torch.linalg.cholesky_ex(a[k:e, k:e])
         if int(info) != 0:
             return False
-        a[k:e, k:e] = low
-        if e < n:  # the panel L21 = A21 L11⁻ᵀ, then A22 −= L21 L21ᵀ
+        if e < n:
             panel = torch.linalg.solve_triangular(low, a[e:, k:e].mT, upper=False).mT
-            a[e:, k:e] = panel
-            a[e:, e:].addmm_(panel, panel.mT, alpha=-1.0)
+            for j in range(e, n, CHOLESKY_BLOCK):
+                f = min(n, j + CHOLESKY_BLOCK)
+                a[j:, j:f].addmm_(panel[j - e :], panel[j - e : f - e].mT, alpha=-1.0)
     return True
 
 
