@@ -13,6 +13,19 @@ _FLOATS = (torch.float32, torch.float64)
 _FORCE_SYNC_FREE = [False]
 
 
+def _init_vector_math() -> None:
+    """One tiny float64 ``torch.exp`` on the importing thread, so that MKL's vector math
+    library initializes itself outside a parallel region. Where its first call was from two
+    OpenMP threads at once (torch 2.13, MKL 2024.2, this 2-core machine: ``torch.exp`` on
+    3,000 float64 elements, 2 threads, in a fresh process), some of that call's values were
+    off by 3.3e-9 relative, the next call's right: 7 fresh processes in 80. After one call
+    on 8 elements (below torch's parallel grain: one thread), 0 in 120 (exp or log first)."""
+    torch.exp(torch.ones(8, dtype=torch.float64))
+
+
+_init_vector_math()
+
+
 def sync_free(x: torch.Tensor) -> bool:
     """True where the runtime must not branch on tensor values: ``x`` lives on an accelerator
     (a branch would be a host-device sync), the code is traced by ``torch.compile`` (it would
