@@ -144,16 +144,17 @@ def normal_cdf_torch(x):
 
 
 def sync_free(x) -> bool:
-    """``nmruntime.torch_support.sync_free`` for tensors; False for NumPy arrays."""
-    if isinstance(x, np.ndarray):
+    """``nmruntime.torch_support.sync_free`` for tensors; False for NumPy arrays and scalars."""
+    if isinstance(x, (np.ndarray, np.generic)):
         return False
     from nmruntime.torch_support import sync_free as torch_sync_free
 
     return torch_sync_free(x)
 
 
-def _on(mask, fn, *args, safe: tuple):
-    """fn(*args) on the elements where ``mask`` holds (1-D inputs), zeros elsewhere.
+def _on(mask, fn, *args, safe: tuple, outputs: int = 0):
+    """fn(*args) on the elements where ``mask`` holds (inputs of ``mask``'s shape), zeros
+    elsewhere; ``outputs`` > 0: fn returns that many such arrays, and so does this.
 
     Eager CPU (and NumPy): gathering keeps each element to the pieces of its own branch (a
     ρ ≥ 0 pair never pays for the ρ < 0 integrals). ``sync_free``: masked arithmetic instead,
@@ -162,13 +163,16 @@ def _on(mask, fn, *args, safe: tuple):
     """
     if sync_free(args[0]):
         masked = [o_where(mask, a, v) for a, v in zip(args, safe, strict=True)]
-        val = fn(*masked)
-        return o_where(mask, val, 0.0 * val)
-    out = 0.0 * args[0]
-    if mask.sum() == 0:
-        return out
-    out[mask] = fn(*(a[mask] for a in args))
-    return out
+        vals = fn(*masked)
+        if not outputs:
+            return o_where(mask, vals, 0.0 * vals)
+        return tuple(o_where(mask, v, 0.0 * v) for v in vals)
+    outs = [0.0 * args[0] for _ in range(max(outputs, 1))]
+    if mask.sum() != 0:
+        vals = fn(*(a[mask] for a in args))
+        for out, v in zip(outs, vals if outputs else (vals,), strict=True):
+            out[mask] = v
+    return tuple(outs) if outputs else outs[0]
 
 
 def o_where(mask, a, b):
