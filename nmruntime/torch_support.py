@@ -18,8 +18,9 @@ def _init_vector_math() -> None:
     library initializes itself outside a parallel region. Where its first call was from two
     OpenMP threads at once (torch 2.13, MKL 2024.2, this 2-core machine: ``torch.exp`` on
     3,000 float64 elements, 2 threads, in a fresh process), some of that call's values were
-    off by 3.3e-9 relative, the next call's right: 7 fresh processes in 80. After one call
-    on 8 elements (below torch's parallel grain: one thread), 0 in 120 (exp or log first)."""
+    off by 3.3e-9 relative, the next call's right: 9 fresh processes in 120. After one call
+    on 8 elements (below torch's parallel grain: one thread), 0 in 160 (exp or log first;
+    tests/test_torch_support.py)."""
     torch.exp(torch.ones(8, dtype=torch.float64))
 
 

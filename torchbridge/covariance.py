@@ -200,8 +200,8 @@ CHOLESKY_BLOCK = 256
 
 
 def _positive_definite(a: torch.Tensor) -> bool:
-    """Whether every matrix of ``a`` (``batch_shape x n x n``, symmetric; only its lower
-    triangle is read) has a Cholesky factor, i.e. is positive definite in floating point.
+    """Whether every matrix of ``a`` (``batch_shape x n x n``, symmetric) has a Cholesky
+    factor, i.e. is positive definite in floating point.
 
     One CPU matrix with n ≥ 2·``CHOLESKY_BLOCK``: a right-looking blocked factorization that
     keeps only the decision (``a`` is overwritten: each trailing part becomes its Schur
