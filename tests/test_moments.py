@@ -214,3 +214,33 @@ def test_psd_check_accepts_rank_deficient_and_zero_covariances():
     assert torch.equal(m, torch.tensor([1.0, 0.0], dtype=D)) and torch.equal(
         C, torch.zeros(2, 2, dtype=D)
     )
+
+
+def test_eager_mirror_in_bands_keeps_values_and_gradients(monkeypatch) -> None:
+    """The eager covariance's lower triangle is copied from the upper one in place, in bands
+    (``moments._mirror_rows``; bands of 2 rows here, so a p = 7 problem crosses several): the
+    output is exactly symmetric and its gradient passes torch.autograd.gradcheck (finite
+    differences), for one problem and a batch."""
+    import torchbridge.moments as M
+
+    monkeypatch.setattr(M, "MIRROR_BAND", 2)
+    gen = torch.Generator().manual_seed(11)
+    p = 7
+    w = torch.randn(2, p, p, generator=gen, dtype=torch.float64)
+    cov = w @ w.mT / p + 0.3 * torch.eye(p, dtype=torch.float64)
+    cov = 0.5 * (cov + cov.mT)
+    mean = torch.randn(2, p, generator=gen, dtype=torch.float64)
+    _, c = relu_moments(mean, cov)
+    assert torch.equal(c, c.mT)
+    weights = torch.randn(p, p, generator=gen, dtype=torch.float64)
+
+    def loss(m, s):  # a non-symmetric weighting, so both triangles' gradients count
+        s = 0.5 * (s + s.mT)
+        return (relu_moments(m, s, check_psd=False)[1] * weights).sum(dim=(-2, -1))
+
+    assert torch.autograd.gradcheck(
+        loss, (mean[0].clone().requires_grad_(), cov[0].clone().requires_grad_())
+    )
+    assert torch.autograd.gradcheck(
+        loss, (mean.clone().requires_grad_(), cov.clone().requires_grad_())
+    )

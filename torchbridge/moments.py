@@ -161,8 +161,17 @@ def _mirror(x: torch.Tensor) -> torch.Tensor:
 
 
 def _mirrored(x: torch.Tensor) -> torch.Tensor:
-    """``_mirror(x)``, compiled where the compiled bulk is on."""
-    return (compiled(x, "mirror", _mirror) or _mirror)(x)
+    """``_mirror(x)`` for a fresh ``x`` of the caller's: compiled where the compiled bulk is
+    on; else on eager CPU in place, in bands (``_mirror_rows``: the transpose read in blocks of
+    whole cache lines; p = 1024, float64, 1.1 vs 7.4 ms at 1 thread, 0.8 vs 3.5 ms at 2);
+    else ``_mirror``'s one ``where``. Autograd records the in-place copies."""
+    run = compiled(x, "mirror", _mirror)
+    if run is not None:
+        return run(x)
+    if sync_free(x):
+        return _mirror(x)
+    _mirror_rows(x, 0, x.shape[-1])
+    return x
 
 
 def _pair_blocks_gen(
@@ -509,15 +518,15 @@ def _run_rows(passes: list, args: tuple, block: _RowBlock, start: int, stop: int
 
 
 def _mirror_rows(full: torch.Tensor, a: int, b: int) -> None:
-    """Rows [a, b) of ``full``'s strict upper triangle copied to their places (j, i) in the
-    lower one, in place, in bands of ``MIRROR_BAND`` rows: a transposed copy of the band's
-    columns right of it, then its own triangle. It writes only in columns [a, b), on rows
-    from a on, and reads only rows [a, b): threads with other rows neither write the same
-    places nor read what it writes."""
+    """Rows [a, b) of the strict upper triangle of each matrix of ``full`` (``batch_shape x p
+    x p``) copied to their places (j, i) in the lower one, in place, in bands of
+    ``MIRROR_BAND`` rows: a transposed copy of the band's columns right of it, then its own
+    triangle. It writes only in columns [a, b), on rows from a on, and reads only rows
+    [a, b): threads with other rows neither write the same places nor read what it writes."""
     for a2 in range(a, b, MIRROR_BAND):
         b2 = min(b, a2 + MIRROR_BAND)
-        full[b2:, a2:b2].copy_(full[a2:b2, b2:].mT)
-        tri = full[a2:b2, a2:b2]
+        full[..., b2:, a2:b2].copy_(full[..., a2:b2, b2:].mT)
+        tri = full[..., a2:b2, a2:b2]
         tri.copy_(torch.where(_upper(b2 - a2, full.device), tri, tri.mT))
 
 
