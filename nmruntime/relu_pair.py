@@ -1090,18 +1090,15 @@ def _tail_exponent_fix(o, x, mu, s):
     return p2, -0.5 * e2 + xs * delta
 
 
-def _tail_moments(o, x, mu=None, s=None):
+def _tail_moments(o, x, mu, s):
     """(m(−x), s(−x))/φ(x)·… for x ≥ 2, all positive: m(−x) = E[(Z − x)⁺] = φ(x) R F1 and
     s(−x) = E[((Z − x)⁺)²] = φ(x)(R − x R F1) = φ(x) 2 R F1 / D2 (nothing cancels).
-    With ``mu``, ``s`` (x = −μ/σ), φ(x) is evaluated at the exact μ/σ (``_tail_exponent_fix``)."""
+    x = −μ/σ; φ(x) is evaluated at the exact μ/σ (``_tail_exponent_fix``)."""
     # the compiled bulk: the 128 levels (~380 elementwise operations) in one pass; eager CPU:
     # by NumPy (``by_numpy``); additions, products and 1/x only, so the same values bit for bit
     f1, d2 = _fused(o, "continued_fraction", _cf, x, by_numpy=True)
-    if mu is None:
-        pdf = o.exp(-0.5 * x * x) * _INV_SQRT_2PI
-    else:
-        p2, fix = _tail_exponent_fix(o, x, mu, s)
-        pdf = o.exp(-0.5 * p2) * (1.0 + fix) * _INV_SQRT_2PI
+    p2, fix = _tail_exponent_fix(o, x, mu, s)
+    pdf = o.exp(-0.5 * p2) * (1.0 + fix) * _INV_SQRT_2PI
     mills = math.sqrt(0.5 * math.pi) * o.erfcx(x * _SQRT1_2)
     m = pdf * mills * f1
     return m, 2.0 * m / d2
