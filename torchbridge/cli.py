@@ -28,6 +28,7 @@ COMMAND_MODULES = (
 BENCH_MODULES = (
     "torchbridge.experiments.bench_kernels",
     "torchbridge.experiments.bench_floor",
+    "torchbridge.experiments.bench_nodes",
     "torchbridge.experiments.bench_moments",
     "torchbridge.experiments.bench_attacks",
     "torchbridge.experiments.bench_propagate",
