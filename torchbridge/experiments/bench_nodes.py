@@ -69,7 +69,9 @@ def rule_constants(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def node_loop(n: int, sqrt: bool, recip: bool, exp: bool) -> Callable:
     """fn(h, k, ρ) -> J by the n-point rule, unrolled, with the parts not kept left out
-    (``VARIANTS``; all kept: the direct route's formula, summed node by node)."""
+    (``VARIANTS``). All kept, it is the runtime's loop (``nmruntime.pair_direct.
+    _direct_unrolled``) written out again so that its parts can be left out; ``measure``
+    reports how far the two differ (tests/test_bench_nodes.py: not at all)."""
     y, wy = rule_constants(n)
 
     def j_rule(h, k, r):
