@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 
 import pytest
@@ -77,6 +78,19 @@ def test_bench_floor_runs_small(tmp_path):
     assert check["DVI"]["ratio_to_dvi"] == {1: 1.0, 2: 1.0}
     md = (tmp_path / "bench_floor.md").read_text()
     assert "float64, exact: 1 thread(s)" in md and "2 vs 1 thread(s)" in md
+    # the bars, from the raw times: one row per thread count (no --compiled: eager)
+    assert [(b["threads"], b["method"]) for b in res["bars"]] == [(1, "exact"), (2, "exact")]
+    for b, run in zip(res["bars"], res["runs"], strict=True):
+        ours = statistics.median(run["methods"]["exact"]["times"])
+        dvi = statistics.median(run["methods"]["DVI (Wu et al. 2019)"]["times"])
+        assert b["ratio_to_dvi"] == pytest.approx(ours / dvi)
+        assert b["ratio_to_floor"] == pytest.approx(ours / run["floor_seconds"])
+        inter = check["exact"]["seconds"][b["threads"]] / check["DVI"]["seconds"][b["threads"]]
+        assert b["ratio_to_dvi_interleaved"] == pytest.approx(inter)
+        assert b["dvi_bar_met"] == (ours <= dvi and inter <= 1.0)
+        assert b["floor_bar_met"] == (ours <= 2.0 * run["floor_seconds"])
+    assert "| ≤ 1× DVI | ≤ 2× floor |" in md
+    assert f"{res['bars'][0]['ratio_to_floor']:.2f}×" in md
     groups = check_file(res["oracle_points"]["file"], progress=False)["groups"]
     assert [g["points"] for g in groups] == [2, 2]
     assert max(g["max_abs_diff"] for g in groups) <= 1e-15

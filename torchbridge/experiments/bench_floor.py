@@ -41,6 +41,11 @@ allocate and by what ran before them (DVI interleaved with the exact call took 1
 faults per call and ran 1.9–2.2× slower than with the heap kept): the ratios measure the
 allocator, not the kernels.
 
+A last table puts issue #13's bars on the times of the main table (``issue_bars``): for the
+exact call (and with ``--compiled`` the compiled one) at each thread count and dtype, its time
+over DVI's (in its own block, and interleaved where several thread counts ran) and over the
+floor, each marked met or not (at most DVI's time in both; within 2× the floor).
+
 Errors: max abs difference from the exact covariance of the same dtype, and max relative
 difference over its entries with |exact| ≥ 1e-6·max|exact| (below that an approximation's
 relative error says little); the float64 exact covariance is checked against mpmath by
@@ -140,6 +145,8 @@ def exp_seconds_per_element(dtype: torch.dtype, repeats: int, n: int = 1 << 20) 
 #: Labels of the ``--compiled`` rows (their first call, which compiles, is timed apart).
 EXACT_COMPILED = "exact, compiled bulk"
 DVI_COMPILED = "DVI, torch.compile"
+#: The DVI row the issue's bars compare with (eager, as users call it)
+DVI = "DVI (Wu et al. 2019)"
 
 
 def _exact_compiled(m: torch.Tensor, c: torch.Tensor):
@@ -154,7 +161,7 @@ def _methods(args: argparse.Namespace) -> list[tuple[str, object]]:
     return [
         ("exact", lambda m, c: relu_moments(m, c, "exact", check_psd=False)),
         *compiled,
-        ("DVI (Wu et al. 2019)", dvi_relu_moments),
+        (DVI, dvi_relu_moments),
         ("2-term Mehler (old stand-in)", approx_relu_moments),
         ("series(5)", lambda m, c: relu_moments(m, c, "series", 5, check_psd=False)),
         ("series(20)", lambda m, c: relu_moments(m, c, "series", 20, check_psd=False)),
@@ -253,6 +260,85 @@ def bar_check(mean64: torch.Tensor, cov64: torch.Tensor, args: argparse.Namespac
             "faults": {label: (sum(v) / len(v) if v else None) for label, v in faults.items()},
         }
     return out
+
+
+#: issue #13's bars on the exact covariance's time: at most DVI's, within this many floors
+BAR_DVI, BAR_FLOOR = 1.0, 2.0
+
+
+def issue_bars(result: dict) -> list[dict]:
+    """Per run (thread count, dtype) and exact method (the eager call and, with
+    ``--compiled``, the compiled one): its time over DVI's (each in its own block of the main
+    table, and interleaved in each repeat where ``thread_check`` ran) and over the floor,
+    with whether each is within issue #13's bar (``BAR_DVI``, ``BAR_FLOOR``)."""
+    out = []
+    for run in result["runs"]:
+        methods, dvi = run["methods"], run["methods"][DVI]["seconds"]
+        check = result.get("thread_check", {}).get(run["dtype"], {})
+        for label in ("exact", EXACT_COMPILED):
+            if label not in methods:
+                continue
+            sec = methods[label]["seconds"]
+            inter = check.get(label, {}).get("ratio_to_dvi", {}).get(run["threads"])
+            row = {
+                "threads": run["threads"],
+                "dtype": run["dtype"],
+                "method": label,
+                "seconds": sec,
+                "dvi_seconds": dvi,
+                "ratio_to_dvi": sec / dvi,
+                "ratio_to_dvi_interleaved": inter,
+                "ratio_to_floor": sec / run["floor_seconds"],
+            }
+            row["dvi_bar_met"] = row["ratio_to_dvi"] <= BAR_DVI and (
+                inter is None or inter <= BAR_DVI
+            )
+            row["floor_bar_met"] = row["ratio_to_floor"] <= BAR_FLOOR
+            out.append(row)
+    return out
+
+
+def _bars_markdown(bars: list[dict]) -> list[str]:
+    """``issue_bars``' rows as a markdown table with its heading lines."""
+    if not bars:
+        return []
+    heads = [
+        "threads",
+        "dtype",
+        "method",
+        "time (s)",
+        "DVI (s)",
+        "time / DVI",
+        "interleaved",
+        "time / floor",
+        f"≤ {BAR_DVI:g}× DVI",
+        f"≤ {BAR_FLOOR:g}× floor",
+    ]
+    rows = [
+        [
+            b["threads"],
+            b["dtype"],
+            b["method"],
+            b["seconds"],
+            b["dvi_seconds"],
+            f"{b['ratio_to_dvi']:.2f}×",
+            "—"
+            if b["ratio_to_dvi_interleaved"] is None
+            else f"{b['ratio_to_dvi_interleaved']:.2f}×",
+            f"{b['ratio_to_floor']:.2f}×",
+            "met" if b["dvi_bar_met"] else "not met",
+            "met" if b["floor_bar_met"] else "not met",
+        ]
+        for b in bars
+    ]
+    return [
+        "",
+        "Issue #13's bars on these times (DVI: `DVI (Wu et al. 2019)`; each call in its own "
+        "block, and interleaved in each repeat where several thread counts ran; both must be "
+        "within the bar):",
+        "",
+        markdown_table(heads, rows),
+    ]
 
 
 def run_floor(args: argparse.Namespace) -> dict:
@@ -354,6 +440,7 @@ def run_floor(args: argparse.Namespace) -> dict:
             result["bar_check"] = bar_check(mean64, cov64, args)
     finally:
         torch.set_num_threads(old_threads)
+    result["bars"] = issue_bars(result)
     cmd = command_line(args)
     points = None
     if "float64" in exact_ref:
@@ -431,6 +518,8 @@ def run_floor(args: argparse.Namespace) -> dict:
             ),
             "",
             markdown_table(heads, rows),
+            "",
+            *_bars_markdown(result["bars"]),
             "",
             "Floor = transcendental evaluations of the exact method × torch.exp time per element:",
             "",
