@@ -332,12 +332,12 @@ def _bars_markdown(bars: list[dict]) -> list[str]:
         for b in bars
     ]
     return [
-        "",
         "Issue #13's bars on these times (DVI: `DVI (Wu et al. 2019)`; each call in its own "
         "block, and interleaved in each repeat where several thread counts ran; both must be "
         "within the bar):",
         "",
         markdown_table(heads, rows),
+        "",
     ]
 
 
@@ -520,7 +520,6 @@ def run_floor(args: argparse.Namespace) -> dict:
             markdown_table(heads, rows),
             "",
             *_bars_markdown(result["bars"]),
-            "",
             "Floor = transcendental evaluations of the exact method × torch.exp time per element:",
             "",
             *ops_lines,
