@@ -393,8 +393,13 @@ def _one_pass(up, si, sj, sigma, cflat, h, cdf, p: int, symmetric: bool, rule: D
     on h, k, ρ in float64 arithmetic, ρΦ(h)Φ(k) from float64 Φ, as the general path
     re-evaluates float32's rejects), σiσj·C written to the places i·p + j of ``up`` (flat p·p,
     in place); returns where that value is not final (rejected, or outside ``rule.keep``) as
-    uint8 1 (a bool output cost 2.0 ms more per p = 1024 call in float64, 2.3 ms in float32:
-    inductor stores bool masks element by element)."""
+    int32 1. inductor stores a bool mask element by element (2.0 ms more per p = 1024 call in
+    float64, 2.3 ms in float32, than uint8), and uint8 too was slower than int32: the whole
+    compiled call, p = 1024, 1 thread, three rounds of separate processes alternating
+    (medians of 21, CPU time): float32 21.2 / 19.8 / 20.9 → 19.7 / 19.3 / 18.8 ms, float64
+    44.5 / 42.9 / 41.6 → 42.0 / 40.3 / 40.6 ms; wall time at 2 threads float32 14.4 / 13.3 /
+    14.2 → 14.3 / 12.5 / 14.0 ms, float64 27.1 / 27.6 / 28.6 → 26.2 / 26.6 / 28.9 ms (the same
+    values bit for bit; scratch ``/tmp/s30/ab.py``, ``abw.py``)."""
     s12, rho = _pair_rho(si, sj, sigma, cflat, p, symmetric)
     hi, hj = h[si], h[sj]
     if rule.wide:
@@ -403,7 +408,7 @@ def _one_pass(up, si, sj, sigma, cflat, h, cdf, p: int, symmetric: bool, rule: D
     else:  # ρΦ(h)Φ(k) as ``direct_front``'s
         c, ok = rule.values(hi, hj, rho, rho * cdf[si] * cdf[sj])
     up.index_put_((si * p + sj,), s12 * c.to(s12.dtype))
-    return (~(ok & rule.keep(hi, hj, rho))).to(torch.uint8)
+    return (~(ok & rule.keep(hi, hj, rho))).to(torch.int32)
 
 
 def _one_pass_bulk(

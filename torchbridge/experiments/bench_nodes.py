@@ -109,9 +109,9 @@ def measure(args: argparse.Namespace, dtype: torch.dtype) -> dict:
     rt = direct_group_values(n, 2.0**-52 if f64 else 2.0**-23)
     calls: dict[str, Callable[[], object]] = {}
 
-    def rule(h, k, r, base):  # the flag as uint8, as the one pass stores it
+    def rule(h, k, r, base):  # the flag as int32, as the one pass stores it
         c, ok = rt(h, k, r, base)
-        return c, ok.to(torch.uint8)
+        return c, ok.to(torch.int32)
 
     rt_c = torch.compile(renamed(rule, f"rule_{n}"), fullgraph=True, dynamic=False)
     calls["runtime rule"] = lambda: rt_c(h, k, r, zero)
