@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import pytest
 
@@ -31,17 +32,26 @@ def test_bench_nodes_runs_small(tmp_path):
     assert "| J, exp only |" in (tmp_path / "bench_nodes.md").read_text()
 
 
-def test_node_loop_matches_a_fine_rule():
-    """J by 16 nodes against J by 80 nodes (an independent size) on a few (h, k, ρ):
-    the ablation rows start from a correct J."""
+def test_node_loop_matches_the_definition():
+    """J by the bench's 16-node loop against scipy's adaptive quadrature of the definition,
+    J = ∫_0^ρ (ρ − t) φ2(h, k; t) dt with φ2 the bivariate normal density written out (an
+    independent computation): the ablation rows start from a correct J."""
     import torch
+    from scipy.integrate import quad
 
-    h = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
-    k = torch.tensor([-0.5, -0.7, 1.1], dtype=torch.float64)
-    r = torch.tensor([0.6, -0.4, 0.2], dtype=torch.float64)
+    def integrand(t, h, k, r):
+        return (
+            (r - t)
+            * math.exp(-(h * h - 2 * t * h * k + k * k) / (2 * (1 - t * t)))
+            / (2 * math.pi * math.sqrt(1 - t * t))
+        )
+
+    pts = [(0.3, -0.5, 0.6), (-1.2, -0.7, -0.4), (2.0, 1.1, 0.2), (-3.0, 2.5, 0.65)]
+    h, k, r = (torch.tensor(v, dtype=torch.float64) for v in zip(*pts, strict=True))
     j16 = node_loop(16, True, True, True)(h, k, r)
-    j80 = node_loop(80, True, True, True)(h, k, r)
-    assert torch.allclose(j16, j80, rtol=1e-14, atol=0)
+    for (hi, ki, ri), got in zip(pts, j16.tolist(), strict=True):
+        want, _ = quad(integrand, 0.0, ri, args=(hi, ki, ri), epsabs=0, epsrel=2e-14)
+        assert got == pytest.approx(want, rel=1e-13, abs=0)
     # leaving the square root out changes J: the variants measure different work
     assert not torch.allclose(node_loop(16, False, True, True)(h, k, r), j16, rtol=1e-6)
 

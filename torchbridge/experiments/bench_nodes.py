@@ -36,11 +36,12 @@ import statistics
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from nmgen.generated.gauss_legendre import RULES
 from tqdm.auto import tqdm
 
-from nmruntime.pair_direct import DIRECT_ONE_PASS, direct_group_values
+from nmruntime.pair_direct import DIRECT_ONE_PASS, _direct_rule, direct_group_values
 from nmruntime.pair_ops import renamed
 from torchbridge.experiments.bench_floor import exp_seconds_per_element
 from torchbridge.experiments.common import (
@@ -60,19 +61,13 @@ VARIANTS = (
 )
 
 
-def rule_constants(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(y_i, w_i (1 − y_i)) of the n-point Gauss–Legendre rule mapped to [0, 1]."""
-    x, w = RULES[n]
-    y = tuple(0.5 * (1.0 + float(v)) for v in x)
-    return y, tuple(float(wi) * (1.0 - yi) for wi, yi in zip(w, y, strict=True))
-
-
 def node_loop(n: int, sqrt: bool, recip: bool, exp: bool) -> Callable:
     """fn(h, k, ρ) -> J by the n-point rule, unrolled, with the parts not kept left out
     (``VARIANTS``). All kept, it is the runtime's loop (``nmruntime.pair_direct.
     _direct_unrolled``) written out again so that its parts can be left out; ``measure``
     reports how far the two differ (tests/test_bench_nodes.py: not at all)."""
-    y, wy = rule_constants(n)
+    # (y_i, w_i (1 − y_i)) as the runtime maps the rule to [0, 1] (one source of truth)
+    y, wy = (tuple(float(v) for v in t) for t in _direct_rule(n, np.zeros(0)))
 
     def j_rule(h, k, r):
         a = -0.25 * (h - k) ** 2
