@@ -262,13 +262,46 @@ def _direct_accept(o, h, k, r, j, eps, wide: bool = False, base=None):
 _DIRECT_SLICE = 8192
 
 
+#: The eager route's fixed cost of evaluating one |ρ| group, in units of one pair's node:
+#: ~130 µs per group against ~16 ns per pair and node (1 thread; J and the acceptance test
+#: on 64 to 8,192 pairs and 8, 16 and 32 nodes, scratch ``/tmp/s31/c0c1.py``). Where a group
+#: has fewer pairs than that makes worth a call of its own, ``_direct_bands`` merges it with
+#: its neighbours under the larger rule.
+_DIRECT_GROUP_COST = 8192
+
+
+def _direct_bands(counts: list[int], sizes: list[int]) -> list[int]:
+    """The end indices of the bands of consecutive |ρ| groups the eager route evaluates
+    together, each by the rule of its last group (``sizes`` do not decrease: the largest, and
+    a group's own rule or a larger one meets its bar, tests/test_pair_direct.py), chosen to
+    minimise Σ_bands (``_DIRECT_GROUP_COST`` + its pairs × its rule size) for the groups'
+    pair ``counts``. Large problems keep every group apart (p = 1024: all 11); a small one
+    (p = 64: 2,016 pairs) takes one or two bands instead of eleven calls."""
+    best, cut = [0.0], [0]
+    for b in range(1, len(counts) + 1):
+        costs = []
+        for a in range(b):
+            pairs = sum(counts[a:b])
+            costs.append((best[a] + (_DIRECT_GROUP_COST + pairs * sizes[b - 1] if pairs else 0), a))
+        cost, a = min(costs)
+        best.append(cost)
+        cut.append(a)
+    ends, b = [], len(counts)
+    while b:
+        ends.append(b)
+        b = cut[b]
+    return ends[::-1]
+
+
 def _direct_sliced(h, k, r, ar, dom, eps, wide: bool = False, cdf=None):
-    """``_cov_direct`` on eager CPU tensors outside autograd: the pairs sorted by |ρ| group (one
-    gather each of h, k, ρ), each group evaluated with its own rule, J and the acceptance test
-    in slices of ``_DIRECT_SLICE`` pairs (in cache), scattered back; (0, False) outside ``dom``.
-    With ``compiled_bulk`` on, each group in one call of ``_direct_unrolled`` compiled for its
-    rule size instead. ``eps`` is the target precision (its column of rule sizes); ``wide``:
-    see ``_direct_accept``; ``cdf``: (Φ(h), Φ(k)) or None (see ``_cov_direct``)."""
+    """``_cov_direct`` on eager CPU tensors outside autograd: the pairs sorted by |ρ| band (one
+    gather each of h, k, ρ; bands of groups by ``_direct_bands``, on a small problem one or
+    two; none where one band holds every pair), each band evaluated with its rule, J and the
+    acceptance test in slices of ``_DIRECT_SLICE`` pairs (in cache), scattered back; (0,
+    False) outside ``dom``. With ``compiled_bulk`` on, each band in one call of
+    ``_direct_unrolled`` compiled for its rule size instead. ``eps`` is the target precision
+    (its column of rule sizes); ``wide``: see ``_direct_accept``; ``cdf``: (Φ(h), Φ(k)) or
+    None (see ``_cov_direct``)."""
     import torch
 
     o = _torch_ops_cached()
@@ -280,20 +313,33 @@ def _direct_sliced(h, k, r, ar, dom, eps, wide: bool = False, cdf=None):
 
     grp = _direct_group_index(ar)
     grp.masked_fill_(~dom, len(_DIRECT_GROUPS))
-    _, perm = torch.sort(grp, stable=True)
     counts = torch.bincount(grp, minlength=len(_DIRECT_GROUPS) + 1).tolist()
-    hp, kp, rp = (v.index_select(0, perm) for v in (h, k, r))
+    # wide: float64's sizes (see ``_direct_accept``)
+    sizes = [g[1] if f64 or wide else g[2] for g in _DIRECT_GROUPS]
+    ends = _direct_bands(counts[:-1], sizes)
+    bands = [(sum(counts[a:b]), sizes[b - 1]) for a, b in zip([0, *ends], ends, strict=False)]
+    if len(ends) < len(_DIRECT_GROUPS):  # groups merged: sort by band
+        band_of = [i for i, b in enumerate(ends) for _ in range(b - (ends[i - 1] if i else 0))]
+        lut = torch.tensor([*band_of, len(ends)], dtype=grp.dtype, device=grp.device)
+        grp = lut.index_select(0, grp.to(torch.int64))
     # ρΦ(h)Φ(k) from the caller's Φ values, formed before the permutation: one gather, not two
     if cdf is not None:
         base = cdf.base if isinstance(cdf, DirectFront) else r * cdf[0] * cdf[1]
-    basep = () if cdf is None else (base.index_select(0, perm),)
+    whole = counts[-1] == 0 and sum(1 for cnt, _ in bands if cnt) == 1
+    if whole:  # one band holds every pair: no sort, no gathers, no scatter
+        perm = None
+        hp, kp, rp = h, k, r
+        basep = () if cdf is None else (base,)
+    else:
+        _, perm = torch.sort(grp, stable=True)
+        hp, kp, rp = (v.index_select(0, perm) for v in (h, k, r))
+        basep = () if cdf is None else (base.index_select(0, perm),)
     cp = torch.zeros_like(h)
     okp = torch.zeros_like(h, dtype=torch.bool)
     start = 0
-    for (_, n64, n32), cnt in zip(_DIRECT_GROUPS, counts, strict=False):
-        n = n64 if f64 or wide else n32  # wide: float64's sizes (see ``_direct_accept``)
+    for cnt, n in bands:
         fused = _direct_compiled(h, n, eps, wide, bool(basep)) if cnt else None
-        if fused is not None:  # one fused pass over the whole group
+        if fused is not None:  # one fused pass over the whole band
             e = start + cnt
             cs, oks = fused(hp[start:e], kp[start:e], rp[start:e], *(v[start:e] for v in basep))
             cp[start:e] = cs
@@ -308,6 +354,8 @@ def _direct_sliced(h, k, r, ar, dom, eps, wide: bool = False, cdf=None):
             cp[a:e] = cs
             okp[a:e] = oks
         start += cnt
+    if whole:
+        return cp, okp
     c = torch.empty_like(cp).scatter_(0, perm, cp)
     ok = torch.empty_like(okp).scatter_(0, perm, okp)
     return c, ok

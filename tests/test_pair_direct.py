@@ -74,6 +74,66 @@ def test_accepted_values_match_mpmath_quadrature(dtype):
     assert worst[0][0] <= BAR[dtype], f"worst (rel/eps, h, k, rho): {worst[:3]}"
 
 
+def _band_cost(counts, sizes, ends) -> float:
+    """Σ over the bands [a, b) ending at ``ends`` of the fixed cost (where it has pairs) plus
+    its pairs × the rule size of its last group: what ``_direct_bands`` minimises."""
+    cost, a = 0.0, 0
+    for b in ends:
+        pairs = sum(counts[a:b])
+        cost += (pd._DIRECT_GROUP_COST + pairs * sizes[b - 1]) if pairs else 0.0
+        a = b
+    return cost
+
+
+def test_direct_bands_minimise_the_cost():
+    """``_direct_bands`` against every partition of the groups into consecutive bands (2¹⁰,
+    enumerated here): its cost is the least, for random pair counts from empty to p = 1024's
+    and both columns of rule sizes. Large counts keep every group whose rule differs from its
+    neighbours' apart (p = 1024's: at least 8 bands); p = 64's merge into one or two."""
+    import itertools
+
+    n = len(pd._DIRECT_GROUPS)
+    rng = np.random.default_rng(7)
+    for col in (1, 2):
+        sizes = [g[col] for g in pd._DIRECT_GROUPS]
+        cases = [[0] * n, [5] * n]
+        cases += [list(rng.integers(0, 10 ** rng.uniform(1, 5.5), n)) for _ in range(40)]
+        for counts in cases:
+            ends = pd._direct_bands(counts, sizes)
+            assert ends[-1] == n and ends == sorted(set(ends))
+            least = min(
+                _band_cost(counts, sizes, [*cut, n])
+                for m in range(n)
+                for cut in itertools.combinations(range(1, n), m)
+            )
+            assert _band_cost(counts, sizes, ends) == least, counts
+    sizes = [g[1] for g in pd._DIRECT_GROUPS]
+    apart = [b for b in range(1, n + 1) if b == n or sizes[b] != sizes[b - 1]]
+    assert pd._direct_bands([10**6] * n, sizes) == apart  # only equal rules share a band
+    p1024 = [214637, 131233, 57104, 50463, 21578, 18785, 14881, 10343, 2976, 1776, 3000]
+    assert len(pd._direct_bands(p1024, sizes)) >= 8
+    p64 = [393, 406, 237, 239, 222, 200, 89, 69, 84, 51, 17]
+    assert len(pd._direct_bands(p64, sizes)) <= 2
+
+
+def test_bands_either_way_match_mpmath(monkeypatch):
+    """The eager route's values with every group apart (no fixed cost) and with all the
+    groups in one band (the largest rule on every pair) both meet the bar against mpmath
+    on held-out points, and differ (the merged band's rule is another)."""
+    h, k, r = _points(60, seed=2031)
+    got = {}
+    for cost in (0, 10**12):
+        monkeypatch.setattr(pd, "_DIRECT_GROUP_COST", cost)
+        got[cost] = _direct(h, k, r, torch.float64)
+    (c0, ok0, (hd, kd, rd)), (c1, ok1, _) = got[0], got[10**12]
+    assert ok0.mean() > 0.6 and not np.array_equal(c0[ok0 & ok1], c1[ok0 & ok1])
+    for i in np.nonzero(ok0 | ok1)[0]:
+        ref = _swapped_ref(hd[i], kd[i], rd[i])
+        for c, ok in ((c0, ok0), (c1, ok1)):
+            if ok[i]:
+                assert abs(c[i] - ref) <= BAR[torch.float64] * EPS[torch.float64] * abs(ref), i
+
+
 def test_accepted_values_match_the_definition():
     """The covariance's definition (E[(x2⁺ − E x2⁺)(g(x2) − E x1⁺)], mpmath), independent of
     the swapped integral, at the corners where the rule sizes were tight and in the bulk."""
@@ -378,6 +438,27 @@ def test_rule_sizes_hold_on_the_extended_domain():
     top, n = pd._DIRECT_WIDE64  # float64's group 0.925 ≤ |ρ| < 0.99 (session 22: 38.6 eps)
     rhos = [s * v for s in (1, -1) for v in np.linspace(pd._DIRECT_GROUPS[-1][0], top - 1e-12, 12)]
     assert _rule_errors(hh, kk, rhos, n, e64) <= 50.0
+
+
+@pytest.mark.slow
+def test_larger_rules_hold_on_every_group():
+    """Every group with the rule of any group after it in its column (``_direct_bands``
+    evaluates a band of groups by its last group's rule): float64 within 50 eps of C,
+    float32 and float32's float64 re-evaluation within 0.01 float32 eps, on the elements each
+    rounding test accepts, over [−7, 7]² (step 0.5) at 6 ρ per group and sign."""
+    g = np.arange(-7.0, 7.0001, 0.5)
+    hh, kk = (v.ravel() for v in np.meshgrid(g, g, indexing="ij"))
+    e64, e32 = 2.0**-52, 2.0**-23
+    lo = 0.0
+    for i, (hi, _, _) in enumerate(pd._DIRECT_GROUPS):
+        rhos = [s * v for s in (1, -1) for v in np.linspace(max(lo, 1e-3), hi - 1e-12, 6)]
+        later = pd._DIRECT_GROUPS[i + 1 :]
+        for n in sorted({g[1] for g in later}):
+            assert _rule_errors(hh, kk, rhos, n, e64) <= 50.0, (hi, n)
+            assert _rule_errors(hh, kk, rhos, n, e32, wide=True) <= 0.01, (hi, n)
+        for n in sorted({g[2] for g in later}):
+            assert _rule_errors(hh, kk, rhos, n, e32) <= 0.01, (hi, n)
+        lo = hi
 
 
 @pytest.mark.slow
