@@ -29,6 +29,7 @@ BENCH_MODULES = (
     "torchbridge.experiments.bench_kernels",
     "torchbridge.experiments.bench_floor",
     "torchbridge.experiments.bench_nodes",
+    "torchbridge.experiments.bench_small",
     "torchbridge.experiments.bench_moments",
     "torchbridge.experiments.bench_attacks",
     "torchbridge.experiments.bench_propagate",
