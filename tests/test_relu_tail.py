@@ -10,7 +10,7 @@ import torch
 from nmgen.generated import torch_kernels as K
 
 from nmruntime.pair_ops import torch_ops
-from nmruntime.relu_pair import _cf
+from nmruntime.relu_pair import _BY_SCALARS, _cf, _fused
 from nmruntime.torch_support import force_sync_free
 
 
@@ -23,6 +23,19 @@ def test_continued_fraction_by_numpy_is_torchs_bit_for_bit(dtype: torch.dtype) -
     for a, b in zip(by_torch, by_numpy, strict=True):
         assert b.dtype == x.numpy().dtype
         assert torch.equal(a, torch.from_numpy(b))
+
+
+@pytest.mark.parametrize("n", [1, 2, _BY_SCALARS, _BY_SCALARS + 1])
+def test_continued_fraction_on_few_elements_is_torchs_bit_for_bit(n: int) -> None:
+    """On at most ``_BY_SCALARS`` float64 elements ``_fused`` runs the fraction on Python
+    floats, element by element (above, by NumPy): the same values as torch's, bit for bit,
+    at x = 2 (the deepest), in the bulk and far out."""
+    x = torch.tensor([2.0, 2.5, 7.25, 63.9, 3.1, 40.0, 2.000001, 11.0, 5.5], dtype=torch.float64)
+    x = x[:n].reshape(-1, 1) if n > 1 else x[:n]
+    got = _fused(torch_ops(), "continued_fraction", _cf, x, by_numpy=True)
+    for a, b in zip(_cf(torch_ops(), x), got, strict=True):
+        assert b.shape == x.shape and b.dtype == torch.float64
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
