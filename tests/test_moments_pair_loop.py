@@ -168,3 +168,20 @@ def test_compiled_front_on_an_inexactly_symmetric_cov():
     got = relu_moments(mean, cov, "exact", check_psd=False, compiled=True)[1]
     eps = torch.finfo(torch.float64).eps
     assert ((got - ref).abs() <= 16 * eps * ref.abs() + torch.finfo(torch.float64).tiny).all()
+
+
+def test_left_pairs_are_torchs_nonzero():
+    """``_left`` (NumPy's nonzero on the int32 flags' low bytes) gives ``torch.nonzero``'s
+    indices: empty, one flag, all set, none set, sparse and dense random flags, and a slice
+    of a longer flag tensor (a pass given one pair returns two flags)."""
+    from torchbridge.moments import _left
+
+    gen = torch.Generator().manual_seed(5)
+    cases = [torch.zeros(0), torch.ones(1), torch.zeros(1), torch.ones(1000), torch.zeros(999)]
+    cases += [(torch.rand(n, generator=gen) < q).float() for n in (7, 4097) for q in (0.1, 0.9)]
+    cases.append(torch.tensor([1.0, 1.0])[:1])
+    for flags in cases:
+        flag = flags.to(torch.int32)
+        got = _left(flag)
+        assert got.dtype == torch.int64
+        assert torch.equal(got, flag.nonzero().squeeze(1))

@@ -24,9 +24,11 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import sys
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from nmgen.generated import torch_kernels as K
 
@@ -563,11 +565,22 @@ def _run_passes(passes: list, args: tuple, li: torch.Tensor, lj: torch.Tensor):
             # one pair goes in twice (its value written twice): dynamo compiles size 1 apart,
             # and that kernel rounded a pair's value 1 ulp off its value among other pairs
             ins = (li.repeat(2), lj.repeat(2)) if n == 1 else (li, lj)
-            need = run(up, *ins, sigma, cflat, h, cdf, p)[:n].nonzero().squeeze(1)
+            need = _left(run(up, *ins, sigma, cflat, h, cdf, p)[:n])
             li, lj = li.index_select(0, need), lj.index_select(0, need)
             if li.numel() == 0:
                 break
     return li, lj
+
+
+def _left(flag: torch.Tensor) -> torch.Tensor:
+    """The indices where a pass's int32 flag (0 or 1, CPU, contiguous) is 1, by NumPy's
+    nonzero on a bool view of the flags' low bytes (little-endian): NumPy's bool nonzero
+    took 0.55 ms on p = 1024's 523,776 flags against 1.23 ms for ``torch.nonzero`` on the
+    int32 flags (1 thread; scratch ``/tmp/s31/nz.py``). Elsewhere ``torch.nonzero``."""
+    if sys.byteorder != "little" or flag.numel() == 0:
+        return flag.nonzero().squeeze(1)
+    low = flag.numpy().view(np.uint8)[::4].view(np.bool_)
+    return torch.from_numpy(np.flatnonzero(low))
 
 
 def _pass_kernels(like: torch.Tensor, symmetric: bool) -> list | None:
