@@ -97,8 +97,9 @@ def _figure(results: list[dict], args: argparse.Namespace):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
-    dtypes = sorted({res["dtype"] for res in results})
+    dtypes = list(dict.fromkeys(res["dtype"] for res in results))  # in --dtypes' order
     fig, axes = plt.subplots(1, len(dtypes), figsize=(5.5 * len(dtypes), 4), squeeze=False)
     for ax, dname in zip(axes[0], dtypes, strict=True):
         mine = [res for res in results if res["dtype"] == dname]
@@ -106,6 +107,8 @@ def _figure(results: list[dict], args: argparse.Namespace):
             ps = [res["p"] for res in mine]
             ms = [next(x for x in res["rows"] if x["row"] == name)["seconds"] * 1e3 for res in mine]
             ax.loglog(ps, ms, "o-", label=name)
+        ax.set_xticks(ps, [str(p) for p in ps])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("p (variables)")
         ax.set_ylabel("ms per call" + (" (CPU time)" if args.threads == 1 else " (wall)"))
         ax.set_title(f"{dname}, {args.threads} thread(s)")
