@@ -4,7 +4,8 @@
 C = ρΦ(h)Φ(k) + ∫_0^ρ (ρ − t) φ2(h, k; t) dt by one fixed Gauss–Legendre rule per |ρ| group
 (|h|, |k| ≤ 7, |ρ| < 0.925; float64 0.925 ≤ |ρ| < 0.99 with 80 points, float32's rejects
 and that group in float64 arithmetic), accepted where its rounding bound allows
-(``_cov_direct``); the compiled passes of ``relu_moments(..., compiled=True)`` over the
+(``_cov_direct``; on eager CPU neighbouring groups with few pairs share the larger rule,
+``_direct_bands``); the compiled passes of ``relu_moments(..., compiled=True)`` over the
 pairs in their own order (``direct_passes``); and ``cov_neg_tail``: C = −(|ρ|Φ2(h, k; ρ) +
 ∫_ρ^0 |t| φ2 dt) for h + k ≤ 0, Φ2 by Gauss–Laguerre, the pairs whose ρΦ(h)Φ(k) + J
 cancels."""
