@@ -185,3 +185,7 @@ def test_left_pairs_are_torchs_nonzero():
         got = _left(flag)
         assert got.dtype == torch.int64
         assert torch.equal(got, flag.nonzero().squeeze(1))
+    # flags it cannot view as bytes (not int32, strided) take torch's nonzero: the same
+    flag = (torch.rand(64, generator=gen) < 0.5).to(torch.int32)
+    for other in (flag.to(torch.int64), flag[::2], flag.bool()):
+        assert torch.equal(_left(other), other.nonzero().squeeze(1))

@@ -577,7 +577,8 @@ def _left(flag: torch.Tensor) -> torch.Tensor:
     nonzero on a bool view of the flags' low bytes (little-endian): NumPy's bool nonzero
     took 0.55 ms on p = 1024's 523,776 flags against 1.23 ms for ``torch.nonzero`` on the
     int32 flags (1 thread; scratch ``/tmp/s31/nz.py``). Elsewhere ``torch.nonzero``."""
-    if sys.byteorder != "little" or flag.numel() == 0:
+    plain = flag.dtype == torch.int32 and flag.is_contiguous() and flag.device.type == "cpu"
+    if sys.byteorder != "little" or not plain or flag.numel() == 0:
         return flag.nonzero().squeeze(1)
     low = flag.numpy().view(np.uint8)[::4].view(np.bool_)
     return torch.from_numpy(np.flatnonzero(low))
