@@ -12,7 +12,9 @@ cancels."""
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -318,10 +320,10 @@ def _direct_sliced(h, k, r, ar, dom, eps, wide: bool = False, cdf=None):
     # wide: float64's sizes (see ``_direct_accept``)
     sizes = [g[1] if f64 or wide else g[2] for g in _DIRECT_GROUPS]
     ends = _direct_bands(counts[:-1], sizes)
-    bands = [(sum(counts[a:b]), sizes[b - 1]) for a, b in zip([0, *ends], ends, strict=False)]
-    if len(ends) < len(_DIRECT_GROUPS):  # groups merged: sort by band
-        band_of = [i for i, b in enumerate(ends) for _ in range(b - (ends[i - 1] if i else 0))]
-        lut = torch.tensor([*band_of, len(ends)], dtype=grp.dtype, device=grp.device)
+    bands = [(sum(counts[a:b]), sizes[b - 1]) for a, b in itertools.pairwise([0, *ends])]
+    if len(ends) < len(_DIRECT_GROUPS):  # groups merged: sort by band (outside: after them)
+        band_of = [bisect.bisect_right(ends, g) for g in range(len(_DIRECT_GROUPS) + 1)]
+        lut = torch.tensor(band_of, dtype=grp.dtype, device=grp.device)
         grp = lut.index_select(0, grp.to(torch.int64))
     # ρΦ(h)Φ(k) from the caller's Φ values, formed before the permutation: one gather, not two
     if cdf is not None:

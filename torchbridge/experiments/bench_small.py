@@ -103,8 +103,8 @@ def _figure(results: list[dict], args: argparse.Namespace):
     fig, axes = plt.subplots(1, len(dtypes), figsize=(5.5 * len(dtypes), 4), squeeze=False)
     for ax, dname in zip(axes[0], dtypes, strict=True):
         mine = [res for res in results if res["dtype"] == dname]
+        ps = [res["p"] for res in mine]
         for name in [row["row"] for row in mine[0]["rows"]]:
-            ps = [res["p"] for res in mine]
             ms = [next(x for x in res["rows"] if x["row"] == name)["seconds"] * 1e3 for res in mine]
             ax.loglog(ps, ms, "o-", label=name)
         ax.set_xticks(ps, [str(p) for p in ps])
