@@ -205,3 +205,24 @@ def test_window_cross_blocks_read_the_covariance(monkeypatch):
     C = F @ F.T + torch.diag(Dv)
     want = C[idx[i][:, :, None], idx[j][:, None, :]]
     torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+
+
+def test_index_set_is_torch_unique_with_inverse():
+    """``index_set`` (a flag table) returns what ``torch.unique(..., return_inverse=True)``
+    returns: random indices with repeats, one index, none, every index of the range."""
+    from torchbridge.propagate.residual import index_set
+
+    g = torch.Generator().manual_seed(3)
+    cases = [
+        torch.randint(0, 50, (400,), generator=g),
+        torch.randint(0, 10_000, (300,), generator=g),
+        torch.tensor([7]),
+        torch.zeros(0, dtype=torch.long),
+        torch.randperm(64, generator=g),
+    ]
+    for idx in cases:
+        n = 10_000 if idx.numel() == 300 else 64
+        units, inv = index_set(idx, n)
+        want_u, want_inv = torch.unique(idx, return_inverse=True)
+        assert torch.equal(units, want_u) and torch.equal(inv, want_inv)
+        assert torch.equal(units[inv], idx)

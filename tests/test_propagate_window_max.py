@@ -223,3 +223,59 @@ def test_conv_pool_relu_with_numerical_window_pairs_matches_monte_carlo():
         z[name] = ((got.var[0] - var) / se).abs()
     assert (z["new"] <= 5).all(), z
     assert z["old"].max() > 5, z
+
+
+def _white_points(points: int, dim: int, seed: int) -> torch.Tensor:
+    """The points ``window_max`` integrates with: scrambled Sobol', antithetic, whitened."""
+    from torchbridge.propagate.window_max import _sobol_normal
+
+    e = _sobol_normal(points, dim, seed, D, "cpu")
+    e = torch.cat([e, -e])
+    lam, V = torch.linalg.eigh(e.T @ e / e.shape[0])
+    return e @ (V * lam.rsqrt()) @ V.T
+
+
+def test_window_integrals_read_each_window_at_its_own_points():
+    """The batched products of ``window_moments`` and ``window_pair_covariance`` (more
+    windows than one chunk, K = 3 and 4) equal each window's own sums over its points
+    z = μ + L e, written window by window: mean, variance and gains to 1e-14, the pair
+    covariances to 1e-14 (one scrambling per chunk of pairs). A window's L taken from
+    its neighbour, or the 2K elements split into a and b another way, would not agree."""
+    from torchbridge.propagate.window_max import (
+        _CHUNK,
+        _PAIR_CHUNK,
+        window_moments,
+        window_pair_covariance,
+    )
+
+    g = torch.Generator().manual_seed(11)
+    for k in (3, 4):
+        q = _CHUNK + 7
+        A = torch.randn(q, k, k, generator=g, dtype=D)
+        S = A @ A.transpose(1, 2) / k + 0.1 * torch.eye(k, dtype=D)
+        mu = torch.randn(q, k, generator=g, dtype=D)
+        w = window_moments(mu, S, points=256)
+        e = _white_points(256, k, 0)
+        L = torch.linalg.cholesky(S)
+        for a in (0, 5, _CHUNK + 3):
+            z = mu[a] + e @ L[a].T
+            top, arg = z.max(1)
+            y = top.clamp_min(0)
+            gain = torch.stack([((arg == c) & (top > 0)).double().mean() for c in range(k)])
+            assert abs(w.mean[a] - y.mean()) <= 1e-14
+            assert abs(w.var[a] - (y - y.mean()).square().mean()) <= 1e-14
+            assert (w.gain[a] - gain).abs().max() <= 1e-14
+
+        P = _PAIR_CHUNK + 5
+        A = torch.randn(P, 2 * k, 2 * k, generator=g, dtype=D)
+        S2 = A @ A.transpose(1, 2) / (2 * k) + 0.1 * torch.eye(2 * k, dtype=D)
+        mu2 = torch.randn(P, 2, k, generator=g, dtype=D)
+        got = window_pair_covariance(mu2, S2, points=128)
+        L2 = torch.linalg.cholesky(S2)
+        for a in (0, 9, _PAIR_CHUNK + 2):
+            e = _white_points(128, 2 * k, a // _PAIR_CHUNK)
+            z = mu2[a].reshape(-1) + e @ L2[a].T
+            ya = z[:, :k].max(1).values.clamp_min(0)
+            yb = z[:, k:].max(1).values.clamp_min(0)
+            want = ((ya - ya.mean()) * (yb - yb.mean())).mean()
+            assert abs(got[a] - want) <= 1e-14, (k, a, got[a], want)

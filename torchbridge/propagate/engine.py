@@ -76,7 +76,7 @@ class PropagateOptions:
         window_pairs: with ``window_relu="qmc"`` in the factor form, the local residual
             pairs of relu(max-pool) take Cov(max(0, z_a), max(0, z_b)) integrated
             numerically over the two windows' joint Gaussian (``window_max``) instead of
-            the re-fitted trees' (default True; ≈ 10⁶ pairs on LeNet, 1–2 min per image);
+            the re-fitted trees' (default True; ≈ 10⁶ pairs on LeNet, about 35 s per image);
             with ``window_full``, also the window pairs of a dense-input max-pooling
             (``LocalResidual.pool_units``) whose ReLU runs in full covariance (LeNet's ReLU2).
         differentiable: keep the autograd graph, so the moments can be differentiated with

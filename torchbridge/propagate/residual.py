@@ -61,6 +61,18 @@ def density(F: torch.Tensor) -> float:
     return float((F != 0).sum()) / F.numel() if F.numel() else 1.0
 
 
+def index_set(idx: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.unique(idx, return_inverse=True)`` for indices in [0, ``n``): the sorted
+    distinct values (U,) and each entry's position among them (like ``idx``), by a table of
+    n flags instead of a sort (O(n + idx.numel()))."""
+    seen = torch.zeros(n, dtype=torch.bool, device=idx.device)
+    seen[idx] = True
+    units = torch.nonzero(seen).flatten()
+    pos = torch.empty(n, dtype=torch.long, device=idx.device)
+    pos[units] = torch.arange(units.numel(), device=idx.device)
+    return units, pos[idx]
+
+
 def pair_dots(F: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
     """F_i · F_j for each pair, F (q, r): (P,) (``pair_dots_many`` with one list)."""
     return pair_dots_many(F, [(i, j)])[0]
@@ -81,18 +93,17 @@ def pair_dots_many(
                 out[a : a + step] = (F[i[a : a + step]] * F[j[a : a + step]]).sum(1)
             outs.append(out)
         return outs
-    units, inv = torch.unique(torch.cat([t for ij in lists for t in ij]), return_inverse=True)
+    units, inv = index_set(torch.cat([t for ij in lists for t in ij]), F.shape[0])
     Fs = sparse_rows(F[units])
     gram = (Fs @ Fs.T).tocsr()
     gram.sort_indices()
     n = units.numel()
     # the Gram's entries by sorted key row·n + col, read by binary search
-    rows = torch.repeat_interleave(
-        torch.arange(n), torch.from_numpy(np.diff(gram.indptr).astype(np.int64))
+    keys = torch.from_numpy(
+        np.repeat(np.arange(n, dtype=np.int64) * n, np.diff(gram.indptr)) + gram.indices
     )
-    keys = rows * n + torch.from_numpy(gram.indices.astype(np.int64))
     vals = torch.from_numpy(gram.data)
-    del rows, gram
+    del gram
     inv = inv.cpu()
     outs, at = [], 0
     for i, _ in lists:
@@ -138,8 +149,10 @@ def window_cross_blocks(
     """Cov(z_a, z_b) (P, K, K) of the elements of window pairs (a, b) = (``i``, ``j``) (long
     (P,), ``i`` sorted ascending), z ~ N(·, F Fᵀ + diag(D)), F (q, r) dense, window elements
     ``idx`` (q_out, K). Blocks of windows a at a time, their element rows' Gram with every
-    row of F (one BLAS product of at most ``_GRAM_ELEMENTS`` entries), read at the pairs —
-    gathering r-long rows per pair would move P·K²·r numbers instead."""
+    row of F their partners' windows hold (one BLAS product of at most ``_GRAM_ELEMENTS``
+    entries; LeNet's pool2 with the partners' rows alone: about a third of the products of
+    all q rows), read at the pairs — gathering r-long rows per pair would move P·K²·r
+    numbers instead."""
     P, K = i.numel(), idx.shape[1]
     q = F.shape[0]
     out = F.new_empty(P, K, K)
@@ -150,11 +163,12 @@ def window_cross_blocks(
         if lo == hi:
             continue
         rows = idx[w0:w1].reshape(-1)  # (n_w K,) element rows of windows w0 .. w1 − 1
-        G = F[rows] @ F.T  # (n_w K, q)
-        a = (i[lo:hi] - w0)[:, None] * K + torch.arange(K, device=i.device)  # (p, K) rows
         eb = idx[j[lo:hi]]  # (p, K) elements of b
+        cols, at = index_set(eb.reshape(-1), q)  # the elements of b these pairs read
+        G = F[rows] @ F[cols].T  # (n_w K, |cols|)
+        a = (i[lo:hi] - w0)[:, None] * K + torch.arange(K, device=i.device)  # (p, K) rows
         ea = idx[i[lo:hi]]  # (p, K) elements of a
-        blk = G[a[:, :, None], eb[:, None, :]]
+        blk = G[a[:, :, None], at.view(-1, 1, K)]
         shared = ea[:, :, None] == eb[:, None, :]
         out[lo:hi] = blk + shared * D[ea][:, :, None]
     return out
