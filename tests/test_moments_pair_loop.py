@@ -86,8 +86,9 @@ def test_compiled_option_falls_back_where_compile_does_not_apply():
 
 
 def test_compiled_option_without_a_working_compiler_warns_and_runs_eagerly(monkeypatch):
-    """Where ``torch.compile`` fails (here: every compiled call raises, as without a C++
-    compiler), ``compiled=True`` warns once and gives the default call's values."""
+    """Where ``torch.compile`` fails (here: every compiled call raises, and inductor's
+    ``standalone_compile`` too, as without a C++ compiler), ``compiled=True`` warns once and
+    gives the default call's values."""
     from nmruntime import torch_support
 
     def broken(fn, **kwargs):
@@ -96,7 +97,11 @@ def test_compiled_option_without_a_working_compiler_warns_and_runs_eagerly(monke
 
         return run
 
+    def broken_standalone(graph, inputs, **kwargs):
+        raise RuntimeError("no C++ compiler (simulated)")
+
     monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(torch._inductor, "standalone_compile", broken_standalone)
     monkeypatch.setattr(torch_support, "_COMPILED", {})
     monkeypatch.setattr(torch_support, "_COMPILE_FAILED", [None])
     mean, cov = _problem(40, 4, torch.float64)
@@ -189,3 +194,25 @@ def test_left_pairs_are_torchs_nonzero():
     flag = (torch.rand(64, generator=gen) < 0.5).to(torch.int32)
     for other in (flag.to(torch.int64), flag[::2], flag.bool()):
         assert torch.equal(_left(other), other.nonzero().squeeze(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_passes_run_as_standalone_graphs(dtype):
+    """The compiled passes of ``relu_moments(..., compiled=True)`` run as inductor's
+    standalone graphs (``compiled_graph``), none through dynamo's fallback, on a problem
+    whose pairs reach every float64 pass (the tail route included) and float32's first
+    two."""
+    from nmruntime import torch_support
+    from nmruntime.pair_direct import direct_passes
+    from torchbridge.experiments.bench_kernels import random_problem
+
+    mean, cov = (t.to(dtype) for t in random_problem(64, 0))
+    relu_moments(mean, cov, "exact", check_psd=False, compiled=True)
+    names = [f"{r.name}:{dtype}:True" for r in direct_passes(dtype == torch.float64)]
+    ran = []
+    for name in names:
+        graphs = torch_support._COMPILED[f"graph:{name}"]
+        assert graphs.failed is None, name
+        assert all(run is not graphs.fallback for run in graphs.runs.values()), name
+        ran += [name] if graphs.runs else []
+    assert ran == names if dtype == torch.float64 else set(names[:2]) <= set(ran), ran

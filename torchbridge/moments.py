@@ -34,7 +34,7 @@ from nmgen.generated import torch_kernels as K
 
 from nmruntime.pair_direct import DirectFront, DirectPass, direct_front, direct_passes
 from nmruntime.pair_ops import normal_cdf_torch, renamed
-from nmruntime.torch_support import compiled, compiled_bulk, sync_free
+from nmruntime.torch_support import compiled, compiled_bulk, compiled_graph, sync_free
 from torchbridge.covariance import (
     all_finite,
     check_full_covariance,
@@ -556,7 +556,7 @@ def _run_passes(passes: list, args: tuple, li: torch.Tensor, lj: torch.Tensor):
     """The pairs (li, lj) through ``passes`` in turn (``_pass_kernels``; ``args``: their
     arguments after the pairs), each on the pairs the ones before left; returns the pairs
     they all left."""
-    up, sigma, cflat, h, cdf, p = args
+    up, sigma, cflat, h, cdf, _ = args
     # outside autograd here (``_pass_kernels``): without grad whatever the caller's mode, so
     # that a call under torch.no_grad() finds the same compiled passes (no recompile)
     with torch.no_grad():
@@ -565,7 +565,7 @@ def _run_passes(passes: list, args: tuple, li: torch.Tensor, lj: torch.Tensor):
             # one pair goes in twice (its value written twice): dynamo compiles size 1 apart,
             # and that kernel rounded a pair's value 1 ulp off its value among other pairs
             ins = (li.repeat(2), lj.repeat(2)) if n == 1 else (li, lj)
-            need = _left(run(up, *ins, sigma, cflat, h, cdf, p)[:n])
+            need = _left(run(up, *ins, sigma, cflat, h, cdf)[:n])
             li, lj = li.index_select(0, need), lj.index_select(0, need)
             if li.numel() == 0:
                 break
@@ -592,7 +592,7 @@ def _pass_kernels(like: torch.Tensor, symmetric: bool) -> list | None:
     for rule in direct_passes(like.dtype == torch.float64):
         name = f"{rule.name}:{like.dtype}:{symmetric}"
         fn = _pass_fn(rule, symmetric)
-        run = compiled(like, name, fn, indices_in_range=True, releases_gil=True)
+        run = compiled_graph(like, name, fn, indices_in_range=True, releases_gil=True)
         if run is None:
             return None
         runs.append(run)
@@ -603,8 +603,8 @@ def _pass_kernels(like: torch.Tensor, symmetric: bool) -> list | None:
 def _pass_fn(rule: DirectPass, symmetric: bool):
     """``_one_pass`` with its rule bound, under a code object of its own."""
 
-    def run(up, si, sj, sigma, cflat, h, cdf, p):
-        return _one_pass(up, si, sj, sigma, cflat, h, cdf, p, symmetric, rule)
+    def run(up, si, sj, sigma, cflat, h, cdf):  # tensors only (``compiled_graph``); p = σ's size
+        return _one_pass(up, si, sj, sigma, cflat, h, cdf, sigma.shape[0], symmetric, rule)
 
     return renamed(run, rule.name)
 
