@@ -430,9 +430,9 @@ def _fused(o, name: str, fn, *args, by_numpy: bool = False):
     elements: 0.155 vs 0.919 ms at 1 thread, medians of 50)."""
     if isinstance(args[0], (np.ndarray, np.generic)):
         return fn(o, *args)
-    from nmruntime.torch_support import compiled
+    from nmruntime.torch_support import compiled_graph
 
-    run = compiled(args[0], name, lambda *a: fn(o, *a))
+    run = compiled_graph(args[0], name, lambda *a: fn(o, *a))
     if run is not None:
         return run(*args)
     if by_numpy and not sync_free(args[0]) and not any(a.requires_grad for a in args):

@@ -36,7 +36,7 @@ from typing import Literal
 
 import torch
 
-from nmruntime.torch_support import compiled
+from nmruntime.torch_support import compiled_graph
 
 __all__ = [
     "COV_KINDS",
@@ -248,7 +248,7 @@ def check_full_covariance(
     n = c.shape[-1]
     if n == 0:
         return False
-    fused = compiled(c, "symmetry_gap", _symmetry_gap)  # the compiled bulk: one tiled pass
+    fused = compiled_graph(c, "symmetry_gap", _symmetry_gap)  # the compiled bulk: one pass
     gap = None if fused is None else fused(c)
     if check_finite and (gap is None or not bool(torch.isfinite(gap).all())) and not all_finite(c):
         raise ValueError(f"{name} contains NaN or Inf")
