@@ -562,8 +562,9 @@ def _run_passes(passes: list, args: tuple, li: torch.Tensor, lj: torch.Tensor):
     with torch.no_grad():
         for run in passes:
             n = li.numel()
-            # one pair goes in twice (its value written twice): dynamo compiles size 1 apart,
-            # and that kernel rounded a pair's value 1 ulp off its value among other pairs
+            # one pair goes in twice (its value written twice): size 1 is a signature of its
+            # own (``compiled_graph``, as dynamo's specialization), and that kernel rounded a
+            # pair's value 1 ulp off its value among other pairs
             ins = (li.repeat(2), lj.repeat(2)) if n == 1 else (li, lj)
             need = _left(run(up, *ins, sigma, cflat, h, cdf)[:n])
             li, lj = li.index_select(0, need), lj.index_select(0, need)
