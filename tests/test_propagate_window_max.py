@@ -239,8 +239,8 @@ def test_window_integrals_read_each_window_at_its_own_points():
     """The batched products of ``window_moments`` and ``window_pair_covariance`` (more
     windows than one chunk, K = 3 and 4) equal each window's own sums over its points
     z = μ + L e, written window by window: mean, variance and gains to 1e-14, the pair
-    covariances to 1e-14 (one scrambling per chunk of pairs). A window's L taken from
-    its neighbour, or the 2K elements split into a and b another way, would not agree."""
+    covariances to 1e-14 (one scrambling per chunk of pairs). A transposed L, or the 2K
+    elements split into a and b another way, fails it (both tried)."""
     from torchbridge.propagate.window_max import (
         _CHUNK,
         _PAIR_CHUNK,
