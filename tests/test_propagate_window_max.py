@@ -225,16 +225,6 @@ def test_conv_pool_relu_with_numerical_window_pairs_matches_monte_carlo():
     assert z["old"].max() > 5, z
 
 
-def _white_points(points: int, dim: int, seed: int) -> torch.Tensor:
-    """The points ``window_max`` integrates with: scrambled Sobol', antithetic, whitened."""
-    from torchbridge.propagate.window_max import _sobol_normal
-
-    e = _sobol_normal(points, dim, seed, D, "cpu")
-    e = torch.cat([e, -e])
-    lam, V = torch.linalg.eigh(e.T @ e / e.shape[0])
-    return e @ (V * lam.rsqrt()) @ V.T
-
-
 def test_window_integrals_read_each_window_at_its_own_points():
     """The batched products of ``window_moments`` and ``window_pair_covariance`` (more
     windows than one chunk, K = 3 and 4) equal each window's own sums over its points
@@ -244,6 +234,7 @@ def test_window_integrals_read_each_window_at_its_own_points():
     from torchbridge.propagate.window_max import (
         _CHUNK,
         _PAIR_CHUNK,
+        _points,
         window_moments,
         window_pair_covariance,
     )
@@ -255,7 +246,7 @@ def test_window_integrals_read_each_window_at_its_own_points():
         S = A @ A.transpose(1, 2) / k + 0.1 * torch.eye(k, dtype=D)
         mu = torch.randn(q, k, generator=g, dtype=D)
         w = window_moments(mu, S, points=256)
-        e = _white_points(256, k, 0)
+        e = _points(256, k, 0, D, "cpu")
         L = torch.linalg.cholesky(S)
         for a in (0, 5, _CHUNK + 3):
             z = mu[a] + e @ L[a].T
@@ -273,7 +264,7 @@ def test_window_integrals_read_each_window_at_its_own_points():
         got = window_pair_covariance(mu2, S2, points=128)
         L2 = torch.linalg.cholesky(S2)
         for a in (0, 9, _PAIR_CHUNK + 2):
-            e = _white_points(128, 2 * k, a // _PAIR_CHUNK)
+            e = _points(128, 2 * k, a // _PAIR_CHUNK, D, "cpu")
             z = mu2[a].reshape(-1) + e @ L2[a].T
             ya = z[:, :k].max(1).values.clamp_min(0)
             yb = z[:, k:].max(1).values.clamp_min(0)

@@ -261,12 +261,10 @@ def materialize(
     eigenvalues above ``eig_tol`` × the largest give G = V √Λ (the rest, and the negative
     ones of a pair-truncated R, are dropped), D'' = D − diag(G Gᵀ), clamped at 0.
     """
-    units = torch.unique(torch.cat([pairs.i, pairs.j]))
-    pos = torch.full((q,), -1, dtype=torch.long, device=resid.device)
-    pos[units] = torch.arange(units.numel(), device=resid.device)
+    units, at = index_set(torch.cat([pairs.i, pairs.j]), q)
     A = units.numel()
     R = resid.new_zeros(A, A)
-    a, b = pos[pairs.i], pos[pairs.j]
+    a, b = at[: pairs.i.numel()], at[pairs.i.numel() :]
     R[a, b] = pairs.v
     R[b, a] = pairs.v
     R.diagonal().copy_(resid[units])

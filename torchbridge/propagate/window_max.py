@@ -42,6 +42,16 @@ def _sobol_normal(points: int, dim: int, seed: int, dtype, device) -> torch.Tens
     return torch.special.ndtri(u)
 
 
+def _points(points: int, dim: int, seed: int, dtype, device) -> torch.Tensor:
+    """(2·points, dim) integration points: ``_sobol_normal``'s and their antithetic −e (every
+    odd moment of the set is 0), whitened so that the set's second moments are exactly I
+    (moment matching: a linear function of z then has its exact mean and variance)."""
+    e = _sobol_normal(points, dim, seed, dtype, device)
+    e = torch.cat([e, -e])
+    lam, V = torch.linalg.eigh(e.T @ e / e.shape[0])
+    return e @ (V * lam.rsqrt()) @ V.T
+
+
 def _sqrt_psd(S: torch.Tensor) -> torch.Tensor:
     """L (q, K, K) with L Lᵀ = S (q, K, K), S symmetric positive semidefinite: Cholesky
     (differentiable also at repeated eigenvalues), eigh for the windows where it fails."""
@@ -103,12 +113,7 @@ def window_moments(
     L = _sqrt_psd((S + S.transpose(1, 2)) / 2)
     means, vars_, gains = [], [], []
     for r in range(replicates):
-        e = _sobol_normal(points, K, seed + r, mu.dtype, mu.device)
-        e = torch.cat([e, -e])  # antithetic: every odd moment of the points is 0
-        # moment matching: whiten the point set so that its second moments are exactly I
-        # (a linear function of z then has its exact mean and variance)
-        lam, V = torch.linalg.eigh(e.T @ e / e.shape[0])
-        e = e @ (V * lam.rsqrt()) @ V.T
+        e = _points(points, K, seed + r, mu.dtype, mu.device)
         m1 = mu.new_empty(q)
         m2 = mu.new_empty(q)
         g = mu.new_empty(q, K)
@@ -181,10 +186,7 @@ def window_pair_covariance(
         sl = slice(a, a + chunk)
         # a scrambling of its own per chunk: the integration errors of the pairs, summed by
         # the layers after this one, are then independent instead of sharing one sign
-        e = _sobol_normal(points, 2 * K, seed + a // chunk, mu.dtype, mu.device)
-        e = torch.cat([e, -e])
-        lam, V = torch.linalg.eigh(e.T @ e / e.shape[0])
-        e = e @ (V * lam.rsqrt()) @ V.T
+        e = _points(points, 2 * K, seed + a // chunk, mu.dtype, mu.device)
         L = _sqrt_psd((S[sl] + S[sl].transpose(1, 2)) / 2)
         z = _at_points(mu[sl].reshape(-1, 2 * K), L, e).view(-1, 2, K, e.shape[0])
         y = z.amax(2).clamp_min_(0)  # (c, 2, points): max(0, window a), max(0, window b)
