@@ -90,6 +90,21 @@ def test_bench_floor_runs_small(tmp_path):
         assert b["dvi_bar_met"] == (ours <= dvi and inter <= 1.0)
         assert b["floor_bar_met"] == (ours <= 2.0 * run["floor_seconds"])
     assert "| ≤ 1× DVI | ≤ 2× floor |" in md
+    # each closed form against its own floor: DVI's formula evaluates sqrt, asin and exp on
+    # every one of the p² entries, and Φ (erf or erfc) once per variable
+    for run in res["runs"]:
+        dvi_ops = run["dvi_transcendental_ops"]
+        assert dvi_ops["asin"] == 24 * 24 and dvi_ops["exp"] >= 24 * 24
+        per_elem = run["exp_ns_per_element"] * 1e-9
+        assert run["dvi_floor_seconds"] == pytest.approx(sum(dvi_ops.values()) * per_elem)
+    own = {(r["threads"], r["method"]): r for r in res["own_floors"]}
+    assert set(own) == {(t, m) for t in (1, 2) for m in ("exact", "DVI (Wu et al. 2019)")}
+    for (t, label), r in own.items():
+        run = res["runs"][t - 1]
+        floor = run["floor_seconds"] if label == "exact" else run["dvi_floor_seconds"]
+        want = statistics.median(run["methods"][label]["times"]) / floor
+        assert r["ratio_to_own_floor"] == pytest.approx(want)
+        assert f"{want:.2f}×" in md
     assert f"{res['bars'][0]['ratio_to_floor']:.2f}×" in md
     groups = check_file(res["oracle_points"]["file"], progress=False)["groups"]
     assert [g["points"] for g in groups] == [2, 2]
@@ -118,6 +133,11 @@ def test_bench_floor_compiled_rows(tmp_path):
     methods = res["runs"][0]["methods"]
     for label in ("exact, compiled bulk", "DVI, torch.compile"):
         assert methods[label]["first_call_seconds"] > 0
+    # the compiled rows against their own floors: ours against the exact call's count
+    own = {r["method"]: r for r in res["own_floors"]}
+    run = res["runs"][0]
+    assert own["exact, compiled bulk"]["floor_seconds"] == run["floor_seconds"]
+    assert own["DVI, torch.compile"]["floor_seconds"] == run["dvi_floor_seconds"]
     assert methods["exact, compiled bulk"]["max_rel_err_vs_exact"] <= 2 * 256 * 2.0**-52
     assert methods["DVI, torch.compile"]["max_rel_err_vs_exact"] == pytest.approx(
         methods["DVI (Wu et al. 2019)"]["max_rel_err_vs_exact"], rel=1e-6
