@@ -2,8 +2,9 @@
 ``nmruntime.relu_pair``) and the ρ < 0 tail route: the bulk of the pairs.
 
 C = ρΦ(h)Φ(k) + ∫_0^ρ (ρ − t) φ2(h, k; t) dt by one fixed Gauss–Legendre rule per |ρ| group
-(|h|, |k| ≤ 7, |ρ| < 0.925; float64 0.925 ≤ |ρ| < 0.99 with 80 points, float32's rejects
-and that group in float64 arithmetic), accepted where its rounding bound allows
+(|h|, |k| ≤ 7, |ρ| < 0.925; float32's rejects and 0.925 ≤ |ρ| < 0.99 in float64
+arithmetic, that group on eager CPU by the rule in s of t = 2s/(1 + s²),
+``_direct_s_integral``), accepted where its rounding bound allows
 (``_cov_direct``; on eager CPU neighbouring groups with few pairs share the larger rule,
 ``_direct_bands``); the compiled passes of ``relu_moments(..., compiled=True)`` over the
 pairs in their own order (``direct_passes``); and ``cov_neg_tail``: C = −(|ρ|Φ2(h, k; ρ) +
@@ -61,7 +62,8 @@ _DIRECT_HK = 7.0
 #: Accepted where the rounding bound |ρΦ(h)Φ(k)| + (|G|max + 2)·J is at most ``_DIRECT_CANCEL``·|C|
 #: (float64, float32): a relative error of a few times that many eps.
 _DIRECT_CANCEL = {True: 32.0, False: 8.0}
-#: float32 (PyTorch: eager, autograd and masked paths): (upper bound of |ρ|, rule size) of one
+#: float32 (PyTorch: autograd and masked paths; eager CPU and the compiled bulk take the rule
+#: in s of ``DIRECT_S_WIDE`` points instead): (upper bound of |ρ|, rule size) of one
 #: more group beyond the last, 0.925 ≤ |ρ| < 0.99 (|h|, |k| ≤ ``_DIRECT_HK``), evaluated in
 #: float64 arithmetic and accepted by the ``wide`` rounding test, as the float32 rejects are
 #: (the masked and autograd paths evaluate those with this rule too). Size: on
@@ -72,7 +74,8 @@ _DIRECT_CANCEL = {True: 32.0, False: 8.0}
 #: quadrature: ~12 ms of per-call overhead at p = 1024 for 1,938 pairs (`nm bench floor`).
 _DIRECT_WIDE32 = (0.99, 48)
 #: float64 (eager CPU and the compiled bulk, outside autograd): the same group, accepted by
-#: float64's rounding test (``_DIRECT_CANCEL``). Size: on a 113 × 113 grid over [−7, 7]² at 16
+#: float64's rounding test (``_DIRECT_CANCEL``); since session 33 evaluated by the rule in s
+#: (``DIRECT_S_WIDE``), the 80 points in t kept for the ρ < 0 tail route's rule. Size: on a 113 × 113 grid over [−7, 7]² at 16
 #: ρ per sign from 0.925 to 0.99, against a 512-point rule, on the accepted elements: 64 points
 #: 838 eps, 72 points 49, 80 points 38.6 (the groups' rounding floor, 14–68 eps). Session 22:
 #: the bench problem's 1,776 pairs there went to the closed form (whose |ρ| ≥ 0.925 part is an
@@ -92,8 +95,9 @@ _DIRECT_WIDE64 = (0.99, 80)
 #: groups' own sizes 26–46), float32 14 points ≤ 0.0029 float32 eps
 #: (tests/test_pair_direct.py).
 DIRECT_ONE_PASS = {True: (6, 16), False: (9, 14)}
-#: (groups, rule size) of float64's second pass (``direct_passes``): the groups after the one
-#: pass's (0.7 ≤ |ρ| < 0.925) by their largest rule, on the pairs the one pass left (13% of
+#: (groups, rule size in t) of float64's second pass (``direct_passes``; since session 33 it
+#: takes ``DIRECT_S_GROUPS`` points in s instead): the groups after the one pass's
+#: (0.7 ≤ |ρ| < 0.925) by their largest rule, on the pairs the one pass left (13% of
 #: `nm bench floor`'s). One pass of 32 points instead of the general path's front, sort,
 #: gathers, group kernels and scatter: with the wide pass and the tail route after it, 0.91 of
 #: the call's time on that problem and the cold first call 36 vs 64 s (session 25, separate
@@ -102,6 +106,20 @@ DIRECT_ONE_PASS = {True: (6, 16), False: (9, 14)}
 #: 12 ρ per group against a 512-point rule: ≤ 43.2 eps of C on those groups
 #: (tests/test_pair_direct.py).
 DIRECT_GROUPS_PASS = (len(_DIRECT_GROUPS), max(g[1] for g in _DIRECT_GROUPS))
+#: Rule sizes of the compiled passes after the first in the variable s of t = 2s/(1 + s²)
+#: (``_direct_s_integral``): float64's second pass on 0.7 ≤ |ρ| < 0.925 (in t: 32 points,
+#: ``DIRECT_GROUPS_PASS``) and the wide pass, float64's 0.925 ≤ |ρ| < 0.99 (in t: 80) and
+#: float32's re-evaluation of every |ρ| < 0.99 in float64 arithmetic (in t: 48). In s the
+#: singularity t = 1 moves from y = 1/ρ to 1/S = (1 + √(1 − ρ²))/ρ (y: the rule's variable on
+#: [0, 1]): at ρ = 0.99, from 1.01 to 1.15. Sizes: on the 57 × 57 grid of [−7, 7]² at 12 ρ per
+#: band and sign against an s-form 256-point rule in long double (scratch ``/tmp/s33/srule.py``,
+#: session 33), the largest error of the float64 result relative to C, on the elements the
+#: rounding test keeps: 0.7–0.85 20 points 15.0 eps (16: 5.3e4), 0.85–0.925 24 points 10.9
+#: (20: 878), 0.925–0.99 32 points 9.4 (24: 2.1e4), every |ρ| < 0.99 at 32 points ≤ 20.9;
+#: the t-rules in the same run 8.7–10.0 eps. Checked against the 512-point t-rule by
+#: tests/test_pair_direct.py.
+DIRECT_S_GROUPS = 24
+DIRECT_S_WIDE = 32
 _DIRECT_RULES: dict = {}
 
 
@@ -154,6 +172,37 @@ def _direct_integral(h, k, r, rule):
     q = u.mul_(v).reciprocal_()
     f = g.mul_(q).exp_().mul_(q.sqrt_())
     return (r * r).mul_(f @ wy).mul_(0.25 / math.pi)
+
+
+def _direct_s_integral(h, k, r, rule):
+    """J of ``_direct_integral`` by the rule (y, w(1 − y)) in s, t = 2s/(1 + s²), s = Sy,
+    S = ρ/(1 + √(1 − ρ²)) (so that t = ρ at y = 1): dt/√(1 − t²) = 2ds/(1 + s²) and
+    ρ − t = 2S(1 − y)(1 − S²y)/((1 + S²)(1 + s²)), so
+
+        J = ρS/(2π) Σ w_i (1 − y_i)(1 − S²y_i) e^{G}/(1 + s_i²)²,
+        G = −(1 + s²)[A/(1 − s)² + B/(1 + s)²] = −[A(1 + s)² + B(1 − s)²](1 + s²)³·q,
+        q = 1/((1 + s²)(1 + s)(1 − s))²,  1/(1 + s²)² = ((1 + s)(1 − s))²·q,
+
+    A = (h − k)²/4, B = (h + k)²/4: every term ≥ 0 for either sign of ρ (ρS ≥ 0, S² < 1), one
+    reciprocal and one exp per node, no square root (one per pair, in S). The [pairs, nodes]
+    form (NumPy or torch; 1-D inputs, |ρ| < 1); ``_direct_s_unrolled`` is the compiled
+    passes' form of the same sum."""
+    y, wy = rule
+    if isinstance(h, np.ndarray):
+        S = r / (1.0 + np.sqrt((1.0 - r) * (1.0 + r)))
+        expo = np.exp
+    else:
+        S = r / (1.0 + ((1.0 - r) * (1.0 + r)).sqrt())
+        expo = type(h).exp
+    a = (0.25 * (h - k) ** 2)[..., None]
+    b = (0.25 * (h + k) ** 2)[..., None]
+    s = S[..., None] * y
+    u, v, p2 = 1.0 + s, 1.0 - s, 1.0 + s * s
+    uv = u * v
+    q = 1.0 / ((p2 * uv) ** 2)
+    g = (a * (u * u) + b * (v * v)) * (p2 * p2 * p2) * q
+    f = (1.0 - (S * S)[..., None] * y) * expo(-g) * ((uv * uv) * q)
+    return (r * S) * (f @ wy) * (0.5 / math.pi)
 
 
 def _cov_direct(o, h, k, r, eps, cdf=None):
@@ -441,27 +490,24 @@ def _wide_band(f64: bool) -> Callable:
 def direct_passes(f64: bool) -> tuple[DirectPass, ...]:
     """The compiled bulk's passes in pair order (``torchbridge.moments._one_pass_bulk``), each
     on the pairs the ones before left, each keeping its own band of |ρ|: the one pass
-    (``DIRECT_ONE_PASS``); in float64 the other groups (0.7 ≤ |ρ| < 0.925) by their largest
-    rule (``DIRECT_GROUPS_PASS``); then the wide group by its rule: float64 0.925 ≤ |ρ| < 0.99
-    (``_DIRECT_WIDE64``, float64's rounding test), float32 every |ρ| < 0.99 left
-    (``_DIRECT_WIDE32`` in float64 arithmetic, the ``wide`` test), as the general path
-    evaluates them; then the ρ < 0 tail route (``neg_tail_pass_values``). The pairs a band's
-    rounding test rejects stay for the routes after."""
+    (``DIRECT_ONE_PASS``, the rule in t); in float64 the other groups (0.7 ≤ |ρ| < 0.925);
+    then the wide group: float64 0.925 ≤ |ρ| < 0.99 (float64's rounding test), float32 every
+    |ρ| < 0.99 left (in float64 arithmetic, the ``wide`` test, as the general path evaluates
+    them); then the ρ < 0 tail route (``neg_tail_pass_values``). The second and wide passes
+    take their rules in s (``direct_s_values``: ``DIRECT_S_GROUPS`` and ``DIRECT_S_WIDE``
+    points, where t needs 32 and 80 (float32's: 48)). The pairs a band's rounding test
+    rejects stay for the routes after."""
     eps = 2.0**-52 if f64 else 2.0**-23
     first, n = DIRECT_ONE_PASS[f64]
     keep = _groups_band(0, first)
     passes = [DirectPass(f"one_pass_{n}", direct_group_values(n, eps), keep, False)]
     if f64:
-        top, n = DIRECT_GROUPS_PASS
+        top, n = DIRECT_GROUPS_PASS[0], DIRECT_S_GROUPS
         keep = _groups_band(first, top)
-        passes.append(DirectPass(f"groups_pass_{n}", direct_group_values(n, eps), keep, False))
-    n = (_DIRECT_WIDE64 if f64 else _DIRECT_WIDE32)[1]
-    # float64's 80 points on few pairs in the [pairs, nodes] form: compiled in seconds where
-    # the unrolled form took 20.7 s, at the same speed (0.94 vs 0.92-0.95 of the call without
-    # these passes); float32's 48 points on more pairs unrolled (0.86 vs 0.91: session 25,
-    # p = 1024, medians of 21 repeats interleaved in one process)
-    values = (direct_matrix_values if f64 else direct_group_values)(n, eps, not f64)
-    passes.append(DirectPass(f"wide_pass_{n}", values, _wide_band(f64), not f64))
+        passes.append(DirectPass(f"groups_pass_s{n}", direct_s_values(n, eps), keep, False))
+    n = DIRECT_S_WIDE  # the rule in s: 32 points where t needs 80 (48 for float32's)
+    values = direct_s_values(n, eps, not f64)
+    passes.append(DirectPass(f"wide_pass_s{n}", values, _wide_band(f64), not f64))
     # the ρ < 0 tail route on the cancelling pairs left (few: 3,649 of p = 1024's float64
     # pairs, none of float32's): compiled into each thread's ranges, where it ran eagerly
     # after them on all the pairs left (1.6 ms of the float64 call, one thread)
@@ -558,11 +604,11 @@ def _direct_redo32(ins, perm, okp, starts, c, eps: float) -> None:
 
 def _direct_high(h, k, r, c, ok, cand) -> None:
     """Eager CPU, outside autograd: the pairs among the indices ``cand`` (outside the groups'
-    domain) with |h|, |k| ≤ ``_DIRECT_HK`` and |ρ| below the wide group's bound by its rule
-    (``_DIRECT_WIDE32`` or ``_DIRECT_WIDE64``) in float64 arithmetic, accepted by the
-    ``wide`` rounding test (float32) or float64's; their values and acceptance written into
-    ``c``, ``ok`` in place (one compiled pass of ``_direct_matrix`` where the compiled bulk is
-    on)."""
+    domain) with |h|, |k| ≤ ``_DIRECT_HK`` and |ρ| below the wide group's bound
+    (``_DIRECT_WIDE32`` or ``_DIRECT_WIDE64``) by the rule in s of ``DIRECT_S_WIDE`` points
+    (as the compiled wide pass), in float64 arithmetic, accepted by the ``wide`` rounding test
+    (float32) or float64's; their values and acceptance written into ``c``, ``ok`` in place
+    (one compiled pass of ``_direct_s_matrix`` where the compiled bulk is on)."""
     import torch
 
     from nmruntime.torch_support import compiled
@@ -570,25 +616,26 @@ def _direct_high(h, k, r, c, ok, cand) -> None:
     if cand.numel() == 0:
         return
     f64 = h.dtype == torch.float64
-    top, n = _DIRECT_WIDE64 if f64 else _DIRECT_WIDE32
+    top = (_DIRECT_WIDE64 if f64 else _DIRECT_WIDE32)[0]
     hc, kc, rc = (v.index_select(0, cand) for v in (h, k, r))
     sub = _direct_wide_domain(_torch_ops_cached(), hc, kc, rc.abs(), top).nonzero().squeeze(1)
     if sub.numel() == 0:
         return
     w = [v.index_select(0, sub).double() for v in (hc, kc, rc)]
     eps = float(torch.finfo(h.dtype).eps)
-    run = compiled(w[0], f"direct_wide:{eps}", lambda *a: _direct_matrix(*a, eps, not f64))
-    c2, ok2 = (run or (lambda *a: _direct_matrix(*a, eps, not f64)))(*w, *_direct_rule(n, w[0]))
+    run = compiled(w[0], f"direct_wide:{eps}", lambda *a: _direct_s_matrix(*a, eps, not f64))
+    rule = _direct_rule(DIRECT_S_WIDE, w[0])  # in s: 32 points where t needs 80 (48)
+    c2, ok2 = (run or (lambda *a: _direct_s_matrix(*a, eps, not f64)))(*w, *rule)
     idx = cand.index_select(0, sub)
     c.index_copy_(0, idx, c2.to(c.dtype))
     ok.index_copy_(0, idx, ok2)
 
 
-def _direct_matrix(h, k, r, y, wy, eps: float, wide: bool):
-    """(C, accepted) of ``_direct_integral`` (the [pairs, nodes] form, the rule as tensors)
-    and ``_direct_accept``: for a large rule on few pairs, compiled in 1.5 s where the
-    unrolled form of 80 nodes took 22 s (and ran 0.21 vs 0.25 ms on 2,000 pairs)."""
-    j = _direct_integral(h, k, r, (y, wy))
+def _direct_s_matrix(h, k, r, y, wy, eps: float, wide: bool):
+    """(C, accepted) of ``_direct_s_integral`` (the [pairs, nodes] form, the rule as tensors)
+    and ``_direct_accept``: for a large rule on few pairs (compiled in seconds, where the
+    unrolled form of 80 points in t took 22 s)."""
+    j = _direct_s_integral(h, k, r, (y, wy))
     return _direct_accept(_torch_ops_cached(), h, k, r, j, eps, wide)
 
 
@@ -612,6 +659,38 @@ def _direct_unrolled(h, k, r, base, y: tuple, wy: tuple, eps: float, wide: bool)
     return _direct_accept(_TORCH_OPS[0], h, k, r, j, eps, wide, base)
 
 
+def _direct_s_unrolled(h, k, r, base, y: tuple, wy: tuple, eps: float, wide: bool):
+    """``_direct_unrolled`` with J by ``_direct_s_integral``'s sum (the rule in s), node by
+    node: one fused pass under ``torch.compile``."""
+    import torch
+
+    a = 0.25 * (h - k) ** 2
+    b = 0.25 * (h + k) ** 2
+    S = r / (1.0 + torch.sqrt((1.0 - r) * (1.0 + r)))
+    s2 = S * S
+    acc = 0.0 * h
+    for yi, wi in zip(y, wy, strict=True):
+        s = S * yi
+        u, v, p2 = 1.0 + s, 1.0 - s, 1.0 + s * s
+        uv = u * v
+        q = torch.reciprocal((p2 * uv) * (p2 * uv))
+        g = (a * (u * u) + b * (v * v)) * (p2 * p2 * p2) * q
+        acc = acc + wi * ((1.0 - s2 * yi) * torch.exp(-g) * ((uv * uv) * q))
+    j = (r * S) * acc * (0.5 / math.pi)
+    return _direct_accept(_TORCH_OPS[0], h, k, r, j, eps, wide, base)
+
+
+def direct_s_values(n: int, eps: float, wide: bool = False):
+    """``direct_group_values`` with the n-point rule in s (``_direct_s_unrolled``)."""
+    _torch_ops_cached()
+    y, wy = (tuple(float(v) for v in t) for t in _direct_rule(n, np.zeros(0)))
+
+    def values(h, k, r, base=None):
+        return _direct_s_unrolled(h, k, r, base, y, wy, eps, wide)
+
+    return values
+
+
 def direct_group_values(n: int, eps: float, wide: bool = False):
     """fn(h, k, ρ, base=None) -> (C, accepted): ``_direct_unrolled`` with the n-point rule's
     nodes and weights as constants (``base``: ρΦ(h)Φ(k) or None), for a caller that compiles
@@ -622,22 +701,6 @@ def direct_group_values(n: int, eps: float, wide: bool = False):
 
     def values(h, k, r, base=None):
         return _direct_unrolled(h, k, r, base, y, wy, eps, wide)
-
-    return values
-
-
-def direct_matrix_values(n: int, eps: float, wide: bool = False):
-    """``direct_group_values`` in the [pairs, nodes] form of ``_direct_integral`` (float64
-    inputs; ``_direct_matrix``'s): for a large rule on few pairs inside a caller's compiled
-    pass, which compiles in seconds where the unrolled form of 80 nodes took 21 s."""
-    import torch
-
-    _torch_ops_cached()
-    rule = _direct_rule(n, torch.zeros(0, dtype=torch.float64))
-
-    def values(h, k, r, base=None):
-        j = _direct_integral(h, k, r, rule)
-        return _direct_accept(_TORCH_OPS[0], h, k, r, j, eps, wide, base)
 
     return values
 

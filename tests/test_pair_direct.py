@@ -236,6 +236,51 @@ def test_unrolled_form_matches_the_eager_route_and_mpmath(dtype):
     assert checked >= 20
 
 
+def test_s_form_matches_the_t_form_and_mpmath():
+    """The rule in s (``_direct_s_integral``; ``_direct_s_unrolled``, the form the compiled
+    passes after the first compile, here run eagerly) on held-out points with
+    0.7 ≤ |ρ| < 0.99: the two s forms agree to a few eps, the s-rules of ``DIRECT_S_GROUPS``
+    and ``DIRECT_S_WIDE`` points give the t-rules' J (32 and 80 points) within the 50-eps bar
+    of C where the rounding test accepts, and accepted values match mpmath (the swapped
+    integral for ρ > 0, the covariance's definition for ρ < 0, where the two terms may
+    cancel)."""
+    rng = np.random.default_rng(61)
+    n = 400
+    h = rng.normal(0.0, 2.5, n).clip(-7, 7)
+    k = rng.normal(0.0, 2.5, n).clip(-7, 7)
+    r = rng.uniform(0.7, 0.99, n) * np.resize([1.0, -1.0], n)
+    r[:4] = [0.7, -0.7, 0.99 - 1e-9, -(0.99 - 1e-9)]
+    h[:4], k[:4] = [-7.0, 7.0, -6.5, 5.0], [-7.0, -6.0, 6.0, -7.0]
+    eps = EPS[torch.float64]
+    o = po.numpy_ops()
+    po._torch_ops_cached()
+    checked = 0
+    for n_s, n_t, top in ((pd.DIRECT_S_GROUPS, 32, 0.925), (pd.DIRECT_S_WIDE, 80, 0.99)):
+        sel = np.abs(r) < top
+        hs, ks, rs = h[sel], k[sel], r[sel]
+        j_s = pd._direct_s_integral(hs, ks, rs, pd._direct_rule(n_s, np.zeros(0)))
+        j_t = pd._direct_integral(hs, ks, rs, pd._direct_rule(n_t, np.zeros(0)))
+        c, ok = pd._direct_accept(o, hs, ks, rs, j_s, eps)
+        assert ok.mean() > 0.6
+        assert (np.abs(j_s - j_t)[ok] <= 50.0 * eps * np.abs(c[ok])).all()
+        t = [torch.tensor(v) for v in (hs, ks, rs)]
+        y, wy = (tuple(float(v) for v in a) for a in pd._direct_rule(n_s, np.zeros(0)))
+        cu, oku = pd._direct_s_unrolled(*t, None, y, wy, eps, False)
+        jm = pd._direct_s_integral(*t, pd._direct_rule(n_s, t[0]))  # the same base: torch's
+        cm, okm = pd._direct_accept(po.torch_ops(), *t, jm, eps)
+        assert torch.equal(oku, okm) or (oku != okm).sum() <= 1  # a bound within rounding
+        assert ((cu - cm).abs() <= 8 * eps * cm.abs())[oku & okm].all()
+        both = oku.numpy() & ok
+        for i in np.flatnonzero(both)[:6]:
+            if rs[i] > 0:
+                ref = _swapped_ref(hs[i], ks[i], rs[i])
+            else:
+                ref = float(relu_cross_covariance_ref(hs[i], ks[i], 1.0, 1.0, rs[i], dps=30))
+            assert abs(c[i] - ref) <= BAR[torch.float64] * eps * abs(ref), (n_s, i)
+            checked += 1
+    assert checked == 12
+
+
 def test_compiled_rule_matches_the_eager_route():
     """One rule size compiled (``torch.compile``, fullgraph, dynamic pair count) as the
     compiled bulk runs it: the eager route's values to a few eps on held-out points of its
@@ -394,11 +439,13 @@ def test_float32_cancelling_pairs_evaluated_in_float64_match_mpmath():
     assert worst[0][0] <= 2.0, f"worst (rel/eps, h, k, rho): {worst[:3]}"
 
 
-def _rule_errors(h, k, rho_values, n, eps, wide=False):
+def _rule_errors(h, k, rho_values, n, eps, wide=False, form="t"):
     """Max over ``rho_values`` of the n-point rule's quadrature error relative to |C| (in
     ``eps``) on the elements the route's rounding test (``_direct_accept`` for the target
     ``eps``, ``wide`` or not) accepts, against NumPy's 512-point rule of the same integral
-    (float64). It checks the rule sizes; the integral itself is checked against mpmath above."""
+    (float64, in t). It checks the rule sizes; the integral itself is checked against mpmath
+    above. ``form``: "t" (``_direct_integral``) or "s" (``_direct_s_integral``: the rule in s,
+    against the same reference in t)."""
     x, w = np.polynomial.legendre.leggauss(512)  # NumPy's nodes, not the generated rules
     big = (0.5 * (1.0 + x), w * (1.0 - 0.5 * (1.0 + x)))
     o = po.numpy_ops()
@@ -408,7 +455,8 @@ def _rule_errors(h, k, rho_values, n, eps, wide=False):
         jref = pd._direct_integral(h, k, r, big)
         c, ok = pd._direct_accept(o, h, k, r, jref, eps, wide)
         if ok.any():
-            j = pd._direct_integral(h, k, r, pd._direct_rule(n, np.zeros(0)))
+            rule = pd._direct_rule(n, np.zeros(0))
+            j = (pd._direct_s_integral if form == "s" else pd._direct_integral)(h, k, r, rule)
             worst = max(worst, float((np.abs(j - jref)[ok] / np.abs(c[ok])).max() / eps))
     return worst
 
@@ -466,20 +514,28 @@ def test_one_pass_rule_holds_on_the_groups_it_covers():
     """The rules of the compiled bulk's passes in pair order (``direct_passes``) on every |ρ|
     group each keeps, over the whole domain [−7, 7]² (the bars of
     ``test_rule_sizes_hold_on_the_extended_domain``): ``DIRECT_ONE_PASS`` (session 24
-    measured ≤ 48.2 eps float64 and ≤ 0.0029 float32 eps) and float64's
-    ``DIRECT_GROUPS_PASS`` on 0.7 ≤ |ρ| < 0.925 (session 25: ≤ 43.2 eps). The wide rules are
-    checked above."""
+    measured ≤ 48.2 eps float64 and ≤ 0.0029 float32 eps) and float64's second pass on
+    0.7 ≤ |ρ| < 0.925 (``DIRECT_S_GROUPS`` points in s); and the wide pass's rule in s
+    (``DIRECT_S_WIDE``) on float64's 0.925 ≤ |ρ| < 0.99 and, for float32 in float64
+    arithmetic, on every |ρ| < 0.99. The s-rules are checked against the 512-point rule in
+    t: fewer points fail (tried: 20 for the second pass, 28 for the wide one)."""
     g = np.arange(-7.0, 7.0001, 0.25)
     hh, kk = (v.ravel() for v in np.meshgrid(g, g, indexing="ij"))
-    rules = [(f64, 0, *pd.DIRECT_ONE_PASS[f64]) for f64 in (True, False)]
-    rules.append((True, pd.DIRECT_ONE_PASS[True][0], *pd.DIRECT_GROUPS_PASS))
-    for f64, first, top, n in rules:
+    rules = [(f64, 0, *pd.DIRECT_ONE_PASS[f64], "t") for f64 in (True, False)]
+    second = (pd.DIRECT_ONE_PASS[True][0], pd.DIRECT_GROUPS_PASS[0], pd.DIRECT_S_GROUPS, "s")
+    rules.append((True, *second))
+    for f64, first, top, n, form in rules:
         bar, eps = (50.0, 2.0**-52) if f64 else (0.01, 2.0**-23)
         lo = pd._DIRECT_GROUPS[first - 1][0] if first else 0.0
         for hi, _, _ in pd._DIRECT_GROUPS[first:top]:
             rhos = [s * v for s in (1, -1) for v in np.linspace(max(lo, 1e-3), hi - 1e-12, 6)]
-            assert _rule_errors(hh, kk, rhos, n, eps) <= bar, (f64, n, hi)
+            assert _rule_errors(hh, kk, rhos, n, eps, form=form) <= bar, (f64, n, hi)
             lo = hi
+    n, lo, top = pd.DIRECT_S_WIDE, pd._DIRECT_GROUPS[-1][0], pd._DIRECT_WIDE64[0]
+    rhos = [s * v for s in (1, -1) for v in np.linspace(lo, top - 1e-12, 12)]
+    assert _rule_errors(hh, kk, rhos, n, 2.0**-52, form="s") <= 50.0
+    rhos = [s * v for s in (1, -1) for v in np.linspace(1e-3, top - 1e-12, 16)]
+    assert _rule_errors(hh, kk, rhos, n, 2.0**-23, wide=True, form="s") <= 0.01
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
