@@ -505,8 +505,13 @@ def direct_passes(f64: bool) -> tuple[DirectPass, ...]:
         top, n = DIRECT_GROUPS_PASS[0], DIRECT_S_GROUPS
         keep = _groups_band(first, top)
         passes.append(DirectPass(f"groups_pass_s{n}", direct_s_values(n, eps), keep, False))
-    n = DIRECT_S_WIDE  # the rule in s: 32 points where t needs 80 (48 for float32's)
-    values = direct_s_values(n, eps, not f64)
+    # the rule in s: 32 points where t needs 80 (float32's: 48); float64's few pairs in the
+    # [pairs, nodes] form (``direct_s_matrix_values``: as fast as the unrolled one there, and
+    # a second less to compile), float32's more pairs unrolled (0.94 of the call's time
+    # against 1.03 for the [pairs, nodes] form; session 33, p = 1024, one process, calls
+    # interleaved, scratch ``/tmp/s33/ab3.py``)
+    n = DIRECT_S_WIDE
+    values = (direct_s_matrix_values if f64 else direct_s_values)(n, eps, not f64)
     passes.append(DirectPass(f"wide_pass_s{n}", values, _wide_band(f64), not f64))
     # the ρ < 0 tail route on the cancelling pairs left (few: 3,649 of p = 1024's float64
     # pairs, none of float32's): compiled into each thread's ranges, where it ran eagerly
@@ -687,6 +692,21 @@ def direct_s_values(n: int, eps: float, wide: bool = False):
 
     def values(h, k, r, base=None):
         return _direct_s_unrolled(h, k, r, base, y, wy, eps, wide)
+
+    return values
+
+
+def direct_s_matrix_values(n: int, eps: float, wide: bool = False):
+    """``direct_s_values`` in the [pairs, nodes] form of ``_direct_s_integral`` (float64
+    inputs): for a large rule on few pairs inside a caller's compiled pass."""
+    import torch
+
+    _torch_ops_cached()
+    rule = _direct_rule(n, torch.zeros(0, dtype=torch.float64))
+
+    def values(h, k, r, base=None):
+        j = _direct_s_integral(h, k, r, rule)
+        return _direct_accept(_TORCH_OPS[0], h, k, r, j, eps, wide, base)
 
     return values
 
