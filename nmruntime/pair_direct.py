@@ -75,9 +75,10 @@ _DIRECT_CANCEL = {True: 32.0, False: 8.0}
 _DIRECT_WIDE32 = (0.99, 48)
 #: float64 (eager CPU and the compiled bulk, outside autograd): the same group, accepted by
 #: float64's rounding test (``_DIRECT_CANCEL``); since session 33 evaluated by the rule in s
-#: (``DIRECT_S_WIDE``), the 80 points in t kept for the ρ < 0 tail route's rule. Size: on a 113 × 113 grid over [−7, 7]² at 16
-#: ρ per sign from 0.925 to 0.99, against a 512-point rule, on the accepted elements: 64 points
-#: 838 eps, 72 points 49, 80 points 38.6 (the groups' rounding floor, 14–68 eps). Session 22:
+#: (``DIRECT_S_WIDE``), the 80 points in t kept for the ρ < 0 tail route's rule. Size: on a
+#: 113 × 113 grid over [−7, 7]² at 16 ρ per sign from 0.925 to 0.99, against a 512-point rule,
+#: on the accepted elements: 64 points 838 eps, 72 points 49, 80 points 38.6 (the groups'
+#: rounding floor, 14–68 eps). Session 22:
 #: the bench problem's 1,776 pairs there went to the closed form (whose |ρ| ≥ 0.925 part is an
 #: eager Φ2: ~2 ms per call).
 _DIRECT_WIDE64 = (0.99, 80)
@@ -189,11 +190,12 @@ def _direct_s_integral(h, k, r, rule):
     passes' form of the same sum."""
     y, wy = rule
     if isinstance(h, np.ndarray):
-        S = r / (1.0 + np.sqrt((1.0 - r) * (1.0 + r)))
-        expo = np.exp
+        sqrt, exp = np.sqrt, np.exp
     else:
-        S = r / (1.0 + ((1.0 - r) * (1.0 + r)).sqrt())
-        expo = type(h).exp
+        import torch
+
+        sqrt, exp = torch.sqrt, torch.exp
+    S = r / (1.0 + sqrt((1.0 - r) * (1.0 + r)))
     a = (0.25 * (h - k) ** 2)[..., None]
     b = (0.25 * (h + k) ** 2)[..., None]
     s = S[..., None] * y
@@ -201,7 +203,7 @@ def _direct_s_integral(h, k, r, rule):
     uv = u * v
     q = 1.0 / ((p2 * uv) ** 2)
     g = (a * (u * u) + b * (v * v)) * (p2 * p2 * p2) * q
-    f = (1.0 - (S * S)[..., None] * y) * expo(-g) * ((uv * uv) * q)
+    f = (1.0 - (S * S)[..., None] * y) * exp(-g) * ((uv * uv) * q)
     return (r * S) * (f @ wy) * (0.5 / math.pi)
 
 
@@ -494,7 +496,7 @@ def direct_passes(f64: bool) -> tuple[DirectPass, ...]:
     then the wide group: float64 0.925 ≤ |ρ| < 0.99 (float64's rounding test), float32 every
     |ρ| < 0.99 left (in float64 arithmetic, the ``wide`` test, as the general path evaluates
     them); then the ρ < 0 tail route (``neg_tail_pass_values``). The second and wide passes
-    take their rules in s (``direct_s_values``: ``DIRECT_S_GROUPS`` and ``DIRECT_S_WIDE``
+    take their rules in s (``_direct_s_integral``: ``DIRECT_S_GROUPS`` and ``DIRECT_S_WIDE``
     points, where t needs 32 and 80 (float32's: 48)). The pairs a band's rounding test
     rejects stay for the routes after."""
     eps = 2.0**-52 if f64 else 2.0**-23
@@ -504,14 +506,18 @@ def direct_passes(f64: bool) -> tuple[DirectPass, ...]:
     if f64:
         top, n = DIRECT_GROUPS_PASS[0], DIRECT_S_GROUPS
         keep = _groups_band(first, top)
-        passes.append(DirectPass(f"groups_pass_s{n}", direct_s_values(n, eps), keep, False))
+        values = direct_group_values(n, eps, in_s=True)
+        passes.append(DirectPass(f"groups_pass_s{n}", values, keep, False))
     # the rule in s: 32 points where t needs 80 (float32's: 48); float64's few pairs in the
     # [pairs, nodes] form (``direct_s_matrix_values``: as fast as the unrolled one there, and
     # a second less to compile), float32's more pairs unrolled (0.94 of the call's time
     # against 1.03 for the [pairs, nodes] form; session 33, p = 1024, one process, calls
     # interleaved, scratch ``/tmp/s33/ab3.py``)
     n = DIRECT_S_WIDE
-    values = (direct_s_matrix_values if f64 else direct_s_values)(n, eps, not f64)
+    if f64:
+        values = direct_s_matrix_values(n, eps)
+    else:
+        values = direct_group_values(n, eps, wide=True, in_s=True)
     passes.append(DirectPass(f"wide_pass_s{n}", values, _wide_band(f64), not f64))
     # the ρ < 0 tail route on the cancelling pairs left (few: 3,649 of p = 1024's float64
     # pairs, none of float32's): compiled into each thread's ranges, where it ran eagerly
@@ -664,6 +670,22 @@ def _direct_unrolled(h, k, r, base, y: tuple, wy: tuple, eps: float, wide: bool)
     return _direct_accept(_TORCH_OPS[0], h, k, r, j, eps, wide, base)
 
 
+def direct_group_values(n: int, eps: float, wide: bool = False, in_s: bool = False):
+    """fn(h, k, ρ, base=None) -> (C, accepted): ``_direct_unrolled`` (``in_s``: the rule in s,
+    ``_direct_s_unrolled``) with the n-point rule's nodes and weights as constants (``base``:
+    ρΦ(h)Φ(k) or None), for a caller that compiles it, alone (``_direct_compiled``) or inside
+    its own pass (``torchbridge.moments``' passes). ``eps``: the target dtype's; ``wide``:
+    see ``_direct_accept``."""
+    _torch_ops_cached()
+    y, wy = (tuple(float(v) for v in t) for t in _direct_rule(n, np.zeros(0)))
+    unrolled = _direct_s_unrolled if in_s else _direct_unrolled
+
+    def values(h, k, r, base=None):
+        return unrolled(h, k, r, base, y, wy, eps, wide)
+
+    return values
+
+
 def _direct_s_unrolled(h, k, r, base, y: tuple, wy: tuple, eps: float, wide: bool):
     """``_direct_unrolled`` with J by ``_direct_s_integral``'s sum (the rule in s), node by
     node: one fused pass under ``torch.compile``."""
@@ -685,20 +707,10 @@ def _direct_s_unrolled(h, k, r, base, y: tuple, wy: tuple, eps: float, wide: boo
     return _direct_accept(_TORCH_OPS[0], h, k, r, j, eps, wide, base)
 
 
-def direct_s_values(n: int, eps: float, wide: bool = False):
-    """``direct_group_values`` with the n-point rule in s (``_direct_s_unrolled``)."""
-    _torch_ops_cached()
-    y, wy = (tuple(float(v) for v in t) for t in _direct_rule(n, np.zeros(0)))
-
-    def values(h, k, r, base=None):
-        return _direct_s_unrolled(h, k, r, base, y, wy, eps, wide)
-
-    return values
-
-
 def direct_s_matrix_values(n: int, eps: float, wide: bool = False):
-    """``direct_s_values`` in the [pairs, nodes] form of ``_direct_s_integral`` (float64
-    inputs): for a large rule on few pairs inside a caller's compiled pass."""
+    """``direct_group_values(..., in_s=True)`` in the [pairs, nodes] form of
+    ``_direct_s_integral`` (float64 inputs): for a large rule on few pairs inside a caller's
+    compiled pass."""
     import torch
 
     _torch_ops_cached()
@@ -707,20 +719,6 @@ def direct_s_matrix_values(n: int, eps: float, wide: bool = False):
     def values(h, k, r, base=None):
         j = _direct_s_integral(h, k, r, rule)
         return _direct_accept(_TORCH_OPS[0], h, k, r, j, eps, wide, base)
-
-    return values
-
-
-def direct_group_values(n: int, eps: float, wide: bool = False):
-    """fn(h, k, ρ, base=None) -> (C, accepted): ``_direct_unrolled`` with the n-point rule's
-    nodes and weights as constants (``base``: ρΦ(h)Φ(k) or None), for a caller that compiles
-    it, alone (``_direct_compiled``) or inside its own pass (``torchbridge.moments``' one
-    pass). ``eps``: the target dtype's; ``wide``: see ``_direct_accept``."""
-    _torch_ops_cached()
-    y, wy = (tuple(float(v) for v in t) for t in _direct_rule(n, np.zeros(0)))
-
-    def values(h, k, r, base=None):
-        return _direct_unrolled(h, k, r, base, y, wy, eps, wide)
 
     return values
 

@@ -39,10 +39,9 @@ Routing of C (``_cov_hybrid``, each route a mask): first the direct route
 |h|, |k| ≤ 7, |ρ| < 0.925, C = ρΦ(h)Φ(k) + ∫_0^ρ (ρ − t) φ2(h, k; t) dt by one fixed
 Gauss–Legendre rule per |ρ| group, accepted where its rounding bound allows: the bulk of the
 pairs; float32 in PyTorch re-evaluates its rejects, and 0.925 ≤ |ρ| < 0.99, in float64
-arithmetic; float64 on eager CPU takes 0.925 ≤ |ρ| < 0.99 too, by a 32-point rule in
-s, t = 2s/(1 + s²)); on eager
-CPU outside autograd, the ρ < 0 tail route on what it rejects (``pair_direct.cov_neg_tail``:
-C = −(|ρ|Φ2(h, k; ρ) + ∫_ρ^0 |t| φ2 dt) for h + k ≤ 0, Φ2 by Gauss–Laguerre in
+arithmetic; float64 on eager CPU takes 0.925 ≤ |ρ| < 0.99 too, by a 32-point rule in s,
+t = 2s/(1 + s²)); on eager CPU outside autograd, the ρ < 0 tail route on what it rejects
+(``pair_direct.cov_neg_tail``: C = −(|ρ|Φ2(h, k; ρ) + ∫_ρ^0 |t| φ2 dt) for h + k ≤ 0, Φ2 by Gauss–Laguerre in
 u = B(1/(1 + t) − 1/(1 + ρ)): the pairs whose ρΦ(h)Φ(k) + J cancels); on the elements they
 leave (``_cov_routed``): 0 where a bound puts |C| below half the
 smallest subnormal (``_underflows``); ρΦ(k) (or ρΦ(h)) where one unit is on almost surely and

@@ -40,6 +40,16 @@ def _swapped_ref(h: float, k: float, r: float) -> float:
         return float(val)
 
 
+def _high_points(n: int, lo: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Held-out points with lo ≤ |ρ| < 0.99, both signs; the first four at the band's ends."""
+    rng = np.random.default_rng(seed)
+    h = rng.normal(0.0, 2.5, n).clip(-7, 7)
+    k = rng.normal(0.0, 2.5, n).clip(-7, 7)
+    r = rng.uniform(lo, 0.99, n) * np.resize([1.0, -1.0], n)
+    r[:4] = [lo, -lo, 0.99 - 1e-9, -(0.99 - 1e-9)]
+    return h, k, r
+
+
 def _direct(h, k, r, dtype):
     t = [torch.tensor(v, dtype=dtype) for v in (h, k, r)]
     c, ok = pd._cov_direct(po.torch_ops(), *t, EPS[dtype])
@@ -244,12 +254,7 @@ def test_s_form_matches_the_t_form_and_mpmath():
     of C where the rounding test accepts, and accepted values match mpmath (the swapped
     integral for ρ > 0, the covariance's definition for ρ < 0, where the two terms may
     cancel)."""
-    rng = np.random.default_rng(61)
-    n = 400
-    h = rng.normal(0.0, 2.5, n).clip(-7, 7)
-    k = rng.normal(0.0, 2.5, n).clip(-7, 7)
-    r = rng.uniform(0.7, 0.99, n) * np.resize([1.0, -1.0], n)
-    r[:4] = [0.7, -0.7, 0.99 - 1e-9, -(0.99 - 1e-9)]
+    h, k, r = _high_points(400, 0.7, seed=61)
     h[:4], k[:4] = [-7.0, 7.0, -6.5, 5.0], [-7.0, -6.0, 6.0, -7.0]
     eps = EPS[torch.float64]
     o = po.numpy_ops()
@@ -332,15 +337,11 @@ def test_relu_moments_compiled_matches_eager(dtype):
 
 
 def test_float64_wide_group_matches_mpmath():
-    """float64 pairs with 0.925 ≤ |ρ| < 0.99 (``_DIRECT_WIDE64``'s 80-point rule, after the
-    groups): accepted values within ``BAR`` of mpmath on held-out points, both signs of ρ
-    (the rounding test defers the rest to the other routes)."""
-    rng = np.random.default_rng(47)
-    n = 40
-    h = rng.normal(0.0, 2.5, n).clip(-7, 7)
-    k = rng.normal(0.0, 2.5, n).clip(-7, 7)
-    r = rng.uniform(0.925, 0.99, n) * np.resize([1.0, -1.0], n)
-    r[:4] = [0.925, -0.925, 0.99 - 1e-9, -(0.99 - 1e-9)]
+    """float64 pairs with 0.925 ≤ |ρ| < 0.99 (``_DIRECT_WIDE64``'s group, after the groups; by
+    the rule in s of ``DIRECT_S_WIDE`` points): accepted values within ``BAR`` of mpmath on
+    held-out points, both signs of ρ (the rounding test defers the rest to the other
+    routes)."""
+    h, k, r = _high_points(40, 0.925, seed=47)
     c, ok, (hd, kd, rd) = _direct(h, k, r, torch.float64)
     assert ok.mean() > 0.6 and ok[rd > 0].sum() >= 10 and ok[rd < 0].sum() >= 8
     for i in np.nonzero(ok)[0]:
