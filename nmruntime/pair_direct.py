@@ -642,12 +642,12 @@ def _direct_high(h, k, r, c, ok, cand) -> None:
     ok.index_copy_(0, idx, ok2)
 
 
-def _direct_s_matrix(h, k, r, y, wy, eps: float, wide: bool):
+def _direct_s_matrix(h, k, r, y, wy, eps: float, wide: bool, base=None):
     """(C, accepted) of ``_direct_s_integral`` (the [pairs, nodes] form, the rule as tensors)
-    and ``_direct_accept``: for a large rule on few pairs (compiled in seconds, where the
-    unrolled form of 80 points in t took 22 s)."""
+    and ``_direct_accept`` (``base``: ρΦ(h)Φ(k) or None): for a large rule on few pairs
+    (compiled in seconds, where the unrolled form of 80 points in t took 22 s)."""
     j = _direct_s_integral(h, k, r, (y, wy))
-    return _direct_accept(_torch_ops_cached(), h, k, r, j, eps, wide)
+    return _direct_accept(_torch_ops_cached(), h, k, r, j, eps, wide, base)
 
 
 def _direct_unrolled(h, k, r, base, y: tuple, wy: tuple, eps: float, wide: bool):
@@ -717,8 +717,7 @@ def direct_s_matrix_values(n: int, eps: float, wide: bool = False):
     rule = _direct_rule(n, torch.zeros(0, dtype=torch.float64))
 
     def values(h, k, r, base=None):
-        j = _direct_s_integral(h, k, r, rule)
-        return _direct_accept(_TORCH_OPS[0], h, k, r, j, eps, wide, base)
+        return _direct_s_matrix(h, k, r, *rule, eps, wide, base)
 
     return values
 
