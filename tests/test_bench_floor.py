@@ -61,6 +61,7 @@ def test_bench_floor_runs_small(tmp_path):
         heap="keep",
     )
     res = run_floor(args)
+    assert res["device"] == "cpu"  # the default where no --device is given
     assert res["heap"] == "keep" and res["kept"] is (sys.platform == "linux")
     faults = res["bar_check"]["float64"]["faults"]
     assert set(faults) == {"exact", "DVI"} and all(
@@ -146,6 +147,38 @@ def test_bench_floor_compiled_rows(tmp_path):
     groups = check_file(res["compiled_oracle_points"]["file"], progress=False)["groups"]
     assert [g["points"] for g in groups] == [2, 2]
     assert max(g["max_abs_diff"] for g in groups) <= 1e-15
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("gpu0", "not a torch device"),
+        ("meta", "must be cpu or cuda"),
+        ("cuda:7", "CUDA device"),
+    ],
+)
+def test_bench_floor_rejects_a_device_it_cannot_time(tmp_path, device, message):
+    """`--device` must name the CPU or a CUDA device torch sees; the error names the flag
+    (checked before anything is timed)."""
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    args = argparse.Namespace(
+        p=8, threads="1", dtypes="float64", repeats=1, mc_samples=10, check_entries=0, seed=0,
+        out=str(tmp_path), no_progress=True, heap="keep", device=device,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="--device") as err:
+        run_floor(args)
+    assert message in str(err.value)
+    assert not (tmp_path / "bench_floor.json").exists()
+
+
+def test_synced_is_the_call_itself_on_the_cpu():
+    from torchbridge.experiments.bench_floor import synced
+
+    def fn(x):
+        return x + 1
+
+    assert synced(fn, torch.device("cpu")) is fn
 
 
 def test_repeat_order_balances_positions_and_predecessors():

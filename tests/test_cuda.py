@@ -6,10 +6,14 @@ On CUDA the runtime takes its sync-free path (masked arithmetic): the kernels ar
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 from nmgen.generated import torch_kernels as TK
 
+from nmgen.pointcheck import check_file
+from torchbridge.experiments.bench_floor import run_floor
 from torchbridge.moments import relu_moments
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -75,3 +79,26 @@ def test_relu_moments_on_cuda_matches_cpu():
     assert c_gpu.device.type == "cuda"
     assert torch.allclose(m_gpu.cpu(), m_cpu, rtol=1e-14, atol=0)
     assert torch.allclose(c_gpu.cpu(), c_cpu, rtol=1e-13, atol=1e-16)
+
+
+def test_bench_floor_on_cuda(tmp_path):
+    """`nm bench floor --device cuda` (the H200 figures' command): every call on the GPU,
+    the floor's torch.exp there too, and the GPU's float64 exact covariance within the
+    issue's 1e-15 absolute bar of mpmath on its oracle entries."""
+    args = argparse.Namespace(
+        p=48, threads="1", dtypes="float64,float32", repeats=1, mc_samples=200,
+        check_entries=4, seed=0, out=str(tmp_path), no_progress=True, heap="keep",
+        device="cuda",
+    )  # fmt: skip
+    res = run_floor(args)
+    assert res["device"].startswith("cuda:")
+    for run in res["runs"]:
+        assert run["exp_ns_per_element"] > 0 and run["floor_seconds"] > 0
+        assert all(m["seconds"] > 0 for m in run["methods"].values())
+    assert res["runs"][1]["exact_float32_vs_float64"] <= 1e-5
+    groups = check_file(res["oracle_points"]["file"], progress=False)["groups"]
+    assert [g["points"] for g in groups] == [4, 4]
+    assert max(g["max_abs_diff"] for g in groups) <= 1e-15
+    args.compiled = True  # the compiled bulk is CPU-only: refused, naming the flag
+    with pytest.raises(ValueError, match="--compiled"):
+        run_floor(args)

@@ -34,6 +34,11 @@ each repeat at 1 thread ("Exact vs DVI" lines: the issue's bar as a ratio that a
 on the shared machine hits alike), with each call's minor page faults. In both, the order of
 the calls (and of the thread counts) changes from one repeat to the next (``repeat_order``).
 
+``--device cuda`` times every call and the floor's ``torch.exp`` (2²⁶ elements there) on the
+GPU, each call up to a device synchronisation (``synced``); ``--threads`` then sets the host's
+threads only and ``--compiled`` (the CPU-only compiled bulk) is refused. The prepared GPU run
+of issue #13 is ``scripts/device-check.sh``.
+
 ``--heap keep`` (the default, as every ``nm`` command): freed memory stays in the process
 (``torchbridge.heap``). With ``--heap default`` glibc returns it to the system after each call,
 so every large temporary page-faults on every call; methods then slow down by how much they
@@ -61,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from typing import TypeVar
 
 import torch
@@ -137,11 +143,59 @@ def count_transcendental(fn) -> dict[str, int]:
     return dict(sorted(mode.counts.items()))
 
 
-def exp_seconds_per_element(dtype: torch.dtype, repeats: int, n: int = 1 << 20) -> float:
-    """Median seconds per element of ``torch.exp`` on an n-element tensor (out= buffer)."""
-    x = torch.linspace(-5.0, 5.0, n, dtype=dtype)
+def bench_device(name: str) -> torch.device:
+    """The ``--device`` of a benchmark: "cpu", or "cuda" / "cuda:N" where torch sees it
+    (else ValueError naming the flag)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"--device: {name!r} is not a torch device ({err})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N]; got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: torch sees no CUDA device here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here"
+            )
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    """``device`` as the tables name it: "cpu", or e.g. "cuda:0 (NVIDIA H200)"."""
+    if device.type != "cuda":
+        return str(device)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
+def synced(fn: Callable, device: torch.device) -> Callable:
+    """``fn`` itself on the CPU; on a GPU ``fn`` followed by a device synchronisation, so that
+    a wall-clock time around the call covers the work it queued, not only its launch."""
+    if device.type == "cpu":
+        return fn
+
+    def run(*args):
+        out = fn(*args)
+        torch.cuda.synchronize(device)
+        return out
+
+    return run
+
+
+def exp_seconds_per_element(
+    dtype: torch.dtype, repeats: int, n: int | None = None, device: torch.device | None = None
+) -> float:
+    """Median seconds per element of ``torch.exp`` on an n-element tensor (out= buffer) on
+    ``device`` (default CPU). n defaults to 2²⁰ on the CPU and 2²⁶ on a GPU, where 2²⁰
+    elements take a few microseconds and the time would be the kernel launch's."""
+    device = torch.device("cpu") if device is None else device
+    if n is None:
+        n = 1 << 20 if device.type == "cpu" else 1 << 26
+    x = torch.linspace(-5.0, 5.0, n, dtype=dtype, device=device)
     out = torch.empty_like(x)
-    t, _, _ = timed(lambda: torch.exp(x, out=out), max(repeats, 5), 2)
+    t, _, _ = timed(synced(lambda: torch.exp(x, out=out), device), max(repeats, 5), 2)
     return t / n
 
 
@@ -156,12 +210,23 @@ def _exact_compiled(m: torch.Tensor, c: torch.Tensor):
     return relu_moments(m, c, "exact", check_psd=False, compiled=True)
 
 
-def _methods(args: argparse.Namespace) -> list[tuple[str, object]]:
+def _device(args: argparse.Namespace) -> torch.device:
+    """``args.device`` (validated by ``run_floor``; CPU where the namespace has none)."""
+    return torch.device(getattr(args, "device", "cpu"))
+
+
+def _on_device(x: torch.Tensor, dname: str, args: argparse.Namespace) -> torch.Tensor:
+    """``x`` in the dtype named ``dname`` on the benchmark's device."""
+    return x.to(device=_device(args), dtype=DTYPES[dname])
+
+
+def _methods(args: argparse.Namespace) -> list[tuple[str, Callable]]:
+    """(label, fn(mean, cov)) of the timed methods, each synchronised on a GPU (``synced``)."""
     compiled = []
     if getattr(args, "compiled", False):
         dvi_c = _COMPILED_DVI.setdefault("fn", torch.compile(dvi_relu_moments))
         compiled = [(EXACT_COMPILED, _exact_compiled), (DVI_COMPILED, dvi_c)]
-    return [
+    methods = [
         ("exact", lambda m, c: relu_moments(m, c, "exact", check_psd=False)),
         *compiled,
         (DVI, dvi_relu_moments),
@@ -175,6 +240,7 @@ def _methods(args: argparse.Namespace) -> list[tuple[str, object]]:
             ),
         ),
     ]
+    return [(label, synced(fn, _device(args))) for label, fn in methods]
 
 
 def repeat_order(items: list[T], r: int) -> list[T]:
@@ -202,9 +268,10 @@ def thread_check(mean64: torch.Tensor, cov64: torch.Tensor, threads: list[int], 
     if getattr(args, "compiled", False):
         fns.append((EXACT_COMPILED, _exact_compiled))
     fns.append(("DVI", dvi_relu_moments))
+    fns = [(label, synced(fn, _device(args))) for label, fn in fns]
     out = {}
     for dname in [d for d in str(args.dtypes).split(",") if d.strip()]:
-        mean, cov = mean64.to(DTYPES[dname]), cov64.to(DTYPES[dname])
+        mean, cov = _on_device(mean64, dname, args), _on_device(cov64, dname, args)
         times = {label: {t: [] for t in threads} for label, _ in fns}
         for r in range(max(args.repeats, 3)):
             for t in repeat_order(threads, r):
@@ -239,11 +306,12 @@ def bar_check(mean64: torch.Tensor, cov64: torch.Tensor, args: argparse.Namespac
     if getattr(args, "compiled", False):
         fns.append((EXACT_COMPILED, _exact_compiled))
     fns.append(("DVI", dvi_relu_moments))
+    fns = [(label, synced(fn, _device(args))) for label, fn in fns]
     out = {}
     for dname in str(args.dtypes).split(","):
         if not dname.strip():
             continue
-        mean, cov = mean64.to(DTYPES[dname]), cov64.to(DTYPES[dname])
+        mean, cov = _on_device(mean64, dname, args), _on_device(cov64, dname, args)
         times: dict[str, list[float]] = {label: [] for label, _ in fns}
         faults: dict[str, list[int]] = {label: [] for label, _ in fns}
         for _, fn in fns:  # warm-up (compiled already by the main table)
@@ -426,6 +494,12 @@ def run_floor(args: argparse.Namespace) -> dict:
 
     if args.heap not in ("keep", "default"):
         raise ValueError(f"--heap must be 'keep' or 'default'; got {args.heap!r}")
+    device = bench_device(getattr(args, "device", "cpu"))
+    if device.type != "cpu" and getattr(args, "compiled", False):
+        raise ValueError(
+            f"--compiled: the compiled bulk runs on the CPU only; leave it out with --device "
+            f"{args.device} (there relu_moments(..., compiled=True) is the default call)"
+        )
     kept = keep_freed_memory() if args.heap == "keep" else False
     threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
     dtypes = [d for d in str(args.dtypes).split(",") if d.strip()]
@@ -436,6 +510,7 @@ def run_floor(args: argparse.Namespace) -> dict:
     pairs = args.p * (args.p - 1) // 2
     old_threads = torch.get_num_threads()
     rows, result = [], {"p": args.p, "pairs": pairs, "runs": [], "heap": args.heap, "kept": kept}
+    result["device"] = device_name(device)
     jobs = [(t, d) for t in threads for d in dtypes]
     exact_ref: dict = {}
     compiled_ref: dict = {}  # the compiled exact covariance (``--compiled``), by dtype
@@ -443,13 +518,13 @@ def run_floor(args: argparse.Namespace) -> dict:
         for nthreads, dname in tqdm(jobs, desc="bench floor", disable=args.no_progress):
             torch.set_num_threads(nthreads)
             dt = DTYPES[dname]
-            mean, cov = mean64.to(dt), cov64.to(dt)
+            mean, cov = _on_device(mean64, dname, args), _on_device(cov64, dname, args)
             ops = count_transcendental(
                 lambda mean=mean, cov=cov: relu_moments(mean, cov, "exact", check_psd=False)
             )
             per_pair = sum(ops.values()) / pairs
             dvi_ops = count_transcendental(lambda mean=mean, cov=cov: dvi_relu_moments(mean, cov))
-            t_exp = exp_seconds_per_element(dt, args.repeats)
+            t_exp = exp_seconds_per_element(dt, args.repeats, device=device)
             floor = per_pair * pairs * t_exp
             run = {
                 "threads": nthreads,
@@ -527,7 +602,9 @@ def run_floor(args: argparse.Namespace) -> dict:
     if "float64" in exact_ref:
         points = write_points(
             out_dir(args.out) / "bench_floor_oracle_points.json",
-            oracle_entries(mean64, cov64, exact_ref["float64"], args.check_entries, args.seed),
+            oracle_entries(
+                mean64, cov64, exact_ref["float64"].cpu(), args.check_entries, args.seed
+            ),
             cmd,
         )
         result["oracle_points"] = {"file": str(points), "check": check_hint(points)}
@@ -535,7 +612,9 @@ def run_floor(args: argparse.Namespace) -> dict:
     if "float64" in compiled_ref:  # the same entries of the compiled call's covariance
         compiled_points = write_points(
             out_dir(args.out) / "bench_floor_compiled_oracle_points.json",
-            oracle_entries(mean64, cov64, compiled_ref["float64"], args.check_entries, args.seed),
+            oracle_entries(
+                mean64, cov64, compiled_ref["float64"].cpu(), args.check_entries, args.seed
+            ),
             cmd,
         )
         result["compiled_oracle_points"] = {
@@ -590,7 +669,8 @@ def run_floor(args: argparse.Namespace) -> dict:
     ]
     md = "\n".join(
         [
-            f"p = {args.p} ReLU covariance ({pairs} off-diagonal pairs), measured in one run; "
+            f"p = {args.p} ReLU covariance ({pairs} off-diagonal pairs) on {result['device']}, "
+            "measured in one run; "
             + (
                 "freed memory kept in the process (`--heap keep`)."
                 if kept
@@ -660,6 +740,14 @@ def add_bench_parser(bench_subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_common_args(p, device=False)
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device of every timed call and of the floor's torch.exp: cpu or cuda[:N] "
+        "(on a GPU each call is timed to a device synchronisation, torch.exp on 2^26 "
+        "elements, and --threads sets the host's threads only; --compiled is CPU-only) "
+        "(default cpu)",
+    )
     p.add_argument("--p", type=int, default=1024, help="number of variables p (default 1024)")
     p.add_argument(
         "--threads",
