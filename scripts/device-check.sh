@@ -15,9 +15,10 @@
 # Writes under $OUT (else results/device-check): device-check.log (every step's output),
 # floor<N>.md (each table, as the README shows them) and device-check.tgz (all of it, JSON
 # included). Exit status: the number of failed steps. Environment (defaults): DEVICE (cuda),
-# SIZES ("1024 4096"), REPEATS (5), PY (python3). On a machine without a GPU,
-# `DEVICE=cpu SIZES=64 PY=.venv/bin/python bash scripts/device-check.sh` runs the same steps
-# (the CUDA tests skip).
+# SIZES ("1024 4096"), REPEATS (5), CHECK_ENTRIES (20: off-diagonal entries checked against
+# mpmath per size), PY (python3), INSTALL (1; 0 skips the install step). On a machine without
+# a GPU, `DEVICE=cpu SIZES=64 PY=.venv/bin/python bash scripts/device-check.sh` runs the same
+# steps (the CUDA tests skip; tests/test_device_check.py runs it so).
 set -u
 cd "$(dirname "$0")/.."
 out="${OUT:-results/device-check}"
@@ -27,6 +28,7 @@ py="${PY:-python3}"
 device="${DEVICE:-cuda}"
 sizes="${SIZES:-1024 4096}"
 repeats="${REPEATS:-5}"
+entries="${CHECK_ENTRIES:-20}"
 log="$out/device-check.log"
 mkdir -p "$out"
 : >"$log"
@@ -57,7 +59,9 @@ step() {  # step NAME SECONDS COMMAND...: run it under a time limit, its output 
 
 # editable, as the README's `make` installs it: nmgen.generated maps to generated/ (needs the
 # machine's setuptools; nothing is downloaded)
-step install 120 "$py" -m pip install -q --no-deps --no-build-isolation --no-index -e .
+if [ "${INSTALL:-1}" != 0 ]; then
+    step install 120 "$py" -m pip install -q --no-deps --no-build-isolation --no-index -e .
+fi
 nm=("$py" -c 'import sys; from torchbridge.cli import main; sys.exit(main())')
 nmgen=("$py" -c 'import sys; from nmgen.cli import main; sys.exit(main())')
 
@@ -66,7 +70,7 @@ step tests 240 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 for p in $sizes; do
     dir="$work/floor$p"
     step "floor$p" 240 "${nm[@]}" bench floor --device "$device" --p "$p" --threads 1 \
-        --repeats "$repeats" --check-entries 20 --no-progress --out "$dir"
+        --repeats "$repeats" --check-entries "$entries" --no-progress --out "$dir"
     step "check$p" 120 "${nmgen[@]}" check-points "$dir/bench_floor_oracle_points.json"
     [ -f "$dir/bench_floor.md" ] && cp "$dir/bench_floor.md" "$out/floor$p.md"
 done
