@@ -277,21 +277,14 @@ def _clamped(o, h, k, r):
 
 def _cov_pos(o, h, k, r, rule):
     """ρ ≥ 0: ρΦ(h)Φ(k) + (1/2π) ∫_0^{asin ρ} (ρ − sin θ) e^G dθ."""
-    zero = 0.0 * h
-    # ρ − sin θ = (1 − sin θ) − (1 − ρ) = cos²θ/(1 + sin θ) − (1 − ρ): exact near ρ = 1
-    omr = (1.0 - r)[..., None]
-    j = _integral(
-        o,
-        h,
-        k,
-        zero,
-        o.asin(r),
-        +1,
-        lambda s, c2: c2 / (1.0 + s) - omr,
-        rule,
-        cos_hi=_cos_asin(o, r),
-    )
-    j = tail_or(o, h, k, r, zero, "gap", rule, j)  # interior peaks: pair_tail.gauss_integral
+
+    def theta(h, k, r, _):
+        # ρ − sin θ = (1 − sin θ) − (1 − ρ) = cos²θ/(1 + sin θ) − (1 − ρ): exact near ρ = 1
+        omr = (1.0 - r)[..., None]
+        gap = lambda s, c2: c2 / (1.0 + s) - omr  # noqa: E731
+        return _integral(o, h, k, 0.0 * h, o.asin(r), +1, gap, rule, cos_hi=_cos_asin(o, r))
+
+    j = tail_or(o, h, k, r, 0.0 * h, "gap", rule, theta)  # interior peaks: gauss_integral
     return r * _ncdf(o, h) * _ncdf(o, k) + j
 
 
@@ -302,19 +295,23 @@ def _cov_neg(o, h, k, r, rule):
     NumPy that Φ2 (Owen's T) is accurate only absolutely: 1.2e-11 relative on the covariance at
     (h, k, ρ) = (5.62, −6.88, −0.087), up to 1.5e-6 on seeded draws; the quadrature reaches
     3.6e-15 there.)"""
-    ar = o.abs(r)
-    t_end = o.asin(ar)
     zero = 0.0 * h
-    c_end = _cos_asin(o, ar)
-    j_a = _integral(
-        o, h, k, t_end, zero + _HALF_PI, -1, lambda s, c2: 1.0 + 0.0 * s, rule, c_end, zero
-    )
-    j_b = _integral(o, h, k, zero, t_end, -1, lambda s, c2: o.abs(s), rule, cos_hi=c_end)
+
+    def theta_a(h, k, r, _):  # over |θ| ∈ [|asin ρ|, π/2]
+        ar, z = o.abs(r), 0.0 * h
+        one = lambda s, c2: 1.0 + 0.0 * s  # noqa: E731
+        return _integral(o, h, k, o.asin(ar), z + _HALF_PI, -1, one, rule, _cos_asin(o, ar), z)
+
+    def theta_b(h, k, _, r):  # over |θ| ∈ [0, |asin ρ|]
+        ar = o.abs(r)
+        weight = lambda s, c2: o.abs(s)  # noqa: E731
+        return _integral(o, h, k, 0.0 * h, o.asin(ar), -1, weight, rule, cos_hi=_cos_asin(o, ar))
+
     # joint tail (hk > 0): the exact inversion of G (nmruntime/pair_tail.py) keeps 1e-13
-    j_a = tail_or(o, h, k, r, zero - 1.0, "one", rule, j_a)
-    j_b = tail_or(o, h, k, zero, r, "abs", rule, j_b)
+    j_a = tail_or(o, h, k, r, zero - 1.0, "one", rule, theta_a)
+    j_b = tail_or(o, h, k, zero, r, "abs", rule, theta_b)
     p2 = _interval_prob(o, h, k, rule) + j_a
-    return -(ar * p2 + j_b)
+    return -(o.abs(r) * p2 + j_b)
 
 
 def _cov_core(o, h, k, r, rule):
@@ -981,19 +978,21 @@ def _phi2_terms(o, h, k, r, rule):
     ρ ≥ 0: Φ(h)Φ(k) + (1/2π)∫_0^{asin ρ} e^G dθ; ρ < 0: Φ2(h, k; −1) + (1/2π)∫_{−π/2}^{asin ρ}
     e^G dθ (the θ-integrals and joint-tail routes of the covariance, with weight 1)."""
 
+    one = lambda s, c2: 1.0 + 0.0 * s  # noqa: E731
+
+    def theta_up(h, k, r, _):
+        return _integral(o, h, k, 0.0 * h, o.asin(r), +1, one, rule, cos_hi=_cos_asin(o, r))
+
+    def theta_low(h, k, r, _):
+        ar, z = o.abs(r), 0.0 * h
+        return _integral(o, h, k, o.asin(ar), z + _HALF_PI, -1, one, rule, _cos_asin(o, ar), z)
+
     def upper(h, k, r):
-        zero = 0.0 * h
-        one = lambda s, c2: 1.0 + 0.0 * s  # noqa: E731
-        j = _integral(o, h, k, zero, o.asin(r), +1, one, rule, cos_hi=_cos_asin(o, r))
-        j = tail_or(o, h, k, r, zero, "one", rule, j)
+        j = tail_or(o, h, k, r, 0.0 * h, "one", rule, theta_up)
         return _ncdf(o, h) * _ncdf(o, k) + j
 
     def lower(h, k, r):
-        zero = 0.0 * h
-        ar = o.abs(r)
-        one = lambda s, c2: 1.0 + 0.0 * s  # noqa: E731
-        j = _integral(o, h, k, o.asin(ar), zero + _HALF_PI, -1, one, rule, _cos_asin(o, ar), zero)
-        j = tail_or(o, h, k, r, zero - 1.0, "one", rule, j)
+        j = tail_or(o, h, k, r, 0.0 * h - 1.0, "one", rule, theta_low)
         return _interval_prob(o, h, k, rule) + j
 
     pos = r >= 0
@@ -1188,25 +1187,18 @@ def relu_moments_ms(o: SimpleNamespace, mu, s):
 def _cross_neg(o, h, k, hc, kc, r, rule):
     """E(h, k, ρ) for ρ < 0 from the ρ = −1 side (all terms ≥ 0); hc, kc: h, k clamped."""
     ar = o.abs(r)
-    t_end = o.asin(ar)
-    half_pi = 0.0 * h + _HALF_PI
     lval = _interval_prob(o, hc, kc, rule)
-    # ∫_{−π/2}^{asin ρ} (ρ − sin θ) e^G = ∫ over |θ| ∈ [|asin ρ|, π/2] of (|sin θ| − |ρ|) e^G
-    # |sin θ| − |ρ| = (1 − |ρ|) − cos²θ/(1 + |sin θ|): exact near |ρ| = 1
-    omr = (1.0 - ar)[..., None]
-    j = _integral(
-        o,
-        hc,
-        kc,
-        t_end,
-        half_pi,
-        -1,
-        lambda s, c2: omr - c2 / (1.0 + o.abs(s)),
-        rule,
-        cos_lo=_cos_asin(o, ar),
-        cos_hi=0.0 * ar,
-    )
-    j = tail_or(o, hc, kc, r, 0.0 * r - 1.0, "gap", rule, j)
+
+    def theta(hc, kc, r, _):
+        # ∫_{−π/2}^{asin ρ} (ρ − sin θ) e^G = ∫ over |θ| ∈ [|asin ρ|, π/2] of (|sin θ| − |ρ|)
+        # e^G; |sin θ| − |ρ| = (1 − |ρ|) − cos²θ/(1 + |sin θ|): exact near |ρ| = 1
+        ar = o.abs(r)
+        omr = (1.0 - ar)[..., None]
+        gap = lambda s, c2: omr - c2 / (1.0 + o.abs(s))  # noqa: E731
+        lo, hi, c_lo = o.asin(ar), 0.0 * hc + _HALF_PI, _cos_asin(o, ar)
+        return _integral(o, hc, kc, lo, hi, -1, gap, rule, cos_lo=c_lo, cos_hi=0.0 * ar)
+
+    j = tail_or(o, hc, kc, r, 0.0 * r - 1.0, "gap", rule, theta)
     return _cross_minus_one(o, h, k, rule, lval) + (1.0 - ar) * lval + j
 
 

@@ -82,13 +82,47 @@ def test_masked_out_elements_have_finite_gradients():
     h = torch.tensor([-20.0, 3.0, 0.0, -25.0], dtype=torch.float64, requires_grad=True)
     k = torch.tensor([-10.0, -4.0, 0.0, -1.0], dtype=torch.float64, requires_grad=True)
     te = torch.tensor([-0.5, -0.5, -0.5, -1.0], dtype=torch.float64)
-    fallback = torch.zeros(4, dtype=torch.float64)
-    out = pair_tail.tail_or(o, h, k, te, te * 0 - 1.0, "gap", rule, fallback)
+    out = pair_tail.tail_or(o, h, k, te, te * 0 - 1.0, "gap", rule, lambda h, *_: 0.0 * h)
     (gh, gk) = torch.autograd.grad(out.sum() * 1e100, (h, k))
     assert torch.isfinite(gh).all() and torch.isfinite(gk).all()
     assert out[0] > 0 and math.isfinite(float(out[0].detach()))
     assert out[1] > 0  # (3, −4): not tail_ok, but the Gaussian route (gauss_ok) takes it
     assert out[2:].eq(0).all()  # h = k = 0: the fallback; t_e = t_a = −1: an empty interval
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "torch sync-free"])
+def test_the_fallback_runs_only_where_neither_route_applies(backend):
+    """``tail_or``'s fallback (the callers' general θ-quadrature, the most work per element)
+    gets only the elements neither the tail nor the Gaussian route takes (eager; under
+    ``sync_free`` every element, masked), and its value is used exactly there."""
+    from nmruntime.torch_support import force_sync_free
+
+    rng = np.random.default_rng(7)
+    h, k = rng.uniform(-30, 6, 400), rng.uniform(-30, 6, 400)
+    te = rng.uniform(-0.99, 0.0, 400)
+    k[:40] = rng.uniform(0.5, 5.0, 40)
+    h[:40] = -k[:40]  # |h| = |k|: no Gaussian route; h + k = 0 with hk < 0: no tail route
+    ta = -np.ones(400)
+    o = po.numpy_ops() if backend == "numpy" else po.torch_ops()
+    rule = RULE
+    if backend != "numpy":
+        h, k, te, ta = (torch.as_tensor(v) for v in (h, k, te, ta))
+        rule = tuple(torch.as_tensor(v) for v in RULE)
+    seen = []
+
+    def fallback(h, k, te, ta):
+        seen.append(int(h.shape[0]))
+        return 1e3 + h
+
+    with force_sync_free(backend == "torch sync-free"):
+        out = pair_tail.tail_or(o, h, k, te, ta, "gap", rule, fallback)
+        ok = pair_tail.tail_ok(o, h, k, te)
+        left = ~(ok | pair_tail.gauss_ok(o, h, k, ta, te))
+    n_left = int(left.sum())
+    assert 40 <= n_left < 400
+    assert seen == [400 if backend == "torch sync-free" else n_left]
+    assert (out[left] == 1e3 + h[left]).all()
+    assert (out[~left] < 1e3).all() and (out[~left] >= 0).all()
 
 
 def _gauss_points(n=10, seed=2026):
