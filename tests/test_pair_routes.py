@@ -253,3 +253,35 @@ def _pair_rule() -> tuple[torch.Tensor, torch.Tensor]:
     from nmgen.generated.gauss_legendre import PAIR_SIZE, RULES
 
     return tuple(torch.as_tensor(v, dtype=torch.float64) for v in RULES[PAIR_SIZE])
+
+
+def test_general_routes_evaluate_the_closed_form_on_the_moderate_pairs_only(monkeypatch):
+    """Eager CPU outside autograd: ``_cov_general`` hands the closed form only the pairs in its
+    domain (|ρ| ≤ 0.99, −6 < h, k < 8; the joint tails of LeNet's layers are most of the rest),
+    and each pair's value is the one it gets alone (no pair takes another's place)."""
+    from nmgen.generated.gauss_legendre import PAIR_SIZE, RULES
+
+    g = torch.Generator().manual_seed(3)
+    n = 300
+    h = torch.randn(n, generator=g, dtype=torch.float64) * 9 - 4
+    k = torch.randn(n, generator=g, dtype=torch.float64) * 9 - 4
+    r = torch.rand(n, generator=g, dtype=torch.float64) * 1.98 - 0.99
+    moderate = (h > -6) & (k > -6) & (h < 8) & (k < 8)
+    assert 50 < int(moderate.sum()) < n - 50
+    sizes = []
+    closed = rp._cov_closed
+
+    def spy(o, h, *args):
+        sizes.append(int(h.shape[0]))
+        return closed(o, h, *args)
+
+    monkeypatch.setattr(rp, "_cov_closed", spy)
+    rule = tuple(torch.as_tensor(v, dtype=torch.float64) for v in RULES[PAIR_SIZE])
+    args = (rule, TK._bvn_fast, rp._FAST_RATIO[8], EPS64)
+    got = rp._cov_general(OPS, h, k, r, *args)
+    assert sizes == [int(moderate.sum())]
+    alone = torch.cat([rp._cov_general(OPS, h[i : i + 1], k[i : i + 1], r[i : i + 1], *args)
+                       for i in range(n)])  # fmt: skip
+    assert sizes[1:] == [1] * int(moderate.sum())
+    rel = ((got - alone).abs() / alone.abs().clamp_min(1e-300)).max()
+    assert float(rel) <= 4 * EPS64
