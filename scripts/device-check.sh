@@ -8,7 +8,8 @@
 #   install  this checkout into the machine's own python3, no download, no dependencies
 #            (the machine's torch, numpy, scipy, mpmath, tqdm, matplotlib, pytest)
 #   tests    the CUDA tests: every kernel and relu_moments on the GPU under
-#            torch.cuda.set_sync_debug_mode("error"), and `nm bench floor --device cuda`
+#            torch.cuda.set_sync_debug_mode("error"), `nm bench floor --device cuda`, and
+#            layer-wise propagation on the GPU against the CPU (tests/test_propagate.py)
 #   floorN   `nm bench floor --device $DEVICE --p N` for N in $SIZES, float64 and float32,
 #            then `nmgen check-points` of its float64 entries against mpmath (30 digits)
 #
@@ -65,7 +66,8 @@ fi
 nm=("$py" -c 'import sys; from torchbridge.cli import main; sys.exit(main())')
 nmgen=("$py" -c 'import sys; from nmgen.cli import main; sys.exit(main())')
 
-step tests 240 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step tests 240 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_propagate.py \
+    -k cuda
 
 for p in $sizes; do
     dir="$work/floor$p"
