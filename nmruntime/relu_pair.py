@@ -904,7 +904,7 @@ def _cov_general(o, h, k, r, rule, bvn, eps_ratio, eps):
     z = 0.0 * h
     eager = not isinstance(h, np.ndarray) and not sync_free(h)
     grad = eager and (h.requires_grad or k.requires_grad or r.requires_grad)
-    if eager and bool(moderate.all()):  # eager: skip three passes
+    if not sync_free(h) and bool(moderate.all()):  # eager: skip three passes
         c, bound = _sliced(_BULK_SLICE, _cov_closed, o, h, k, r, bvn)
     elif eager and not grad:
         # eager CPU outside autograd: the closed form on the moderate elements only (on
