@@ -16,7 +16,7 @@
 # Writes under $OUT (else results/device-check): device-check.log (every step's output),
 # floor<N>.md (each table, as the README shows them) and device-check.tgz (all of it, JSON
 # included). Exit status: the number of failed steps. Environment (defaults): DEVICE (cuda),
-# SIZES ("1024 4096"), REPEATS (5), CHECK_ENTRIES (20: off-diagonal entries checked against
+# SIZES ("1024 4096"), REPEATS (3), CHECK_ENTRIES (20: off-diagonal entries checked against
 # mpmath per size), PY (python3), INSTALL (1; 0 skips the install step). On a machine without
 # a GPU, `DEVICE=cpu SIZES=64 PY=.venv/bin/python bash scripts/device-check.sh` runs the same
 # steps (the CUDA tests skip; tests/test_device_check.py runs it so).
@@ -28,7 +28,7 @@ trap 'rm -rf "$work"' EXIT
 py="${PY:-python3}"
 device="${DEVICE:-cuda}"
 sizes="${SIZES:-1024 4096}"
-repeats="${REPEATS:-5}"
+repeats="${REPEATS:-3}"
 entries="${CHECK_ENTRIES:-20}"
 log="$out/device-check.log"
 mkdir -p "$out"
