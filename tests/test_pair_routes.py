@@ -285,3 +285,8 @@ def test_general_routes_evaluate_the_closed_form_on_the_moderate_pairs_only(monk
     assert sizes[1:] == [1] * int(moderate.sum())
     rel = ((got - alone).abs() / alone.abs().clamp_min(1e-300)).max()
     assert float(rel) <= 4 * EPS64
+    # and against mpmath (the definition's quadrature) on a few pairs of each kind
+    picks = [*moderate.nonzero()[:3, 0].tolist(), *(~moderate).nonzero()[:3, 0].tolist()]
+    for i in picks:
+        want = _ref(float(h[i]), float(k[i]), float(r[i]))
+        assert abs(float(got[i]) - want) <= 1e-12 * abs(want), (i, float(got[i]), want)
