@@ -99,9 +99,17 @@ def cov_integral_forms_mp(hv, kv, r, dps: int = 30) -> tuple[mp.mpf, mp.mpf]:
     return direct, form
 
 
-def check_positive_forms() -> bool:
+#: (h, k, ρ) of ``check_positive_forms`` (both signs of ρ: the swapped form differs).
+POSITIVE_FORMS_POINTS = ((0.4, -0.3, 0.35), (-1.0, 2.0, -0.8), (1.5, 0.5, -0.3), (-2.0, -1.0, 0.9))
+#: (h, k, ρ) of ``check_reflection``.
+REFLECTION_POINTS = ((0.7, 1.2, 0.5), (2.0, 0.3, -0.6))
+
+
+def check_positive_forms(points=POSITIVE_FORMS_POINTS, dps: int = 30) -> bool:
     """The swapped (positive-term) forms equal ∫_0^ρ Φ2 dr and Cov from the closed form
-    (``cov_expr`` evaluated by mpmath at 40 digits, Φ2 by ``bvn_cdf_mp``)."""
+    (``cov_expr`` evaluated by mpmath at dps + 10 digits, Φ2 by ``bvn_cdf_mp``), within
+    10^−(dps − 5), at ``points`` ((h, k, ρ)). ∫_0^ρ Φ2 dr is a quadrature of quadratures:
+    tens of seconds per point at 30 digits."""
     closed = sp.lambdify(
         (mu1, mu2, rho, sp.Symbol("P2")),
         to_elementary(
@@ -109,23 +117,26 @@ def check_positive_forms() -> bool:
         ),
         modules="mpmath",
     )
-    for hv, kv, r in ((0.4, -0.3, 0.35), (-1.0, 2.0, -0.8), (1.5, 0.5, -0.3), (-2.0, -1.0, 0.9)):
-        direct, form = cov_integral_forms_mp(hv, kv, r)
-        with mp.workdps(40):
-            c = closed(mp.mpf(hv), mp.mpf(kv), mp.mpf(r), bvn_cdf_mp(hv, kv, r, 40))
-        assert abs(direct - form) < mp.mpf(10) ** -25, (hv, kv, r, direct, form)
-        assert abs(c - form) < mp.mpf(10) ** -25, (hv, kv, r, c, form)
+    tol = mp.mpf(10) ** -(dps - 5)
+    for hv, kv, r in points:
+        direct, form = cov_integral_forms_mp(hv, kv, r, dps)
+        with mp.workdps(dps + 10):
+            c = closed(mp.mpf(hv), mp.mpf(kv), mp.mpf(r), bvn_cdf_mp(hv, kv, r, dps + 10))
+        assert abs(direct - form) < tol, (hv, kv, r, direct, form)
+        assert abs(c - form) < tol, (hv, kv, r, c, form)
     return True
 
 
-def check_reflection() -> bool:
-    """C(h, k, ρ) = ρ P(−h < Z < k) + C(−h, −k, ρ) (relu(x) = x + relu(−x)) at sample points."""
-    for hv, kv, r in ((0.7, 1.2, 0.5), (2.0, 0.3, -0.6)):
-        lhs, _ = cov_integral_forms_mp(hv, kv, r)
-        rhs0, _ = cov_integral_forms_mp(-hv, -kv, r)
-        with mp.workdps(40):
+def check_reflection(points=REFLECTION_POINTS, dps: int = 30) -> bool:
+    """C(h, k, ρ) = ρ P(−h < Z < k) + C(−h, −k, ρ) (relu(x) = x + relu(−x)) at ``points``
+    ((h, k, ρ)), within 10^−(dps − 5)."""
+    tol = mp.mpf(10) ** -(dps - 5)
+    for hv, kv, r in points:
+        lhs, _ = cov_integral_forms_mp(hv, kv, r, dps)
+        rhs0, _ = cov_integral_forms_mp(-hv, -kv, r, dps)
+        with mp.workdps(dps + 10):
             rhs = r * (mp.ncdf(kv) - mp.ncdf(-hv)) + rhs0
-        assert abs(lhs - rhs) < mp.mpf(10) ** -25, (hv, kv, r)
+        assert abs(lhs - rhs) < tol, (hv, kv, r)
     return True
 
 

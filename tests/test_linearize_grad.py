@@ -65,7 +65,8 @@ class _swapped:
             self.net.get_submodule(mod_name)._parameters[attr] = t
 
 
-@pytest.mark.parametrize("relu_index", [0, -1])
+# at the first ReLU (the larger linearized layer) 54–58 s each on session 35's machine: slow
+@pytest.mark.parametrize("relu_index", [pytest.param(0, marks=pytest.mark.slow), -1])
 @pytest.mark.parametrize("full", [False, True])
 def test_gradcheck_output_moments_wrt_weights(relu_index: int, full: bool) -> None:
     net = _small_conv_net()
@@ -166,7 +167,7 @@ def _fallback_net() -> nn.Sequential:
     ).double()
 
 
-@pytest.mark.parametrize("case", ["fallback", "chunked"])
+@pytest.mark.parametrize("case", ["fallback", pytest.param("chunked", marks=pytest.mark.slow)])
 def test_gradcheck_fallback_and_chunked_paths(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import torchbridge.linearize as lin
 
