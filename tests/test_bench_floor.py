@@ -72,7 +72,9 @@ def test_bench_floor_runs_small(tmp_path):
     assert methods["DVI (Wu et al. 2019)"]["max_rel_err_vs_exact"] > 0
     assert [r["threads"] for r in res["runs"]] == [1, 2]
     check = res["thread_check"]["float64"]  # every call timed at 1 and 2 threads
-    assert set(check) == {"exact", "DVI"}
+    assert set(check) == {"exact", "DVI", "torch.exp"}
+    exp = check.pop("torch.exp")["seconds_per_element"]  # the floor's unit among the calls
+    assert set(exp) == {1, 2} and all(0 < v < 1e-6 for v in exp.values())
     for c in check.values():
         assert set(c["seconds"]) == {1, 2} and all(v > 0 for v in c["seconds"].values())
         assert c["ratio"] == pytest.approx(c["seconds"][2] / c["seconds"][1])
@@ -89,8 +91,15 @@ def test_bench_floor_runs_small(tmp_path):
         inter = check["exact"]["seconds"][b["threads"]] / check["DVI"]["seconds"][b["threads"]]
         assert b["ratio_to_dvi_interleaved"] == pytest.approx(inter)
         assert b["dvi_bar_met"] == (ours <= dvi and inter <= 1.0)
-        assert b["floor_bar_met"] == (ours <= 2.0 * run["floor_seconds"])
-    assert "| ≤ 1× DVI | ≤ 2× floor |" in md
+        # the floor bar again on the interleaved times: the call over its count of
+        # transcendental evaluations times the torch.exp time taken among the calls
+        evaluations = run["transcendental_per_pair"] * res["pairs"]
+        floor_inter = check["exact"]["seconds"][b["threads"]] / (evaluations * exp[b["threads"]])
+        assert b["ratio_to_floor_interleaved"] == pytest.approx(floor_inter)
+        assert b["floor_bar_met"] == (ours <= 2.0 * run["floor_seconds"] and floor_inter <= 2.0)
+        assert f"{floor_inter:.2f}×" in md
+    assert "| time / floor | interleaved | ≤ 1× DVI | ≤ 2× floor |" in md
+    assert "float64, torch.exp (the floor's unit): 1 thread(s)" in md
     # each closed form against its own floor: DVI's formula evaluates sqrt, asin and exp on
     # every one of the p² entries, and Φ (erf or erfc) once per variable
     for run in res["runs"]:
