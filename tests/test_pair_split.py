@@ -76,6 +76,50 @@ def test_usable_threads_leaves_out_busy_cpus(monkeypatch):
     assert usable_threads(64) == 1
 
 
+def test_usable_threads_counts_only_tasks_both_reads_saw(monkeypatch):
+    """With an earlier read of the load (``other_tasks``), a task counts only where both reads
+    saw it: one that ran for a moment at either read takes no thread."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    monkeypatch.setattr(pair_split, "_cpu_quota", lambda: None)
+    monkeypatch.setattr(pair_split, "_other_running", lambda: 1)
+    assert usable_threads(64, earlier=0) == min(64, cpus)  # gone by the second read
+    assert usable_threads(64, earlier=1) == max(1, cpus - 1)  # seen by both: busy
+    assert pair_split.other_tasks(2) == 1
+    monkeypatch.setattr(pair_split, "_other_running", lambda: 0)
+    assert usable_threads(64, earlier=1) == min(64, cpus)  # a task at the first read only
+    monkeypatch.setattr(pair_split, "_other_running", lambda: 1 / 0)  # never read
+    assert pair_split.other_tasks(1) is None and usable_threads(1, earlier=5) == 1
+
+
+def test_relu_moments_reads_the_load_before_its_checks(monkeypatch):
+    """``relu_moments(..., compiled=True)`` at 2 threads reads the load at its start and
+    hands that read to ``usable_threads`` (the second read, before the passes)."""
+    from torchbridge.experiments.bench_kernels import random_problem
+
+    mean, cov = random_problem(24, 1)
+    relu_moments = moments.relu_moments
+    relu_moments(mean, cov, check_psd=False, compiled=True)  # compiles (then on 1 thread)
+    reads, seen = [], []
+
+    def first(requested):
+        reads.append(requested)
+        return 7
+
+    def second(requested, earlier=None):
+        seen.append((requested, earlier))
+        return 1
+
+    monkeypatch.setattr(moments, "other_tasks", first)
+    monkeypatch.setattr(moments, "usable_threads", second)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        relu_moments(mean, cov, check_psd=False, compiled=True)
+    finally:
+        torch.set_num_threads(old)
+    assert reads == [2] and seen == [(2, 7)]
+
+
 def test_other_running_counts_runnable_tasks():
     """Linux: /proc/loadavg's runnable count less this process's, a count and never negative."""
     n = pair_split._other_running()

@@ -41,7 +41,7 @@ from torchbridge.covariance import (
     exactly_symmetric,
     require_tensor,
 )
-from torchbridge.pair_split import run_split, usable_threads
+from torchbridge.pair_split import other_tasks, run_split, usable_threads
 
 METHODS = ("exact", "series", "zero_mean")
 DEFAULT_CHUNK = 1 << 20
@@ -420,6 +420,7 @@ def _one_pass_bulk(
     chunk: int,
     symmetric: bool,
     threads: int = 1,
+    earlier: int | None = None,
 ) -> torch.Tensor | None:
     """``relu_moments``' exact covariance written straight into ``up`` (flat p·p: the whole
     matrix) where the compiled bulk applies to one unbatched problem with every
@@ -436,7 +437,9 @@ def _one_pass_bulk(
     ``threads``: the passes run on up to that many threads, each taking the next range as it
     comes free (``run_split``; they release the GIL). Each pair is written by the thread of
     its range, to both its places (i, j) and (j, i) (``_run_rows``): the same values at any
-    thread count, and no mirror pass after."""
+    thread count, and no mirror pass after. ``earlier``: the other processes' running tasks
+    read at the start of the call (``pair_split.other_tasks``; ``usable_threads`` reads them
+    again before the passes and counts only what both reads saw)."""
     p = mean.shape[-1]
     if mean.ndim != 1 or p < 2:
         return None
@@ -450,7 +453,7 @@ def _one_pass_bulk(
     cflat = cov.reshape(-1)
     args = (up, sigma, cflat, shared.h, shared.cdf, p)
     warm = (mean.dtype, symmetric) in _PASSES_RAN  # the first call compiles on one thread
-    threads = usable_threads(threads) if warm else 1
+    threads = usable_threads(threads, earlier) if warm else 1
     block = _row_block(p, chunk, mean.device)
     run = functools.partial(_run_rows, passes, args, block)
     # ranges of whole rows, at most about ``chunk`` pairs each (their pair indices)
@@ -684,13 +687,15 @@ def relu_moments(
     _check_method(method, terms)
     bulk = compiled_bulk() if compiled else contextlib.nullcontext()
     with _pair_threads() as threads, bulk:  # the whole call, validation included (PAIR_THREADS)
+        # the load, read a first time before the checks (the compiled bulk's thread count)
+        earlier = other_tasks(threads) if compiled and method == "exact" else None
         symmetric = _validate(mean, cov, check_psd)
         p = mean.shape[-1]
         batch = torch.broadcast_shapes(mean.shape[:-1], cov.shape[:-2])
         mean, cov = mean.expand(*batch, p), cov.expand(*batch, p, p)  # views, never written
         # written below: all of it by the compiled bulk, else the upper triangle and mirrored
         up = mean.new_empty(*mean.shape[:-1], p * p)
-        bulk_args = (up, mean, cov, chunk, symmetric, threads)
+        bulk_args = (up, mean, cov, chunk, symmetric, threads, earlier)
         rmean = _one_pass_bulk(*bulk_args) if method == "exact" else None
         if rmean is not None:  # the passes wrote both triangles
             return rmean, up.reshape(*mean.shape, p)
