@@ -187,22 +187,27 @@ def synced(fn: Callable, device: torch.device) -> Callable:
     return run
 
 
-def exp_elements(device: torch.device) -> int:
-    """Elements of the floor's ``torch.exp`` timing: 2²⁰ on the CPU, 2²⁶ on a GPU (where 2²⁰
-    take a few microseconds and the time would be the kernel launch's)."""
-    return 1 << 20 if device.type == "cpu" else 1 << 26
+def exp_call(
+    dtype: torch.dtype, device: torch.device, n: int | None = None
+) -> tuple[Callable[[], object], int]:
+    """(fn, n): ``fn()`` runs the floor's unit, ``torch.exp`` on an n-element tensor into an
+    out= buffer on ``device`` (synchronised there: ``synced``). n defaults to 2²⁰ on the CPU
+    and 2²⁶ on a GPU, where 2²⁰ elements take a few microseconds and the time would be the
+    kernel launch's."""
+    if n is None:
+        n = 1 << 20 if device.type == "cpu" else 1 << 26
+    x = torch.linspace(-5.0, 5.0, n, dtype=dtype, device=device)
+    out = torch.empty_like(x)
+    return synced(lambda: torch.exp(x, out=out), device), n
 
 
 def exp_seconds_per_element(
     dtype: torch.dtype, repeats: int, n: int | None = None, device: torch.device | None = None
 ) -> float:
-    """Median seconds per element of ``torch.exp`` on an n-element tensor (out= buffer) on
-    ``device`` (default CPU); n defaults to ``exp_elements(device)``."""
-    device = torch.device("cpu") if device is None else device
-    n = exp_elements(device) if n is None else n
-    x = torch.linspace(-5.0, 5.0, n, dtype=dtype, device=device)
-    out = torch.empty_like(x)
-    t, _, _ = timed(synced(lambda: torch.exp(x, out=out), device), max(repeats, 5), 2)
+    """Median seconds per element of ``exp_call``'s ``torch.exp`` on ``device`` (default
+    CPU)."""
+    fn, n = exp_call(dtype, torch.device("cpu") if device is None else device, n)
+    t, _, _ = timed(fn, max(repeats, 5), 2)
     return t / n
 
 
@@ -273,9 +278,8 @@ def thread_check(mean64: torch.Tensor, cov64: torch.Tensor, threads: list[int], 
     a load change on the shared machine hits every count alike; the main table times each
     count minutes apart): the issue's bars that more threads are never slower and that the
     exact call is no slower than DVI at each count. The floor's unit is timed among them
-    (``EXP_UNIT``: {"seconds_per_element": {threads: median s}}, ``torch.exp`` on
-    ``exp_elements`` elements as ``exp_seconds_per_element``): the floor bar on times taken
-    side by side (``issue_bars``)."""
+    (``EXP_UNIT``: {"seconds_per_element": {threads: median s}}, ``exp_call``'s
+    ``torch.exp``): the floor bar on times taken side by side (``issue_bars``)."""
     fns = [("exact", lambda m, c: relu_moments(m, c, "exact", check_psd=False))]
     if getattr(args, "compiled", False):
         fns.append((EXACT_COMPILED, _exact_compiled))
@@ -285,10 +289,8 @@ def thread_check(mean64: torch.Tensor, cov64: torch.Tensor, threads: list[int], 
     for dname in [d for d in str(args.dtypes).split(",") if d.strip()]:
         mean, cov = _on_device(mean64, dname, args), _on_device(cov64, dname, args)
         # the floor's unit, timed among the calls: torch.exp as ``exp_seconds_per_element``
-        x = torch.linspace(-5.0, 5.0, exp_elements(_device(args)), dtype=DTYPES[dname])
-        x = x.to(_device(args))
-        y = torch.empty_like(x)
-        unit = (EXP_UNIT, synced(lambda m, c, x=x, y=y: torch.exp(x, out=y), _device(args)))
+        exp_fn, n_exp = exp_call(DTYPES[dname], _device(args))
+        unit = (EXP_UNIT, lambda m, c, exp_fn=exp_fn: exp_fn())
         times = {label: {t: [] for t in threads} for label, _ in [*fns, unit]}
         for r in range(max(args.repeats, 3)):
             for t in repeat_order(threads, r):
@@ -310,7 +312,7 @@ def thread_check(mean64: torch.Tensor, cov64: torch.Tensor, threads: list[int], 
             }
             for label, m in med.items()
         }
-        out[dname][EXP_UNIT] = {"seconds_per_element": {t: v / x.numel() for t, v in exp.items()}}
+        out[dname][EXP_UNIT] = {"seconds_per_element": {t: v / n_exp for t, v in exp.items()}}
     return out
 
 
@@ -373,8 +375,8 @@ def issue_bars(result: dict) -> list[dict]:
             floor_inter = None
             if inter is not None and EXP_UNIT in check:  # the floor from the interleaved exp
                 per_elem = check[EXP_UNIT]["seconds_per_element"][run["threads"]]
-                unit = run["floor_seconds"] / (run["exp_ns_per_element"] * 1e-9)
-                floor_inter = check[label]["seconds"][run["threads"]] / (unit * per_elem)
+                evaluations = run["transcendental_per_pair"] * result["pairs"]
+                floor_inter = check[label]["seconds"][run["threads"]] / (evaluations * per_elem)
             row = {
                 "threads": run["threads"],
                 "dtype": run["dtype"],
