@@ -49,6 +49,14 @@ def test_cross_covariance_positive_forms_one_point_per_sign():
     assert cross_covariance.check_positive_forms(points, dps=15)
 
 
+def test_cross_covariance_reflection_one_point():
+    """C(h, k, ρ) = ρ P(−h < Z < k) + C(−h, −k, ρ) at one point (ρ < 0), 15 digits (within
+    1e-10): about 15 s; both points at 30 digits in the slow test below."""
+    point = cross_covariance.REFLECTION_POINTS[1]
+    assert point[2] < 0
+    assert cross_covariance.check_reflection((point,), dps=15)
+
+
 @pytest.mark.slow
 def test_cross_covariance_forms_and_reflection_in_full():
     assert cross_covariance.check_positive_forms()
