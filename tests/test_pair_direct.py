@@ -514,8 +514,9 @@ def test_larger_rules_hold_on_every_group():
 def test_one_pass_rule_holds_on_the_groups_it_covers():
     """The rules of the compiled bulk's passes in pair order (``direct_passes``) on every |ρ|
     group each keeps, over the whole domain [−7, 7]² (the bars of
-    ``test_rule_sizes_hold_on_the_extended_domain``): ``DIRECT_ONE_PASS`` (session 24
-    measured ≤ 48.2 eps float64 and ≤ 0.0029 float32 eps) and float64's second pass on
+    ``test_rule_sizes_hold_on_the_extended_domain``; float32's one pass within a quarter
+    float32 eps): ``DIRECT_ONE_PASS`` (session 24 measured ≤ 48.2 eps float64; session 37
+    ≤ 0.19 float32 eps with 15 points on |ρ| < 0.925) and float64's second pass on
     0.7 ≤ |ρ| < 0.925 (``DIRECT_S_GROUPS`` points in s); and the wide pass's rule in s
     (``DIRECT_S_WIDE``) on float64's 0.925 ≤ |ρ| < 0.99 and, for float32 in float64
     arithmetic, on every |ρ| < 0.99. The s-rules are checked against the 512-point rule in
@@ -526,7 +527,7 @@ def test_one_pass_rule_holds_on_the_groups_it_covers():
     second = (pd.DIRECT_ONE_PASS[True][0], pd.DIRECT_GROUPS_PASS[0], pd.DIRECT_S_GROUPS, "s")
     rules.append((True, *second))
     for f64, first, top, n, form in rules:
-        bar, eps = (50.0, 2.0**-52) if f64 else (0.01, 2.0**-23)
+        bar, eps = (50.0, 2.0**-52) if f64 else (0.25, 2.0**-23)
         lo = pd._DIRECT_GROUPS[first - 1][0] if first else 0.0
         for hi, _, _ in pd._DIRECT_GROUPS[first:top]:
             rhos = [s * v for s in (1, -1) for v in np.linspace(max(lo, 1e-3), hi - 1e-12, 6)]
@@ -570,7 +571,7 @@ def test_relu_moments_one_pass_matches_mpmath(dtype):
     rng = np.random.default_rng(12)
     iu = np.array(np.triu_indices(p, 1))
     kept = np.abs(rho.numpy()[iu[0], iu[1]]) < top
-    assert kept.mean() > 0.5 and (~kept).sum() > 20
+    assert kept.mean() > 0.5 and (~kept).sum() >= 12  # 12 picked from each
     picks = [rng.choice(np.flatnonzero(sel), 12, replace=False) for sel in (kept, ~kept)]
     eps = EPS[dtype]
     for q in np.concatenate(picks):

@@ -1,7 +1,7 @@
 """`nm bench nodes`: what one Gauss–Legendre node of the compiled direct route costs, and of what.
 
 The compiled bulk of ``relu_moments(..., compiled=True)`` evaluates most pairs by one fixed
-rule (``nmruntime.pair_direct.DIRECT_ONE_PASS``: 16 nodes in float64, 14 in float32):
+rule (``nmruntime.pair_direct.DIRECT_ONE_PASS``: 16 nodes in float64, 15 in float32):
 
     J = ρ²/(4π) Σ_i w_i (1 − y_i) e^{G(t_i)} / √(1 − t_i²),  t_i = ρ y_i,
     G(t) = (A(1 + t) + B(1 − t))/(1 − t²),  A = −(h − k)²/4, B = −(h + k)²/4,
@@ -195,7 +195,7 @@ def add_bench_parser(bench_subparsers) -> None:
         "--nodes",
         type=int,
         default=0,
-        help="rule size (default 0: the compiled one pass's, 16 in float64 and 14 in float32)",
+        help="rule size (default 0: the compiled one pass's, 16 in float64 and 15 in float32)",
     )
     p.add_argument(
         "--dtypes", default="float64,float32", help="comma-separated dtypes (default both)"
