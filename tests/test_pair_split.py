@@ -450,3 +450,60 @@ def test_compiled_passes_give_a_lone_pair_the_bits_it_has_among_others():
     places = (i * p + j)[done[i * p + j]]
     assert places.numel() > 700
     assert torch.equal(alone[places], together[places])
+
+
+def test_start_beside_runs_on_the_pool_thread_and_returns_its_result():
+    """At 2 threads ``start_beside`` runs the function on the pool's thread, in the caller's
+    grad mode, before the result is asked for; the waiting function returns its result or
+    raises its error. At 1 thread it runs in the caller's thread, when asked."""
+    ran: list = []
+    started = threading.Event()
+
+    def fn() -> int:
+        ran.append((threading.get_ident(), torch.is_grad_enabled()))
+        started.set()
+        return 7
+
+    with torch.no_grad():
+        wait = pair_split.start_beside(fn, 2)
+        assert started.wait(10.0)  # started without being asked
+    assert wait() == 7 and ran == [(ran[0][0], False)] and ran[0][0] != threading.get_ident()
+    ran.clear()
+    wait = pair_split.start_beside(fn, 1)
+    assert ran == []  # not yet
+    assert wait() == 7 and ran == [(threading.get_ident(), True)]
+
+    def bad() -> int:
+        raise ArithmeticError("in the pool")
+
+    with pytest.raises(ArithmeticError, match="in the pool"):
+        pair_split.start_beside(bad, 2)()
+
+
+def test_relu_moments_means_beside_the_ranges_are_the_same(monkeypatch):
+    """``relu_moments(..., compiled=True)`` at 2 threads computes the ReLU means and variances
+    on the pool's thread (``start_beside``) while the ranges run: the same values bit for bit
+    as at 1 thread, and the function ran there."""
+    from torchbridge.experiments.bench_kernels import random_problem
+
+    mean, cov = random_problem(64, 3)
+    calls: list = []
+    real = moments._relu_mean_variance
+
+    def spy(m, s):
+        calls.append(threading.get_ident())
+        return real(m, s)
+
+    monkeypatch.setattr(moments, "_relu_mean_variance", spy)
+    monkeypatch.setattr(moments, "usable_threads", lambda requested, earlier=None: requested)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = moments.relu_moments(mean, cov, check_psd=False, compiled=True)
+        torch.set_num_threads(2)
+        calls.clear()
+        two = moments.relu_moments(mean, cov, check_psd=False, compiled=True)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    assert calls and calls[0] != threading.get_ident()

@@ -41,7 +41,7 @@ from torchbridge.covariance import (
     exactly_symmetric,
     require_tensor,
 )
-from torchbridge.pair_split import other_tasks, run_split, usable_threads
+from torchbridge.pair_split import other_tasks, run_split, start_beside, usable_threads
 
 METHODS = ("exact", "series", "zero_mean")
 DEFAULT_CHUNK = 1 << 20
@@ -225,7 +225,13 @@ def _shared(
 ) -> _Shared:
     """``_Shared`` for ``mean`` (``batch_shape x p``), ``cov`` (``batch_shape x p x p``) and
     σ = √diag(cov); ``symmetric``: whether cov is exactly symmetric (None: tested here)."""
-    rmean, var = K.relu_mean_variance(mean, sigma, validate=False)
+    return _Shared(*_relu_mean_variance(mean, sigma), *_pair_inputs(mean, cov, sigma, symmetric))
+
+
+def _pair_inputs(
+    mean: torch.Tensor, cov: torch.Tensor, sigma: torch.Tensor, symmetric: bool | None
+) -> tuple[bool, bool, torch.Tensor | None, torch.Tensor | None]:
+    """``_Shared``'s (symmetric, direct, h, cdf) (see ``_shared``)."""
     eager = not sync_free(cov) and not (
         torch.is_grad_enabled() and (mean.requires_grad or cov.requires_grad)
     )
@@ -235,9 +241,14 @@ def _shared(
     same = mean.shape[:-1] == cov.shape[:-2]  # the pairs' tensors share one shape
     direct = eager and same and bool((sigma > 0).all())
     if not direct:
-        return _Shared(rmean, var, symmetric, direct)
+        return symmetric, direct, None, None
     h = mean / sigma
-    return _Shared(rmean, var, symmetric, direct, h, normal_cdf_torch(h))
+    return symmetric, direct, h, normal_cdf_torch(h)
+
+
+def _relu_mean_variance(mean: torch.Tensor, sigma: torch.Tensor):
+    """(E[relu(z)], Var[relu(z)]) per variable: the generated kernel (Theorem 1)."""
+    return K.relu_mean_variance(mean, sigma, validate=False)
 
 
 def _covariance_direct(h, k, s1, s2, rho, ph, pk):
@@ -447,17 +458,21 @@ def _one_pass_bulk(
     if passes is None:
         return None
     sigma = _safe_sqrt(cov.diagonal())
-    shared = _shared(mean, cov, sigma, symmetric)
-    if not shared.direct:
+    symmetric, direct, h, cdf = _pair_inputs(mean, cov, sigma, symmetric)
+    if not direct:
         return None
     cflat = cov.reshape(-1)
-    args = (up, sigma, cflat, shared.h, shared.cdf, p)
+    args = (up, sigma, cflat, h, cdf, p)
     warm = (mean.dtype, symmetric) in _PASSES_RAN  # the first call compiles on one thread
     threads = usable_threads(threads, earlier) if warm else 1
+    # the ReLU means and variances on the pool's thread while this one takes the first range
+    # (at 1 thread: here, after the ranges)
+    moments = start_beside(functools.partial(_relu_mean_variance, mean, sigma), threads)
     block = _row_block(p, chunk, mean.device)
     run = functools.partial(_run_rows, passes, args, block)
     # ranges of whole rows, at most about ``chunk`` pairs each (their pair indices)
     left = run_split(run, block.starts[-1], threads, bounds=block.starts[1:], most=chunk)
+    shared = _Shared(*moments(), symmetric, direct, h, cdf)
     up.view(p, p).diagonal().copy_(shared.var)  # the diagonal: the ReLU variances
     none = torch.zeros(0, dtype=torch.int64, device=mean.device)
     li = torch.cat([none, *(a for a, _ in left)])

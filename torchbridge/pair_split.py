@@ -190,6 +190,22 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
         return _POOL[0]
 
 
+def start_beside(fn: Callable[[], T], threads: int) -> Callable[[], T]:
+    """Start ``fn()`` on the pool's thread where ``threads`` > 1 (it takes ``run_split``'s ranges
+    after it, as it comes free), in the caller's grad and inference modes; returns the function
+    that waits for its result (raising its error). At 1 thread ``fn()`` runs when the result is
+    asked for: the same work, in the same thread."""
+    if threads <= 1:
+        return fn
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def work() -> T:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return fn()
+
+    return _pool().submit(work).result
+
+
 def run_split(
     fn: Callable[[int, int], T],
     n: int,
