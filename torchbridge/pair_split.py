@@ -197,13 +197,19 @@ def start_beside(fn: Callable[[], T], threads: int) -> Callable[[], T]:
     asked for: the same work, in the same thread."""
     if threads <= 1:
         return fn
+    return _pool().submit(_in_callers_modes(fn)).result
+
+
+def _in_callers_modes(fn: Callable[[], T]) -> Callable[[], T]:
+    """``fn`` to run on another thread in the calling thread's grad and inference modes
+    (torch keeps them per thread)."""
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
-    def work() -> T:
+    def run() -> T:
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):
             return fn()
 
-    return _pool().submit(work).result
+    return run
 
 
 def run_split(
@@ -224,11 +230,6 @@ def run_split(
         return [fn(a, b) for a, b in parts]
     results: list = [None] * len(parts)
     nxt, lock, failed = [0], threading.Lock(), threading.Event()
-    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-
-    def work() -> None:  # in the caller's grad and inference modes (torch's are per thread)
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            _take_ranges()
 
     def _take_ranges() -> None:
         while not failed.is_set():
@@ -243,6 +244,7 @@ def run_split(
                 failed.set()
                 raise
 
+    work = _in_callers_modes(_take_ranges)
     futures = [_pool().submit(work) for _ in range(helpers)]
     try:
         work()
