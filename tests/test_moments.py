@@ -216,6 +216,31 @@ def test_psd_check_accepts_rank_deficient_and_zero_covariances():
     )
 
 
+def test_float32_mirror_through_contiguous_copies(monkeypatch) -> None:
+    """One float32 matrix's bands go through two contiguous copies (``moments.MIRROR_STAGED``;
+    bands of 2 rows here): row ranges written one after another, as the compiled bulk's
+    threads write them, give the upper triangle's transpose bit for bit (the lower
+    triangle's old values gone), and the gradient of a weighted sum reaches each upper entry
+    from both its places."""
+    import torchbridge.moments as M
+
+    monkeypatch.setattr(M, "MIRROR_STAGED", 2)
+    gen = torch.Generator().manual_seed(12)
+    p = 7
+    x = torch.randn(p, p, generator=gen)
+    ref = torch.triu(x) + torch.triu(x, 1).T
+    y = x.clone()
+    for a, b in ((0, 3), (3, 4), (4, 7)):
+        M._mirror_rows(y, a, b)
+    assert y.dtype == torch.float32 and torch.equal(y, ref)
+    w = torch.randn(p, p, generator=gen)
+    leaf = x.clone().requires_grad_(True)
+    z = leaf.clone()
+    M._mirror_rows(z, 0, p)
+    (z * w).sum().backward()
+    assert torch.allclose(leaf.grad, torch.triu(w) + torch.triu(w.T, 1), rtol=1e-6, atol=0)
+
+
 def test_eager_mirror_in_bands_keeps_values_and_gradients(monkeypatch) -> None:
     """The eager covariance's lower triangle is copied from the upper one in place, in bands
     (``moments._mirror_rows``; bands of 2 rows here, so a p = 7 problem crosses several): the
