@@ -142,8 +142,12 @@ class _Graphs:
         self.lock = threading.Lock()
 
     def __call__(self, *args):
+        # list comprehensions, not generators: 9.9 vs 14.6 µs for a band pass's 9 arguments
         key = tuple(
-            (a.dtype, a.device, tuple(min(n, 2) for n in a.shape), a.is_contiguous()) for a in args
+            [
+                (a.dtype, a.device, tuple([min(n, 2) for n in a.shape]), a.is_contiguous())
+                for a in args
+            ]
         )
         run = self.runs.get(key)
         if run is None:

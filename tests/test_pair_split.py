@@ -248,8 +248,8 @@ def test_relu_moments_compiled_is_the_same_at_any_thread_count(monkeypatch):
     assert torch.equal(outs[2][1], outs[2][1].T)
     assert len(ranges(600 * 599 // 2, 2)) == 3
     assert calls == [usable_threads(2)]  # the last call: 2 threads, compiled already
-    # ``chunk`` below p²: no cached pairs, each range (whole rows, at most about 180,000
-    # pairs) makes its own and is mirrored by its thread; the same matrix
+    # ``chunk`` below p²: ranges of at most about 180,000 pairs (whole bands), each
+    # mirrored by its thread; the same matrix
     torch.set_num_threads(2)
     try:
         blocks = moments.relu_moments(mean, cov, check_psd=False, compiled=True, chunk=300 * 600)
@@ -435,7 +435,7 @@ def test_compiled_passes_give_a_lone_pair_the_bits_it_has_among_others():
     p = 40
     with compiled_bulk():
         moments.relu_moments(mean, cov, check_psd=False, compiled=True)  # compiles the passes
-        passes = moments._pass_kernels(mean, True)
+        passes = moments._pass_kernels(mean, True).pairs
         sigma = moments._safe_sqrt(cov.diagonal())
         shared = moments._shared(mean, cov, sigma, True)
         i, j = moments._row_pairs(p, 0, p, mean.device)
@@ -450,6 +450,69 @@ def test_compiled_passes_give_a_lone_pair_the_bits_it_has_among_others():
     places = (i * p + j)[done[i * p + j]]
     assert places.numel() > 700
     assert torch.equal(alone[places], together[places])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("exact", [True, False])
+def test_band_pass_gives_each_pair_the_bits_of_the_pair_pass(monkeypatch, dtype, exact):
+    """The compiled call in bands of 8 rows (``moments._band_pass`` on the pairs right of each
+    band, broadcasting; the diagonal blocks by the pass on pairs; p = 45: the last band takes
+    the rows after it) against every strict pair through the passes on pairs (gathers): the
+    same pairs left for the general path, and every other pair's value the same bit for bit.
+    ``exact`` False: cov symmetric within the tolerance, not exactly (Σ_ij read as
+    (Σ_ij + Σ_ji)/2 from cov's rows below the band)."""
+    from nmruntime.torch_support import compiled_bulk
+    from torchbridge.experiments.bench_kernels import random_problem
+
+    p = 45
+    mean, cov = random_problem(p, 11)
+    mean, cov = mean.to(dtype), cov.to(dtype)
+    if not exact:
+        bump = torch.zeros_like(cov)
+        bump[3, 30] = bump[12, 44] = 2 * torch.finfo(dtype).eps * float(cov.diagonal().max())
+        cov = cov + bump
+    symmetric = moments.check_full_covariance(cov, False)
+    assert symmetric == exact
+    monkeypatch.setattr(moments, "PASS_BAND", 8)
+    assert moments._bands(p, 8).split(0, p)[-1] == (40, 45)
+    general = []
+    pair_covariances = moments._pair_covariances
+
+    def recorded(*args):  # the pairs the passes leave
+        general.append(torch.stack(args[6:8], 1))
+        return pair_covariances(*args)
+
+    bands = []
+    pass_kernels = moments._pass_kernels
+
+    def counted(like, symmetric):  # the band pass's calls (rows, columns)
+        runs = pass_kernels(like, symmetric)
+
+        def band(out, cr, cbelow, sr, sc, *rest):
+            bands.append((sr.numel(), sc.numel()))
+            return runs.band(out, cr, cbelow, sr, sc, *rest)
+
+        return runs._replace(band=band)
+
+    monkeypatch.setattr(moments, "_pair_covariances", recorded)
+    monkeypatch.setattr(moments, "_pass_kernels", counted)
+    got = moments.relu_moments(mean, cov, check_psd=False, compiled=True)[1].reshape(-1)
+    assert bands == [(8, 37), (8, 29), (8, 21), (8, 13), (8, 5)]
+    with compiled_bulk():
+        passes = pass_kernels(mean, symmetric)
+        sigma = moments._safe_sqrt(cov.diagonal())
+        shared = moments._shared(mean, cov, sigma, symmetric)
+        i, j = moments._row_pairs(p, 0, p, mean.device)
+        alone = torch.full((p * p,), float("nan"), dtype=dtype)
+        args = (alone, sigma, cov.reshape(-1), shared.h, shared.cdf, p)
+        li, lj = moments._run_passes(passes.pairs, args, i, j)
+    left = torch.cat([torch.zeros(0, 2, dtype=torch.int64), *general])
+    assert sorted(map(tuple, left.tolist())) == sorted(zip(li.tolist(), lj.tolist(), strict=True))
+    done = torch.ones(p * p, dtype=torch.bool)
+    done[li * p + lj] = False
+    places = (i * p + j)[done[i * p + j]]
+    assert places.numel() > 900
+    assert torch.equal(got[places], alone[places])
 
 
 def test_start_beside_runs_on_the_pool_thread_and_returns_its_result():

@@ -284,9 +284,15 @@ def _pair_rho(si, sj, sigma, cflat, p: int, symmetric: bool):
     The one formula of ``_pair_front`` and ``_one_pass``."""
     denom = sigma[si] * sigma[sj]
     cij = cflat[si * p + sj] if symmetric else 0.5 * (cflat[si * p + sj] + cflat[sj * p + si])
+    return denom, _rho_of(cij, denom)
+
+
+def _rho_of(cij: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
+    """ρ = cij/denom in [−1, 1], ±1 within 4 eps of it, for denom = σiσj > 0 inside a compiled
+    pass (``_correlation``'s eager formula there: the same values)."""
     rho = (cij / denom).clamp(-1.0, 1.0)
     near = rho.abs() >= 1.0 - 4.0 * torch.finfo(rho.dtype).eps
-    return denom, torch.where(near, rho.sign(), rho)
+    return torch.where(near, rho.sign(), rho)
 
 
 def _pair_front(si, sj, sigma, cflat, h, cdf, p: int, symmetric: bool):
@@ -424,6 +430,28 @@ def _one_pass(up, si, sj, sigma, cflat, h, cdf, p: int, symmetric: bool, rule: D
     return (~(ok & rule.keep(hi, hj, rho))).to(torch.int32)
 
 
+def _band_pass(out, cr, sr, sc, hr, hc, pr, pc, rule: DirectPass, cbelow=None):
+    """``_one_pass`` by ``rule`` (not ``wide``) on the pairs right of a band of the p×p matrix,
+    rows [a, b) × columns [b, p), by broadcasting instead of gathers. ``out`` and ``cr``:
+    rows [a, b) of the result and of cov (whole rows: contiguous; b = p − σ's columns); σ, h
+    and Φ(h) of the rows (sr, hr, pr) and of the columns (sc, hc, pc); ``cbelow``: cov's
+    rows [b, p) where cov is not exactly symmetric (Σ_ij then read as (Σ_ij + Σ_ji)/2).
+    σiσj·C written to ``out``'s columns [b, p) in place. Returns int32 (b − a) × (p − b): 1
+    where that value is not final, as ``_one_pass``'s flags. The same formula in the same
+    order as ``_one_pass`` (``_pair_rho``, ρΦ(h_i)Φ(h_j)): the same values bit for bit. Whole
+    rows in, not 2-d views of the block: their strides and offsets did not trace."""
+    b = out.shape[1] - sc.shape[0]
+    cb = cr[:, b:]
+    if cbelow is not None:
+        cb = 0.5 * (cb + cbelow[:, b - sr.shape[0] : b].mT)
+    s12 = sr[:, None] * sc[None, :]
+    rho = _rho_of(cb, s12)
+    hi, hj = hr[:, None].expand_as(rho), hc[None, :].expand_as(rho)
+    c, ok = rule.values(hi, hj, rho, rho * pr[:, None] * pc[None, :])
+    out[:, b:].copy_(s12 * c.to(s12.dtype))
+    return (~(ok & rule.keep(hi, hj, rho))).to(torch.int32)
+
+
 def _one_pass_bulk(
     up: torch.Tensor,
     mean: torch.Tensor,
@@ -437,12 +465,13 @@ def _one_pass_bulk(
     matrix) where the compiled bulk applies to one unbatched problem with every
     σ > 0; returns E[relu(z)], or None (nothing written: the caller takes the general path).
 
-    The strict pairs, in ranges of whole rows (at most about ``chunk`` pairs each), go
-    through the compiled passes of ``direct_passes`` in their own order (``_one_pass``), each
-    on the pairs the ones before left: no sort, no gathers into group order, no scatter back,
-    no per-pair arrays. The first evaluates every pair by the rule of ``DIRECT_ONE_PASS`` and
-    keeps the |ρ| groups that rule covers; the next take the other groups, the wide one and
-    the ρ < 0 tail route. The pairs still left take the general path (``_pair_covariances``,
+    The strict pairs, in ranges of whole bands of ``PASS_BAND`` rows (at most about
+    ``chunk`` pairs each), go through the compiled passes of ``direct_passes`` in their own
+    order, each on the pairs the ones before left: no sort, no gathers into group order, no
+    scatter back, no per-pair arrays. The first evaluates every pair by the rule of
+    ``DIRECT_ONE_PASS`` (the pairs right of each band by ``_band_pass``, without gathers;
+    those in its diagonal block by ``_one_pass``) and keeps the |ρ| groups that rule covers;
+    the next (``_one_pass``) take the other groups, the wide one and the ρ < 0 tail route. The pairs still left take the general path (``_pair_covariances``,
     ``chunk`` pairs at a time); the diagonal is the ReLU variances.
 
     ``threads``: the passes run on up to that many threads, each taking the next range as it
@@ -468,10 +497,10 @@ def _one_pass_bulk(
     # the ReLU means and variances on the pool's thread while this one takes the first range
     # (at 1 thread: here, after the ranges)
     moments = start_beside(functools.partial(_relu_mean_variance, mean, sigma), threads)
-    block = _row_block(p, chunk, mean.device)
-    run = functools.partial(_run_rows, passes, args, block)
-    # ranges of whole rows, at most about ``chunk`` pairs each (their pair indices)
-    left = run_split(run, block.starts[-1], threads, bounds=block.starts[1:], most=chunk)
+    bands = _bands(p, PASS_BAND)
+    run = functools.partial(_run_rows, passes, args, bands)
+    # ranges of whole bands, at most about ``chunk`` pairs each (their pair indices)
+    left = run_split(run, bands.starts[-1], threads, bounds=bands.bounds, most=chunk)
     shared = _Shared(*moments(), symmetric, direct, h, cdf)
     up.view(p, p).diagonal().copy_(shared.var)  # the diagonal: the ReLU variances
     none = torch.zeros(0, dtype=torch.int64, device=mean.device)
@@ -496,49 +525,92 @@ def _row_starts(p: int) -> tuple[int, ...]:
     return (0, *itertools.accumulate(p - 1 - r for r in range(p)))
 
 
-class _RowBlock(NamedTuple):
-    """The strict upper-triangle pairs of a p×p matrix for ``_run_rows``: where its rows start
-    among them (``_row_starts``), and the pairs (i, j) where they are cached (p² within
-    ``chunk``: ``_one_pair_block``; else None, each range making its own)."""
+class _Bands(NamedTuple):
+    """The strict upper-triangle pairs of a p×p matrix in bands of ``band`` rows, for
+    ``_run_rows``: where each row starts among the pairs (``_row_starts``); ``bounds``: where
+    each band ends among them (the ranges of ``run_split`` end there: whole bands)."""
 
     p: int
+    band: int
     starts: tuple[int, ...]
-    i: torch.Tensor | None = None
-    j: torch.Tensor | None = None
+    bounds: tuple[int, ...]
 
     def rows(self, start: int, stop: int) -> tuple[int, int]:
-        """The rows [a, b) whose strict pairs are [start, stop) (whole rows)."""
-        return bisect.bisect_left(self.starts, start), bisect.bisect_left(self.starts, stop)
+        """The rows [a, b) whose strict pairs are [start, stop) (whole bands); the last row
+        (no strict pair) with the range that ends the matrix."""
+        b = bisect.bisect_left(self.starts, stop)
+        return bisect.bisect_left(self.starts, start), self.p if stop == self.starts[-1] else b
 
-    def pairs(self, start: int, stop: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(i, j) of the strict pairs [start, stop): slices of the cached ones, or made for
-        those rows in the calling thread (``_row_pairs``)."""
-        if self.i is not None:
-            return self.i[start:stop], self.j[start:stop]
-        return _row_pairs(self.p, *self.rows(start, stop), device)
+    def split(self, a: int, b: int) -> tuple[tuple[int, int], ...]:
+        """Rows [a, b) (a whole range) as bands [a2, b2) of ``band`` rows from a, the last
+        taking up to two rows after it: the pairs right of a band are none or at least 3
+        columns wide (a size 1 is a signature of its own, ``compiled_graph``)."""
+        return _split(a, b, self.band)
 
-
-def _row_block(p: int, chunk: int, device) -> _RowBlock:
-    """All the rows as one ``_RowBlock``: with the cached pairs of ``_one_pair_block`` where
-    ``chunk`` holds them all (p² ≤ chunk, as ``_pair_blocks_nd``), else without (each range
-    makes its own). One ``run_split`` over all the rows: at p = 2048 (2 threads, float64,
-    default ``chunk``) four blocks with a ``run_split`` each took 1.17× the time of the cached
-    single block (0.0992 vs 0.0845 s; each range making its indices), all the rows in one
-    1.07× (0.0981 vs 0.0919 s, another run); with each block's indices made on the calling
-    thread, 1.27× (0.107 vs 0.0843 s)."""
-    if max(1, chunk // max(p, 1)) >= p:
-        i, j, _ = _one_pair_block(p, torch.device(device))
-        return _RowBlock(p, _row_starts(p), i, j)
-    return _RowBlock(p, _row_starts(p))
+    def diagonal_blocks(self, a: int, b: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(i, j): the strict pairs inside the diagonal blocks of the bands of rows [a, b)
+        (the pairs ``_band_pass`` does not take), cached (a thread count makes the same
+        ranges on every call)."""
+        return _diagonal_blocks(a, b, self.band, torch.device(device))
 
 
-def _run_rows(passes: list, args: tuple, block: _RowBlock, start: int, stop: int):
-    """``_run_passes`` on the block's pairs [start, stop) (whole rows), then those rows'
-    mirror image (``_mirror_rows``) by the thread that wrote them. A pair the passes leave is
-    written to both places later, by the general path. Returns the pairs left."""
-    up, p = args[0], args[-1]
-    left = _run_passes(passes, args, *block.pairs(start, stop, up.device))
-    _mirror_rows(up.view(p, p), *block.rows(start, stop))
+@functools.lru_cache(maxsize=64)
+def _split(a: int, b: int, band: int) -> tuple[tuple[int, int], ...]:
+    out = []
+    for a2 in range(a, b, band):
+        out.append((a2, b if b - (a2 + band) <= 2 else a2 + band))
+        if out[-1][1] == b:
+            break
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=64)
+def _diagonal_blocks(a: int, b: int, band: int, device: torch.device):
+    ij = [
+        torch.triu_indices(b2 - a2, b2 - a2, 1, device=device) + a2 for a2, b2 in _split(a, b, band)
+    ]
+    return torch.cat([x[0] for x in ij]), torch.cat([x[1] for x in ij])
+
+
+@functools.lru_cache(maxsize=4)
+def _bands(p: int, band: int) -> _Bands:
+    """``_Bands`` of p rows in bands of ``band``."""
+    starts = _row_starts(p)
+    ends = (starts[min(p, r)] for r in range(band, p + band, band))
+    return _Bands(p, band, starts, tuple(sorted(set(ends))))
+
+
+#: rows per band of the first compiled pass (``_band_pass``: rows [a, a + PASS_BAND) ×
+#: columns [a + PASS_BAND, p); each band's diagonal block by the pass on pairs). The
+#: measurements are in the README (session 39).
+PASS_BAND = 128
+
+
+def _run_rows(passes: _Passes, args: tuple, bands: _Bands, start: int, stop: int):
+    """The pairs [start, stop) (whole bands): the pairs right of each band through the first
+    pass on bands (``_band_pass``), those in the bands' diagonal blocks through the first pass
+    on pairs, the pairs they leave through the other passes in turn (``_run_passes``), then
+    those rows' mirror image (``_mirror_rows``), all by the calling thread. A pair the passes
+    leave is written to both places later, by the general path. Returns the pairs left."""
+    up, sigma, cflat, h, cdf, p = args
+    full, cov = up.view(p, p), cflat.view(p, p)
+    a, b = bands.rows(start, stop)
+    li, lj = [], []
+    with torch.no_grad():  # as ``_run_passes``
+        for a2, b2 in bands.split(a, b):
+            if b2 == p:
+                continue
+            rows, cols = slice(a2, b2), slice(b2, p)
+            ins = (full[rows], cov[rows], cov[cols], sigma[rows], sigma[cols], h[rows])
+            flag = passes.band(*ins, h[cols], cdf[rows], cdf[cols])
+            # row a2 + r, column b2 + c of the flags' place r·(p − b2) + c (NumPy: one call
+            # for what took four torch calls, about 30 µs per band)
+            r, c = np.divmod(_left(flag.view(-1)).numpy(), p - b2)
+            li.append(torch.from_numpy(r + a2))
+            lj.append(torch.from_numpy(c + b2))
+    di, dj = _run_passes(passes.pairs[:1], args, *bands.diagonal_blocks(a, b, up.device))
+    left = _run_passes(passes.pairs[1:], args, torch.cat([di, *li]), torch.cat([dj, *lj]))
+    _mirror_rows(full, a, b)
     return left
 
 
@@ -619,24 +691,40 @@ def _left(flag: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.flatnonzero(low))
 
 
-def _pass_kernels(like: torch.Tensor, symmetric: bool) -> list | None:
-    """The compiled ``_one_pass`` of each of ``direct_passes`` for ``like``'s dtype, or None
-    where the compiled bulk does not apply (``torch_support.compiled``). Their indices are
-    built by ``_one_pass_bulk`` (in range)."""
+class _Passes(NamedTuple):
+    """The compiled passes of ``direct_passes``: the first on the pairs right of a band
+    (``_band_pass``), and each on pairs (``_one_pass``)."""
+
+    band: Callable
+    pairs: list
+
+
+def _pass_kernels(like: torch.Tensor, symmetric: bool) -> _Passes | None:
+    """``_Passes`` for ``like``'s dtype, or None where the compiled bulk does not apply
+    (``torch_support.compiled``). Their indices are built by ``_one_pass_bulk`` (in range)."""
     runs = []
-    for rule in direct_passes(like.dtype == torch.float64):
-        name = f"{rule.name}:{like.dtype}:{symmetric}"
-        fn = _pass_fn(rule, symmetric)
+    rules = direct_passes(like.dtype == torch.float64)
+    for rule, band in ((rules[0], True), *((r, False) for r in rules)):
+        name = f"{rule.name}:{like.dtype}:{symmetric}:{'band' if band else 'pairs'}"
+        fn = _pass_fn(rule, symmetric, band)
         run = compiled_graph(like, name, fn, indices_in_range=True, releases_gil=True)
         if run is None:
             return None
         runs.append(run)
-    return runs
+    return _Passes(runs[0], runs[1:])
 
 
-@functools.cache  # 7 rules (both dtypes) × symmetric or not
-def _pass_fn(rule: DirectPass, symmetric: bool):
-    """``_one_pass`` with its rule bound, under a code object of its own."""
+@functools.cache  # 7 rules (both dtypes) × symmetric or not × on bands or pairs
+def _pass_fn(rule: DirectPass, symmetric: bool, band: bool = False):
+    """``_one_pass`` (``band``: ``_band_pass``) with its rule bound, under a code object of
+    its own."""
+    if band:
+
+        def run(out, cr, cbelow, sr, sc, hr, hc, pr, pc):  # tensors (``compiled_graph``)
+            below = None if symmetric else cbelow
+            return _band_pass(out, cr, sr, sc, hr, hc, pr, pc, rule, below)
+
+        return renamed(run, f"{rule.name}_band")
 
     def run(up, si, sj, sigma, cflat, h, cdf):  # tensors only (``compiled_graph``); p = σ's size
         return _one_pass(up, si, sj, sigma, cflat, h, cdf, sigma.shape[0], symmetric, rule)
