@@ -791,7 +791,7 @@ def relu_moments(
             applies (eager CPU tensors outside autograd; elsewhere, e.g. CUDA or
             ``requires_grad``, the call is the default one). The same values to a few eps
             (within the routes' accuracy: tests/test_pair_direct.py); the first call per
-            process and dtype compiles (on a 2-core AMD EPYC: 102–179 s with inductor's
+            process and dtype compiles (on a 2-core AMD EPYC: 96–179 s with inductor's
             disk cache empty, 3–6 s with it warm; ``nm bench floor --compiled`` reports
             it); needs a C++ compiler. Its passes then run on torch's thread count of
             threads (``torchbridge.pair_split``: ranges of pairs taken as threads come free;
