@@ -471,8 +471,9 @@ def _one_pass_bulk(
     scatter back, no per-pair arrays. The first evaluates every pair by the rule of
     ``DIRECT_ONE_PASS`` (the pairs right of each band by ``_band_pass``, without gathers;
     those in its diagonal block by ``_one_pass``) and keeps the |ρ| groups that rule covers;
-    the next (``_one_pass``) take the other groups, the wide one and the ρ < 0 tail route. The pairs still left take the general path (``_pair_covariances``,
-    ``chunk`` pairs at a time); the diagonal is the ReLU variances.
+    the next (``_one_pass``) take the other groups, the wide one and the ρ < 0 tail route.
+    The pairs still left take the general path (``_pair_covariances``, ``chunk`` pairs at a
+    time); the diagonal is the ReLU variances.
 
     ``threads``: the passes run on up to that many threads, each taking the next range as it
     comes free (``run_split``; they release the GIL). Each pair is written by the thread of
@@ -556,6 +557,7 @@ class _Bands(NamedTuple):
 
 @functools.lru_cache(maxsize=64)
 def _split(a: int, b: int, band: int) -> tuple[tuple[int, int], ...]:
+    """``_Bands.split``, cached by its rows and band."""
     out = []
     for a2 in range(a, b, band):
         out.append((a2, b if b - (a2 + band) <= 2 else a2 + band))
@@ -566,6 +568,7 @@ def _split(a: int, b: int, band: int) -> tuple[tuple[int, int], ...]:
 
 @functools.lru_cache(maxsize=64)
 def _diagonal_blocks(a: int, b: int, band: int, device: torch.device):
+    """``_Bands.diagonal_blocks``, cached by its rows, band and device."""
     ij = [
         torch.triu_indices(b2 - a2, b2 - a2, 1, device=device) + a2 for a2, b2 in _split(a, b, band)
     ]
