@@ -69,6 +69,12 @@ def compiled_bulk(on: bool = True) -> Iterator[None]:
         _COMPILED_BULK[0] = old
 
 
+#: inductor options of every compiled function here. ``cpp.dynamic_threads``: a kernel's
+#: loops are split between ``omp_get_max_threads()`` threads at the call (torch's count on the
+#: calling thread: ``torch.set_num_threads``) instead of the count baked in at its compile, so
+#: one compile serves every thread count (``torchbridge.pair_split.Team`` sets it per step).
+KERNEL_OPTIONS = {"cpp.dynamic_threads": True}
+
 _COMPILE_FAILED: list = [None]  # the first compile error (then the compiled bulk is off)
 
 
@@ -84,9 +90,12 @@ def compiled(
     ``assert_indirect_indexing`` option, for this compile only).
 
     ``releases_gil``: the compiled call runs without the GIL (inductor's ``cpp_wrapper``: the
-    graph's wrapper is C++ and releases it), so that threads can run it side by side
-    (``torchbridge.pair_split``). Same kernels, same values; its first compile takes longer
-    (float64 ``relu_moments`` at p = 1024 with an empty inductor cache: 40.5 s vs 37.1 s).
+    graph's wrapper is C++ and releases it): the process's other Python threads run meanwhile.
+    Same kernels, same values; its first compile takes longer (float64 ``relu_moments`` at
+    p = 1024 with an empty inductor cache: 40.5 s vs 37.1 s).
+
+    Every kernel runs on the calling thread's torch thread count at the call, as an eager op
+    does (``KERNEL_OPTIONS``), not the count at its compile.
 
     Where compiling fails (no C++ compiler, an inductor error), the call warns once, runs
     ``fn`` eagerly, and the compiled bulk stays off for the rest of the process (an error of
@@ -96,7 +105,7 @@ def compiled(
     if torch.is_grad_enabled() and x.requires_grad:
         return None
     if name not in _COMPILED:
-        options = {}
+        options = dict(KERNEL_OPTIONS)
         if indices_in_range:
             options["assert_indirect_indexing"] = False
         if releases_gil:
@@ -125,7 +134,9 @@ def compiled_graph(
         return None
     key = f"graph:{name}"
     if key not in _COMPILED:
-        options = {"assert_indirect_indexing": False} if indices_in_range else {}
+        options = dict(KERNEL_OPTIONS)
+        if indices_in_range:
+            options["assert_indirect_indexing"] = False
         if releases_gil:
             options["cpp_wrapper"] = True
         _COMPILED[key] = _Graphs(fn, options, fallback)
@@ -202,10 +213,8 @@ RECOMPILE_LIMIT = 64
 def compile_settings() -> Iterator[None]:
     """dynamo's ``specialize_float`` on and its recompile limit at least ``RECOMPILE_LIMIT``
     inside, for the calling thread: dynamo's config is thread-local (torch 2.13), so each
-    thread that runs a compiled function sets its own (``_with_compile_settings``;
-    ``torchbridge.pair_split``'s threads too). Set and restored by hand: 6.4 µs per use
-    where ``config.patch`` of the two took 23.6 µs (about 30 compiled calls per p = 1024
-    ``relu_moments`` call at 2 threads)."""
+    thread that runs a compiled function sets its own (``_with_compile_settings``). Set and
+    restored by hand: 6.4 µs per use where ``config.patch`` of the two took 23.6 µs."""
     config = torch._dynamo.config
     old = (config.specialize_float, config.recompile_limit)
     config.specialize_float = True

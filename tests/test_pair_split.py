@@ -1,4 +1,4 @@
-"""Ranges of pairs split between threads (torchbridge.pair_split) and relu_moments on them."""
+"""The compiled bulk's thread count and ranges (torchbridge.pair_split) and relu_moments on them."""
 
 from __future__ import annotations
 
@@ -10,114 +10,119 @@ import pytest
 import torch
 
 from torchbridge import moments, pair_split
-from torchbridge.pair_split import MIN_RANGE, ranges, run_split, usable_threads
+from torchbridge.pair_split import Team, ranges
 
 
-@pytest.mark.parametrize("n", [0, 1, 5, MIN_RANGE, 3 * MIN_RANGE + 7, 523_776, 8_386_560])
-@pytest.mark.parametrize("threads", [1, 2, 3, 8])
-def test_ranges_cover_in_order_and_shrink(n, threads):
-    parts = ranges(n, threads)
+@pytest.mark.parametrize("n", [0, 1, 5, 65_536, 523_776])
+@pytest.mark.parametrize("most", [None, 1, 7, 60_000])
+def test_ranges_cover_in_order_and_keep_to_most(n, most):
+    parts = ranges(n, most=most)
     if n == 0:
         assert parts == []
         return
-    starts = [a for a, _ in parts]
-    stops = [b for _, b in parts]
-    assert starts == [0, *stops[:-1]] and stops[-1] == n
-    sizes = [b - a for a, b in parts]
-    assert all(s > 0 for s in sizes)
-    if threads == 1:
-        assert len(parts) == 1
-    else:  # guided: never growing, each at least MIN_RANGE but the last
-        assert sizes == sorted(sizes, reverse=True)
-        assert all(s >= MIN_RANGE for s in sizes[:-1])
-        assert sizes[0] == min(n, max(MIN_RANGE, n // threads))
-
-
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_ranges_stop_only_at_the_given_bounds(threads):
-    """With ``bounds`` (here the starts of the rows of p = 700's strict upper triangle) every
-    range stops at a bound, the first at the first bound at or after its guided size."""
-    p = 700
-    bounds = list(itertools.accumulate(p - 1 - r for r in range(p)))
-    n = bounds[-1]
-    parts = ranges(n, threads, bounds)
     assert [a for a, _ in parts] == [0, *(b for _, b in parts[:-1])] and parts[-1][1] == n
-    assert all(b in bounds for _, b in parts) and all(b > a for a, b in parts)
-    if threads > 1:
-        size = max(MIN_RANGE, n // threads)
-        assert parts[0][1] == min(b for b in bounds if b >= size)
-        assert len(parts) > 1
+    sizes = [b - a for a, b in parts]
+    if most is None:
+        assert len(parts) == 1
+    else:  # each ``most`` but the last
+        assert all(s == most for s in sizes[:-1]) and 0 < sizes[-1] <= most
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_ranges_keep_to_most(threads):
-    """``most`` bounds every range (a memory bound), at 1 thread too; with row ``bounds`` a
-    range may pass it by less than a row."""
-    n = 3 * MIN_RANGE + 11
-    parts = ranges(n, threads, most=MIN_RANGE // 2)
-    assert parts[0][0] == 0 and parts[-1][1] == n
-    assert all(b - a <= MIN_RANGE // 2 for a, b in parts) and len(parts) >= 7
+def test_ranges_stop_only_at_the_given_bounds():
+    """With ``bounds`` (here the starts of the rows of p = 700's strict upper triangle) every
+    range stops at a bound, the first at or after ``most`` pairs."""
     p = 700
     bounds = list(itertools.accumulate(p - 1 - r for r in range(p)))
-    rows = ranges(bounds[-1], threads, bounds, most=5000)
-    assert all(b in bounds and b - a < 5000 + p for a, b in rows)
+    rows = ranges(bounds[-1], bounds, most=5000)
+    assert all(b in bounds and 5000 <= b - a < 5000 + p for a, b in rows[:-1])
     assert [a for a, _ in rows] == [0, *(b for _, b in rows[:-1])] and rows[-1][1] == bounds[-1]
+    assert ranges(bounds[-1], bounds) == [(0, bounds[-1])]
 
 
-def test_usable_threads_leaves_out_busy_cpus(monkeypatch):
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def test_team_leaves_out_busy_cpus(monkeypatch):
+    cpus = _cpus()
     monkeypatch.setattr(pair_split, "_cpu_quota", lambda: None)
     monkeypatch.setattr(pair_split, "_other_running", lambda: 0)
-    assert usable_threads(0) == 1 and usable_threads(1) == 1
-    assert usable_threads(64) == min(64, cpus)
+    assert Team(0).threads == 1 and Team(1).threads == 1
+    assert Team(64).threads == min(64, cpus)
     monkeypatch.setattr(pair_split, "_other_running", lambda: 1)  # a busy process elsewhere
-    assert usable_threads(64) == max(1, cpus - 1)
+    assert Team(64).threads == max(1, cpus - 1)
     monkeypatch.setattr(pair_split, "_other_running", lambda: 10 * cpus)
-    assert usable_threads(64) == 1
+    assert Team(64).threads == 1
+    monkeypatch.setattr(pair_split, "_other_running", lambda: 1 / 0)  # never read at 1 thread
+    assert Team(1).threads == 1 and Team(1).settle() == 1
 
 
-def test_usable_threads_counts_only_tasks_both_reads_saw(monkeypatch):
-    """With an earlier read of the load (``other_tasks``), a task counts only where both reads
-    saw it: one that ran for a moment at either read takes no thread."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+def test_team_counts_only_tasks_both_reads_saw(monkeypatch):
+    """After ``settle`` (the second read), a task counts only where both reads saw it: one that
+    ran for a moment at either read takes no thread."""
+    cpus = _cpus()
     monkeypatch.setattr(pair_split, "_cpu_quota", lambda: None)
-    monkeypatch.setattr(pair_split, "_other_running", lambda: 1)
-    assert usable_threads(64, earlier=0) == min(64, cpus)  # gone by the second read
-    assert usable_threads(64, earlier=1) == max(1, cpus - 1)  # seen by both: busy
-    assert pair_split.other_tasks(2) == 1
+    reads = iter([0, 1])  # gone by the second read... here: came by it
+    monkeypatch.setattr(pair_split, "_other_running", lambda: next(reads))
+    assert Team(64).settle() == min(64, cpus)
+    reads = iter([1, 1])  # seen by both: busy
+    assert Team(64).settle() == max(1, cpus - 1)
+    reads = iter([1, 0])  # at the first read only
+    team = Team(64)
+    assert team.threads == max(1, cpus - 1) and team.settle() == min(64, cpus)
+
+
+def test_team_step_sets_torch_threads_and_restores_them(monkeypatch):
     monkeypatch.setattr(pair_split, "_other_running", lambda: 0)
-    assert usable_threads(64, earlier=1) == min(64, cpus)  # a task at the first read only
-    monkeypatch.setattr(pair_split, "_other_running", lambda: 1 / 0)  # never read
-    assert pair_split.other_tasks(1) is None and usable_threads(1, earlier=5) == 1
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        team = Team(2)
+        with team.step() as n:
+            assert n == team.threads == min(2, _cpus()) and torch.get_num_threads() == n
+        assert torch.get_num_threads() == 1
+        with pytest.raises(KeyError), team.step():  # restored after an error too
+            raise KeyError
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(old)
 
 
-def test_relu_moments_reads_the_load_before_its_checks(monkeypatch):
-    """``relu_moments(..., compiled=True)`` at 2 threads reads the load at its start and
-    hands that read to ``usable_threads`` (the second read, before the passes)."""
+def test_relu_moments_reads_the_load_twice_and_checks_on_the_team(monkeypatch):
+    """``relu_moments(..., compiled=True)`` at 2 threads reads the load at its start (its
+    argument checks then run on the team) and again before the passes; at 1 thread it reads
+    nothing and runs on 1 thread."""
     from torchbridge.experiments.bench_kernels import random_problem
 
     mean, cov = random_problem(24, 1)
     relu_moments = moments.relu_moments
-    relu_moments(mean, cov, check_psd=False, compiled=True)  # compiles (then on 1 thread)
-    reads, seen = [], []
+    relu_moments(mean, cov, check_psd=False, compiled=True)  # compiles
+    reads, checks, passes = [], [], []
+    real_validate, real_passes = moments._validate, moments._run_passes
 
-    def first(requested):
-        reads.append(requested)
-        return 7
+    def validate(*args):
+        checks.append(torch.get_num_threads())
+        return real_validate(*args)
 
-    def second(requested, earlier=None):
-        seen.append((requested, earlier))
-        return 1
+    def run_passes(*args):
+        passes.append(torch.get_num_threads())
+        return real_passes(*args)
 
-    monkeypatch.setattr(moments, "other_tasks", first)
-    monkeypatch.setattr(moments, "usable_threads", second)
+    monkeypatch.setattr(pair_split, "_other_running", lambda: reads.append(1) or 0)
+    monkeypatch.setattr(moments, "_validate", validate)
+    monkeypatch.setattr(moments, "_run_passes", run_passes)
     old = torch.get_num_threads()
-    torch.set_num_threads(2)
     try:
-        relu_moments(mean, cov, check_psd=False, compiled=True)
+        for t in (2, 1):
+            torch.set_num_threads(t)
+            reads.clear(), checks.clear(), passes.clear()
+            relu_moments(mean, cov, check_psd=False, compiled=True)
+            want = min(t, _cpus())
+            assert len(reads) == (2 if t > 1 else 0) and checks == [want]
+            assert passes and set(passes) == {want}
+            assert torch.get_num_threads() == t
     finally:
         torch.set_num_threads(old)
-    assert reads == [2] and seen == [(2, 7)]
 
 
 def test_other_running_counts_runnable_tasks():
@@ -169,75 +174,27 @@ def test_own_running_sees_a_busy_thread():
     assert capped == 1  # counting stops at ``most``
 
 
-def test_run_split_uses_the_helpers_and_keeps_range_order():
-    """Two threads in fn at once (a barrier that times out otherwise), results in range order."""
-    n = 6 * MIN_RANGE
-    both = threading.Barrier(2, timeout=30)
-    seen = set()
-
-    def fn(a, b):
-        if threading.get_ident() not in seen:  # each thread's first range meets the other's
-            seen.add(threading.get_ident())
-            try:
-                both.wait()
-            except threading.BrokenBarrierError:
-                pass
-        return a, b
-
-    got = run_split(fn, n, 2)
-    assert got == ranges(n, 2)
-    assert len(seen) == 2 and not both.broken
-
-
-def test_run_split_raises_after_every_started_range_is_done():
-    """The first error is raised once no range is running; the ranges not started are
-    skipped."""
-    n = 12 * MIN_RANGE
-    running = [0]
-    lock = threading.Lock()
-    done = []
-
-    def fn(a, b):
-        with lock:
-            running[0] += 1
-        try:
-            if a == ranges(n, 2)[1][0]:
-                raise KeyError("range 1")
-            threading.Event().wait(0.02)
-            return a
-        finally:
-            with lock:
-                running[0] -= 1
-                done.append(a)
-
-    with pytest.raises(KeyError, match="range 1"):
-        run_split(fn, n, 2)
-    assert running[0] == 0  # nobody still writes after the call
-    assert len(done) < len(ranges(n, 2))
-
-
 def test_relu_moments_compiled_is_the_same_at_any_thread_count(monkeypatch):
-    """p = 600 (3 ranges at 2 threads): the compiled call at torch thread counts 1 and 2 gives
-    bit-identical mean and covariance, exactly symmetric; once compiled, the 2-thread call
-    splits the passes between 2 threads where this process may run on 2 CPUs, and the
-    caller's thread count is restored."""
+    """p = 600: the compiled call at torch thread counts 1 and 2 gives bit-identical mean and
+    covariance, exactly symmetric; the 2-thread call runs its passes on 2 threads where this
+    process may run on 2 CPUs, and the caller's thread count is restored."""
     g = torch.Generator().manual_seed(7)
     w = torch.randn(600, 6, generator=g, dtype=torch.float64)
     cov = w @ w.T / 6 + 0.05 * torch.eye(600, dtype=torch.float64)
     mean = torch.randn(600, generator=g, dtype=torch.float64)
     calls = []
-    split = moments.run_split
+    real = moments._run_passes
 
-    def recorded(fn, n, threads, bounds=None, most=None):
-        calls.append(threads)
-        return split(fn, n, threads, bounds, most)
+    def recorded(*args):
+        calls.append(torch.get_num_threads())
+        return real(*args)
 
-    monkeypatch.setattr(moments, "run_split", recorded)
+    monkeypatch.setattr(moments, "_run_passes", recorded)
     monkeypatch.setattr(pair_split, "_other_running", lambda: 0)  # as on an idle machine
     before = torch.get_num_threads()
     try:
         outs = {}
-        for t in (1, 2, 1, 2):  # the first call compiles (on one thread)
+        for t in (1, 2, 1, 2):  # the first call compiles
             torch.set_num_threads(t)
             calls.clear()
             outs[t] = moments.relu_moments(mean, cov, check_psd=False, compiled=True)
@@ -246,10 +203,9 @@ def test_relu_moments_compiled_is_the_same_at_any_thread_count(monkeypatch):
         torch.set_num_threads(before)
     assert torch.equal(outs[1][0], outs[2][0]) and torch.equal(outs[1][1], outs[2][1])
     assert torch.equal(outs[2][1], outs[2][1].T)
-    assert len(ranges(600 * 599 // 2, 2)) == 3
-    assert calls == [usable_threads(2)]  # the last call: 2 threads, compiled already
+    assert calls and set(calls) == {min(2, _cpus())}  # the last call
     # ``chunk`` below p²: ranges of at most about 180,000 pairs (whole bands), each
-    # mirrored by its thread; the same matrix
+    # mirrored after its passes; the same matrix
     torch.set_num_threads(2)
     try:
         blocks = moments.relu_moments(mean, cov, check_psd=False, compiled=True, chunk=300 * 600)
@@ -261,8 +217,8 @@ def test_relu_moments_compiled_is_the_same_at_any_thread_count(monkeypatch):
     eager = moments.relu_moments(mean, cov, check_psd=False)[1]
     err = (outs[2][1] - eager).abs()
     assert bool((err <= 64 * torch.finfo(torch.float64).eps * eager.abs()).all())
-    # the helper threads run in the caller's grad and inference modes (torch's are per thread:
-    # an inference tensor written outside inference mode is an error)
+    # in the caller's grad and inference modes (an inference tensor written outside inference
+    # mode is an error)
     torch.set_num_threads(2)
     try:
         for mode in (torch.no_grad, torch.inference_mode):
@@ -273,37 +229,10 @@ def test_relu_moments_compiled_is_the_same_at_any_thread_count(monkeypatch):
         torch.set_num_threads(before)
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
-def test_run_split_works_in_a_forked_child():
-    """After the parent used its pool, a forked child's call still uses two threads and
-    returns (it would wait forever on the parent's pool, whose threads it does not have)."""
-    import multiprocessing
-
-    n = 6 * MIN_RANGE
-    assert run_split(lambda a, b: b - a, n, 2) == [b - a for a, b in ranges(n, 2)]
-    ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(1) as pool:
-        got = pool.apply_async(_child_split, (n,)).get(timeout=60)
-    assert got == (sum(b - a for a, b in ranges(n, 2)), 2)
-
-
-def _child_split(n: int) -> tuple[int, int]:
-    seen = set()
-    both = threading.Barrier(2, timeout=30)
-
-    def fn(a, b):
-        if threading.get_ident() not in seen:
-            seen.add(threading.get_ident())
-            both.wait()
-        return b - a
-
-    return sum(run_split(fn, n, 2)), len(seen)
-
-
 def test_compile_settings_are_per_thread():
     """dynamo's config is thread-local: ``compile_settings`` in one thread leaves another's
     ``specialize_float`` alone, and each thread's is restored when it leaves, in any order
-    (the pair_split threads set their own around each compiled call)."""
+    (a thread that calls a compiled function sets its own around the call)."""
     from nmruntime.torch_support import compile_settings
 
     config = torch._dynamo.config
@@ -353,27 +282,6 @@ def test_compile_settings_are_per_thread():
     assert config.recompile_limit == limit
 
 
-@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference"])
-def test_run_split_runs_the_helpers_in_the_callers_modes(mode):
-    """torch's grad and inference modes are per thread: every range sees the caller's."""
-    n = 6 * MIN_RANGE
-    both = threading.Barrier(2, timeout=30)
-    seen, modes = set(), []
-
-    def fn(a, b):
-        if threading.get_ident() not in seen:  # both threads take part
-            seen.add(threading.get_ident())
-            both.wait()
-        modes.append((torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
-        return a
-
-    ctx = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference": torch.inference_mode}
-    with ctx[mode]():
-        want = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-        run_split(fn, n, 2)
-    assert len(seen) == 2 and set(modes) == {want}
-
-
 @pytest.mark.parametrize(
     ("v2", "v1", "want"),
     [
@@ -399,16 +307,16 @@ def test_cpu_quota_reads_the_cgroup_files(tmp_path, monkeypatch, v2, v1, want):
     assert pair_split._cpu_quota() == want
 
 
-def test_usable_threads_keeps_to_the_cpu_quota(monkeypatch):
+def test_team_keeps_to_the_cpu_quota(monkeypatch):
     """A container limited to 1.5 CPUs that sees more: at most 2 threads; to 0.5: 1."""
     monkeypatch.setattr(pair_split, "_other_running", lambda: 0)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = _cpus()
     monkeypatch.setattr(pair_split, "_cpu_quota", lambda: 1.5)
-    assert usable_threads(64) == min(cpus, 2)
+    assert Team(64).threads == min(cpus, 2)
     monkeypatch.setattr(pair_split, "_cpu_quota", lambda: 0.5)
-    assert usable_threads(64) == 1
+    assert Team(64).threads == 1
     monkeypatch.setattr(pair_split, "_cpu_quota", lambda: None)
-    assert usable_threads(64) == cpus
+    assert Team(64).threads == cpus
 
 
 def test_relu_moments_compiled_with_a_block_per_row():
@@ -514,60 +422,3 @@ def test_band_pass_gives_each_pair_the_bits_of_the_pair_pass(monkeypatch, dtype,
     places = (i * p + j)[done[i * p + j]]
     assert places.numel() > 900
     assert torch.equal(got[places], alone[places])
-
-
-def test_start_beside_runs_on_the_pool_thread_and_returns_its_result():
-    """At 2 threads ``start_beside`` runs the function on the pool's thread, in the caller's
-    grad mode, before the result is asked for; the waiting function returns its result or
-    raises its error. At 1 thread it runs in the caller's thread, when asked."""
-    ran: list = []
-    started = threading.Event()
-
-    def fn() -> int:
-        ran.append((threading.get_ident(), torch.is_grad_enabled()))
-        started.set()
-        return 7
-
-    with torch.no_grad():
-        wait = pair_split.start_beside(fn, 2)
-        assert started.wait(10.0)  # started without being asked
-    assert wait() == 7 and ran == [(ran[0][0], False)] and ran[0][0] != threading.get_ident()
-    ran.clear()
-    wait = pair_split.start_beside(fn, 1)
-    assert ran == []  # not yet
-    assert wait() == 7 and ran == [(threading.get_ident(), True)]
-
-    def bad() -> int:
-        raise ArithmeticError("in the pool")
-
-    with pytest.raises(ArithmeticError, match="in the pool"):
-        pair_split.start_beside(bad, 2)()
-
-
-def test_relu_moments_means_beside_the_ranges_are_the_same(monkeypatch):
-    """``relu_moments(..., compiled=True)`` at 2 threads computes the ReLU means and variances
-    on the pool's thread (``start_beside``) while the ranges run: the same values bit for bit
-    as at 1 thread, and the function ran there."""
-    from torchbridge.experiments.bench_kernels import random_problem
-
-    mean, cov = random_problem(64, 3)
-    calls: list = []
-    real = moments._relu_mean_variance
-
-    def spy(m, s):
-        calls.append(threading.get_ident())
-        return real(m, s)
-
-    monkeypatch.setattr(moments, "_relu_mean_variance", spy)
-    monkeypatch.setattr(moments, "usable_threads", lambda requested, earlier=None: requested)
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = moments.relu_moments(mean, cov, check_psd=False, compiled=True)
-        torch.set_num_threads(2)
-        calls.clear()
-        two = moments.relu_moments(mean, cov, check_psd=False, compiled=True)
-    finally:
-        torch.set_num_threads(old)
-    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
-    assert calls and calls[0] != threading.get_ident()

@@ -41,7 +41,7 @@ from torchbridge.covariance import (
     exactly_symmetric,
     require_tensor,
 )
-from torchbridge.pair_split import other_tasks, run_split, start_beside, usable_threads
+from torchbridge.pair_split import Team, ranges
 
 METHODS = ("exact", "series", "zero_mean")
 DEFAULT_CHUNK = 1 << 20
@@ -56,8 +56,9 @@ _SERIES_SLICE = 1 << 16  # pairs per series kernel call (cache-sized temporaries
 #: 0.033 s at 1 (p = 1024, loaded machine), which made the 2-thread call 1.19x the 1-thread
 #: one (0.842 s vs 0.710 s, medians of 7 interleaved repeats); with the checks inside the
 #: cap, 0.546 s (2 threads) vs 0.603 s (1 thread) in the same kind of run. With
-#: ``compiled=True`` the bulk's passes use torch's thread count in another way: Python threads,
-#: each at this cap, taking ranges of pairs as they come free (``torchbridge.pair_split``).
+#: ``compiled=True`` the bulk uses torch's thread count in another way: each of its steps (a
+#: band of rows' first pass; the other passes and the mirror image) on torch's OpenMP team at
+#: the threads the load leaves (``torchbridge.pair_split.Team``).
 PAIR_THREADS = 1
 
 
@@ -458,8 +459,7 @@ def _one_pass_bulk(
     cov: torch.Tensor,
     chunk: int,
     symmetric: bool,
-    threads: int = 1,
-    earlier: int | None = None,
+    team: Team | None = None,
 ) -> torch.Tensor | None:
     """``relu_moments``' exact covariance written straight into ``up`` (flat p·p: the whole
     matrix) where the compiled bulk applies to one unbatched problem with every
@@ -475,12 +475,9 @@ def _one_pass_bulk(
     The pairs still left take the general path (``_pair_covariances``, ``chunk`` pairs at a
     time); the diagonal is the ReLU variances.
 
-    ``threads``: the passes run on up to that many threads, each taking the next range as it
-    comes free (``run_split``; they release the GIL). Each pair is written by the thread of
-    its range, to both its places (i, j) and (j, i) (``_run_rows``): the same values at any
-    thread count, and no mirror pass after. ``earlier``: the other processes' running tasks
-    read at the start of the call (``pair_split.other_tasks``; ``usable_threads`` reads them
-    again before the passes and counts only what both reads saw)."""
+    ``team``: each band's first pass, the other passes with the mirror image of the range's
+    rows (``_run_rows``), run on torch's OpenMP team at its thread count, settled here
+    (default: 1 thread); the same values at any thread count."""
     p = mean.shape[-1]
     if mean.ndim != 1 or p < 2:
         return None
@@ -493,16 +490,15 @@ def _one_pass_bulk(
         return None
     cflat = cov.reshape(-1)
     args = (up, sigma, cflat, h, cdf, p)
-    warm = (mean.dtype, symmetric) in _PASSES_RAN  # the first call compiles on one thread
-    threads = usable_threads(threads, earlier) if warm else 1
-    # the ReLU means and variances on the pool's thread while this one takes the first range
-    # (at 1 thread: here, after the ranges)
-    moments = start_beside(functools.partial(_relu_mean_variance, mean, sigma), threads)
+    team = team or Team(1)
+    team.settle()  # the load read again (a task counts where both reads saw it)
     bands = _bands(p, PASS_BAND)
-    run = functools.partial(_run_rows, passes, args, bands)
-    # ranges of whole bands, at most about ``chunk`` pairs each (their pair indices)
-    left = run_split(run, bands.starts[-1], threads, bounds=bands.bounds, most=chunk)
-    shared = _Shared(*moments(), symmetric, direct, h, cdf)
+    run = functools.partial(_run_rows, passes, args, bands, team)
+    # ranges of whole bands, at most about ``chunk`` pairs each (a memory bound)
+    left = [run(a, b) for a, b in ranges(bands.starts[-1], bands.bounds, chunk)]
+    # the ReLU means and variances: p elements, one fused kernel (0.9 ms eagerly in float32)
+    moments = compiled_graph(mean, "relu_mean_variance", _relu_mean_variance)
+    shared = _Shared(*(moments or _relu_mean_variance)(mean, sigma), symmetric, direct, h, cdf)
     up.view(p, p).diagonal().copy_(shared.var)  # the diagonal: the ReLU variances
     none = torch.zeros(0, dtype=torch.int64, device=mean.device)
     li = torch.cat([none, *(a for a, _ in left)])
@@ -512,11 +508,7 @@ def _one_pass_bulk(
         c = _pair_covariances(mean, cflat, sigma, shared.rmean, "exact", 5, si, sj, 0, shared)
         up.index_copy_(0, si * p + sj, c)
         up.index_copy_(0, sj * p + si, c)  # and their mirror image
-    _PASSES_RAN.add((mean.dtype, symmetric))
     return shared.rmean
-
-
-_PASSES_RAN: set = set()  # (dtype, symmetric) of the passes that have run (compiled) once
 
 
 @functools.lru_cache(maxsize=4)
@@ -529,7 +521,7 @@ def _row_starts(p: int) -> tuple[int, ...]:
 class _Bands(NamedTuple):
     """The strict upper-triangle pairs of a p×p matrix in bands of ``band`` rows, for
     ``_run_rows``: where each row starts among the pairs (``_row_starts``); ``bounds``: where
-    each band ends among them (the ranges of ``run_split`` end there: whole bands)."""
+    each band ends among them (the ranges of ``pair_split.ranges`` end there: whole bands)."""
 
     p: int
     band: int
@@ -589,7 +581,7 @@ def _bands(p: int, band: int) -> _Bands:
 PASS_BAND = 128
 
 
-def _run_rows(passes: _Passes, args: tuple, bands: _Bands, start: int, stop: int):
+def _run_rows(passes: _Passes, args: tuple, bands: _Bands, team: Team, start: int, stop: int):
     """The pairs [start, stop) (whole bands): the pairs right of each band through the first
     pass on bands (``_band_pass``), those in the bands' diagonal blocks through the first pass
     on pairs, the pairs they leave through the other passes in turn (``_run_passes``), then
@@ -605,15 +597,17 @@ def _run_rows(passes: _Passes, args: tuple, bands: _Bands, start: int, stop: int
                 continue
             rows, cols = slice(a2, b2), slice(b2, p)
             ins = (full[rows], cov[rows], cov[cols], sigma[rows], sigma[cols], h[rows])
-            flag = passes.band(*ins, h[cols], cdf[rows], cdf[cols])
+            with team.step():
+                flag = passes.band(*ins, h[cols], cdf[rows], cdf[cols])
             # row a2 + r, column b2 + c of the flags' place r·(p − b2) + c (NumPy: one call
             # for what took four torch calls, about 30 µs per band)
             r, c = np.divmod(_left(flag.view(-1)).numpy(), p - b2)
             li.append(torch.from_numpy(r + a2))
             lj.append(torch.from_numpy(c + b2))
-    di, dj = _run_passes(passes.pairs[:1], args, *bands.diagonal_blocks(a, b, up.device))
-    left = _run_passes(passes.pairs[1:], args, torch.cat([di, *li]), torch.cat([dj, *lj]))
-    _mirror_rows(full, a, b)
+    with team.step():
+        di, dj = _run_passes(passes.pairs[:1], args, *bands.diagonal_blocks(a, b, up.device))
+        left = _run_passes(passes.pairs[1:], args, torch.cat([di, *li]), torch.cat([dj, *lj]))
+        _mirror_rows(full, a, b)
     return left
 
 
@@ -796,10 +790,11 @@ def relu_moments(
             (within the routes' accuracy: tests/test_pair_direct.py); the first call per
             process and dtype compiles (on a 2-core AMD EPYC: 96–179 s with inductor's
             disk cache empty, 3–6 s with it warm; ``nm bench floor --compiled`` reports
-            it); needs a C++ compiler. Its passes then run on torch's thread count of
-            threads (``torchbridge.pair_split``: ranges of pairs taken as threads come free;
-            the same values at any count), each thread also writing the mirror image of its
-            rows; the rest of the call on one thread.
+            it); needs a C++ compiler. Its steps (the checks' symmetry pass, each band of
+            rows' passes, the mirror image) then run on torch's OpenMP team at torch's
+            thread count less the CPUs other processes keep busy (read at the call's start
+            and before the passes: ``torchbridge.pair_split.Team``; the same values at any
+            count); the rest of the call on one thread.
 
     Returns:
         (out_mean ``batch_shape x p``, out_cov ``batch_shape x p x p``); out_cov is exactly
@@ -809,15 +804,16 @@ def relu_moments(
     _check_method(method, terms)
     bulk = compiled_bulk() if compiled else contextlib.nullcontext()
     with _pair_threads() as threads, bulk:  # the whole call, validation included (PAIR_THREADS)
-        # the load, read a first time before the checks (the compiled bulk's thread count)
-        earlier = other_tasks(threads) if compiled and method == "exact" else None
-        symmetric = _validate(mean, cov, check_psd)
+        # the compiled bulk's steps on torch's OpenMP team (the load read a first time here)
+        team = Team(threads if compiled and method == "exact" else 1)
+        with team.step():  # the checks' symmetry pass, compiled with the bulk
+            symmetric = _validate(mean, cov, check_psd)
         p = mean.shape[-1]
         batch = torch.broadcast_shapes(mean.shape[:-1], cov.shape[:-2])
         mean, cov = mean.expand(*batch, p), cov.expand(*batch, p, p)  # views, never written
         # written below: all of it by the compiled bulk, else the upper triangle and mirrored
         up = mean.new_empty(*mean.shape[:-1], p * p)
-        bulk_args = (up, mean, cov, chunk, symmetric, threads, earlier)
+        bulk_args = (up, mean, cov, chunk, symmetric, team)
         rmean = _one_pass_bulk(*bulk_args) if method == "exact" else None
         if rmean is not None:  # the passes wrote both triangles
             return rmean, up.reshape(*mean.shape, p)

@@ -13,7 +13,7 @@ of ``--dtypes``:
 * **exact**: ``relu_moments(..., "exact", check_psd=False)`` (ours);
 * with ``--compiled``: **exact, compiled bulk** (the same call inside
   ``nmruntime.torch_support.compiled_bulk``: the pairs in a few fused ``torch.compile``
-  passes in their own order, split between the thread count's threads as they come free
+  passes in their own order, each on torch's OpenMP team at the thread count the load leaves
   (``torchbridge.pair_split``), the few pairs they leave by the other routes) and
   **DVI, torch.compile** (DVI's
   function under ``torch.compile``); their first, compiling call is reported apart;
