@@ -242,6 +242,23 @@ def test_float32_mirror_through_contiguous_copies(monkeypatch) -> None:
     assert torch.allclose(leaf.grad, torch.triu(w) + torch.triu(w.T, 1), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("p", [1, 2, 3, 40, 129])
+def test_compiled_float32_mirror_in_place(p) -> None:
+    """The compiled bulk's float32 mirror (``moments._mirror_upper``: one compiled pass in
+    place) keeps the upper triangle and the diagonal bit for bit and writes the lower one as
+    their transpose (its old values gone); float64 takes the banded copies, the same result."""
+    import torchbridge.moments as M
+    from nmruntime.torch_support import compiled_bulk
+
+    gen = torch.Generator().manual_seed(p)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(p, p, generator=gen, dtype=dtype)
+        ref = torch.triu(x) + torch.triu(x, 1).T
+        with compiled_bulk():
+            M._mirror_upper(x)
+        assert torch.equal(x, ref), dtype
+
+
 def test_eager_mirror_in_bands_keeps_values_and_gradients(monkeypatch) -> None:
     """The eager covariance's lower triangle is copied from the upper one in place, in bands
     (``moments._mirror_rows``; bands of 2 rows here, so a p = 7 problem crosses several): the
