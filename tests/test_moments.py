@@ -248,6 +248,7 @@ def test_compiled_float32_mirror_in_place(p) -> None:
     place) keeps the upper triangle and the diagonal bit for bit and writes the lower one as
     their transpose (its old values gone); float64 takes the banded copies, the same result."""
     import torchbridge.moments as M
+    from nmruntime import torch_support
     from nmruntime.torch_support import compiled_bulk
 
     gen = torch.Generator().manual_seed(p)
@@ -257,6 +258,10 @@ def test_compiled_float32_mirror_in_place(p) -> None:
         with compiled_bulk():
             M._mirror_upper(x)
         assert torch.equal(x, ref), dtype
+    # float32 went through the compiled graph (not the banded copies' fallback)
+    graphs = torch_support._COMPILED["graph:mirror_in_place"]
+    assert graphs.failed is None and graphs.runs
+    assert all(run is not graphs.fallback for run in graphs.runs.values())
 
 
 def test_eager_mirror_in_bands_keeps_values_and_gradients(monkeypatch) -> None:
