@@ -607,8 +607,8 @@ def test_relu_moments_passes_leave_the_rest_to_the_other_routes(dtype, monkeypat
         seen["general"].append(torch.stack(args[6:8], 1))
         return pair_covariances(*args)
 
-    def recorded(like, symmetric):  # the tail pass records the pairs it takes
-        runs = pass_kernels(like, symmetric)
+    def recorded(like):  # the tail pass records the pairs it takes
+        runs = pass_kernels(like)
         names = [rule.name for rule in pd.direct_passes(like.dtype == torch.float64)]
         assert names[-1] == "neg_tail_pass" and len(runs.pairs) == len(names)
 

@@ -186,6 +186,17 @@ def _mirror_upper(full: torch.Tensor) -> None:
     _mirror_rows(full, 0, full.shape[-1])
 
 
+def _symmetrised(cov: torch.Tensor) -> torch.Tensor:
+    """(Σ + Σᵀ)/2 of one p×p matrix, a new contiguous tensor: each entry (Σ_ji + Σ_ij)·0.5,
+    bit for bit the general path's (Σ_ij + Σ_ji)/2 on the pairs (``_pair_covariances``). For
+    the compiled passes, which read Σ_ij as is: with the symmetrised read inside them (a
+    strided read of Σ_ji per pair), a p = 1024 call with cov not exactly symmetric took 81.0
+    vs 15.9 ms in float32 and 78.8 vs 33.1 ms in float64 (1 thread, medians of 15, scratch
+    ``/tmp/s41/inexact.py``), and each pass was a second kernel to compile."""
+    out = cov.mT.contiguous()
+    return out.add_(cov).mul_(0.5)
+
+
 def _mirrored(x: torch.Tensor) -> torch.Tensor:
     """``_mirror(x)`` for a fresh ``x`` of the caller's: compiled where the compiled bulk is
     on; else on eager CPU in place, in bands (``_mirror_rows``: the transpose read in blocks of
@@ -430,8 +441,9 @@ def _pair_covariances(
     return torch.cat([off, var.index_select(-1, dg)], dim=-1)
 
 
-def _one_pass(up, si, sj, sigma, cflat, h, cdf, p: int, symmetric: bool, rule: DirectPass):
-    """One pass of ``_one_pass_bulk`` over the pairs (si, sj) in their own order: ρ, h, k and
+def _one_pass(up, si, sj, sigma, cflat, h, cdf, p: int, rule: DirectPass):
+    """One pass of ``_one_pass_bulk`` over the pairs (si, sj) in their own order (cov exactly
+    symmetric, ``cflat`` its p·p values: Σ_ij read as is): ρ, h, k and
     ρΦ(h)Φ(k) as ``_pair_front`` forms them, C by ``rule.values`` for every pair (``wide``:
     on h, k, ρ in float64 arithmetic, ρΦ(h)Φ(k) from float64 Φ, as the general path
     re-evaluates float32's rejects), σiσj·C written to the places i·p + j of ``up`` (flat p·p,
@@ -443,7 +455,7 @@ def _one_pass(up, si, sj, sigma, cflat, h, cdf, p: int, symmetric: bool, rule: D
     44.5 / 42.9 / 41.6 → 42.0 / 40.3 / 40.6 ms; wall time at 2 threads float32 14.4 / 13.3 /
     14.2 → 14.3 / 12.5 / 14.0 ms, float64 27.1 / 27.6 / 28.6 → 26.2 / 26.6 / 28.9 ms (the same
     values bit for bit; scratch ``/tmp/s30/ab.py``, ``abw.py``)."""
-    s12, rho = _pair_rho(si, sj, sigma, cflat, p, symmetric)
+    s12, rho = _pair_rho(si, sj, sigma, cflat, p, True)
     hi, hj = h[si], h[sj]
     if rule.wide:
         hi, hj, rho = hi.double(), hj.double(), rho.double()
@@ -454,22 +466,18 @@ def _one_pass(up, si, sj, sigma, cflat, h, cdf, p: int, symmetric: bool, rule: D
     return (~(ok & rule.keep(hi, hj, rho))).to(torch.int32)
 
 
-def _band_pass(out, cr, sr, sc, hr, hc, pr, pc, rule: DirectPass, cbelow=None):
+def _band_pass(out, cr, sr, sc, hr, hc, pr, pc, rule: DirectPass):
     """``_one_pass`` by ``rule`` (not ``wide``) on the pairs right of a band of the p×p matrix,
     rows [a, b) × columns [b, p), by broadcasting instead of gathers. ``out`` and ``cr``:
-    rows [a, b) of the result and of cov (whole rows: contiguous; b = p − σ's columns); σ, h
-    and Φ(h) of the rows (sr, hr, pr) and of the columns (sc, hc, pc); ``cbelow``: cov's
-    rows [b, p) where cov is not exactly symmetric (Σ_ij then read as (Σ_ij + Σ_ji)/2).
-    σiσj·C written to ``out``'s columns [b, p) in place. Returns int32 (b − a) × (p − b): 1
+    rows [a, b) of the result and of cov (whole rows: contiguous; b = p − σ's columns; cov
+    exactly symmetric, ``_one_pass_bulk``); σ, h and Φ(h) of the rows (sr, hr, pr) and of the
+    columns (sc, hc, pc). σiσj·C written to ``out``'s columns [b, p) in place. Returns int32 (b − a) × (p − b): 1
     where that value is not final, as ``_one_pass``'s flags. The same formula in the same
     order as ``_one_pass`` (``_pair_rho``, ρΦ(h_i)Φ(h_j)): the same values bit for bit. Whole
     rows in, not 2-d views of the block: their strides and offsets did not trace."""
     b = out.shape[1] - sc.shape[0]
-    cb = cr[:, b:]
-    if cbelow is not None:
-        cb = 0.5 * (cb + cbelow[:, b - sr.shape[0] : b].mT)
     s12 = sr[:, None] * sc[None, :]
-    rho = _rho_of(cb, s12)
+    rho = _rho_of(cr[:, b:], s12)
     hi, hj = hr[:, None].expand_as(rho), hc[None, :].expand_as(rho)
     c, ok = rule.values(hi, hj, rho, rho * pr[:, None] * pc[None, :])
     out[:, b:].copy_(s12 * c.to(s12.dtype))
@@ -497,7 +505,8 @@ def _one_pass_bulk(
     the next (``_one_pass``) take the other groups, the wide one and the ρ < 0 tail route.
     The pairs still left take the general path (``_pair_covariances``, ``chunk`` pairs at a
     time); the diagonal is the ReLU variances. The passes write the upper triangle, mirrored
-    once after all ranges (``_mirror_upper``); the general path writes both places.
+    once after all ranges (``_mirror_upper``); the general path writes both places. A cov
+    that is not exactly symmetric is read through one symmetrised p×p copy (``_symmetrised``).
 
     ``team``: each band's first pass, the other passes of each range (``_run_rows``) and the
     mirror run on torch's OpenMP team at its thread count, settled here (default: 1 thread);
@@ -505,17 +514,20 @@ def _one_pass_bulk(
     p = mean.shape[-1]
     if mean.ndim != 1 or p < 2:
         return None
-    passes = _pass_kernels(mean, symmetric)
+    passes = _pass_kernels(mean)
     if passes is None:
         return None
     sigma = _safe_sqrt(cov.diagonal())
     symmetric, direct, h, cdf = _pair_inputs(mean, cov, sigma, symmetric)
     if not direct:
         return None
-    cflat = cov.reshape(-1)
-    args = (up, sigma, cflat, h, cdf, p)
     team = team or Team(1)
     team.settle()  # the load read again (a task counts where both reads saw it)
+    if not symmetric:  # the passes read Σ_ij as is: a symmetrised copy (``_symmetrised``)
+        with team.step():
+            cov, symmetric = _symmetrised(cov), True
+    cflat = cov.reshape(-1)
+    args = (up, sigma, cflat, h, cdf, p)
     bands = _bands(p, PASS_BAND)
     run = functools.partial(_run_rows, passes, args, bands, team)
     # ranges of whole bands, at most about ``chunk`` pairs each (a memory bound)
@@ -623,7 +635,7 @@ def _run_rows(passes: _Passes, args: tuple, bands: _Bands, team: Team, start: in
             if b2 == p:
                 continue
             rows, cols = slice(a2, b2), slice(b2, p)
-            ins = (full[rows], cov[rows], cov[cols], sigma[rows], sigma[cols], h[rows])
+            ins = (full[rows], cov[rows], sigma[rows], sigma[cols], h[rows])
             with team.step():
                 flag = passes.band(*ins, h[cols], cdf[rows], cdf[cols])
             # row a2 + r, column b2 + c of the flags' place r·(p − b2) + c (NumPy: one call
@@ -722,14 +734,14 @@ class _Passes(NamedTuple):
     pairs: list
 
 
-def _pass_kernels(like: torch.Tensor, symmetric: bool) -> _Passes | None:
+def _pass_kernels(like: torch.Tensor) -> _Passes | None:
     """``_Passes`` for ``like``'s dtype, or None where the compiled bulk does not apply
     (``torch_support.compiled``). Their indices are built by ``_one_pass_bulk`` (in range)."""
     runs = []
     rules = direct_passes(like.dtype == torch.float64)
     for rule, band in ((rules[0], True), *((r, False) for r in rules)):
-        name = f"{rule.name}:{like.dtype}:{symmetric}:{'band' if band else 'pairs'}"
-        fn = _pass_fn(rule, symmetric, band)
+        name = f"{rule.name}:{like.dtype}:{'band' if band else 'pairs'}"
+        fn = _pass_fn(rule, band)
         run = compiled_graph(like, name, fn, indices_in_range=True, releases_gil=True)
         if run is None:
             return None
@@ -737,20 +749,19 @@ def _pass_kernels(like: torch.Tensor, symmetric: bool) -> _Passes | None:
     return _Passes(runs[0], runs[1:])
 
 
-@functools.cache  # 7 rules (both dtypes) × symmetric or not × on bands or pairs
-def _pass_fn(rule: DirectPass, symmetric: bool, band: bool = False):
+@functools.cache  # 7 rules (both dtypes) × on bands or pairs
+def _pass_fn(rule: DirectPass, band: bool = False):
     """``_one_pass`` (``band``: ``_band_pass``) with its rule bound, under a code object of
     its own."""
     if band:
 
-        def run(out, cr, cbelow, sr, sc, hr, hc, pr, pc):  # tensors (``compiled_graph``)
-            below = None if symmetric else cbelow
-            return _band_pass(out, cr, sr, sc, hr, hc, pr, pc, rule, below)
+        def run(out, cr, sr, sc, hr, hc, pr, pc):  # tensors (``compiled_graph``)
+            return _band_pass(out, cr, sr, sc, hr, hc, pr, pc, rule)
 
         return renamed(run, f"{rule.name}_band")
 
     def run(up, si, sj, sigma, cflat, h, cdf):  # tensors only (``compiled_graph``); p = σ's size
-        return _one_pass(up, si, sj, sigma, cflat, h, cdf, sigma.shape[0], symmetric, rule)
+        return _one_pass(up, si, sj, sigma, cflat, h, cdf, sigma.shape[0], rule)
 
     return renamed(run, rule.name)
 
@@ -820,7 +831,8 @@ def relu_moments(
             rows' passes, the mirror image) then run on torch's OpenMP team at torch's
             thread count less the CPUs other processes keep busy (read at the call's start
             and before the passes: ``torchbridge.pair_split.Team``; the same values at any
-            count); the rest of the call on one thread.
+            count); the rest of the call on one thread. A cov that is not exactly symmetric
+            is read through a symmetrised copy (p×p more memory; the same values).
 
     Returns:
         (out_mean ``batch_shape x p``, out_cov ``batch_shape x p x p``); out_cov is exactly
