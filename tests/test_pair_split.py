@@ -88,6 +88,83 @@ def test_team_step_sets_torch_threads_and_restores_them(monkeypatch):
         torch.set_num_threads(old)
 
 
+def test_a_slow_step_has_the_load_read_again(monkeypatch):
+    """A load that comes after the second read (``Team._watch``): a watched step ``SLOW``
+    times slower per unit of work than the fastest of its kind at its thread count reads the
+    load again; a task seen then takes a thread. Noise (nothing seen) keeps the count, and
+    reads stop after ``REREADS`` per call. Unwatched: 1 thread, too little work, no kind."""
+    monkeypatch.setattr(pair_split, "_cpu_quota", lambda: None)
+    monkeypatch.setattr(pair_split, "allowed_cpus", lambda: 2)
+    monkeypatch.setattr(pair_split, "_FASTEST", {})
+    busy, reads = [0], []
+    monkeypatch.setattr(pair_split, "_other_running", lambda: reads.append(1) or busy[0])
+    team = Team(2)
+    assert team.settle() == 2 and len(reads) == 2
+    team._watch("k", 1.0)  # the first of its kind: the reference
+    team._watch("k", 1.9)  # within SLOW: no read
+    assert len(reads) == 2 and pair_split._FASTEST == {"k": 1.0}
+    team._watch("k", 2.5)  # slow, nothing seen (noise): read, the count kept
+    assert len(reads) == 3 and team.threads == 2
+    busy[0] = 1
+    team._watch("k", 3.0)  # slow, a task seen: one thread from now on
+    assert len(reads) == 4 and team.threads == 1
+    other = Team(2)  # a new call: two reads, then at most REREADS after slow steps
+    busy[0] = 0
+    other.settle()
+    for _ in range(5):
+        other._watch("k", 9.0)
+    assert len(reads) == 6 + Team.REREADS and other.threads == 2
+    other._watch("k", 0.5)  # a faster one becomes the reference
+    assert pair_split._FASTEST["k"] == 0.5
+    watched = []
+    monkeypatch.setattr(Team, "_watch", lambda self, key, per: watched.append(key))
+    with other.step("band", Team.MIN_WORK) as n:
+        assert n == 2
+    with other.step("band", Team.MIN_WORK - 1), other.step(None, 10**9):
+        pass
+    one = Team(1)
+    with one.step("band", 10**9):
+        pass
+    assert watched == [("band", 2)]
+
+
+def test_a_load_after_the_second_read_sends_the_passes_to_one_thread(monkeypatch):
+    """``relu_moments(..., compiled=True)`` at 2 threads: its band steps are watched, and
+    where one is slow while another task runs, the rest of the call runs on 1 thread (the
+    slow step and the load faked: the fastest band step on record made 10 times faster, a
+    busy task seen from the third read on)."""
+    from torchbridge.experiments.bench_kernels import random_problem
+
+    monkeypatch.setattr(pair_split, "allowed_cpus", lambda: 2)
+    mean, cov = random_problem(800, 2)  # two band steps of at least MIN_WORK pairs
+    ref = moments.relu_moments(mean, cov, check_psd=False, compiled=True)[1]  # compiles
+    reads, kinds, passes = [], [], []
+    monkeypatch.setattr(pair_split, "_other_running", lambda: reads.append(1) or len(reads) > 2)
+    real_watch, real_passes = Team._watch, moments._run_passes
+
+    def watch(self, key, per_work):
+        kinds.append(key)
+        pair_split._FASTEST[key] = per_work / 10  # every band step now looks slow
+        return real_watch(self, key, per_work)
+
+    def run_passes(*args):
+        passes.append(torch.get_num_threads())
+        return real_passes(*args)
+
+    monkeypatch.setattr(Team, "_watch", watch)
+    monkeypatch.setattr(moments, "_run_passes", run_passes)
+    monkeypatch.setattr(pair_split, "_FASTEST", {})
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        got = moments.relu_moments(mean, cov, check_psd=False, compiled=True)[1]
+    finally:
+        torch.set_num_threads(old)
+    assert kinds == [(("band pass", torch.float64), 2)] and len(reads) == 3
+    assert passes and set(passes) == {1}
+    assert torch.equal(got, ref)
+
+
 def test_relu_moments_reads_the_load_twice_and_checks_on_the_team(monkeypatch):
     """``relu_moments(..., compiled=True)`` at 2 threads reads the load at its start (its
     argument checks then run on the team) and again before the passes; at 1 thread it reads

@@ -636,7 +636,8 @@ def _run_rows(passes: _Passes, args: tuple, bands: _Bands, team: Team, start: in
                 continue
             rows, cols = slice(a2, b2), slice(b2, p)
             ins = (full[rows], cov[rows], sigma[rows], sigma[cols], h[rows])
-            with team.step():
+            # watched: a load that comes after the team settled slows it down (``Team.step``)
+            with team.step(("band pass", up.dtype), (b2 - a2) * (p - b2)):
                 flag = passes.band(*ins, h[cols], cdf[rows], cdf[cols])
             # row a2 + r, column b2 + c of the flags' place r·(p − b2) + c (NumPy: one call
             # for what took four torch calls, about 30 µs per band)
@@ -829,10 +830,11 @@ def relu_moments(
             disk cache empty, 3–6 s with it warm; ``nm bench floor --compiled`` reports
             it); needs a C++ compiler. Its steps (the checks' symmetry pass, each band of
             rows' passes, the mirror image) then run on torch's OpenMP team at torch's
-            thread count less the CPUs other processes keep busy (read at the call's start
-            and before the passes: ``torchbridge.pair_split.Team``; the same values at any
-            count); the rest of the call on one thread. A cov that is not exactly symmetric
-            is read through a symmetrised copy (p×p more memory; the same values).
+            thread count less the CPUs other processes keep busy (read at the call's start,
+            before the passes and after a band step that ran slow:
+            ``torchbridge.pair_split.Team``; the same values at any count); the rest of the
+            call on one thread. A cov that is not exactly symmetric is read through a
+            symmetrised copy (p×p more memory; the same values).
 
     Returns:
         (out_mean ``batch_shape x p``, out_cov ``batch_shape x p x p``); out_cov is exactly

@@ -19,7 +19,15 @@ vs 11.44 ms, after another compiled call 11.35 vs 10.55 ms; float64 22.21 vs 26.
 
 Why the load is read. An even split waits for its slowest thread: with a busy loop on the
 other core and 2 threads forced, float64 took 97.5 ms against 41.8 ms at 1 thread (medians of
-9, scratch ``/tmp/s40/load.py``); with the load read (``Team``), 41.7 ms at 2 threads."""
+9, scratch ``/tmp/s40/load.py``); with the load read (``Team``), 41.7 ms at 2 threads.
+
+Why the band steps are watched. A load that comes after the second read is not seen by it;
+each band step then runs several times slower per pair than the fastest on record, and that
+has the load read again (``Team.step``). A busy loop on the other core, unseen by both reads,
+medians of 5–9 calls interleaved in one process (scratch ``/tmp/s41/mid.py``), 2 threads with
+the watch / without it / 1 thread: float64 p = 1024 37.4 / 40.7 / 34.0 ms, p = 2048 181.5 /
+291.9 / 161.7 ms, p = 4096 615.9 / 913.1 / 602.9 ms; float32 p = 2048 73.4 / 86.7 / 69.4 ms.
+Without a load, 688 watched steps read the load again once (nothing seen, the count kept)."""
 
 from __future__ import annotations
 
@@ -27,7 +35,8 @@ import bisect
 import contextlib
 import math
 import os
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Hashable, Iterator, Sequence
 
 import torch
 
@@ -57,14 +66,23 @@ class Team:
     saw it. A task that runs for a moment (a kernel worker, a shell) takes no thread from the
     whole call: float32 ``relu_moments(..., compiled=True)`` at p = 1024 and 2 threads, each
     call after a DVI call, ran on 1 thread in 7 of 20 calls with one read (session 36,
-    ``/tmp/s36/usable.py``). A load that comes after the second read is not seen: the steps then
-    wait for the thread that shares its core (see the module)."""
+    ``/tmp/s36/usable.py``). A load that comes after the second read slows the watched steps
+    down (``step``): a slow step has the load read again, and a task seen then counts."""
+
+    #: a watched step this many times slower per unit of work than the fastest of its kind at
+    #: its thread count in this process has the load read again (``step``)
+    SLOW = 2.0
+    #: such reads per call, at most (each 85–135 µs on the EPYC: noise cannot make many)
+    REREADS = 2
+    #: work below which a step is not watched (fixed costs and the team's wake-up dominate it)
+    MIN_WORK = 65536
 
     def __init__(self, requested: int) -> None:
         self.requested = max(1, int(requested))
         self.cpus = allowed_cpus() if self.requested > 1 else 1
         self.seen = _other_running() if self.requested > 1 else 0
         self.threads = self._count(self.seen)
+        self.rereads = 0
 
     def settle(self) -> int:
         """Read the load again; the thread count from now on counts only the tasks both reads
@@ -77,17 +95,44 @@ class Team:
         return max(1, min(self.requested, self.cpus - busy))
 
     @contextlib.contextmanager
-    def step(self) -> Iterator[int]:
+    def step(self, kind: Hashable = None, work: int = 0) -> Iterator[int]:
         """torch's intra-op thread count set to ``threads`` inside, the caller's restored
-        after; yields it."""
+        after; yields it. ``kind`` (any key: e.g. the band pass and its dtype) and ``work``
+        (e.g. its pairs): the step is watched where it ran on more than one thread and its
+        work is at least ``MIN_WORK`` (``_watch``)."""
         n, old = self.threads, torch.get_num_threads()
         if n != old:
             torch.set_num_threads(n)
+        watched = kind is not None and n > 1 and work >= self.MIN_WORK
+        start = time.perf_counter() if watched else 0.0
         try:
             yield n
         finally:
             if n != old:
                 torch.set_num_threads(old)
+        if watched:
+            self._watch((kind, n), (time.perf_counter() - start) / work)
+
+    def _watch(self, key: tuple, per_work: float) -> None:
+        """A load that came after ``settle``: an even split waits for the thread that shares
+        its core, so each step takes several times its time. A step ``SLOW`` times slower per
+        unit of work than the fastest of its key in this process has the load read again (at
+        most ``REREADS`` times per call); a task that read sees then counts, the slow step
+        being the second sign of it."""
+        fastest = _FASTEST.get(key)
+        if fastest is None or per_work < fastest:
+            _FASTEST[key] = per_work
+        if fastest is None or per_work <= self.SLOW * fastest or self.rereads >= self.REREADS:
+            return
+        self.rereads += 1
+        busy = _other_running()
+        if busy:
+            self.threads = min(self.threads, self._count(busy))
+
+
+#: the fastest time per unit of work of each watched kind of step and thread count
+#: (``Team.step``): the process's own reference for a step run under no load
+_FASTEST: dict[tuple, float] = {}
 
 
 def ranges(
