@@ -471,8 +471,8 @@ def _band_pass(out, cr, sr, sc, hr, hc, pr, pc, rule: DirectPass):
     rows [a, b) × columns [b, p), by broadcasting instead of gathers. ``out`` and ``cr``:
     rows [a, b) of the result and of cov (whole rows: contiguous; b = p − σ's columns; cov
     exactly symmetric, ``_one_pass_bulk``); σ, h and Φ(h) of the rows (sr, hr, pr) and of the
-    columns (sc, hc, pc). σiσj·C written to ``out``'s columns [b, p) in place. Returns int32 (b − a) × (p − b): 1
-    where that value is not final, as ``_one_pass``'s flags. The same formula in the same
+    columns (sc, hc, pc). σiσj·C written to ``out``'s columns [b, p) in place. Returns int32
+    (b − a) × (p − b): 1 where that value is not final, as ``_one_pass``'s flags. The same formula in the same
     order as ``_one_pass`` (``_pair_rho``, ρΦ(h_i)Φ(h_j)): the same values bit for bit. Whole
     rows in, not 2-d views of the block: their strides and offsets did not trace."""
     b = out.shape[1] - sc.shape[0]
