@@ -47,8 +47,8 @@ RULE_SIZE = 32
 #: moderate pairs, C = ρΦ(h)Φ(k) + ∫_0^ρ (ρ − t) φ2(h, k; t) dt on t = ρ(1 + x)/2, one size
 #: per |ρ| group and dtype; 48 and 80: the group 0.925 ≤ |ρ| < 0.99 of float32 and float64,
 #: in float64 arithmetic; 15: float32's compiled one pass, ``nmruntime.pair_direct.
-#: DIRECT_ONE_PASS``).
-DIRECT_RULE_SIZES: tuple[int, ...] = (6, 8, 10, 12, 14, 15, 16, 18, 20, 24, 28, 32, 48, 80)
+#: DIRECT_ONE_PASS``; 22: float64's second compiled pass, in s, ``DIRECT_S_GROUPS``).
+DIRECT_RULE_SIZES: tuple[int, ...] = (6, 8, 10, 12, 14, 15, 16, 18, 20, 22, 24, 28, 32, 48, 80)
 #: Gauss–Laguerre rule size of the runtime's ρ < 0 tail route (``nmruntime.pair_direct.
 #: cov_neg_tail``: Φ2(h, k; ρ) = ∫_{−1}^ρ φ2 dt in the variable u = B(1/(1 + t) − 1/(1 + ρ))).
 LAGUERRE_SIZE = 32

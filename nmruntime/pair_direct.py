@@ -104,7 +104,18 @@ _DIRECT_WIDE64 = (0.99, 80)
 #: at 0.9 ≤ |ρ| < 0.925, ≤ 0.012 below; 14 points reached 0.48): a quarter of one rounding,
 #: where the rounding test accepts up to 8 eps and accepted values are held to 32 eps against
 #: mpmath (the groups' own sizes keep 0.01 eps).
-DIRECT_ONE_PASS = {True: (6, 16), False: (11, 15)}
+DIRECT_ONE_PASS = {True: (6, 14), False: (11, 15)}
+#: The |h|, |k| bound of the one pass's pairs (float64, float32); float64's pairs beyond it
+#: go to the second pass. Session 42: float64's 16 points were set by the corners of
+#: [−7, 7]²; with |h|, |k| ≤ 4, 14 points are at the rounding floor on every |ρ| < 0.7. On a
+#: grid of step 0.125 at 20 ρ per sign against a 512-point rule, on the elements the
+#: rounding test accepts, the largest error relative to C: |h|, |k| ≤ 4: 13 points 371 eps,
+#: 14 points 49.9, 16 points 56.0 (the floor); ≤ 4.5: 14 points 79.1; ≤ 5: 158; ≤ 7: 3,620
+#: (step 0.25; scratch ``/tmp/s42/rulemapR.py``). On `nm bench floor`'s p = 1024 problem
+#: 8,505 of the 523,776 pairs (1.6%) have |ρ| < 0.7 and a variable beyond 4. float32's
+#: bound stays at 7: its 15 points are set by |ρ| near 0.925, not by |h|, |k| (14 points with
+#: |h|, |k| ≤ 4: 0.11 float32 eps; ≤ 7: 0.48).
+DIRECT_ONE_PASS_HK = {True: 4.0, False: _DIRECT_HK}
 #: (groups, rule size in t) of float64's second pass (``direct_passes``; since session 33 it
 #: takes ``DIRECT_S_GROUPS`` points in s instead): the groups after the one pass's
 #: (0.7 ≤ |ρ| < 0.925) by their largest rule, on the pairs the one pass left (13% of
@@ -126,9 +137,13 @@ DIRECT_GROUPS_PASS = (len(_DIRECT_GROUPS), max(g[1] for g in _DIRECT_GROUPS))
 #: session 33), the largest error of the float64 result relative to C, on the elements the
 #: rounding test keeps: 0.7–0.85 20 points 15.0 eps (16: 5.3e4), 0.85–0.925 24 points 10.9
 #: (20: 878), 0.925–0.99 32 points 9.4 (24: 2.1e4), every |ρ| < 0.99 at 32 points ≤ 20.9;
-#: the t-rules in the same run 8.7–10.0 eps. Checked against the 512-point t-rule by
-#: tests/test_pair_direct.py.
-DIRECT_S_GROUPS = 24
+#: the t-rules in the same run 8.7–10.0 eps. Session 42, float64's second pass (which since
+#: then also takes the one pass's groups beyond its |h|, |k| bound, ``DIRECT_ONE_PASS_HK``):
+#: on a grid of step 0.125 over [−7, 7]² against the 512-point t-rule, 0.7–0.925 at 16 ρ per
+#: sign: 20 points 903 eps, 22 points 31.8, 24 points 37.7; |ρ| < 0.7 at 20 ρ per sign: 22
+#: points 37.0, 24 points 37.9 (scratch ``/tmp/s42/smap.py``, ``s24low.py``). Checked against
+#: the 512-point t-rule by tests/test_pair_direct.py.
+DIRECT_S_GROUPS = 22
 DIRECT_S_WIDE = 32
 _DIRECT_RULES: dict = {}
 
@@ -454,14 +469,15 @@ def direct_front(h, k, r, p0=None, p1=None):
     return key, (None if p0 is None else r * p0 * p1)
 
 
-def direct_groups_below(h, k, r, top: int):
+def direct_groups_below(h, k, r, top: int, hk: float = _DIRECT_HK):
     """Whether (h, k, ρ) is in one of the first ``top`` |ρ| groups of the direct route
     (1 ≤ top ≤ ``len(_DIRECT_GROUPS)``): ``direct_front``'s key below ``top`` (NaN: False),
     in one comparison of |ρ| instead of counting bounds (the same values; the compiled one
     pass of ``torchbridge.moments`` at p = 1024 took 19.04 vs 19.51 ms in float64, 8.25 vs
-    8.99 ms in float32, medians of 25 interleaved runs)."""
+    8.99 ms in float32, medians of 25 interleaved runs). ``hk``: a bound on |h|, |k| at or
+    below the route's (``DIRECT_ONE_PASS_HK``)."""
     bound = _DIRECT_GROUPS[top - 1][0]
-    return (h.abs() <= _DIRECT_HK) & (k.abs() <= _DIRECT_HK) & (r.abs() < bound)
+    return (h.abs() <= hk) & (k.abs() <= hk) & (r.abs() < bound)
 
 
 class DirectPass(NamedTuple):
@@ -477,11 +493,12 @@ class DirectPass(NamedTuple):
     wide: bool
 
 
-def _groups_band(lo: int, top: int) -> Callable:
+def _groups_band(lo: int, top: int, hk: float = _DIRECT_HK) -> Callable:
     """Whether (h, k, ρ) is in the groups ``lo`` … ``top`` − 1 of the direct route (0-based:
-    ``direct_groups_below(h, k, ρ, top)`` and |ρ| at or above group ``lo``'s lower bound)."""
+    ``direct_groups_below(h, k, ρ, top, hk)`` and |ρ| at or above group ``lo``'s lower
+    bound)."""
     if lo == 0:
-        return lambda h, k, r: direct_groups_below(h, k, r, top)
+        return lambda h, k, r: direct_groups_below(h, k, r, top, hk)
     bound = _DIRECT_GROUPS[lo - 1][0]
     return lambda h, k, r: direct_groups_below(h, k, r, top) & (r.abs() >= bound)
 
@@ -501,7 +518,8 @@ def _wide_band(f64: bool) -> Callable:
 def direct_passes(f64: bool) -> tuple[DirectPass, ...]:
     """The compiled bulk's passes in pair order (``torchbridge.moments._one_pass_bulk``), each
     on the pairs the ones before left, each keeping its own band of |ρ|: the one pass
-    (``DIRECT_ONE_PASS``, the rule in t); in float64 the other groups (0.7 ≤ |ρ| < 0.925);
+    (``DIRECT_ONE_PASS``, the rule in t, on |h|, |k| ≤ ``DIRECT_ONE_PASS_HK``); in float64
+    the other groups (0.7 ≤ |ρ| < 0.925) and the one pass's groups beyond its |h|, |k| bound;
     then the wide group: float64 0.925 ≤ |ρ| < 0.99 (float64's rounding test), float32 every
     |ρ| < 0.99 left (in float64 arithmetic, the ``wide`` test, as the general path evaluates
     them); then the ρ < 0 tail route (``neg_tail_pass_values``). The second and wide passes
@@ -510,11 +528,11 @@ def direct_passes(f64: bool) -> tuple[DirectPass, ...]:
     rejects stay for the routes after."""
     eps = 2.0**-52 if f64 else 2.0**-23
     first, n = DIRECT_ONE_PASS[f64]
-    keep = _groups_band(0, first)
+    keep = _groups_band(0, first, DIRECT_ONE_PASS_HK[f64])
     passes = [DirectPass(f"one_pass_{n}", direct_group_values(n, eps), keep, False)]
-    if f64:
+    if f64:  # and the one pass's groups beyond its |h|, |k| bound (``DIRECT_ONE_PASS_HK``)
         top, n = DIRECT_GROUPS_PASS[0], DIRECT_S_GROUPS
-        keep = _groups_band(first, top)
+        keep = _groups_band(0, top)
         values = direct_group_values(n, eps, in_s=True)
         passes.append(DirectPass(f"groups_pass_s{n}", values, keep, False))
     # the rule in s: 32 points where t needs 80 (float32's: 48); float64's few pairs in the

@@ -1,7 +1,7 @@
 """`nm bench nodes`: what one Gauss–Legendre node of the compiled direct route costs, and of what.
 
 The compiled bulk of ``relu_moments(..., compiled=True)`` evaluates most pairs by one fixed
-rule (``nmruntime.pair_direct.DIRECT_ONE_PASS``: 16 nodes in float64, 15 in float32):
+rule (``nmruntime.pair_direct.DIRECT_ONE_PASS``: 14 nodes in float64, 15 in float32):
 
     J = ρ²/(4π) Σ_i w_i (1 − y_i) e^{G(t_i)} / √(1 − t_i²),  t_i = ρ y_i,
     G(t) = (A(1 + t) + B(1 − t))/(1 − t²),  A = −(h − k)²/4, B = −(h + k)²/4,
