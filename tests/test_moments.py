@@ -242,11 +242,12 @@ def test_float32_mirror_through_contiguous_copies(monkeypatch) -> None:
     assert torch.allclose(leaf.grad, torch.triu(w) + torch.triu(w.T, 1), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("p", [1, 2, 3, 40, 129])
-def test_compiled_float32_mirror_in_place(p) -> None:
-    """The compiled bulk's float32 mirror (``moments._mirror_upper``: one compiled pass in
-    place) keeps the upper triangle and the diagonal bit for bit and writes the lower one as
-    their transpose (its old values gone); float64 takes the banded copies, the same result."""
+@pytest.mark.parametrize("p", [1, 2, 3, 40, 129, 130, 131, 300])
+def test_compiled_mirror_in_bands(p) -> None:
+    """The compiled bulk's mirror (``moments._mirror_upper``: a compiled pass per band of
+    ``MIRROR_BAND`` rows, the last band's block eagerly) keeps the upper triangle and the
+    diagonal bit for bit and writes the lower one as their transpose (its old values gone),
+    in both dtypes; past one band (p > 130) the compiled passes ran."""
     import torchbridge.moments as M
     from nmruntime import torch_support
     from nmruntime.torch_support import compiled_bulk
@@ -258,10 +259,10 @@ def test_compiled_float32_mirror_in_place(p) -> None:
         with compiled_bulk():
             M._mirror_upper(x)
         assert torch.equal(x, ref), dtype
-    # float32 went through the compiled graph (not the banded copies' fallback)
-    graphs = torch_support._COMPILED["graph:mirror_in_place"]
-    assert graphs.failed is None and graphs.runs
-    assert all(run is not graphs.fallback for run in graphs.runs.values())
+    if p > M.MIRROR_BAND + 2:
+        graphs = torch_support._COMPILED["graph:mirror_band"]
+        assert graphs.failed is None and graphs.runs
+        assert all(run is not graphs.fallback for run in graphs.runs.values())
 
 
 def test_eager_mirror_in_bands_keeps_values_and_gradients(monkeypatch) -> None:

@@ -163,27 +163,40 @@ def _mirror(x: torch.Tensor) -> torch.Tensor:
     return torch.where(idx[:, None] <= idx[None, :], x, x.mT)
 
 
-def _mirror_in_place(x: torch.Tensor) -> torch.Tensor:
-    """``x.copy_(_mirror(x))`` for one p×p matrix (compiled: one pass, which reads only the
-    upper triangle and writes each upper value back unchanged); returns its first row (a
-    compiled graph returns a tensor; inductor's lowering of ``diagonal`` warns of a
-    deprecation inside torch 2.13)."""
-    x.copy_(_mirror(x))
-    return x[0]
+def _mirror_band(rows: torch.Tensor, below: torch.Tensor) -> torch.Tensor:
+    """For the compiled mirror (``_mirror_upper``): a band's values right of it (``rows``,
+    the rows [a, b) of a p×p matrix, whole rows; b = p − ``below``'s rows) copied to their
+    places in ``below`` (rows [b, p), whole rows), columns [a, b); then the band's own
+    diagonal block, its upper triangle to its lower one. In place; returns a tensor (a
+    compiled graph returns one)."""
+    b = rows.shape[1] - below.shape[0]
+    a = b - rows.shape[0]
+    below[:, a:b].copy_(rows[:, b:].mT)
+    block = rows[:, a:b]
+    i = torch.arange(b - a, device=rows.device)
+    block.copy_(torch.where(i[:, None] <= i[None, :], block, block.mT))
+    return rows[0, :1]
 
 
 def _mirror_upper(full: torch.Tensor) -> None:
-    """The upper triangle of ``full`` (p×p, contiguous) copied to its lower triangle, in place.
-    float32 by the compiled ``_mirror_in_place`` where the compiled bulk applies, else (and
-    float64) by ``_mirror_rows``. The whole p = 1024 mirror on the 2-core EPYC (medians of 41,
-    scratch ``/tmp/s40/mir3.py``): float32 0.72 ms at 1 thread and 0.42 ms at 2, against 1.41
-    and 1.65 ms; float64 4.98 and 1.30 ms against 2.23 and 1.58 ms (not adopted)."""
-    if full.dtype == torch.float32:
-        run = compiled_graph(full, "mirror_in_place", _mirror_in_place)
-        if run is not None:
-            run(full)
-            return
-    _mirror_rows(full, 0, full.shape[-1])
+    """The upper triangle of ``full`` (p×p, contiguous) copied to its lower triangle, in place:
+    where the compiled bulk applies, a compiled pass per band of ``MIRROR_BAND`` rows
+    (``_mirror_band``, inductor's tiled transpose; the last band's block eagerly), else
+    ``_mirror_rows``. The whole p = 1024 mirror on the 2-core EPYC, medians of 31 alternating
+    (session 42, scratch ``/tmp/s42/mir4.py``), 1 | 2 threads: float64 0.90 | 0.54 ms against
+    1.91 | 1.32 ms for ``_mirror_rows``; float32 0.41 | 0.40 ms against 0.97 | 1.06 ms for the
+    compiled whole-matrix ``where`` before it; bands of 32, 64 and 256 rows took 1.30, 0.98
+    and 1.04 ms (float64, 1 thread)."""
+    p = full.shape[-1]
+    run = compiled_graph(full, "mirror_band", _mirror_band)
+    if run is None:
+        _mirror_rows(full, 0, p)
+        return
+    for a, b in _split(0, p, MIRROR_BAND):  # the last band: none or at least 3 rows below
+        if b < p:
+            run(full[a:b], full[b:])
+        else:
+            _mirror_rows(full, a, b)
 
 
 def _symmetrised(cov: torch.Tensor) -> torch.Tensor:
@@ -676,7 +689,7 @@ def _mirror_rows(full: torch.Tensor, a: int, b: int) -> None:
 #: threads, means of two separate-process runs): 64 rows 0.0353 | 0.0253 s, 128: 0.0346 |
 #: 0.0244 s, 256: 0.0344 | 0.0244 s, 512: 0.0361 | 0.0247 s, a whole range's rows: 0.0420 |
 #: 0.0247 s; the compiled mirror after the passes (the general path's ``_mirrored``):
-#: 0.0390 | 0.0281 s.
+#: 0.0390 | 0.0281 s. Also the band of the compiled bulk's mirror (``_mirror_upper``).
 MIRROR_BAND = 128
 #: rows per band of ``_mirror_rows`` on one float32 matrix, whose band goes through two
 #: contiguous copies (the second by torch's blocked transpose). Session 38, the 2-core AMD
