@@ -204,3 +204,42 @@ def test_repeat_order_balances_positions_and_predecessors():
     for x in items:
         before = {o[o.index(x) - 1] for o in orders if o.index(x) > 0}
         assert before == set(items) - {x}
+
+
+_STAND_IN = """
+from erf_exp_integral import erf_exp_integral
+
+
+def relu_cov_mean(covariance, mean=None, num_terms=0):
+    with open(LOG, "a") as f:
+        f.write(f"{num_terms} {erf_exp_integral()}\\n")
+    return covariance * 0 + num_terms, mean * 2
+"""
+
+
+def test_bench_floor_times_the_authors_series_from_a_checkout(tmp_path):
+    """``--authors-series DIR``: the authors' ``relu_cov_mean`` is imported from DIR (with
+    its sibling module ``erf_exp_integral``) and timed at 5 and 20 terms beside ours; here
+    stand-ins in DIR record each call (the real files are not in this repository). A DIR
+    without the files is refused, naming the flag, before anything is timed."""
+    code = tmp_path / "authors"
+    code.mkdir()
+    log = tmp_path / "calls.txt"
+    (code / "erf_exp_integral.py").write_text("def erf_exp_integral():\n    return 'sibling'\n")
+    (code / "gaussian_relu_moments.py").write_text(f"LOG = {str(log)!r}\n" + _STAND_IN)
+    args = argparse.Namespace(
+        p=8, threads="1", dtypes="float64", repeats=1, mc_samples=10, check_entries=0, seed=0,
+        out=str(tmp_path), no_progress=True, heap="keep", authors_series=str(code),
+    )  # fmt: skip
+    res = run_floor(args)
+    methods = res["runs"][0]["methods"]
+    for n in (5, 20):
+        # the stand-in's covariance is n everywhere: its error is n minus the exact entries
+        assert methods[f"authors' series({n})"]["max_abs_err_vs_exact"] > n - 2
+    calls = set(log.read_text().split("\n")) - {""}
+    assert calls == {"5 sibling", "20 sibling"}
+    assert "authors' series(20)" in (tmp_path / "bench_floor.md").read_text()
+    args.authors_series, args.out = str(tmp_path / "none"), str(tmp_path / "out")
+    with pytest.raises(ValueError, match="--authors-series"):
+        run_floor(args)
+    assert not (tmp_path / "out" / "bench_floor.json").exists()

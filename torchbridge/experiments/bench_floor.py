@@ -23,6 +23,10 @@ of ``--dtypes``:
 * **2-term Mehler**: ``approx_relu_moments`` — the project's earlier stand-in for DVI (two
   terms of Mehler's expansion, O(ρ³) error; not DVI's formula);
 * **series(5)**, **series(20)**: Lemma 4 truncated (the paper's method);
+* with ``--authors-series DIR``: **authors' series(5)**, **(20)**: the authors' own code
+  (``relu_cov_mean`` of github.com/xmodar/network_moments, branch ``no-assumptions``),
+  imported from the user's checkout in DIR at run time, never shipped here
+  (``torchbridge.experiments.authors_series``);
 * **MC 1e4**: ``monte_carlo_moments`` with ``--mc-samples`` samples.
 
 Times are medians of ``--repeats`` runs after one warm-up. With several ``--threads``, the
@@ -75,6 +79,7 @@ from typing import TypeVar
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from torchbridge.experiments.authors_series import load_authors_series
 from torchbridge.experiments.bench_kernels import oracle_entries, random_problem, timed
 from torchbridge.experiments.common import (
     add_common_args,
@@ -122,6 +127,8 @@ TRANSCENDENTAL = frozenset(
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 _COMPILED_DVI: dict = {}
+#: The authors' series by ``--authors-series`` directory (loaded once per process).
+_AUTHORS: dict = {}
 
 
 class _CountTranscendental(TorchDispatchMode):
@@ -247,6 +254,7 @@ def _methods(args: argparse.Namespace) -> list[tuple[str, Callable]]:
         ("2-term Mehler (old stand-in)", approx_relu_moments),
         ("series(5)", lambda m, c: relu_moments(m, c, "series", 5, check_psd=False)),
         ("series(20)", lambda m, c: relu_moments(m, c, "series", 20, check_psd=False)),
+        *_authors_methods(args),
         (
             f"MC {args.mc_samples:.0e}",
             lambda m, c: monte_carlo_moments(
@@ -255,6 +263,22 @@ def _methods(args: argparse.Namespace) -> list[tuple[str, Callable]]:
         ),
     ]
     return [(label, synced(fn, _device(args))) for label, fn in methods]
+
+
+def _authors_methods(args: argparse.Namespace) -> list[tuple[str, Callable]]:
+    """The authors' series at 5 and 20 terms where ``--authors-series`` names their code
+    (``authors_series.load_authors_series``); none otherwise."""
+    directory = getattr(args, "authors_series", None)
+    if not directory:
+        return []
+    if directory not in _AUTHORS:
+        _AUTHORS[directory] = load_authors_series(directory)
+    series = _AUTHORS[directory]
+    return [(f"authors' series({n})", lambda m, c, n=n: series(m, c, n)) for n in AUTHORS_TERMS]
+
+
+#: The authors' term counts timed (``--authors-series``), as issue #13 names them.
+AUTHORS_TERMS = (5, 20)
 
 
 def repeat_order(items: list[T], r: int) -> list[T]:
@@ -533,6 +557,7 @@ def run_floor(args: argparse.Namespace) -> dict:
             f"--compiled: the compiled bulk runs on the CPU only; leave it out with --device "
             f"{args.device} (there relu_moments(..., compiled=True) is the default call)"
         )
+    _authors_methods(args)  # a bad --authors-series fails here, before any timing
     kept = keep_freed_memory() if args.heap == "keep" else False
     threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
     dtypes = [d for d in str(args.dtypes).split(",") if d.strip()]
@@ -824,6 +849,14 @@ def add_bench_parser(bench_subparsers) -> None:
         help="keep: freed memory stays in the process (torchbridge.heap, as every nm "
         "command); default: glibc returns it after each call and large temporaries "
         "page-fault on every call (default: keep)",
+    )
+    p.add_argument(
+        "--authors-series",
+        default=None,
+        metavar="DIR",
+        help="a checkout of the authors' code (github.com/xmodar/network_moments, branch "
+        "no-assumptions: gaussian_relu_moments.py and erf_exp_integral.py): also time their "
+        "series at 5 and 20 terms, imported from DIR at run time (default: none, rows left out)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run_floor)
