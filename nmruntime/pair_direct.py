@@ -493,16 +493,6 @@ class DirectPass(NamedTuple):
     wide: bool
 
 
-def _groups_band(lo: int, top: int, hk: float = _DIRECT_HK) -> Callable:
-    """Whether (h, k, ρ) is in the groups ``lo`` … ``top`` − 1 of the direct route (0-based:
-    ``direct_groups_below(h, k, ρ, top, hk)`` and |ρ| at or above group ``lo``'s lower
-    bound)."""
-    if lo == 0:
-        return lambda h, k, r: direct_groups_below(h, k, r, top, hk)
-    bound = _DIRECT_GROUPS[lo - 1][0]
-    return lambda h, k, r: direct_groups_below(h, k, r, top) & (r.abs() >= bound)
-
-
 def _wide_band(f64: bool) -> Callable:
     """Whether (h, k, ρ) is in the wide group (float64: 0.925 ≤ |ρ| < 0.99, |h|, |k| ≤ 7;
     float32: its re-evaluation's domain, every |ρ| < 0.99), for a compiled pass."""
@@ -528,11 +518,11 @@ def direct_passes(f64: bool) -> tuple[DirectPass, ...]:
     rejects stay for the routes after."""
     eps = 2.0**-52 if f64 else 2.0**-23
     first, n = DIRECT_ONE_PASS[f64]
-    keep = _groups_band(0, first, DIRECT_ONE_PASS_HK[f64])
+    keep = functools.partial(direct_groups_below, top=first, hk=DIRECT_ONE_PASS_HK[f64])
     passes = [DirectPass(f"one_pass_{n}", direct_group_values(n, eps), keep, False)]
     if f64:  # and the one pass's groups beyond its |h|, |k| bound (``DIRECT_ONE_PASS_HK``)
         top, n = DIRECT_GROUPS_PASS[0], DIRECT_S_GROUPS
-        keep = _groups_band(0, top)
+        keep = functools.partial(direct_groups_below, top=top)
         values = direct_group_values(n, eps, in_s=True)
         passes.append(DirectPass(f"groups_pass_s{n}", values, keep, False))
     # the rule in s: 32 points where t needs 80 (float32's: 48); float64's few pairs in the

@@ -129,6 +129,8 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 _COMPILED_DVI: dict = {}
 #: The authors' series by ``--authors-series`` directory (loaded once per process).
 _AUTHORS: dict = {}
+#: The authors' term counts timed (``--authors-series``), as issue #13 names them.
+AUTHORS_TERMS = (5, 20)
 
 
 class _CountTranscendental(TorchDispatchMode):
@@ -275,10 +277,6 @@ def _authors_methods(args: argparse.Namespace) -> list[tuple[str, Callable]]:
         _AUTHORS[directory] = load_authors_series(directory)
     series = _AUTHORS[directory]
     return [(f"authors' series({n})", lambda m, c, n=n: series(m, c, n)) for n in AUTHORS_TERMS]
-
-
-#: The authors' term counts timed (``--authors-series``), as issue #13 names them.
-AUTHORS_TERMS = (5, 20)
 
 
 def repeat_order(items: list[T], r: int) -> list[T]:
